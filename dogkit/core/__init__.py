@@ -1,0 +1,1 @@
+"""Kernel-safe core: standard library, numpy, PIL, torch and torchvision only."""

@@ -1,0 +1,423 @@
+# ---------------------------------------------------------------------------------------------
+# Data: raw dog photos -> one crop per annotated dog -> a compact cache file.
+# ---------------------------------------------------------------------------------------------
+# Inputs recognised: the Kaggle / Stanford layout (photos flat in all-dogs/ or in
+# Images/<synset>-<breed>/, boxes in Annotation/<synset>-<breed>/<id>), a pre-cropped folder of
+# <synset>-<breed>/ sub-folders, or a flat folder / zip of images. Crop strategies:
+#   box     the box as is, squashed to a square
+#   square  a square of the box's shorter side, centred in the box (most public kernels)
+#   aspect  report 001's DCGAN: keep only boxes with aspect ratio in [0.8, 1.25], then squash
+#   pad     grow the box by a margin to a square, shift it inside the photo, reflect-pad the rest
+import hashlib
+import io
+import json
+import os
+import re
+import time
+import warnings
+import xml.etree.ElementTree as ET
+import zipfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageFile
+
+STRATEGIES = ("box", "square", "aspect", "pad")
+DEFAULT_STRATEGY = "pad"
+PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SYNSET = re.compile(r"^(n\d{8})")
+CACHE_FORMAT = "dogkit-cache-1"
+CACHE_QUALITY = 95  # WebP quality of the cache; measured against lossless in the README
+
+
+class DataError(ValueError):
+    """Bad input that --strict (or an unusable source) makes fatal; names file and rule."""
+
+
+def parse_annotation(xml_bytes, name="annotation"):
+    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...]) in pixels."""
+    try:
+        root = ET.fromstring(xml_bytes)
+    except ET.ParseError as exc:
+        raise DataError(f"{name}: malformed XML ({exc})") from None
+    size = root.find("size")
+    try:
+        width = int(size.findtext("width"))
+        height = int(size.findtext("height"))
+        boxes = []
+        for obj in root.iter("object"):
+            bb = obj.find("bndbox")
+            boxes.append(tuple(int(float(bb.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")))
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"{name}: annotation lacks <size> or a numeric <bndbox>") from None
+    return width, height, boxes
+
+
+def clamp_box(box, width, height):
+    """Clamp a box to the photo; None when nothing of it is left (zero area)."""
+    x0, y0, x1, y1 = box
+    x0, y0 = max(0, min(x0, width)), max(0, min(y0, height))
+    x1, y1 = max(0, min(x1, width)), max(0, min(y1, height))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
+def crop_region(box, width, height, strategy, margin=0.1, aspect_range=(0.8, 1.25)):
+    """The region (left, top, right, bottom) to cut for one dog, or None if the strategy drops it.
+
+    The region may reach outside the photo only with 'pad' (filled by reflection).
+    """
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    if strategy == "box":
+        return box
+    if strategy == "aspect":
+        return box if aspect_range[0] <= w / h <= aspect_range[1] else None
+    if strategy == "square":
+        s = min(w, h)
+        left = x0 + (w - s) // 2
+        top = y0 + (h - s) // 2
+        return left, top, left + s, top + s
+    if strategy == "pad":
+        s = int(round(max(w, h) * (1 + margin)))
+        left = x0 + (w - s) // 2
+        top = y0 + (h - s) // 2
+        # shift inside the photo where it fits; what still falls outside is reflect-padded
+        left = min(max(left, 0), width - s) if s <= width else (width - s) // 2
+        top = min(max(top, 0), height - s) if s <= height else (height - s) // 2
+        return left, top, left + s, top + s
+    raise ValueError(f"unknown crop strategy {strategy!r}; choose from {STRATEGIES}")
+
+
+def cut(pixels, region):
+    """Cut region out of an HWC array, reflect-padding what lies outside the photo."""
+    left, top, right, bottom = region
+    height, width = pixels.shape[:2]
+    pad = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
+    if any(pad):
+        mode = "reflect" if min(height, width) > 1 else "edge"
+        # reflection of a thin photo may need several passes
+        while any(pad):
+            step = [min(p, dim - 1) if mode == "reflect" else p
+                    for p, dim in zip(pad, (height, height, width, width))]
+            pixels = np.pad(pixels, ((step[0], step[1]), (step[2], step[3]), (0, 0)), mode=mode)
+            left, right, top, bottom = left + step[2], right + step[2], top + step[0], bottom + step[0]
+            height, width = pixels.shape[:2]
+            pad = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
+    return pixels[top:bottom, left:right]
+
+
+def resize(pixels, size):
+    """High-quality square resize (PIL LANCZOS)."""
+    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.LANCZOS))
+
+
+# ---- finding the inputs ----------------------------------------------------------------------
+
+def breed_of(folder_name):
+    """'n02085620-Chihuahua' -> ('n02085620', 'Chihuahua'); None when not a synset folder."""
+    m = re.match(r"^(n\d{8})-(.+)$", folder_name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _find_dir(root, name):
+    for dirpath, dirnames, _ in os.walk(root):
+        if name in dirnames:
+            return os.path.join(dirpath, name)
+    return None
+
+
+def discover(source, annotations=None):
+    """Find photos, boxes and breeds. Returns (layout, items, breeds, notes).
+
+    items: list of dicts {name, path (or zip member), label, xml}; breeds: sorted synset-breed names.
+    """
+    notes = Counter()
+    if os.path.isfile(source) and zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as zf:
+            members = sorted(n for n in zf.namelist() if n.lower().endswith(PHOTO_EXTS)
+                             and not n.startswith("__MACOSX"))
+        items = [{"name": m, "zip": source, "member": m, "synset": _synset(m), "xml": None} for m in members]
+        layout = "zip of images"
+    elif os.path.isdir(source):
+        ann_dir = annotations or _find_dir(source, "Annotation")
+        photos = []
+        for dirpath, _, files in os.walk(source):
+            if ann_dir and os.path.abspath(dirpath).startswith(os.path.abspath(ann_dir)):
+                continue
+            photos += [os.path.join(dirpath, f) for f in files if f.lower().endswith(PHOTO_EXTS)]
+        photos.sort()
+        folders = {breed_of(os.path.basename(os.path.dirname(p))) for p in photos}
+        if ann_dir:
+            layout = "Kaggle/Stanford layout with annotations"
+        elif photos and None not in folders:
+            layout = "pre-cropped breed folders"
+        else:
+            layout = "flat folder of images"
+        items = []
+        for p in photos:
+            folder = breed_of(os.path.basename(os.path.dirname(p)))
+            items.append({"name": os.path.relpath(p, source), "path": p,
+                          "synset": folder[0] if folder else _synset(os.path.basename(p)), "xml": None})
+        if ann_dir:
+            xml_index = {}
+            for dirpath, _, files in os.walk(ann_dir):
+                for f in files:
+                    xml_index[os.path.splitext(f)[0]] = os.path.join(dirpath, f)
+            used = set()
+            for it in items:
+                stem = os.path.splitext(os.path.basename(it["path"]))[0]
+                it["xml"] = xml_index.get(stem)
+                if it["xml"]:
+                    used.add(stem)
+                    folder = breed_of(os.path.basename(os.path.dirname(it["xml"])))
+                    if folder:
+                        it["synset"] = folder[0]
+            notes["annotation without photo"] = len(set(xml_index) - used)
+    else:
+        raise DataError(f"{source}: not a folder or a zip of images")
+    if not items:
+        raise DataError(f"{source}: no photos found ({', '.join(PHOTO_EXTS)})")
+    base = Counter(os.path.basename(it["name"]) for it in items)
+    notes["same file name in two folders"] = sum(c - 1 for c in base.values() if c > 1)
+    names = {}
+    if annotations or layout.startswith("Kaggle"):
+        for dirpath, _, files in os.walk(ann_dir):
+            b = breed_of(os.path.basename(dirpath))
+            if b:
+                names[b[0]] = b[1]
+    for it in items:
+        if it.get("path"):
+            b = breed_of(os.path.basename(os.path.dirname(it["path"])))
+            if b:
+                names[b[0]] = b[1]
+    synsets = sorted({it["synset"] for it in items if it["synset"]})
+    breeds = [f"{s}-{names.get(s, s)}" for s in synsets] or ["unknown"]
+    index = {s: i for i, s in enumerate(synsets)}
+    for it in items:
+        it["label"] = index.get(it["synset"], 0)
+    return layout, items, breeds, notes
+
+
+def _synset(name):
+    m = SYNSET.match(os.path.basename(name))
+    return m.group(1) if m else None
+
+
+# ---- cleaning ----------------------------------------------------------------------------------
+
+def _read_photo(item):
+    if item.get("zip"):
+        with zipfile.ZipFile(item["zip"]) as zf:
+            return zf.read(item["member"])
+    with open(item["path"], "rb") as fh:
+        return fh.read()
+
+
+def process_photo(item, strategy, size, min_side, margin):
+    """One photo -> (crops [HWC uint8], events [(reason, name)]). Never raises on bad input."""
+    events = []
+    name = item["name"]
+    try:
+        data = _read_photo(item)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                if img.mode != "RGB":
+                    events.append((f"converted from {img.mode}", name))
+                    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                        img = img.convert("RGBA")
+                        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                        img = Image.alpha_composite(background, img)
+                    img = img.convert("RGB")
+                pixels = np.asarray(img)
+    except Exception as exc:
+        return [], [("corrupt or truncated image", f"{name} ({type(exc).__name__})")]
+    height, width = pixels.shape[:2]
+    boxes = [(0, 0, width, height)]
+    if item["xml"]:
+        try:
+            with open(item["xml"], "rb") as fh:
+                _, _, found = parse_annotation(fh.read(), item["xml"])
+            if found:
+                boxes = found
+            else:
+                events.append(("annotation without box: whole photo used", name))
+        except (DataError, OSError) as exc:
+            events.append(("malformed annotation: whole photo used", f"{name} ({exc})"))
+    elif "annotations" in item:
+        events.append(("photo without annotation: whole photo used", name))
+    crops = []
+    for k, box in enumerate(boxes):
+        clamped = clamp_box(box, width, height)
+        if clamped is None:
+            events.append(("zero-area box", f"{name} #{k}"))
+            continue
+        if clamped != tuple(box):
+            events.append(("box clamped to the photo", f"{name} #{k}"))
+        if min(clamped[2] - clamped[0], clamped[3] - clamped[1]) < min_side:
+            events.append((f"box smaller than {min_side} px", f"{name} #{k}"))
+            continue
+        # a photo without boxes (pre-cropped, or unannotated) is used whole, as it is
+        region = crop_region(clamped, width, height, strategy if item["xml"] else "box", margin)
+        if region is None:
+            events.append(("aspect ratio outside [0.8, 1.25]", f"{name} #{k}"))
+            continue
+        crops.append((resize(np.ascontiguousarray(cut(pixels, region)), size), k))
+    return crops, events
+
+
+def _process_chunk(args):
+    chunk, strategy, size, min_side, margin = args
+    return [process_photo(it, strategy, size, min_side, margin) for it in chunk]
+
+
+def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side=32, margin=0.1,
+          workers=None, progress=False, log=print):
+    """Clean a source into a dataset dict {images, labels, names, breeds, summary, settings}."""
+    if strategy not in STRATEGIES:
+        raise DataError(f"unknown crop strategy {strategy!r}; choose from {STRATEGIES}")
+    t0 = time.time()
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    layout, items, breeds, notes = discover(source, annotations)
+    has_annotations = any(it["xml"] for it in items)
+    if has_annotations:
+        for it in items:
+            it["annotations"] = True
+    log(f"found: {layout}, {len(items)} photos, {len(breeds)} breeds")
+    workers = workers or os.cpu_count() or 1
+    chunks = [items[i:i + 64] for i in range(0, len(items), 64)]
+    jobs = [(c, strategy, size, min_side, margin) for c in chunks]
+    results = []
+    bar = _progress(len(items), progress)
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for r in pool.map(_process_chunk, jobs):
+                results += r
+                bar(len(r))
+    else:
+        for job in jobs:
+            r = _process_chunk(job)
+            results += r
+            bar(len(r))
+    images, labels, names, seen = [], [], [], set()
+    events = []
+    for it, (crops, evs) in zip(items, results):
+        events += evs
+        for pixels, k in crops:
+            digest = hashlib.sha1(pixels.tobytes()).digest()
+            if digest in seen:
+                events.append(("exact duplicate removed", f"{it['name']} #{k}"))
+                continue
+            seen.add(digest)
+            images.append(pixels)
+            labels.append(it["label"])
+            names.append(f"{it['name']}#{k}" if k else it["name"])
+    counts = Counter(reason for reason, _ in events)
+    for reason, n in notes.items():
+        if n:
+            counts[reason] += n
+    examples = {}
+    for reason, what in events:
+        examples.setdefault(reason, what)
+    summary = {"layout": layout, "photos": len(items), "crops": len(images), "breeds": len(breeds),
+               "events": dict(counts), "examples": examples, "seconds": round(time.time() - t0, 1)}
+    settings = {"source": os.path.abspath(source), "strategy": strategy, "size": size,
+                "min_side": min_side, "margin": margin, "fingerprint": fingerprint(items)}
+    if not images:
+        raise DataError(f"{source}: no usable crops ({dict(counts)})")
+    return {"images": np.stack(images), "labels": np.asarray(labels, dtype=np.int16),
+            "names": names, "breeds": breeds, "summary": summary, "settings": settings,
+            "events": events}
+
+
+def fingerprint(items):
+    """Input fingerprint: names and sizes of every photo (fast, no hashing of contents)."""
+    h = hashlib.sha256()
+    for it in items:
+        size = os.path.getsize(it["path"]) if it.get("path") else 0
+        h.update(f"{it['name']}:{size};".encode())
+    return h.hexdigest()[:16]
+
+
+def _progress(total, enabled, every=0.1):
+    """A tiny progress printer (the kernel may not import tqdm): one line per 10 %."""
+    state = {"done": 0, "shown": 0.0, "t0": time.time()}
+
+    def update(n):
+        state["done"] += n
+        frac = state["done"] / max(total, 1)
+        if enabled and (frac - state["shown"] >= every or state["done"] == total):
+            state["shown"] = frac
+            print(f"  cleaned {state['done']}/{total} photos ({time.time() - state['t0']:.0f} s)", flush=True)
+    return update
+
+
+# ---- the cache file ----------------------------------------------------------------------------
+
+def _encode(pixels):
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "WEBP", quality=CACHE_QUALITY, method=6)
+    return buf.getvalue()
+
+
+def _encode_many(chunk):
+    return [_encode(p) for p in chunk]
+
+
+def save_cache(path, dataset, workers=None):
+    """Write the dataset as one .npz of WebP-compressed images; temp file + rename."""
+    images = dataset["images"]
+    workers = workers or os.cpu_count() or 1
+    chunks = [images[i:i + 256] for i in range(0, len(images), 256)]
+    if workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            blobs = [b for part in pool.map(_encode_many, chunks) for b in part]
+    else:
+        blobs = [b for c in chunks for b in _encode_many(c)]
+    offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
+    meta = {"format": CACHE_FORMAT, "codec": f"webp q{CACHE_QUALITY}", "shape": list(images.shape[1:]),
+            "breeds": dataset["breeds"], "settings": dataset["settings"], "summary": dataset["summary"]}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.npz")
+    np.savez(tmp, blob=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets,
+             labels=dataset["labels"], names=np.asarray(dataset["names"]), meta=json.dumps(meta))
+    os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def is_cache(path):
+    return os.path.isfile(path) and path.endswith(".npz")
+
+
+def load_cache(path):
+    """Read a cache file back into {images, labels, names, breeds, meta}."""
+    try:
+        z = np.load(path)
+        meta = json.loads(str(z["meta"]))
+    except Exception as exc:
+        raise DataError(f"{path}: not a dogkit cache file ({exc})") from None
+    if meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{path}: cache format {meta.get('format')!r}, expected {CACHE_FORMAT}")
+    blob, offsets = z["blob"].tobytes(), z["offsets"]
+    images = np.empty((len(offsets) - 1, *meta["shape"]), dtype=np.uint8)
+    for i in range(len(images)):
+        with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as img:
+            images[i] = np.asarray(img.convert("RGB"))
+    return {"images": images, "labels": z["labels"].astype(np.int64), "names": [str(n) for n in z["names"]],
+            "breeds": meta["breeds"], "meta": meta}
+
+
+def load_dataset(path, size=64, strategy=DEFAULT_STRATEGY, log=print):
+    """Anything `dogkit clean-data` accepts, or a cache it wrote -> {images, labels, breeds}."""
+    if is_cache(path):
+        data = load_cache(path)
+        log(f"data: {path} ({len(data['images'])} crops, {len(data['breeds'])} breeds, cache)")
+        return data
+    data = clean(path, size=size, strategy=strategy, log=log)
+    log(f"data: {path} cleaned to {len(data['images'])} crops in {data['summary']['seconds']} s")
+    return data

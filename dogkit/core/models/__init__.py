@@ -1,0 +1,1 @@
+"""Models: one module per registered model (see dogkit.core.registry)."""

@@ -1,0 +1,113 @@
+# ---------------------------------------------------------------------------------------------
+# Sampling: truncated z, PNGs written straight into images.zip, sample grids
+# ---------------------------------------------------------------------------------------------
+import io
+import os
+import struct
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+N_SUBMISSION = 10_000
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
+    """z ~ N(0, 1) with every value beyond +-threshold redrawn until none is (the 'truncation
+    trick' of BigGAN: resampling, not clipping). threshold None: the plain normal."""
+    z = torch.randn(shape, generator=generator)
+    if threshold is not None:
+        if threshold <= 0:
+            raise ValueError(f"truncation threshold must be positive, got {threshold}")
+        bad = z.abs() > threshold
+        while bad.any():
+            z[bad] = torch.randn(int(bad.sum()), generator=generator)
+            bad = z.abs() > threshold
+    return z.to(device)
+
+
+def balanced_labels(n, n_classes, generator=None):
+    """n labels covering every class equally (shuffled): class-balanced conditional sampling."""
+    labels = torch.arange(n) % max(n_classes, 1)
+    return labels[torch.randperm(n, generator=generator)]
+
+
+def to_uint8(images):
+    """Generator output in [-1, 1], NCHW -> NHWC uint8 numpy."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=500, seed=0, device="cpu"):
+    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(n, n_classes, gen) if n_classes else None
+    was_training = G.training
+    G.eval()
+    out = []
+    for start in range(0, n, batch_size):
+        m = min(batch_size, n - start)
+        z = truncated_normal((m, z_dim), truncation, gen, device)
+        y = labels[start:start + m].to(device) if labels is not None else None
+        out.append(to_uint8(G(z, y)))
+    G.train(was_training)
+    return np.concatenate(out)
+
+
+def encode_png(pixels):
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_zip(images, path, workers=8):
+    """Write HWC uint8 images as 00000.png ... into one flat zip; temp file + rename."""
+    path = str(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with ThreadPoolExecutor(workers) as pool:
+        blobs = list(pool.map(encode_png, images))
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for i, blob in enumerate(blobs):
+            zf.writestr(f"{i:05d}.png", blob)
+    os.replace(tmp, path)
+    return path
+
+
+def png_header(data):
+    """(width, height, bit depth, colour type) from a PNG's IHDR, or None if not a PNG."""
+    if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    return struct.unpack(">IIBB", data[16:26])
+
+
+def verify_zip(path, n=N_SUBMISSION, size=64):
+    """Quick self-check of a written images.zip: count, flat names, 64x64 RGB 8-bit PNG headers."""
+    with zipfile.ZipFile(path) as zf:
+        infos = zf.infolist()
+        if len(infos) != n:
+            raise RuntimeError(f"{path}: {len(infos)} entries, expected {n}")
+        for info in infos:
+            head = zf.open(info).read(33)
+            if "/" in info.filename or png_header(head) != (size, size, 8, 2):
+                raise RuntimeError(f"{path}: {info.filename} is not a flat {size}x{size} RGB 8-bit PNG")
+    return True
+
+
+def save_grid(images, path, nrow=8):
+    """A grid PNG of NHWC uint8 images (2 px gaps)."""
+    n, h, w, c = images.shape
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    grid = np.full((rows * (h + 2) + 2, ncol * (w + 2) + 2, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, ncol)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = images[i]
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)

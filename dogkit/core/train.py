@@ -1,0 +1,426 @@
+# ---------------------------------------------------------------------------------------------
+# Training: a wall-clock schedule, EMA, checkpoints, NaN rollback and the final images.zip
+# ---------------------------------------------------------------------------------------------
+# Everything is a function of progress p = elapsed / training time, not of epochs, so the same
+# file adapts to any GPU: the learning rate holds until p = lr_decay_start and then follows a
+# cosine down to lr_final x; the EMA of G starts at p = ema_start; training stops early enough
+# that refreshing the EMA's batch-norm statistics, sampling 10,000 images and writing the zip fit
+# inside the budget. On CUDA the whole step (batch sampling, augmentation, D and G updates, EMA)
+# is captured once in a CUDA graph and replayed; losses stay on the GPU until a log line.
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dogkit.core.augment import diff_augment, random_resized_crop_flip, to_float
+from dogkit.core.data import load_dataset
+from dogkit.core.sample import generate, save_grid, to_uint8, verify_zip, write_zip
+
+
+@dataclass
+class TrainConfig:
+    # run
+    data: str = ""
+    out: str = "runs/run"
+    budget: float = 9 * 3600 - 15 * 60  # seconds for the whole run, sampling and zip included
+    seed: int = 0
+    device: str = "auto"
+    steps: int = 0  # stop after this many steps as well (0: only the budget decides)
+    # model and optimiser (each model's settings override these)
+    model: str = "dcgan"
+    batch_size: int = 32
+    z_dim: int = 128
+    width: int = 64
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    real_label: float = 1.0
+    input_noise: float = 0.0
+    d_steps: int = 1
+    loss: str = "bce"
+    augment: str = "crop-flip"  # none | flip | crop-flip | diffaug | crop-flip+diffaug
+    # schedule, as functions of p
+    lr_decay_start: float = 0.5
+    lr_final: float = 0.1
+    ema_start: float = 0.25
+    ema_decay: float = 0.999
+    # data cleaning (when --data is not a cache file)
+    strategy: str = "pad"
+    image_size: int = 64
+    # sampling
+    n_samples: int = 10_000
+    truncation: float = 0.0  # 0: plain normal z
+    # machinery
+    log_every: float = 30.0
+    grid_every: float = 300.0
+    checkpoint_every: float = 300.0
+    reserve: float = -1.0  # seconds kept for sampling and the zip (-1: measured at start)
+    graph: str = "auto"  # capture the step in a CUDA graph: auto | off
+
+
+def parse_budget(text):
+    """'30s', '8m', '9h', '1h30m' or plain seconds -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smh]?)", str(text).strip().lower())
+    if not parts or "".join(a + b for a, b in parts) != str(text).strip().lower():
+        raise ValueError(f"budget {text!r}: use e.g. 30s, 8m, 9h or 1h30m")
+    return sum(float(a) * {"": 1, "s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
+
+
+def with_settings(cfg, settings):
+    """A copy of cfg with a model's settings applied; an unknown name is an error, not a no-op."""
+    unknown = set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"unknown setting(s): {sorted(unknown)}")
+    return dataclasses.replace(cfg, **settings)
+
+
+def lr_multiplier(p, cfg):
+    if p <= cfg.lr_decay_start:
+        return 1.0
+    t = min(1.0, (p - cfg.lr_decay_start) / max(1e-9, 1.0 - cfg.lr_decay_start))
+    return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def ema_weight(p, cfg):
+    """Weight of the new parameters in the EMA update: 1 (a plain copy) until ema_start."""
+    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay
+
+
+def pick_device(name):
+    if name in ("", "auto", None):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def refresh_batchnorm(G, cfg, n_classes, device, batches=64):
+    """Standing statistics: batch-norm running stats of the EMA generator re-estimated from
+    fresh samples (cumulative average), since averaged weights do not match G's own stats."""
+    bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    G.train()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    for _ in range(batches):
+        z = torch.randn(cfg.batch_size * 4, cfg.z_dim, generator=gen).to(device)
+        y = torch.randint(0, max(n_classes, 1), (len(z),), generator=gen).to(device) if n_classes else None
+        G(z, y)
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    G.eval()
+
+
+class Trainer:
+    """Holds the models, the resident data and the schedule; `run()` trains and writes images.zip."""
+
+    def __init__(self, cfg, model_cls, data=None, clock=time.monotonic, log=print, hooks=()):
+        self.cfg, self.clock, self.log, self.hooks = cfg, clock, log, list(hooks)
+        self.t0 = clock()  # the budget counts from here: data loading and cleaning included
+        self.device = pick_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        data = data if data is not None else load_dataset(cfg.data, cfg.image_size, cfg.strategy, log=log)
+        self.breeds = list(data["breeds"])
+        self.n_classes = len(self.breeds) if model_cls.conditional else 0
+        images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2)
+        self.images = images.contiguous().to(self.device)  # uint8, resident for the whole run
+        self.labels = torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(self.device)
+        self.model = model_cls(cfg, self.n_classes, self.device)
+        self.G_ema = copy.deepcopy(self.model.G).eval()
+        for p in self.G_ema.parameters():
+            p.requires_grad_(False)
+        self.step = 0
+        self.elapsed = 0.0
+        self.train_seconds = None
+        self.lr_scale = 1.0
+        self.rollbacks = 0
+        self.ema_w = torch.tensor(1.0, device=self.device)
+        self.loss_sum = None
+        self.graph = None
+        self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(self.device)
+        self.fixed_y = (torch.arange(64) % max(self.n_classes, 1)).to(self.device) if self.n_classes else None
+        os.makedirs(cfg.out, exist_ok=True)
+
+    # ---- one step ------------------------------------------------------------------------
+    def batch(self):
+        cfg = self.cfg
+        idx = torch.randint(0, self.images.shape[0], (cfg.batch_size,), device=self.device)
+        x = to_float(self.images[idx])
+        if "crop" in cfg.augment:
+            x = random_resized_crop_flip(x, 64)
+        elif "flip" in cfg.augment:
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+        if x.shape[-1] != 64:
+            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+        return x, self.labels[idx]
+
+    def train_step(self):
+        real, labels = self.batch()
+        losses = self.model.step(real, labels)
+        with torch.no_grad():
+            for p_ema, p in zip(self.G_ema.parameters(), self.model.G.parameters()):
+                p_ema.lerp_(p, self.ema_w)  # a tensor weight: no host sync, graph-safe
+            for b_ema, b in zip(self.G_ema.buffers(), self.model.G.buffers()):
+                b_ema.copy_(b)
+            if self.loss_sum is None:
+                self.loss_sum = {k: torch.zeros_like(v) for k, v in losses.items()}
+            for k, v in losses.items():
+                self.loss_sum[k] += v
+        return losses
+
+    def capture(self):
+        """Capture train_step in a CUDA graph (3 warm-up steps on a side stream first)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.train_step()
+                self.step += 1
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.train_step()
+        return graph
+
+    # ---- schedule and safety ---------------------------------------------------------------
+    def set_schedule(self, p):
+        scale = lr_multiplier(p, self.cfg) * self.lr_scale
+        for opt, base in ((self.model.opt_g, self.cfg.lr_g), (self.model.opt_d, self.cfg.lr_d)):
+            for group in opt.param_groups:
+                if torch.is_tensor(group["lr"]):
+                    group["lr"].fill_(base * scale)
+                else:
+                    group["lr"] = base * scale
+        w = ema_weight(p, self.cfg)
+        if float(self.ema_w) != w:  # only at the switch: avoids a device sync every step
+            self.ema_w.fill_(w)
+
+    def state_tensors(self):
+        """Every tensor that defines the training state, for in-place snapshots (graph-safe)."""
+        out = list(self.model.G.state_dict(keep_vars=True).values())
+        out += list(self.model.D.state_dict(keep_vars=True).values())
+        out += list(self.G_ema.state_dict(keep_vars=True).values())
+        for opt in (self.model.opt_g, self.model.opt_d):
+            for state in opt.state.values():
+                out += [v for v in state.values() if torch.is_tensor(v)]
+        return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
+
+    def snapshot(self):
+        self.good = [t.detach().clone() for t in self.state_tensors()]
+
+    def rollback(self, reason):
+        with torch.no_grad():
+            for t, saved in zip(self.state_tensors(), self.good):
+                t.copy_(saved)
+        self.rollbacks += 1
+        self.lr_scale *= 0.5
+        self.log(f"rollback #{self.rollbacks} to the last good state ({reason}); lr x{self.lr_scale:g}")
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def checkpoint(self, name="checkpoint.pt"):
+        ckpt = {
+            "format": "dogkit-checkpoint-1",
+            "config": dataclasses.asdict(self.cfg),
+            "model": self.cfg.model,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "train_seconds": self.train_seconds,
+            "lr_scale": self.lr_scale,
+            "rollbacks": self.rollbacks,
+            "breeds": self.breeds,
+            "n_classes": self.n_classes,
+            "G": self.model.G.state_dict(),
+            "D": self.model.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_g": self.model.opt_g.state_dict(),
+            "opt_d": self.model.opt_d.state_dict(),
+            "ema_w": float(self.ema_w),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
+        }
+        path = os.path.join(self.cfg.out, name)
+        tmp = path + f".tmp{os.getpid()}"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def restore(self, path):
+        ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.G.load_state_dict(ckpt["G"])
+        self.model.D.load_state_dict(ckpt["D"])
+        self.G_ema.load_state_dict(ckpt["G_ema"])
+        self.model.opt_g.load_state_dict(ckpt["opt_g"])
+        self.model.opt_d.load_state_dict(ckpt["opt_d"])
+        self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
+        self.lr_scale, self.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
+        # a new --budget on resume re-plans the end; the same budget keeps the same schedule
+        same_budget = ckpt["config"]["budget"] == self.cfg.budget
+        self.train_seconds = ckpt["train_seconds"] if same_budget else None
+        self.ema_w.fill_(ckpt["ema_w"])
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.log(f"resumed {path}: step {self.step}, {self.elapsed:.0f} s done")
+
+    # ---- the run ---------------------------------------------------------------------------
+    def measure_reserve(self):
+        """Seconds to keep for the end: refresh BN, sample n_samples and write the zip (x1.5)."""
+        if self.cfg.reserve >= 0:
+            return self.cfg.reserve
+        probe = os.path.join(self.cfg.out, ".reserve-probe.zip")
+        generate(self.G_ema, 64, self.cfg.z_dim, None, self.n_classes, 64, device=self.device)  # warm-up
+        t0 = time.monotonic()
+        imgs = generate(self.G_ema, 512, self.cfg.z_dim, None, self.n_classes, 512, device=self.device)
+        write_zip(imgs, probe)
+        os.remove(probe)
+        per_image = (time.monotonic() - t0) / 512
+        return 1.5 * per_image * self.cfg.n_samples + 5.0
+
+    def write_log(self, record):
+        with open(os.path.join(self.cfg.out, "log.jsonl"), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def run(self):
+        cfg = self.cfg
+        if self.train_seconds is None:
+            reserve = self.measure_reserve()
+            self.train_seconds = max(0.0, cfg.budget - reserve)
+            self.log(f"budget {cfg.budget:.0f} s: training {self.train_seconds:.0f} s, "
+                     f"{reserve:.0f} s kept for sampling and the zip")
+        with open(os.path.join(cfg.out, "options.json"), "w") as fh:
+            json.dump(dataclasses.asdict(cfg), fh, indent=2)
+        start = self.t0 - self.elapsed
+        last_log = last_grid = last_ckpt = self.clock()
+        use_graph = self.device.type == "cuda" and cfg.graph == "auto"
+        steps_at_log, good_taken = self.step, False
+        try:
+            while True:
+                now = self.clock()
+                self.elapsed = now - start
+                if self.elapsed >= self.train_seconds or (cfg.steps and self.step >= cfg.steps):
+                    break
+                p = self.elapsed / max(self.train_seconds, 1e-9)
+                self.set_schedule(p)
+                if use_graph and self.graph is None:
+                    try:
+                        self.graph = self.capture()
+                        self.log("training step captured in a CUDA graph")
+                    except Exception as exc:  # any capture problem: eager from here on
+                        use_graph = False
+                        self.log(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eager")
+                        torch.cuda.synchronize()
+                    continue
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self.train_step()
+                self.step += 1
+                for hook in self.hooks:
+                    hook(self)
+                if not good_taken:
+                    self.snapshot()
+                    good_taken = True
+                if now - last_log >= cfg.log_every:
+                    ok = self.log_interval(p, self.step - steps_at_log, now - last_log)
+                    if ok:
+                        self.snapshot()
+                    steps_at_log, last_log = self.step, now
+                if now - last_grid >= cfg.grid_every:
+                    self.grid(f"grid-{self.step:07d}.png")
+                    last_grid = now
+                if now - last_ckpt >= cfg.checkpoint_every:
+                    self.checkpoint()
+                    last_ckpt = now
+        except KeyboardInterrupt:
+            path = self.checkpoint()
+            self.log(f"interrupted: state saved to {path}; continue with --resume {path}")
+            raise
+        if self.step > steps_at_log:
+            self.log_interval(self.elapsed / max(self.train_seconds, 1e-9), self.step - steps_at_log,
+                              self.clock() - last_log)
+        return self.finish()
+
+    def log_interval(self, p, steps, seconds):
+        """Read the accumulated losses (the only host sync), write a log line; False on NaN."""
+        means = {k: float(v) / max(steps, 1) for k, v in (self.loss_sum or {}).items()}
+        for v in (self.loss_sum or {}).values():
+            v.zero_()
+        finite = all(math.isfinite(v) and abs(v) < 1e4 for v in means.values())
+        record = {"step": self.step, "elapsed": round(self.elapsed, 3), "p": round(p, 5),
+                  "lr_g": self.cfg.lr_g * lr_multiplier(p, self.cfg) * self.lr_scale,
+                  "steps_per_s": round(steps / max(seconds, 1e-9), 2), **means}
+        self.write_log(record)
+        losses = " ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.3f}" for k, v in means.items())
+        self.log(f"step {self.step:7d} | {fmt_time(self.elapsed)}/{fmt_time(self.train_seconds)} "
+                 f"({100 * p:3.0f}%) | {record['steps_per_s']:7.1f} it/s | {losses}")
+        if not finite:
+            self.rollback("loss is NaN or diverged")
+        return finite
+
+    @torch.no_grad()
+    def grid(self, name):
+        was = self.G_ema.training
+        self.G_ema.eval()
+        imgs = self.G_ema(self.fixed_z, self.fixed_y)
+        self.G_ema.train(was)
+        save_grid(to_uint8(imgs), os.path.join(self.cfg.out, name))
+
+    def finish(self):
+        """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip."""
+        cfg = self.cfg
+        if not all(torch.isfinite(t).all() for t in self.G_ema.state_dict().values() if t.is_floating_point()):
+            self.log("EMA generator is not finite: using the last good state")
+            self.rollback("non-finite weights at the end")
+        refresh_batchnorm(self.G_ema, cfg, self.n_classes, self.device)
+        self.checkpoint()
+        self.grid("samples.png")
+        t0 = time.monotonic()
+        truncation = cfg.truncation if cfg.truncation > 0 else None
+        images = generate(self.G_ema, cfg.n_samples, cfg.z_dim, truncation, self.n_classes, device=self.device,
+                          seed=cfg.seed)
+        path = write_zip(images, os.path.join(cfg.out, "images.zip"))
+        if cfg.n_samples == 10_000:
+            verify_zip(path)
+        self.log(f"wrote {path}: {cfg.n_samples} images in {time.monotonic() - t0:.1f} s "
+                 f"(step {self.step}, {self.rollbacks} rollbacks)")
+        return path
+
+
+def fmt_time(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=()):
+    """Train model_cls under cfg (resuming from a checkpoint if given); returns the zip path."""
+    trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks)
+    if resume:
+        trainer.restore(resume)
+    return trainer.run()
+

@@ -1,0 +1,1 @@
+"""Tooling layer: the competition metric (MiFID) and its pieces."""

@@ -1,0 +1,23 @@
+"""`dogkit score`: rules -> decode -> pool_3 features -> FID, memorization distance, MiFID."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dogkit.metrics import features as feat
+from dogkit.metrics.fid import score_features
+from dogkit.metrics.reference import Reference
+from dogkit.metrics.submission import load_submission
+
+
+def score(source: str | Path, reference: Reference, model, device, strict: bool = True,
+          batch_size: int = 100, progress: bool = False) -> dict:
+    """MiFID of a submission against a reference; the result keys are fid.RESULT_KEYS + seconds."""
+    t0 = time.time()
+    images = load_submission(source, strict=strict)
+    gen = feat.extract(model, images.pixels, device, batch_size=batch_size, progress=progress,
+                       desc="score")
+    result = score_features(gen, reference.mu, reference.sigma, reference.features)
+    result["seconds"] = round(time.time() - t0, 2)
+    result["notes"] = images.notes
+    return result

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Training throughput of the real kernel loop (data, augmentation, D and G steps, EMA).
+
+    python tools/bench_train.py --data data/dogs64.npz --seconds 30              # GPU if present
+    python tools/bench_train.py --data data/dogs64.npz --model dcgan --modes eager,graph
+
+Prints one table row per mode: steady-state steps/s (first log interval dropped) and images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dogkit.core import registry  # noqa: E402
+from dogkit.core.data import load_dataset  # noqa: E402
+from dogkit.core.train import TrainConfig, train, with_settings  # noqa: E402
+
+
+def measure(entry, data, mode, seconds, batch_size, device):
+    with tempfile.TemporaryDirectory() as out:
+        cfg = with_settings(TrainConfig(model=entry.name), entry.settings)
+        overrides = {"out": out, "budget": seconds, "reserve": 0.0, "n_samples": 64, "log_every": seconds / 6,
+                     "graph": "auto" if mode == "graph" else "off", "device": device,
+                     "grid_every": 1e9, "checkpoint_every": 1e9}
+        if batch_size:
+            overrides["batch_size"] = batch_size
+        cfg = with_settings(cfg, overrides)
+        train(cfg, entry.cls, data=data, log=lambda m: None)
+        rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+    steady = rows[1:] or rows
+    steps = sum(r["steps_per_s"] for r in steady) / len(steady)
+    return steps, steps * cfg.batch_size, cfg.batch_size
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--model", default="dcgan", choices=registry.MODEL_NAMES)
+    parser.add_argument("--modes", default="eager,graph")
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    import torch
+
+    data = load_dataset(args.data, log=lambda m: None)
+    entry = registry.get(args.model)
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    print(f"| model | mode | device | batch | steps/s | images/s |")
+    print(f"|---|---|---|---|---|---|")
+    for mode in args.modes.split(","):
+        steps, imgs, bs = measure(entry, data, mode, args.seconds, args.batch_size, args.device)
+        print(f"| {args.model} | {mode} | {dev} | {bs} | {steps:.1f} | {imgs:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
