@@ -162,7 +162,9 @@ def export_inception(out, fp16):
 @click.option("--preview", type=click.Path(), default=None, help="Write a grid of random crops (PNG).")
 @click.option("--strict", is_flag=True, help="Any bad input is fatal, with the file named.")
 @click.option("--workers", type=int, default=None, help="Decoding processes (default: all cores).")
-def clean_data(source, out, annotations, size, strategy, min_side, margin, preview, strict, workers):
+@click.option("--codec", type=click.Choice(["webp", "webp-lossless"]), default="webp", show_default=True,
+              help="Image storage in the cache (webp: quality 95, under 60 MB for 22,000 crops).")
+def clean_data(source, out, annotations, size, strategy, min_side, margin, preview, strict, workers, codec):
     """Raw dog photos -> one crop per annotated dog -> one compact cache file.
 
     \b
@@ -185,7 +187,7 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
     if strict and fatal:
         reason = next(iter(fatal))
         _fail(f"{summary['examples'].get(reason, source)}: {reason} (--strict)")
-    nbytes = save_cache(out, data, workers=workers)
+    nbytes = save_cache(out, data, workers=workers, codec=codec)
     click.echo(f"input      {summary['layout']}")
     click.echo(f"photos     {summary['photos']}")
     click.echo(f"crops      {summary['crops']}  ({len(data['breeds'])} breeds, strategy {strategy}, {size}px)")

@@ -5,6 +5,7 @@ generated kernel holds exactly one model and never imports the registry.
 """
 from dataclasses import dataclass
 
+from dogkit.core.models.biggan import BIGGAN_SETTINGS, BigGAN
 from dogkit.core.models.dcgan import DCGAN, DCGAN_SETTINGS
 
 
@@ -23,6 +24,9 @@ MODELS = {
     "dcgan": ModelEntry("dcgan", DCGAN, DCGAN_SETTINGS,
                         _CORE + ("dogkit.core.models.dcgan", "dogkit.core.train"),
                         "report 001's DCGAN: BN, LeakyReLU, BCE with real label 0.8, input noise"),
+    "biggan": ModelEntry("biggan", BigGAN, BIGGAN_SETTINGS,
+                         _CORE + ("dogkit.core.models.biggan", "dogkit.core.train"),
+                         "BigGAN-style: breed-conditional, hierarchical z, projection D, SN, hinge, EMA"),
 }
 MODEL_NAMES = tuple(MODELS)
 

@@ -66,6 +66,7 @@ def dcgan_init(m):
 class DCGAN:
     """Builds G and D and owns one training step (D then G); returns losses as device tensors."""
 
+    name = "dcgan"
     conditional = False
 
     def __init__(self, cfg, n_classes, device):

@@ -1,0 +1,216 @@
+# ---------------------------------------------------------------------------------------------
+# Model: BigGAN-style, conditional on breed (the competition's winning family)
+# ---------------------------------------------------------------------------------------------
+# Generator: hierarchical z (one chunk per block) concatenated with a shared breed embedding
+# drives conditional batch norm in every residual up-block; self-attention at 32x32; spectral
+# norm and orthogonal init everywhere. Discriminator: residual down-blocks, self-attention at
+# 32x32, projection of the breed embedding onto the pooled features. Hinge loss (BCE as an
+# option), G lr 1e-4 / D lr 4e-4, Adam betas (0, 0.999). Sampling uses the EMA of G with
+# truncated z and class-balanced breeds. DiffAugment (colour, translation, cutout) can be
+# applied to real and fake images alike: augment="flip+diffaug".
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from dogkit.core.augment import diff_augment
+from dogkit.core.models.common import adam
+
+BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
+                       width=32, loss="hinge", augment="flip", ema_decay=0.999, ema_start=0.2,
+                       truncation=0.8)
+
+
+def sn_conv(cin, cout, k=3):
+    return spectral_norm(nn.Conv2d(cin, cout, k, 1, k // 2))
+
+
+def sn_linear(cin, cout, bias=True):
+    return spectral_norm(nn.Linear(cin, cout, bias=bias))
+
+
+class ConditionalBatchNorm(nn.Module):
+    """Batch norm whose gain and bias come from the (z chunk, breed embedding) vector."""
+
+    def __init__(self, channels, cond_dim):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.gain = sn_linear(cond_dim, channels, bias=False)
+        self.bias = sn_linear(cond_dim, channels, bias=False)
+
+    def forward(self, x, cond):
+        return self.bn(x) * (1 + self.gain(cond)[:, :, None, None]) + self.bias(cond)[:, :, None, None]
+
+
+class SelfAttention(nn.Module):
+    """SAGAN's self-attention (keys and values pooled 2x), gated by gamma that starts at 0."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.theta = sn_conv(ch, ch // 8, 1)
+        self.phi = sn_conv(ch, ch // 8, 1)
+        self.g = sn_conv(ch, ch // 2, 1)
+        self.out = sn_conv(ch // 2, ch, 1)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        theta = self.theta(x).view(n, c // 8, h * w)
+        phi = F.max_pool2d(self.phi(x), 2).view(n, c // 8, h * w // 4)
+        g = F.max_pool2d(self.g(x), 2).view(n, c // 2, h * w // 4)
+        attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)
+        o = torch.bmm(g, attn.transpose(1, 2)).view(n, c // 2, h, w)
+        return x + self.gamma * self.out(o)
+
+
+class GBlock(nn.Module):
+    def __init__(self, cin, cout, cond_dim):
+        super().__init__()
+        self.bn1 = ConditionalBatchNorm(cin, cond_dim)
+        self.conv1 = sn_conv(cin, cout)
+        self.bn2 = ConditionalBatchNorm(cout, cond_dim)
+        self.conv2 = sn_conv(cout, cout)
+        self.skip = sn_conv(cin, cout, 1)
+
+    def forward(self, x, cond):
+        h = F.interpolate(F.relu(self.bn1(x, cond)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), cond)))
+        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class BigGANGenerator(nn.Module):
+    def __init__(self, z_dim=120, width=32, n_classes=120, embed_dim=128):
+        super().__init__()
+        chans = [16 * width, 16 * width, 8 * width, 4 * width, 2 * width]  # 4 -> 8 -> 16 -> 32 -> 64
+        self.n_chunks = len(chans)  # one z chunk for the input layer, one per block
+        if z_dim % self.n_chunks:
+            raise ValueError(f"z_dim {z_dim} must split into {self.n_chunks} equal chunks")
+        self.chunk = z_dim // self.n_chunks
+        cond_dim = self.chunk + embed_dim
+        self.embed = nn.Embedding(max(n_classes, 1), embed_dim)
+        self.linear = sn_linear(self.chunk, chans[0] * 16)
+        self.blocks = nn.ModuleList(GBlock(chans[i], chans[i + 1], cond_dim) for i in range(4))
+        self.attention = SelfAttention(chans[3])  # after the block that reaches 32x32
+        self.out_bn = nn.BatchNorm2d(chans[-1])
+        self.out_conv = sn_conv(chans[-1], 3)
+        self.c0 = chans[0]
+        orthogonal_init(self)
+
+    def forward(self, z, labels=None):
+        if labels is None:
+            labels = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        chunks = z.split(self.chunk, dim=1)
+        y = self.embed(labels)
+        h = self.linear(chunks[0]).view(z.shape[0], self.c0, 4, 4)
+        for i, block in enumerate(self.blocks):
+            h = block(h, torch.cat([chunks[i + 1], y], dim=1))
+            if i == 2:
+                h = self.attention(h)
+        return torch.tanh(self.out_conv(F.relu(self.out_bn(h))))
+
+
+class DBlock(nn.Module):
+    def __init__(self, cin, cout, first=False, down=True):
+        super().__init__()
+        self.conv1 = sn_conv(cin, cout)
+        self.conv2 = sn_conv(cout, cout)
+        self.skip = sn_conv(cin, cout, 1) if (cin != cout or down) else None
+        self.first, self.down = first, down
+
+    def forward(self, x):
+        h = x if self.first else F.relu(x)
+        h = self.conv2(F.relu(self.conv1(h)))
+        if self.down:
+            h = F.avg_pool2d(h, 2)
+        s = x
+        if self.first:  # optimised first block: pool, then project
+            s = self.skip(F.avg_pool2d(s, 2) if self.down else s)
+        elif self.skip is not None:
+            s = self.skip(s)
+            s = F.avg_pool2d(s, 2) if self.down else s
+        return h + s
+
+
+class BigGANDiscriminator(nn.Module):
+    def __init__(self, width=32, n_classes=120):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 8 * width, 16 * width]  # 64 -> 32 -> 16 -> 8 -> 4 -> 4
+        self.blocks = nn.ModuleList([
+            DBlock(chans[0], chans[1], first=True),
+            DBlock(chans[1], chans[2]),
+            DBlock(chans[2], chans[3]),
+            DBlock(chans[3], chans[4]),
+            DBlock(chans[4], chans[5], down=False),
+        ])
+        self.attention = SelfAttention(chans[1])  # on the 32x32 features
+        self.linear = sn_linear(chans[-1], 1)
+        self.embed = spectral_norm(nn.Embedding(max(n_classes, 1), chans[-1]))
+        orthogonal_init(self)
+
+    def forward(self, x, labels=None):
+        h = x
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == 0:
+                h = self.attention(h)
+        h = F.relu(h).sum(dim=(2, 3))
+        out = self.linear(h).squeeze(1)
+        if labels is not None:
+            out = out + (self.embed(labels) * h).sum(dim=1)  # projection discriminator
+        return out
+
+
+def orthogonal_init(module):
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
+            weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.orthogonal_(weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+class BigGAN:
+    """Conditional BigGAN: one D step then one G step per call, hinge (or BCE) loss."""
+
+    name = "biggan"
+    conditional = True
+
+    def __init__(self, cfg, n_classes, device):
+        self.cfg = cfg
+        self.n_classes = max(n_classes, 1)
+        self.G = BigGANGenerator(cfg.z_dim, cfg.width, self.n_classes).to(device)
+        self.D = BigGANDiscriminator(cfg.width, self.n_classes).to(device)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
+        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.diffaug = "diffaug" in cfg.augment
+
+    def augment(self, x):
+        return diff_augment(x) if self.diffaug else x
+
+    def step(self, real, labels):
+        cfg = self.cfg
+        n = real.shape[0]
+        z = torch.randn(n, cfg.z_dim, device=real.device)
+        fake_labels = torch.randint(0, self.n_classes, (n,), device=real.device)
+        fake = self.G(z, fake_labels)
+
+        self.opt_d.zero_grad(set_to_none=False)
+        d_real = self.D(self.augment(real), labels)
+        d_fake = self.D(self.augment(fake.detach()), fake_labels)
+        if cfg.loss == "hinge":
+            loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+        else:
+            loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) +
+                      F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+        loss_d.backward()
+        self.opt_d.step()
+
+        self.opt_g.zero_grad(set_to_none=False)
+        d_gen = self.D(self.augment(fake), fake_labels)
+        if cfg.loss == "hinge":
+            loss_g = -d_gen.mean()
+        else:
+            loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+        loss_g.backward()
+        self.opt_g.step()
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}

@@ -1,0 +1,250 @@
+"""Cleaning: the real Stanford Dogs XML files with synthesised photos, every strategy, bad input."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dogkit.cli import main
+from dogkit.core import data as D
+
+
+def xml_files(annotation_dir):
+    return sorted(p for p in Path(annotation_dir).rglob("*") if p.is_file())
+
+
+def coordinate_image(width, height):
+    """Pixels that encode their own coordinates: any cut reveals exactly where it came from."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([xs % 256, ys % 256, (xs // 256) * 16 + ys // 256], axis=-1).astype(np.uint8)
+
+
+def decode_xy(pixel):
+    r, g, b = (int(v) for v in pixel)
+    return r + 256 * (b // 16), g + 256 * (b % 16)
+
+
+def test_parses_every_real_annotation(annotation_dir):
+    files = xml_files(annotation_dir)
+    counts = [len(D.parse_annotation(p.read_bytes(), p)[2]) for p in files]
+    assert len(files) == 712
+    assert counts.count(1) == 674 and counts.count(2) == 37 and counts.count(3) == 1
+
+
+@pytest.mark.parametrize("strategy", D.STRATEGIES)
+def test_each_strategy_recovers_each_dog_exactly(annotation_dir, strategy):
+    files = xml_files(annotation_dir)
+    multi = [p for p in files if len(D.parse_annotation(p.read_bytes())[2]) > 1]
+    chosen = multi + files[::40]
+    checked = 0
+    for path in chosen:
+        width, height, boxes = D.parse_annotation(path.read_bytes(), path)
+        photo = coordinate_image(width, height)
+        for box in boxes:
+            clamped = D.clamp_box(box, width, height)
+            region = D.crop_region(clamped, width, height, strategy)
+            x0, y0, x1, y1 = clamped
+            w, h = x1 - x0, y1 - y0
+            if strategy == "aspect" and not 0.8 <= w / h <= 1.25:
+                assert region is None
+                continue
+            crop = D.cut(photo, region)
+            left, top, right, bottom = region
+            assert crop.shape[:2] == (bottom - top, right - left)
+            if strategy in ("box", "aspect"):
+                assert region == clamped
+                assert decode_xy(crop[0, 0]) == (x0, y0)
+                assert decode_xy(crop[-1, -1]) == (x1 - 1, y1 - 1)
+            elif strategy == "square":
+                s = min(w, h)
+                assert right - left == bottom - top == s
+                assert x0 <= left and right <= x1 and y0 <= top and bottom <= y1
+                assert decode_xy(crop[0, 0]) == (left, top)
+                assert abs((left + right) - (x0 + x1)) <= 1 and abs((top + bottom) - (y0 + y1)) <= 1
+            else:  # pad: a square around the box; inside the photo wherever it fits
+                assert right - left == bottom - top >= max(w, h)
+                if right - left <= min(width, height):
+                    assert 0 <= left and right <= width and 0 <= top and bottom <= height
+                    assert left <= x0 and x1 <= right and top <= y0 and y1 <= bottom
+                    dx, dy = x0 - left, y0 - top
+                    assert decode_xy(crop[dy, dx]) == (x0, y0)
+            checked += 1
+    assert checked > 40
+
+
+def test_pad_reflects_what_falls_outside():
+    photo = coordinate_image(50, 20)
+    region = D.crop_region((0, 0, 50, 20), 50, 20, "pad", margin=0.1)
+    crop = D.cut(photo, region)
+    assert crop.shape[:2] == (55, 55)
+    top = -region[1]
+    # reflected rows mirror the rows inside the photo (reflect mode: the edge row is not repeated)
+    np.testing.assert_array_equal(crop[top - 1], crop[top + 1])
+
+
+def make_kaggle_layout(root, annotation_dir, n_per_breed=6):
+    """all-dogs/*.jpg + Annotation/<breed>/<id> from real XML, each box filled with a solid colour."""
+    photos, ann = root / "all-dogs", root / "Annotation"
+    photos.mkdir(parents=True)
+    expected = 0
+    for breed_dir in sorted(Path(annotation_dir).iterdir()):
+        files = sorted(breed_dir.iterdir())
+        multi = [f for f in files if len(D.parse_annotation(f.read_bytes())[2]) > 1][:2]
+        for f in list(dict.fromkeys(multi + files))[:n_per_breed]:
+            width, height, boxes = D.parse_annotation(f.read_bytes())
+            img = np.full((height, width, 3), 40, np.uint8)
+            for k, (x0, y0, x1, y1) in enumerate(boxes):
+                img[y0:y1, x0:x1] = (200, 30 * (k + 1), 90)
+            Image.fromarray(img).save(photos / f"{f.name}.jpg", quality=95)
+            (ann / breed_dir.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, ann / breed_dir.name / f.name)
+            expected += len(boxes)
+    return expected
+
+
+def test_kaggle_layout_one_crop_per_dog_with_breed(tmp_path, annotation_dir):
+    expected = make_kaggle_layout(tmp_path / "kaggle", annotation_dir)
+    data = D.clean(str(tmp_path / "kaggle"), strategy="box", min_side=1, workers=1, log=lambda m: None)
+    assert data["summary"]["layout"].startswith("Kaggle")
+    assert len(data["images"]) == expected - data["summary"]["events"].get("exact duplicate removed", 0)
+    assert data["breeds"] == sorted(p.name for p in Path(annotation_dir).iterdir())
+    for name, label in zip(data["names"], data["labels"]):
+        synset = os.path.basename(name).split("_")[0]
+        assert data["breeds"][label].startswith(synset)
+    # the 'box' strategy on a solid box gives (almost) the box's colour everywhere
+    centre = data["images"][:, 24:40, 24:40].reshape(-1, 3).mean(0)
+    assert centre[0] > 150
+
+
+def test_precropped_breed_folders(tmp_path, crops_dir):
+    src = tmp_path / "crops"
+    for breed in sorted(os.listdir(crops_dir))[:2]:
+        (src / breed).mkdir(parents=True)
+        for f in sorted(os.listdir(crops_dir / breed))[:5]:
+            shutil.copy(crops_dir / breed / f, src / breed / f)
+    data = D.clean(str(src), workers=1, log=lambda m: None)
+    assert data["summary"]["layout"] == "pre-cropped breed folders"
+    assert data["images"].shape == (10, 64, 64, 3)
+    assert sorted(set(data["labels"].tolist())) == [0, 1]
+
+
+def bad_inputs(root):
+    root.mkdir()
+    (root / "Annotation" / "n02000001-testdog").mkdir(parents=True)
+    photos = root / "all-dogs"
+    photos.mkdir()
+    good = np.full((100, 120, 3), 128, np.uint8)
+
+    def xml(name, boxes, size=(120, 100)):
+        objs = "".join(f"<object><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax>"
+                       "</bndbox></object>" for a, b, c, d in boxes)
+        (root / "Annotation" / "n02000001-testdog" / name).write_text(
+            f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
+            f"{objs}</annotation>")
+
+    Image.fromarray(good).save(photos / "n02000001_1.jpg")
+    xml("n02000001_1", [(10, 10, 90, 90)])
+    (photos / "n02000001_2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    xml("n02000001_2", [(10, 10, 90, 90)])
+    Image.fromarray(good).save(photos / "n02000001_3.jpg")
+    (photos / "n02000001_3.jpg").write_bytes((photos / "n02000001_3.jpg").read_bytes()[:300])  # truncated
+    xml("n02000001_3", [(10, 10, 90, 90)])
+    Image.fromarray(good[..., 0] + 1).convert("CMYK").save(photos / "n02000001_4.jpg")
+    xml("n02000001_4", [(10, 10, 90, 90)])
+    Image.fromarray(good[..., 0] + 2, "L").save(photos / "n02000001_5.jpg")
+    xml("n02000001_5", [(10, 10, 90, 90)])
+    Image.fromarray(np.dstack([good + 3, np.full((100, 120), 128, np.uint8)]), "RGBA").save(photos / "n02000001_6.png")
+    xml("n02000001_6", [(10, 10, 90, 90)])
+    Image.fromarray(good + 4).save(photos / "n02000001_7.jpg")  # no annotation
+    xml("n02000001_8", [(10, 10, 90, 90)])  # annotation, no photo
+    Image.fromarray(good + 5).save(photos / "n02000001_9.jpg")
+    (root / "Annotation" / "n02000001-testdog" / "n02000001_9").write_text("<annotation><size>")  # malformed
+    Image.fromarray(good + 6).save(photos / "n02000001_10.jpg")
+    xml("n02000001_10", [(-20, 50, 200, 140)])  # partly outside: clamped
+    Image.fromarray(good + 7).save(photos / "n02000001_11.jpg")
+    xml("n02000001_11", [(30, 30, 30, 80), (0, 0, 60, 60)])  # a zero-area box and a good one
+    (photos / "second").mkdir()
+    Image.fromarray(good + 8).save(photos / "second" / "n02000001_1.jpg")  # same name, other folder
+    return root
+
+
+def test_bad_input_is_counted_not_fatal(tmp_path):
+    root = bad_inputs(tmp_path / "bad")
+    data = D.clean(str(root), strategy="box", min_side=8, workers=1, log=lambda m: None)
+    events = data["summary"]["events"]
+    assert events["corrupt or truncated image"] == 2
+    assert events["converted from CMYK"] == 1
+    assert events["converted from L"] == 1
+    assert events["converted from RGBA"] == 1
+    assert events["photo without annotation: whole photo used"] == 1
+    assert events["annotation without photo"] == 1
+    assert events["malformed annotation: whole photo used"] == 1
+    assert events["box clamped to the photo"] == 1
+    assert events["zero-area box"] == 1
+    assert events["same file name in two folders"] == 1
+    assert len(data["images"]) == 9  # 11 photos, 2 unreadable; _11 keeps its one real box
+
+
+def test_strict_makes_bad_input_fatal_with_the_file_named(tmp_path):
+    root = bad_inputs(tmp_path / "bad")
+    out = tmp_path / "cache.npz"
+    res = CliRunner().invoke(main, ["clean-data", str(root), "-o", str(out), "--strict", "--workers", "1"])
+    assert res.exit_code != 0
+    assert "n02000001_" in res.output and "(--strict)" in res.output
+    assert not out.exists()
+    res = CliRunner().invoke(main, ["clean-data", str(root), "-o", str(out), "--workers", "1",
+                                    "--preview", str(tmp_path / "p.png")])
+    assert res.exit_code == 0, res.output
+    assert "corrupt or truncated image" in res.output and out.exists() and (tmp_path / "p.png").exists()
+
+
+def test_exact_duplicates_are_removed(tmp_path):
+    (tmp_path / "flat").mkdir()
+    img = np.random.default_rng(0).integers(0, 256, (70, 70, 3), dtype=np.uint8)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(img).save(tmp_path / "flat" / name)
+    Image.fromarray(255 - img).save(tmp_path / "flat" / "c.png")
+    data = D.clean(str(tmp_path / "flat"), workers=1, log=lambda m: None)
+    assert len(data["images"]) == 2
+    assert data["summary"]["events"]["exact duplicate removed"] == 1
+
+
+def test_cache_round_trip(tmp_path, tiny_dataset):
+    ds = dict(tiny_dataset, settings={"strategy": "box"}, summary={})
+    D.save_cache(tmp_path / "exact.npz", ds, workers=1, codec="webp-lossless")
+    back = D.load_cache(str(tmp_path / "exact.npz"))
+    np.testing.assert_array_equal(back["images"], ds["images"])
+    np.testing.assert_array_equal(back["labels"], ds["labels"])
+    assert back["names"] == ds["names"] and back["breeds"] == ds["breeds"]
+    D.save_cache(tmp_path / "lossy.npz", ds, workers=1)
+    lossy = D.load_cache(str(tmp_path / "lossy.npz"))
+    np.testing.assert_array_equal(lossy["labels"], ds["labels"])
+    err = np.abs(lossy["images"].astype(int) - ds["images"]).mean()
+    assert 0 < err < 20  # noisy test images are the worst case for a lossy codec
+
+
+def test_interrupted_cache_write_leaves_nothing_behind(tmp_path, tiny_dataset, monkeypatch):
+    ds = dict(tiny_dataset, settings={}, summary={})
+    out = tmp_path / "cache.npz"
+    D.save_cache(out, ds, workers=1)
+    before = out.read_bytes()
+
+    def boom(path, **arrays):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D.np, "savez", boom)
+    with pytest.raises(KeyboardInterrupt):
+        D.save_cache(out, ds, workers=1)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.npz"]
+
+
+def test_not_a_cache(tmp_path):
+    bad = tmp_path / "x.npz"
+    bad.write_bytes(b"nope")
+    with pytest.raises(D.DataError, match="not a dogkit cache"):
+        D.load_cache(str(bad))

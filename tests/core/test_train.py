@@ -1,0 +1,134 @@
+"""The training machinery on CPU: budget, simulated clock, resume, NaN rollback, interrupt."""
+import json
+import math
+
+import pytest
+import torch
+
+from dogkit.core import registry
+from dogkit.core.train import (TrainConfig, Trainer, ema_weight, lr_multiplier, parse_budget, train,
+                               with_settings)
+from dogkit.metrics.submission import load_submission
+
+
+def tiny_cfg(tmp_path, **over):
+    entry = registry.get("dcgan")
+    cfg = with_settings(TrainConfig(), entry.settings)
+    base = dict(out=str(tmp_path), width=4, batch_size=8, n_samples=64, reserve=0.0, log_every=0.0,
+                grid_every=1e9, checkpoint_every=1e9, device="cpu", budget=1e6)
+    base.update(over)
+    return with_settings(cfg, base)
+
+
+class FakeClock:
+    """Advances only when a step is taken: the schedule becomes a pure function of the step."""
+
+    def __init__(self, dt=1.0):
+        self.t, self.dt = 0.0, dt
+
+    def __call__(self):
+        return self.t
+
+    def hook(self, trainer):
+        self.t += self.dt
+
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("8m", 480), ("9h", 32400), ("1h30m", 5400), ("45", 45)])
+def test_parse_budget(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "8 minutes", "m8", "-5m"])
+def test_parse_budget_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_budget(bad)
+
+
+def test_schedule_is_a_function_of_progress():
+    cfg = TrainConfig(lr_decay_start=0.5, lr_final=0.1, ema_start=0.25, ema_decay=0.999)
+    assert lr_multiplier(0.0, cfg) == 1.0 and lr_multiplier(0.5, cfg) == 1.0
+    assert lr_multiplier(0.75, cfg) == pytest.approx(0.55)
+    assert lr_multiplier(1.0, cfg) == pytest.approx(0.1)
+    assert ema_weight(0.2, cfg) == 1.0
+    assert ema_weight(0.3, cfg) == pytest.approx(0.001)
+
+
+def test_unknown_setting_is_an_error():
+    with pytest.raises(ValueError, match="lr_gg"):
+        with_settings(TrainConfig(), {"lr_gg": 1.0})
+
+
+def test_tiny_end_to_end_run_writes_a_valid_submission(tmp_path, tiny_dataset):
+    cfg = tiny_cfg(tmp_path, budget=30.0, reserve=-1.0, n_samples=10_000, log_every=2.0)
+    path = train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+    images = load_submission(path, strict=True)
+    assert images.pixels.shape == (10_000, 64, 64, 3)
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert log and log[-1]["step"] > 0 and all(math.isfinite(r["loss_d"]) for r in log)
+    for name in ("options.json", "checkpoint.pt", "samples.png"):
+        assert (tmp_path / name).exists()
+
+
+def test_time_guard_under_a_simulated_clock(tmp_path, tiny_dataset):
+    clock = FakeClock(dt=1.0)
+    cfg = tiny_cfg(tmp_path, budget=30.0, reserve=10.0, log_every=5.0)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=lambda m: None,
+                      hooks=[clock.hook])
+    trainer.run()
+    assert trainer.train_seconds == 20.0
+    assert trainer.step == 20  # one simulated second per step, 30 s budget - 10 s reserve
+    assert clock.t <= cfg.budget
+
+
+def run_steps(tmp_path, data, steps, resume=None, out="run"):
+    clock = FakeClock(dt=1.0)
+    cfg = tiny_cfg(tmp_path / out, steps=steps, budget=40.0, reserve=0.0, lr_decay_start=0.2, ema_start=0.1)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=data, clock=clock, log=lambda m: None, hooks=[clock.hook])
+    if resume:
+        trainer.restore(resume)
+    trainer.run()
+    return trainer
+
+
+def test_resume_continues_exactly(tmp_path, tiny_dataset):
+    straight = run_steps(tmp_path, tiny_dataset, 12, out="straight")
+    run_steps(tmp_path, tiny_dataset, 6, out="half")
+    resumed = run_steps(tmp_path, tiny_dataset, 12, resume=tmp_path / "half" / "checkpoint.pt", out="half")
+    assert resumed.step == straight.step == 12
+    for a, b in zip(straight.model.G.state_dict().values(), resumed.model.G.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(straight.G_ema.parameters(), resumed.G_ema.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    la = [json.loads(x)["loss_d"] for x in open(tmp_path / "straight" / "log.jsonl")]
+    lb = [json.loads(x)["loss_d"] for x in open(tmp_path / "half" / "log.jsonl")]
+    assert la == lb
+
+
+def test_nan_rolls_back_and_still_writes_the_zip(tmp_path, tiny_dataset):
+    def poison(trainer):
+        if trainer.step == 5:
+            with torch.no_grad():
+                next(trainer.model.G.parameters()).fill_(float("nan"))
+
+    logs = []
+    cfg = tiny_cfg(tmp_path, steps=10)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=logs.append, hooks=[poison])
+    path = trainer.run()
+    assert trainer.rollbacks >= 1
+    assert any("rollback" in m for m in logs)
+    assert all(torch.isfinite(p).all() for p in trainer.G_ema.parameters())
+    assert trainer.lr_scale < 1.0
+    assert (tmp_path / "images.zip").exists() and path.endswith("images.zip")
+
+
+def test_interrupt_saves_a_resumable_checkpoint(tmp_path, tiny_dataset):
+    def stop(trainer):
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+
+    cfg = tiny_cfg(tmp_path, steps=10)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None, hooks=[stop])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 3
+    assert {"G", "D", "G_ema", "opt_g", "opt_d", "rng", "config", "elapsed"} <= set(ckpt)

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from dogkit.metrics import fid as F
+
+
+def test_equal_covariances_give_squared_mean_distance():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    sigma = a @ a.T + np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    assert F.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-8)
+
+
+def test_diagonal_covariances_closed_form():
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 16.0])
+    expected = np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    got = F.frechet_distance(np.zeros(3), np.diag(s1), np.zeros(3), np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-8)
+
+
+def test_identical_sets_score_zero_and_different_sets_do_not():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 8))
+    mu, sigma = F.stats(x)
+    assert F.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+    mu2, sigma2 = F.stats(x + 1.0)
+    assert F.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(8.0, rel=1e-6)
+
+
+def test_singular_covariance_retries_with_offset():
+    sigma = np.zeros((4, 4))
+    assert np.isfinite(F.frechet_distance(np.zeros(4), sigma, np.ones(4), sigma))
+
+
+def test_stats_uses_sample_covariance():
+    x = np.array([[0.0, 0.0], [2.0, 2.0]])
+    mu, sigma = F.stats(x)
+    np.testing.assert_allclose(mu, [1, 1])
+    np.testing.assert_allclose(sigma, [[2, 2], [2, 2]])  # np.cov divides by N - 1
+
+
+def test_copies_of_reference_drive_distance_to_zero_and_mifid_up():
+    rng = np.random.default_rng(2)
+    ref = np.abs(rng.normal(size=(200, 32)))
+    gen = np.abs(rng.normal(size=(100, 32)))
+    fresh = F.score_features(gen, *F.stats(ref), ref)
+    copies = F.score_features(ref[:100], *F.stats(ref), ref)
+    assert copies["distance"] == pytest.approx(0.0, abs=1e-12)
+    assert fresh["distance"] > 0.05
+    assert copies["mifid"] > 1e6 * copies["fid"]
+    assert set(fresh) == set(F.RESULT_KEYS)
+
+
+def test_absolute_cosine_counts_opposite_vectors_as_copies():
+    ref = np.array([[1.0, 2.0, 3.0]])
+    assert F.memorization_distance(-ref, ref) == pytest.approx(0.0, abs=1e-12)
+    orth = np.array([[3.0, 0.0, -1.0]])  # orthogonal to ref
+    assert F.memorization_distance(orth, ref) == pytest.approx(1.0)
+
+
+def test_zero_rows_are_dropped_on_both_sides():
+    ref = np.array([[1.0, 0.0], [0.0, 0.0]])
+    gen = np.array([[1.0, 1.0], [0.0, 0.0]])
+    # only (1,1) vs (1,0) remains: 1 - cos45
+    assert F.memorization_distance(gen, ref) == pytest.approx(1 - np.sqrt(0.5))
+
+
+def test_direction_is_mean_over_generated_of_min_over_reference():
+    ref = np.array([[1.0, 0.0], [0.0, 1.0]])
+    gen = np.array([[1.0, 0.0], [1.0, 0.05], [1.0, 0.1]])
+    per_gen = [1 - abs(g @ r) / np.linalg.norm(g) / np.linalg.norm(r) for g in gen for r in ref[:1]]
+    assert F.memorization_distance(gen, ref) == pytest.approx(np.mean(per_gen))
+    swapped = F.memorization_distance(ref, gen)  # torchmetrics' direction would give this
+    assert swapped != pytest.approx(np.mean(per_gen))
+
+
+def test_threshold_edge_is_strict():
+    assert F.threshold_distance(0.1) == 1.0
+    assert F.threshold_distance(np.nextafter(0.1, 0)) == np.nextafter(0.1, 0)
+    assert F.threshold_distance(0.2) == 1.0
+    assert F.mifid(50.0, 0.1) == pytest.approx(50.0)
+    assert F.mifid(50.0, 0.05) == pytest.approx(1000.0)
+
+
+def test_chunking_does_not_change_distances():
+    rng = np.random.default_rng(3)
+    gen, ref = np.abs(rng.normal(size=(37, 16))), np.abs(rng.normal(size=(53, 16)))
+    np.testing.assert_allclose(F.nearest_distances(gen, ref, chunk=5), F.nearest_distances(gen, ref, chunk=1000))

@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from dogkit.cli import main
+from dogkit.metrics import reference as R
+
+
+def write_photos(folder, n, seed=0, size=(80, 60)):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"p{i:03d}.jpg", quality=95)
+
+
+class MeanNet(torch.nn.Module):
+    """A stand-in for Inception: 2048 features from channel means (fast, deterministic)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2048)
+        torch.nn.init.uniform_(self.proj.weight, 0, 1)
+
+    def forward(self, x):
+        return [torch.relu(self.proj(x.mean(dim=(2, 3)))).view(len(x), 2048, 1, 1)]
+
+
+def test_reference_resumes_after_an_interruption(tmp_path, monkeypatch):
+    write_photos(tmp_path / "photos", 12)
+    model, info = MeanNet(), {"digest": "fake", "source": "test"}
+    full = R.build_reference(tmp_path / "photos", tmp_path / "full.npz", model, info, "cpu",
+                             batch_size=3, checkpoint_every=3, progress=False)
+
+    calls = {"n": 0}
+    real_pool3 = R.feat.pool3
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_pool3(*args)
+
+    monkeypatch.setattr(R.feat, "pool3", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        R.build_reference(tmp_path / "photos", tmp_path / "ref.npz", model, info, "cpu",
+                          batch_size=3, checkpoint_every=3, progress=False)
+    assert not (tmp_path / "ref.npz").exists()
+    assert (tmp_path / "ref.npz.partial.npz").exists()
+    monkeypatch.setattr(R.feat, "pool3", real_pool3)
+    logs = []
+    resumed = R.build_reference(tmp_path / "photos", tmp_path / "ref.npz", model, info, "cpu",
+                                batch_size=3, checkpoint_every=3, progress=False, log=logs.append)
+    assert any("resuming" in m and "6/12" in m for m in logs)
+    np.testing.assert_array_equal(resumed.features, full.features)
+    assert not (tmp_path / "ref.npz.partial.npz").exists()
+
+
+def test_reference_resizes_with_lanczos_whatever_the_aspect(tmp_path):
+    write_photos(tmp_path / "p", 1, size=(120, 50))
+    with Image.open(tmp_path / "p" / "p000.jpg") as img:
+        expected = np.asarray(img.convert("RGB").resize((64, 64), Image.LANCZOS))
+    np.testing.assert_array_equal(R.load_photos(tmp_path / "p", ["p000.jpg"])[0], expected)
+
+
+def test_score_cli_end_to_end(tmp_path, inception):
+    write_photos(tmp_path / "real", 8)
+    runner = CliRunner()
+    res = runner.invoke(main, ["reference", str(tmp_path / "real"), "-o", str(tmp_path / "ref.npz")])
+    assert res.exit_code == 0, res.output
+    # score copies of the reference photos (as 64x64 PNGs): d ~ 0, MiFID >> FID
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    ref_pixels = R.load_photos(tmp_path / "real", R.list_photos(tmp_path / "real"))
+    for i, px in enumerate(ref_pixels[:4]):
+        Image.fromarray(px).save(sub / f"{i}.png")
+    res = runner.invoke(main, ["score", str(sub), "--reference", str(tmp_path / "ref.npz"), "--no-strict", "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(result) >= {"fid", "distance", "distance_thresholded", "mifid", "n_images"}
+    assert result["n_images"] == 4
+    assert result["distance"] < 1e-5
+    assert result["mifid"] > 1e3 * result["fid"]
+
+
+def test_score_cli_rejects_bad_submission_before_any_network(tmp_path, monkeypatch):
+    import dogkit.metrics.inception as inc
+
+    monkeypatch.setattr(inc, "load_inception", lambda *a: pytest.fail("network loaded before the rules"))
+    sub = tmp_path / "images.zip"
+    sub.write_bytes(b"nope")
+    res = CliRunner().invoke(main, ["score", str(sub), "--reference", str(tmp_path / "none.npz")])
+    assert res.exit_code != 0
+    assert "not a zip file" in res.output

@@ -1,0 +1,66 @@
+"""The kernel builder: committed kernels are current, self-contained, and train like dogkit."""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dogkit.core import registry
+from dogkit.core.data import save_cache
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+import build_kernel  # noqa: E402
+
+ALLOWED = set(sys.stdlib_module_names) | {"numpy", "PIL", "torch", "torchvision"}
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_committed_kernel_is_what_the_builder_writes(name):
+    committed = ROOT / "kernels" / f"{name}.py"
+    assert committed.exists(), f"run: python tools/build_kernel.py --model {name}"
+    assert committed.read_text() == build_kernel.build(name), f"stale: python tools/build_kernel.py --model {name}"
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_kernel_imports_only_the_allowed_set(name):
+    tree = ast.parse(build_kernel.build(name))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add(node.module.split(".")[0])
+    assert found, "no imports parsed"
+    assert found <= ALLOWED, f"not allowed in a kernel: {sorted(found - ALLOWED)}"
+    assert "dogkit" not in found
+
+
+def test_budget_option_sets_the_kaggle_budget():
+    assert 'KAGGLE_BUDGET = "5h45m"' in build_kernel.build("dcgan", "6h")
+    with pytest.raises(SystemExit):
+        build_kernel.build("dcgan", "10m")
+
+
+def test_kernel_and_package_train_identically(tmp_path, tiny_dataset):
+    cache = tmp_path / "tiny.npz"
+    save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
+    common = ["--data", str(cache), "--budget", "10m", "--steps", "6", "--seed", "3", "--width", "4",
+              "--batch-size", "8", "--n-samples", "64", "--log-every", "0", "--device", "cpu"]
+    env = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    kernel = subprocess.run([sys.executable, str(ROOT / "kernels" / "dcgan.py"), *common, "--out", str(tmp_path / "k")],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert kernel.returncode == 0, kernel.stderr[-2000:]
+    package = subprocess.run([sys.executable, "-m", "dogkit.cli", "train", "--model", "dcgan", *common,
+                              "--out", str(tmp_path / "p")],
+                             capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path,
+                             timeout=300)
+    assert package.returncode == 0, package.stderr[-2000:]
+
+    def losses(folder):
+        return [(r["step"], r["loss_d"], r["loss_g"]) for r in map(json.loads, open(folder / "log.jsonl"))]
+
+    assert len(losses(tmp_path / "k")) == 6
+    assert losses(tmp_path / "k") == losses(tmp_path / "p")
