@@ -100,8 +100,11 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     from dogkit.metrics.score import score as run_score
     from dogkit.metrics.submission import SubmissionError, load_submission
 
+    import time
+
+    t0 = time.time()
     try:
-        load_submission(submission, strict=strict)  # rules first, before loading any network
+        images = load_submission(submission, strict=strict)  # rules first, before any network
         ref = load_reference(reference_path)
     except SubmissionError as exc:
         for line in exc.violations[:50]:
@@ -115,8 +118,9 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     model, info = _load_network(inception_weights)
     if ref.provenance.get("weights", {}).get("digest") not in (None, info["digest"]):
         click.echo("warning: reference was made with other Inception weights", err=True)
-    result = run_score(submission, ref, model, pick_device(device), strict=strict,
+    result = run_score(images, ref, model, pick_device(device), strict=strict,
                        batch_size=batch_size, progress=not as_json)
+    result["seconds"] = round(time.time() - t0, 2)  # decoding and rules included
     for note in result.pop("notes"):
         click.echo(f"note: {note}", err=True)
     if as_json:

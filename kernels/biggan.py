@@ -1031,6 +1031,7 @@ class Trainer:
         self.lr_scale = 1.0
         self.rollbacks = 0
         self.ema_w = torch.tensor(1.0, device=self.device)
+        self.ema_w_value = 1.0
         self.loss_sum = None
         self.graph = None
         self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(self.device)
@@ -1088,8 +1089,9 @@ class Trainer:
                 else:
                     group["lr"] = base * scale
         w = ema_weight(p, self.cfg)
-        if float(self.ema_w) != w:  # only at the switch: avoids a device sync every step
+        if w != self.ema_w_value:  # only at the switch; reading the tensor would sync every step
             self.ema_w.fill_(w)
+            self.ema_w_value = w
 
     def state_tensors(self):
         """Every tensor that defines the training state, for in-place snapshots (graph-safe)."""
@@ -1130,7 +1132,7 @@ class Trainer:
             "G_ema": self.G_ema.state_dict(),
             "opt_g": self.model.opt_g.state_dict(),
             "opt_d": self.model.opt_d.state_dict(),
-            "ema_w": float(self.ema_w),
+            "ema_w": self.ema_w_value,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
         }
@@ -1153,6 +1155,7 @@ class Trainer:
         same_budget = ckpt["config"]["budget"] == self.cfg.budget
         self.train_seconds = ckpt["train_seconds"] if same_budget else None
         self.ema_w.fill_(ckpt["ema_w"])
+        self.ema_w_value = ckpt["ema_w"]
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])

@@ -7,14 +7,15 @@ from pathlib import Path
 from dogkit.metrics import features as feat
 from dogkit.metrics.fid import score_features
 from dogkit.metrics.reference import Reference
-from dogkit.metrics.submission import load_submission
+from dogkit.metrics.submission import Images, load_submission
 
 
-def score(source: str | Path, reference: Reference, model, device, strict: bool = True,
+def score(source: str | Path | Images, reference: Reference, model, device, strict: bool = True,
           batch_size: int = 100, progress: bool = False) -> dict:
-    """MiFID of a submission against a reference; the result keys are fid.RESULT_KEYS + seconds."""
+    """MiFID of a submission (path, or images already checked by load_submission) against a
+    reference; the result keys are fid.RESULT_KEYS plus seconds and notes."""
     t0 = time.time()
-    images = load_submission(source, strict=strict)
+    images = source if isinstance(source, Images) else load_submission(source, strict=strict)
     gen = feat.extract(model, images.pixels, device, batch_size=batch_size, progress=progress,
                        desc="score")
     result = score_features(gen, reference.mu, reference.sigma, reference.features)

@@ -55,12 +55,12 @@ def png_header(data: bytes) -> tuple[int, int, int, int] | None:
     return width, height, depth, color
 
 
-def check_png(name: str, data: bytes) -> list[str]:
-    """Rule violations of one strict-mode entry (empty list if it is a valid 64x64 RGB8 PNG)."""
+def check_png(name: str, data: bytes) -> tuple[list[str], np.ndarray | None]:
+    """(rule violations, decoded pixels) of one strict-mode entry; decoded once, used for scoring."""
     header = png_header(data)
     if header is None:
         kind = "a JPEG" if data[:3] == b"\xff\xd8\xff" else "not a PNG"
-        return [f"{name}: not a PNG by content ({kind})"]
+        return [f"{name}: not a PNG by content ({kind})"], None
     width, height, depth, color = header
     problems = []
     if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
@@ -69,12 +69,12 @@ def check_png(name: str, data: bytes) -> list[str]:
         problems.append(f"{name}: colour type {COLOR_TYPES.get(color, color)}, must be RGB")
     if depth != 8:
         problems.append(f"{name}: {depth}-bit channels, must be 8-bit")
-    if not problems:
-        try:
-            decode(data)
-        except Exception as exc:
-            problems.append(f"{name}: corrupt PNG ({exc})")
-    return problems
+    if problems:
+        return problems, None
+    try:
+        return [], decode(data)
+    except Exception as exc:
+        return [f"{name}: corrupt PNG ({exc})"], None
 
 
 def decode(data: bytes, convert: bool = False) -> np.ndarray:
@@ -173,16 +173,18 @@ def load_submission(source: str | Path, strict: bool = True, workers: int = 8) -
 
     if strict:
         with ThreadPoolExecutor(workers) as pool:
-            problems = [p for ps in pool.map(check_png, names, blobs) for p in ps]
+            checked = list(pool.map(check_png, names, blobs))
+        problems = [p for ps, _ in checked for p in ps]
         if problems:
             raise SubmissionError(str(source), problems)
+        return Images(names=names, pixels=np.stack([px for _, px in checked]), source=str(source), notes=notes)
     if len(names) < 2:
         raise SubmissionError(str(source), [f"{source}: {len(names)} image(s), at least 2 needed"])
 
     def safe_decode(name_blob):
         name, blob = name_blob
         try:
-            return decode(blob, convert=not strict), None
+            return decode(blob, convert=True), None
         except Exception as exc:
             return None, f"{name}: unreadable image ({exc})"
 
