@@ -52,8 +52,8 @@ def main(argv=None):
     data = load_dataset(args.data, log=lambda m: None)
     entry = registry.get(args.model)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print(f"| model | mode | device | batch | steps/s | images/s |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | mode | device | batch | steps/s | images/s |")
+    print("|---|---|---|---|---|---|")
     for mode in args.modes.split(","):
         steps, imgs, bs = measure(entry, data, mode, args.seconds, args.batch_size, args.device)
         print(f"| {args.model} | {mode} | {dev} | {bs} | {steps:.1f} | {imgs:.0f} |", flush=True)

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 from dogkit.core.models.biggan import BIGGAN_SETTINGS, BigGAN
 from dogkit.core.models.dcgan import DCGAN, DCGAN_SETTINGS
+from dogkit.core.models.gan import GAN, GAN_SETTINGS
+from dogkit.core.models.ralsgan import RALSGAN_SETTINGS, RaLSGAN
+from dogkit.core.models.sagan import SAGAN, SAGAN_SETTINGS
+from dogkit.core.models.wgan_gp import WGAN_GP_SETTINGS, WGANGP
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,8 @@ class ModelEntry:
 _CORE = ("dogkit.core.data", "dogkit.core.augment", "dogkit.core.sample", "dogkit.core.models.common")
 
 MODELS = {
+    "gan": ModelEntry("gan", GAN, GAN_SETTINGS, _CORE + ("dogkit.core.models.gan", "dogkit.core.train"),
+                      "report 003's fully connected GAN, the floor of the table"),
     "dcgan": ModelEntry("dcgan", DCGAN, DCGAN_SETTINGS,
                         _CORE + ("dogkit.core.models.dcgan", "dogkit.core.train"),
                         "report 001's DCGAN: BN, LeakyReLU, BCE with real label 0.8, input noise"),
@@ -28,6 +34,17 @@ MODELS = {
                          _CORE + ("dogkit.core.models.biggan", "dogkit.core.train"),
                          "BigGAN-style: breed-conditional, hierarchical z, projection D, SN, hinge, EMA"),
 }
+MODELS.update({
+    "wgan-gp": ModelEntry("wgan-gp", WGANGP, WGAN_GP_SETTINGS,
+                          _CORE + ("dogkit.core.models.wgan_gp", "dogkit.core.train"),
+                          "report 000's WGAN-GP: gradient penalty, layer norm in G, upsample+conv, Nadam"),
+    "sagan": ModelEntry("sagan", SAGAN, SAGAN_SETTINGS,
+                        _CORE + ("dogkit.core.models.sagan", "dogkit.core.train"),
+                        "report 002's SAGAN: self-attention at 32x32, spectral norm, hinge, TTUR"),
+    "ralsgan": ModelEntry("ralsgan", RaLSGAN, RALSGAN_SETTINGS,
+                          _CORE + ("dogkit.core.models.ralsgan", "dogkit.core.train"),
+                          "the public RaLSGAN dogs kernel (report 004): relativistic average LS loss"),
+})
 MODEL_NAMES = tuple(MODELS)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dogkit.core.augment import diff_augment, random_resized_crop_flip, to_float
+from dogkit.core.augment import random_resized_crop_flip, to_float
 from dogkit.core.data import load_dataset
 from dogkit.core.sample import generate, save_grid, to_uint8, verify_zip, write_zip
 
@@ -46,7 +46,9 @@ class TrainConfig:
     beta2: float = 0.999
     real_label: float = 1.0
     input_noise: float = 0.0
-    d_steps: int = 1
+    d_steps: int = 1  # critic steps per call (wgan-gp)
+    g_steps: int = 1  # generator steps per call (wgan-gp)
+    gp_weight: float = 10.0  # gradient penalty (wgan-gp)
     loss: str = "bce"
     augment: str = "crop-flip"  # none | flip | crop-flip | diffaug | crop-flip+diffaug
     # schedule, as functions of p
@@ -178,8 +180,7 @@ class Trainer:
         return x, self.labels[idx]
 
     def train_step(self):
-        real, labels = self.batch()
-        losses = self.model.step(real, labels)
+        losses = self.model.step(self.batch)  # the model draws as many batches as it needs
         with torch.no_grad():
             for p_ema, p in zip(self.G_ema.parameters(), self.model.G.parameters()):
                 p_ema.lerp_(p, self.ema_w)  # a tensor weight: no host sync, graph-safe

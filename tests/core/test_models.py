@@ -14,7 +14,7 @@ def test_one_step_and_sampling(name, tiny_dataset):
     model = entry.cls(cfg, n_classes=3, device="cpu")
     real = torch.rand(4, 3, 64, 64) * 2 - 1
     before = [p.detach().clone() for p in model.G.parameters()]
-    losses = model.step(real, torch.tensor([0, 1, 2, 0]))
+    losses = model.step(lambda: (real, torch.tensor([0, 1, 2, 0])))
     assert losses and all(torch.isfinite(v) for v in losses.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.G.parameters()))
     imgs = generate(model.G, 6, cfg.z_dim, truncation=1.0, n_classes=3 if entry.cls.conditional else 0)

@@ -14,19 +14,11 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from dogkit.core.augment import diff_augment
-from dogkit.core.models.common import adam
+from dogkit.core.models.common import SelfAttention, adam, sn_conv, sn_linear
 
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
                        width=32, loss="hinge", augment="flip", ema_decay=0.999, ema_start=0.2,
                        truncation=0.8)
-
-
-def sn_conv(cin, cout, k=3):
-    return spectral_norm(nn.Conv2d(cin, cout, k, 1, k // 2))
-
-
-def sn_linear(cin, cout, bias=True):
-    return spectral_norm(nn.Linear(cin, cout, bias=bias))
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -40,27 +32,6 @@ class ConditionalBatchNorm(nn.Module):
 
     def forward(self, x, cond):
         return self.bn(x) * (1 + self.gain(cond)[:, :, None, None]) + self.bias(cond)[:, :, None, None]
-
-
-class SelfAttention(nn.Module):
-    """SAGAN's self-attention (keys and values pooled 2x), gated by gamma that starts at 0."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.theta = sn_conv(ch, ch // 8, 1)
-        self.phi = sn_conv(ch, ch // 8, 1)
-        self.g = sn_conv(ch, ch // 2, 1)
-        self.out = sn_conv(ch // 2, ch, 1)
-        self.gamma = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x):
-        n, c, h, w = x.shape
-        theta = self.theta(x).view(n, c // 8, h * w)
-        phi = F.max_pool2d(self.phi(x), 2).view(n, c // 8, h * w // 4)
-        g = F.max_pool2d(self.g(x), 2).view(n, c // 2, h * w // 4)
-        attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)
-        o = torch.bmm(g, attn.transpose(1, 2)).view(n, c // 2, h, w)
-        return x + self.gamma * self.out(o)
 
 
 class GBlock(nn.Module):
@@ -187,8 +158,9 @@ class BigGAN:
     def augment(self, x):
         return diff_augment(x) if self.diffaug else x
 
-    def step(self, real, labels):
+    def step(self, batch):
         cfg = self.cfg
+        real, labels = batch()
         n = real.shape[0]
         z = torch.randn(n, cfg.z_dim, device=real.device)
         fake_labels = torch.randint(0, self.n_classes, (n,), device=real.device)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dogkit.core.models.common import adam
+from dogkit.core.models.common import adam, dcgan_init
 
 DCGAN_SETTINGS = dict(lr_g=5e-4, lr_d=5e-4, beta1=0.5, beta2=0.999, batch_size=32, z_dim=128,
                       width=64, real_label=0.8, input_noise=0.1, augment="crop-flip")
@@ -52,17 +52,6 @@ class DCGANDiscriminator(nn.Module):
         return self.net(x).view(-1)
 
 
-def dcgan_init(m):
-    """DCGAN's initialisation: N(0, 0.02) convolutions, N(1, 0.02) batch-norm scales."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
-
-
 class DCGAN:
     """Builds G and D and owns one training step (D then G); returns losses as device tensors."""
 
@@ -78,8 +67,9 @@ class DCGAN:
         self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
         self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
 
-    def step(self, real, labels):
+    def step(self, batch):
         cfg = self.cfg
+        real, labels = batch()
         n = real.shape[0]
         if cfg.input_noise > 0:
             real = real + cfg.input_noise * torch.randn_like(real)
