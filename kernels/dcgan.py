@@ -847,6 +847,9 @@ class TrainConfig:
     d_steps: int = 1  # critic steps per call (wgan-gp)
     g_steps: int = 1  # generator steps per call (wgan-gp)
     gp_weight: float = 10.0  # gradient penalty (wgan-gp)
+    kl_weight: float = 1.0  # KL term of the VAE loss (cvae)
+    clusters: int = 1000  # K-means clusters of training latents for sampling (cvae)
+    recycle: int = 3  # passes of each sample back through the VAE (cvae)
     loss: str = "bce"
     augment: str = "crop-flip"  # none | flip | crop-flip | diffaug | crop-flip+diffaug
     # schedule, as functions of p
@@ -1008,7 +1011,7 @@ class Trainer:
     def set_schedule(self, p):
         scale = lr_multiplier(p, self.cfg) * self.lr_scale
         for opt, base in ((self.model.opt_g, self.cfg.lr_g), (self.model.opt_d, self.cfg.lr_d)):
-            for group in opt.param_groups:
+            for group in (opt.param_groups if opt is not None else ()):
                 if torch.is_tensor(group["lr"]):
                     group["lr"].fill_(base * scale)
                 else:
@@ -1021,10 +1024,11 @@ class Trainer:
     def state_tensors(self):
         """Every tensor that defines the training state, for in-place snapshots (graph-safe)."""
         out = list(self.model.G.state_dict(keep_vars=True).values())
-        out += list(self.model.D.state_dict(keep_vars=True).values())
+        if self.model.D is not None:
+            out += list(self.model.D.state_dict(keep_vars=True).values())
         out += list(self.G_ema.state_dict(keep_vars=True).values())
         for opt in (self.model.opt_g, self.model.opt_d):
-            for state in opt.state.values():
+            for state in (opt.state.values() if opt is not None else ()):
                 out += [v for v in state.values() if torch.is_tensor(v)]
         return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
 
@@ -1053,10 +1057,10 @@ class Trainer:
             "breeds": self.breeds,
             "n_classes": self.n_classes,
             "G": self.model.G.state_dict(),
-            "D": self.model.D.state_dict(),
+            "D": self.model.D.state_dict() if self.model.D is not None else None,
             "G_ema": self.G_ema.state_dict(),
             "opt_g": self.model.opt_g.state_dict(),
-            "opt_d": self.model.opt_d.state_dict(),
+            "opt_d": self.model.opt_d.state_dict() if self.model.opt_d is not None else None,
             "ema_w": self.ema_w_value,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
@@ -1070,10 +1074,12 @@ class Trainer:
     def restore(self, path):
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
         self.model.G.load_state_dict(ckpt["G"])
-        self.model.D.load_state_dict(ckpt["D"])
+        if self.model.D is not None:
+            self.model.D.load_state_dict(ckpt["D"])
         self.G_ema.load_state_dict(ckpt["G_ema"])
         self.model.opt_g.load_state_dict(ckpt["opt_g"])
-        self.model.opt_d.load_state_dict(ckpt["opt_d"])
+        if self.model.opt_d is not None:
+            self.model.opt_d.load_state_dict(ckpt["opt_d"])
         self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
         self.lr_scale, self.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
         # a new --budget on resume re-plans the end; the same budget keeps the same schedule
@@ -1198,6 +1204,8 @@ class Trainer:
         if not all(torch.isfinite(t).all() for t in self.G_ema.state_dict().values() if t.is_floating_point()):
             self.log("EMA generator is not finite: using the last good state")
             self.rollback("non-finite weights at the end")
+        if hasattr(self.model, "before_sampling"):  # e.g. the VAE's K-means of training latents
+            self.model.before_sampling(self.G_ema, to_float(self.images))
         refresh_batchnorm(self.G_ema, cfg, self.n_classes, self.device)
         self.checkpoint()
         self.grid("samples.png")

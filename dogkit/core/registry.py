@@ -6,6 +6,7 @@ generated kernel holds exactly one model and never imports the registry.
 from dataclasses import dataclass
 
 from dogkit.core.models.biggan import BIGGAN_SETTINGS, BigGAN
+from dogkit.core.models.cvae import CVAE, CVAE_SETTINGS
 from dogkit.core.models.dcgan import DCGAN, DCGAN_SETTINGS
 from dogkit.core.models.gan import GAN, GAN_SETTINGS
 from dogkit.core.models.ralsgan import RALSGAN_SETTINGS, RaLSGAN
@@ -41,6 +42,8 @@ MODELS.update({
     "sagan": ModelEntry("sagan", SAGAN, SAGAN_SETTINGS,
                         _CORE + ("dogkit.core.models.sagan", "dogkit.core.train"),
                         "report 002's SAGAN: self-attention at 32x32, spectral norm, hinge, TTUR"),
+    "cvae": ModelEntry("cvae", CVAE, CVAE_SETTINGS, _CORE + ("dogkit.core.models.cvae", "dogkit.core.train"),
+                       "report 000's convolutional VAE, sampled from K-means clusters with recycling"),
     "ralsgan": ModelEntry("ralsgan", RaLSGAN, RALSGAN_SETTINGS,
                           _CORE + ("dogkit.core.models.ralsgan", "dogkit.core.train"),
                           "the public RaLSGAN dogs kernel (report 004): relativistic average LS loss"),

@@ -59,7 +59,7 @@ def test_unknown_setting_is_an_error():
 
 
 def test_tiny_end_to_end_run_writes_a_valid_submission(tmp_path, tiny_dataset):
-    cfg = tiny_cfg(tmp_path, budget=30.0, reserve=-1.0, n_samples=10_000, log_every=2.0)
+    cfg = tiny_cfg(tmp_path, budget=45.0, reserve=-1.0, n_samples=10_000, log_every=2.0, steps=150)
     path = train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
     images = load_submission(path, strict=True)
     assert images.pixels.shape == (10_000, 64, 64, 3)
@@ -132,3 +132,19 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path, tiny_dataset):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 3
     assert {"G", "D", "G_ema", "opt_g", "opt_d", "rng", "config", "elapsed"} <= set(ckpt)
+
+
+def test_models_without_an_adversary_train_and_sample(tmp_path, tiny_dataset):
+    # the VAE has no D; its K-means clusters are fitted on the EMA copy before sampling
+    entry = registry.get("cvae")
+    cfg = with_settings(with_settings(TrainConfig(), entry.settings),
+                        dict(out=str(tmp_path), width=8, batch_size=8, n_samples=64, reserve=0.0, log_every=0.0,
+                             device="cpu", steps=4, clusters=10, checkpoint_every=1e9, grid_every=1e9))
+    trainer = Trainer(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
+    trainer.run()
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["D"] is None and int(ckpt["G_ema"]["n_fitted"]) == 10
+    assert (tmp_path / "images.zip").exists()
+    resumed = Trainer(with_settings(cfg, {"steps": 6}), entry.cls, data=tiny_dataset, log=lambda m: None)
+    resumed.restore(tmp_path / "checkpoint.pt")
+    assert resumed.step == 4
