@@ -134,6 +134,49 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     click.echo(f"seconds    {result['seconds']:.1f}")
 
 
+@main.command()
+@click.argument("submission", type=click.Path(exists=True, path_type=Path))
+@click.option("--reference", "reference_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A run folder: adds its loss curves.")
+@click.option("-o", "--out", default="report", show_default=True, type=click.Path(path_type=Path))
+@click.option("--strict/--no-strict", default=False, show_default=True)
+@click.option("--inception-weights", type=click.Path(exists=True), default=None)
+@click.option("--device", default=None)
+def report(submission, reference_path, run_dir, out, strict, inception_weights, device):
+    """Why a submission scores what it scores: PNGs, OUT/report.html (self-contained) and report.json.
+
+    \b
+    dogkit report submission/images.zip --reference data/ref.npz --run runs/dcgan -o report/
+    """
+    from dogkit.metrics.features import extract, pick_device
+    from dogkit.metrics.reference import load_photos, load_reference
+    from dogkit.metrics.report import build_report
+    from dogkit.metrics.submission import SubmissionError, load_submission
+
+    try:
+        images = load_submission(submission, strict=strict)
+        ref = load_reference(reference_path)
+    except SubmissionError as exc:
+        _fail(str(exc).splitlines()[0] + ": " + "; ".join(exc.violations[:3]))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    _threads()
+    model, _ = _load_network(inception_weights)
+    dev = pick_device(device)
+    gen = extract(model, images.pixels, dev, batch_size=100, progress=True, desc="report")
+    source = Path(ref.provenance.get("source", ""))
+
+    def real_photos(rows):
+        if not ref.names or not source.exists():
+            return None
+        return dict(zip(rows, load_photos(source, [ref.names[r] for r in rows])))
+
+    numbers = build_report(images, gen, ref, out, run=run_dir, ref_images_loader=real_photos)
+    click.echo(f"wrote {out}/report.html, {out}/report.json (MiFID {numbers['mifid']:.2f}, "
+               f"precision {numbers['precision']:.3f}, recall {numbers['recall']:.3f})")
+
+
 @main.command("export-inception")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path))
 @click.option("--fp16", is_flag=True, help="Store in fp16 (44 MB; cast back to fp32 on load).")
