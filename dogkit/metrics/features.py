@@ -34,7 +34,7 @@ def legacy_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
     _, _, h, w = x.shape
     mh = torch.from_numpy(legacy_bilinear_matrix(h, size)).to(x)
     mw = torch.from_numpy(legacy_bilinear_matrix(w, size)).to(x)
-    return torch.einsum("oh,nchw,pw->ncop", mh, x, mw)
+    return mh @ x @ mw.T  # (size, h) @ (n, c, h, w) @ (w, size) -> (n, c, size, size)
 
 
 def preprocess(batch_uint8: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
