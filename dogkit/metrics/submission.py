@@ -7,7 +7,6 @@ the file name and the rule, before any expensive work.
 from __future__ import annotations
 
 import io
-import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,9 +15,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from dogkit.core.sample import png_header  # the kernel's self-check reads the same header
+
 N_IMAGES = 10_000
 IMAGE_SIZE = 64
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A 64x64 RGB PNG stored with no compression at all is about 12.4 KB; anything claiming
 # more than this is refused before it is decompressed (zip bombs).
 MAX_ENTRY_BYTES = 1 << 20
@@ -45,14 +45,6 @@ class Images:
     pixels: np.ndarray
     source: str
     notes: list[str] = field(default_factory=list)
-
-
-def png_header(data: bytes) -> tuple[int, int, int, int] | None:
-    """(width, height, bit depth, colour type) from a PNG's IHDR, or None if not a PNG."""
-    if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return None
-    width, height, depth, color = struct.unpack(">IIBB", data[16:26])
-    return width, height, depth, color
 
 
 def check_png(name: str, data: bytes) -> tuple[list[str], np.ndarray | None]:
