@@ -43,20 +43,26 @@ def normalize_rows(features: np.ndarray) -> np.ndarray:
     return f / np.linalg.norm(f, axis=1, keepdims=True)
 
 
-def nearest_distances(generated: np.ndarray, reference: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """For each generated row: min over reference rows of 1 - |cos| (zero rows dropped first).
-
-    Chunked over generated rows: 10k x 12k never holds more than chunk x 12k doubles.
-    """
+def nearest_neighbours(generated: np.ndarray, reference: np.ndarray, chunk: int = 1024):
+    """For each non-zero generated row: (1 - |cos| to the nearest non-zero reference row, the
+    index of that row in `reference`). Chunked: 10k x 12k never holds more than chunk x 12k doubles."""
+    ref_rows = np.flatnonzero(np.asarray(reference).sum(axis=1) != 0)
     g = normalize_rows(generated)
     r = normalize_rows(reference)
     if len(g) == 0 or len(r) == 0:
         raise ValueError("no non-zero feature rows to compare")
-    out = np.empty(len(g), dtype=np.float64)
+    dist = np.empty(len(g), dtype=np.float64)
+    index = np.empty(len(g), dtype=np.int64)
     for start in range(0, len(g), chunk):
         sim = np.abs(g[start:start + chunk] @ r.T)
-        out[start:start + chunk] = 1.0 - sim.max(axis=1)
-    return out
+        index[start:start + chunk] = sim.argmax(axis=1)
+        dist[start:start + chunk] = 1.0 - sim.max(axis=1)
+    return dist, ref_rows[index]
+
+
+def nearest_distances(generated: np.ndarray, reference: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """For each generated row: min over reference rows of 1 - |cos| (zero rows dropped first)."""
+    return nearest_neighbours(generated, reference, chunk)[0]
 
 
 def memorization_distance(generated: np.ndarray, reference: np.ndarray, chunk: int = 1024) -> float:

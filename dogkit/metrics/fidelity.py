@@ -23,21 +23,30 @@ def knn_radii(x: np.ndarray, k: int = 3) -> np.ndarray:
     return np.partition(d, k - 1, axis=1)[:, k - 1]
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
-    """Precision: share of fakes inside the real manifold; recall: share of reals inside the fake one."""
+def manifold_metrics(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
+    """Precision, recall, density and coverage from one set of k-NN radii and one distance matrix."""
     r_real, r_fake = knn_radii(real, k), knn_radii(fake, k)
     d = _dist(fake, real)  # (fake, real)
-    precision = float((d <= r_real[None, :]).any(axis=1).mean())
-    recall = float((d.T <= r_fake[None, :]).any(axis=1).mean())
-    return {"precision": precision, "recall": recall}
+    inside_real = d <= r_real[None, :]  # fake j inside the ball of real i
+    return {
+        "precision": float(inside_real.any(axis=1).mean()),
+        "recall": float((d.T <= r_fake[None, :]).any(axis=1).mean()),
+        "density": float(inside_real.sum() / (k * len(fake))),
+        "coverage": float(inside_real.any(axis=0).mean()),
+    }
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
+    """Precision: share of fakes inside the real manifold; recall: share of reals inside the fake one."""
+    m = manifold_metrics(real, fake, k)
+    return {"precision": m["precision"], "recall": m["recall"]}
 
 
 def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 3) -> dict:
     """Density: how many real balls hold each fake (1 on average when distributions match);
     coverage: share of real balls that hold at least one fake."""
-    r_real = knn_radii(real, k)
-    inside = _dist(fake, real) <= r_real[None, :]
-    return {"density": float(inside.sum() / (k * len(fake))), "coverage": float(inside.any(axis=0).mean())}
+    m = manifold_metrics(real, fake, k)
+    return {"density": m["density"], "coverage": m["coverage"]}
 
 
 def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict:

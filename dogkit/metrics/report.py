@@ -152,22 +152,21 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
     """Write the PNGs, report.html and report.json into out; return the numbers."""
     out.mkdir(parents=True, exist_ok=True)
     gen = np.asarray(gen_features)
-    numbers = F.score_features(gen, reference.mu, reference.sigma, reference.features)
-    numbers.update(fidelity.precision_recall(reference.features, gen))
-    numbers.update(fidelity.density_coverage(reference.features, gen))
+    fid = F.frechet_distance(*F.stats(gen), reference.mu, reference.sigma)
+    nearest, index = F.nearest_neighbours(gen, reference.features)  # rows of zero features are dropped
+    d = float(nearest.mean())
+    numbers = {"fid": fid, "distance": d, "distance_thresholded": F.threshold_distance(d),
+               "mifid": F.mifid(fid, d), "n_images": int(len(gen))}
+    numbers.update(fidelity.manifold_metrics(reference.features, gen))
     numbers.update(fidelity.kid(reference.features, gen, subsets=50, subset_size=min(1000, len(gen))))
-
-    g = F.normalize_rows(gen)
-    r = F.normalize_rows(reference.features)
-    sim = np.abs(g @ r.T)
-    index, nearest = sim.argmax(axis=1), 1 - sim.max(axis=1)
+    pixels = images.pixels[gen.sum(axis=1) != 0]  # aligned with nearest / index
     order = np.argsort(nearest)
     numbers["below_threshold"] = int((nearest < F.MEMORIZATION_THRESHOLD).sum())
 
     save_grid(images.pixels[:100], out / "grid.png", nrow=10)
     _hist_plot(nearest, out / "memorization.png")
     ref_images = ref_images_loader(sorted(set(index[order[:8]].tolist()))) if ref_images_loader else None
-    _pairs_image(images.pixels, ref_images, order, nearest, index, out / "closest_pairs.png")
+    _pairs_image(pixels, ref_images, order, nearest, index, out / "closest_pairs.png")
     breeds = breed_analysis(reference.features, reference.names, gen)
     if breeds:
         _breed_plot(breeds, out / "breeds.png")

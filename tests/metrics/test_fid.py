@@ -87,3 +87,10 @@ def test_chunking_does_not_change_distances():
     rng = np.random.default_rng(3)
     gen, ref = np.abs(rng.normal(size=(37, 16))), np.abs(rng.normal(size=(53, 16)))
     np.testing.assert_allclose(F.nearest_distances(gen, ref, chunk=5), F.nearest_distances(gen, ref, chunk=1000))
+
+
+def test_nearest_neighbour_indices_refer_to_the_original_reference_rows():
+    ref = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # row 0 is dropped (all zeros)
+    dist, index = F.nearest_neighbours(np.array([[0.1, 2.0], [3.0, 0.2]]), ref)
+    assert index.tolist() == [2, 1]
+    np.testing.assert_allclose(dist, F.nearest_distances(np.array([[0.1, 2.0], [3.0, 0.2]]), ref))
