@@ -2,15 +2,19 @@
 import torch
 
 from dogkit.core.registry import get
-from dogkit.core.train import TrainConfig, pick_device
+from dogkit.core.train import TrainConfig, pick_device, refresh_batchnorm
 
 
 def load_generator(path, device="auto"):
-    """The EMA generator of a checkpoint, ready to sample: (G, config dict, n_classes)."""
+    """The EMA generator of a checkpoint, ready to sample: (G, config dict, n_classes). A checkpoint
+    written mid-run (periodic, snapshot, interrupt) gets its batch-norm statistics re-estimated
+    first, as the run's end would have done (the VAE's sampling clusters need the data: final only)."""
     device = pick_device(device)
     ckpt = torch.load(path, map_location=device, weights_only=False)
     entry = get(ckpt["model"])
     cfg = TrainConfig(**ckpt["config"])
     model = entry.cls(cfg, ckpt["n_classes"], device)
     model.G.load_state_dict(ckpt["G_ema"])
+    if not ckpt.get("bn_refreshed", True):
+        refresh_batchnorm(model.G, cfg, ckpt["n_classes"], device)
     return model.G.eval(), ckpt["config"], ckpt["n_classes"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from dogkit.core.registry import MODEL_NAMES
+from dogkit.core.train import AUGMENTS
 
 
 def _fail(message: str) -> None:
@@ -88,7 +89,10 @@ def reference(source, out, inception_weights, batch_size, device, limit):
 @click.option("--inception-weights", type=click.Path(exists=True), default=None)
 @click.option("--batch-size", default=100, show_default=True)
 @click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
-def score(submission, reference_path, strict, as_json, inception_weights, batch_size, device):
+@click.option("--sqrtm", type=click.Choice(["auto", "scipy", "eigh"]), default="auto", show_default=True,
+              help="FID's matrix square root: scipy (the competition's code), eigh (symmetric "
+                   "eigensolves, seconds on a GPU, same value to 1e-7), auto (eigh on CUDA).")
+def score(submission, reference_path, strict, as_json, inception_weights, batch_size, device, sqrtm):
     """Local MiFID of images.zip (or a folder), computed like the competition's metric.
 
     \b
@@ -119,7 +123,7 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     if ref.provenance.get("weights", {}).get("digest") not in (None, info["digest"]):
         click.echo("warning: reference was made with other Inception weights", err=True)
     result = run_score(images, ref, model, pick_device(device), strict=strict,
-                       batch_size=batch_size, progress=not as_json)
+                       batch_size=batch_size, progress=not as_json, sqrtm=sqrtm)
     result["seconds"] = round(time.time() - t0, 2)  # decoding and rules included
     for note in result.pop("notes"):
         click.echo(f"note: {note}", err=True)
@@ -284,16 +288,20 @@ def _preview(data, path, n=48):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--log-every", default=30.0, show_default=True, help="Seconds between log lines.")
 @click.option("--graph/--no-graph", default=True, show_default=True, help="CUDA graph capture of the step.")
+@click.option("--augment", type=click.Choice(AUGMENTS), default=None,
+              help="Override the model's augmentation (+diffaug: DiffAugment, biggan only).")
+@click.option("--snapshots", default="", help="Progress points that keep a checkpoint copy, e.g. 0.25,0.5.")
 def train(model, data, budget, out, resume, seed, steps, batch_size, width, truncation, n_samples,
-          device, log_every, graph):
+          device, log_every, graph, augment, snapshots):
     """Train a registered model under a wall-clock budget; ends with OUT/images.zip.
 
     \b
     dogkit train --model dcgan --data data/dogs64.npz --budget 8m --out runs/dcgan
     dogkit train --model dcgan --data data/dogs64.npz --budget 16m --out runs/dcgan --resume runs/dcgan/checkpoint.pt
+    dogkit train --model biggan --data data/dogs64.npz --budget 8m --out runs/big --snapshots 0.25,0.5
     """
     from dogkit.core import registry
-    from dogkit.core.train import TrainConfig, parse_budget, train as run_train, with_settings
+    from dogkit.core.train import TrainConfig, parse_budget, parse_snapshots, train as run_train, with_settings
 
     entry = registry.get(model)
     try:
@@ -303,10 +311,14 @@ def train(model, data, budget, out, resume, seed, steps, batch_size, width, trun
     cfg = with_settings(TrainConfig(model=model), entry.settings)
     overrides = {"data": data, "out": out, "budget": seconds, "seed": seed, "steps": steps,
                  "n_samples": n_samples, "device": device, "log_every": log_every,
-                 "graph": "auto" if graph else "off"}
+                 "graph": "auto" if graph else "off", "snapshots": snapshots}
     overrides.update({k: v for k, v in (("batch_size", batch_size), ("width", width),
-                                         ("truncation", truncation)) if v is not None})
+                                         ("truncation", truncation), ("augment", augment)) if v is not None})
     cfg = with_settings(cfg, overrides)
+    try:
+        parse_snapshots(cfg.snapshots)
+    except ValueError as exc:
+        _fail(str(exc))
     run_train(cfg, entry.cls, resume=resume, log=lambda m: click.echo(m, err=True))
 
 

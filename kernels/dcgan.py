@@ -56,6 +56,7 @@ DCGAN_SETTINGS = dict(
     real_label=0.8,
     input_noise=0.1,
     augment='crop-flip',
+    ema_decay=0.9999,
 )
 
 
@@ -736,7 +737,8 @@ class SelfAttention(nn.Module):
 # in both, tanh output; BCE with the real label softened to 0.8, Gaussian noise (std 0.1) on
 # the real images, Adam lr 5e-4 betas (0.5, 0.999), batch 32, z of 128, RandomResizedCrop
 # (scale 0.8-1.0, ratio 3/4-4/3) and horizontal flips. Real and fake images go through D in
-# separate batches (separate batch-norm statistics), as the report does.
+# separate batches (separate batch-norm statistics), as the report does. dogkit adds an EMA of G
+# over about 10,000 steps (decay 0.9999) with re-estimated batch-norm statistics for sampling.
 
 class DCGANGenerator(nn.Module):
     def __init__(self, z_dim=128, width=64):
@@ -824,6 +826,9 @@ class DCGAN:
 # inside the budget. On CUDA the whole step (batch sampling, augmentation, D and G updates, EMA)
 # is captured once in a CUDA graph and replayed; losses stay on the GPU until a log line.
 
+AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug")
+
+
 @dataclass
 class TrainConfig:
     # run
@@ -851,7 +856,7 @@ class TrainConfig:
     clusters: int = 1000  # K-means clusters of training latents for sampling (cvae)
     recycle: int = 3  # passes of each sample back through the VAE (cvae)
     loss: str = "bce"
-    augment: str = "crop-flip"  # none | flip | crop-flip | diffaug | crop-flip+diffaug
+    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan)
     # schedule, as functions of p
     lr_decay_start: float = 0.5
     lr_final: float = 0.1
@@ -867,6 +872,7 @@ class TrainConfig:
     log_every: float = 30.0
     grid_every: float = 300.0
     checkpoint_every: float = 300.0
+    snapshots: str = ""  # progress points that keep a checkpoint copy, e.g. "0.25,0.5" (scaling curves)
     reserve: float = -1.0  # seconds kept for sampling and the zip (-1: measured at start)
     graph: str = "auto"  # capture the step in a CUDA graph: auto | off
 
@@ -889,6 +895,14 @@ def with_settings(cfg, settings):
     return dataclasses.replace(cfg, **settings)
 
 
+def parse_snapshots(text):
+    """'0.25,0.5' -> [0.25, 0.5]: progress points in (0, 1) where a run keeps a checkpoint copy."""
+    points = sorted(float(t) for t in str(text).replace(" ", "").split(",") if t)
+    if any(not 0.0 < x < 1.0 for x in points):
+        raise ValueError(f"snapshots {text!r}: progress points must lie strictly between 0 and 1")
+    return points
+
+
 def lr_multiplier(p, cfg):
     if p <= cfg.lr_decay_start:
         return 1.0
@@ -907,8 +921,15 @@ def pick_device(name):
     return torch.device(name)
 
 
+REFRESH_BATCHES = 64
+
+
+def has_batchnorm(G):
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in G.modules())
+
+
 @torch.no_grad()
-def refresh_batchnorm(G, cfg, n_classes, device, batches=64):
+def refresh_batchnorm(G, cfg, n_classes, device, batches=REFRESH_BATCHES):
     """Standing statistics: batch-norm running stats of the EMA generator re-estimated from
     fresh samples (cumulative average), since averaged weights do not match G's own stats."""
     bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -950,7 +971,11 @@ class Trainer:
         images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2)
         self.images = images.contiguous().to(self.device)  # uint8, resident for the whole run
         self.labels = torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(self.device)
+        if cfg.augment not in AUGMENTS:
+            raise ValueError(f"augment {cfg.augment!r}: use one of {AUGMENTS}")
         self.model = model_cls(cfg, self.n_classes, self.device)
+        if "diffaug" in cfg.augment and not getattr(self.model, "diffaug", False):
+            raise ValueError(f"augment {cfg.augment!r}: model {model_cls.name} does not apply DiffAugment")
         self.G_ema = copy.deepcopy(self.model.G).eval()
         for p in self.G_ema.parameters():
             p.requires_grad_(False)
@@ -963,6 +988,7 @@ class Trainer:
         self.ema_w_value = 1.0
         self.loss_sum = None
         self.graph = None
+        self.bn_refreshed = False
         self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(self.device)
         self.fixed_y = (torch.arange(64) % max(self.n_classes, 1)).to(self.device) if self.n_classes else None
         os.makedirs(cfg.out, exist_ok=True)
@@ -1062,6 +1088,7 @@ class Trainer:
             "opt_g": self.model.opt_g.state_dict(),
             "opt_d": self.model.opt_d.state_dict() if self.model.opt_d is not None else None,
             "ema_w": self.ema_w_value,
+            "bn_refreshed": bool(self.bn_refreshed),  # standing stats in G_ema (final checkpoint)
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
         }
@@ -1097,7 +1124,8 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------
     def measure_reserve(self):
-        """Seconds to keep for the end: sample n_samples and write the zip (measured x1.25, +3 s)."""
+        """Seconds to keep for the end: re-estimate batch-norm statistics, sample n_samples and
+        write the zip (measured on 512 images, x1.25, +3 s)."""
         if self.cfg.reserve >= 0:
             return self.cfg.reserve
         probe = os.path.join(self.cfg.out, ".reserve-probe.zip")
@@ -1107,7 +1135,8 @@ class Trainer:
         write_zip(imgs, probe)
         os.remove(probe)
         per_image = (time.monotonic() - t0) / 512
-        return 1.25 * per_image * self.cfg.n_samples + 3.0
+        refresh = REFRESH_BATCHES * 4 * self.cfg.batch_size if has_batchnorm(self.G_ema) else 0
+        return 1.25 * per_image * (self.cfg.n_samples + refresh) + 3.0
 
     def write_log(self, record):
         with open(os.path.join(self.cfg.out, "log.jsonl"), "a") as fh:
@@ -1126,6 +1155,7 @@ class Trainer:
         last_log = last_grid = last_ckpt = self.clock()
         use_graph = self.device.type == "cuda" and cfg.graph == "auto"
         steps_at_log, good_taken = self.step, False
+        pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
         try:
             while True:
                 now = self.clock()
@@ -1164,6 +1194,8 @@ class Trainer:
                 if now - last_ckpt >= cfg.checkpoint_every:
                     self.checkpoint()
                     last_ckpt = now
+                if pending and p >= pending[0]:
+                    self.checkpoint(f"snapshot-p{pending.pop(0):g}.pt")
         except KeyboardInterrupt:
             path = self.checkpoint()
             self.log(f"interrupted: state saved to {path}; continue with --resume {path}")
@@ -1207,6 +1239,7 @@ class Trainer:
         if hasattr(self.model, "before_sampling"):  # e.g. the VAE's K-means of training latents
             self.model.before_sampling(self.G_ema, to_float(self.images))
         refresh_batchnorm(self.G_ema, cfg, self.n_classes, self.device)
+        self.bn_refreshed = True
         self.checkpoint()
         self.grid("samples.png")
         t0 = time.monotonic()
@@ -1276,6 +1309,8 @@ def main(model_cls, settings, argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--log-every", type=float, default=None, help="seconds between log lines")
     parser.add_argument("--graph", default="auto", choices=["auto", "off"], help="CUDA graph capture")
+    parser.add_argument("--augment", default=None, choices=AUGMENTS, help="override the model's augmentation")
+    parser.add_argument("--snapshots", default="", help="progress points that keep a checkpoint, e.g. 0.25,0.5")
     args, _ = parser.parse_known_args(argv)  # tolerate a notebook's own arguments
 
     on_kaggle = args.data is None and os.path.isdir(KAGGLE_INPUT)
@@ -1287,10 +1322,10 @@ def main(model_cls, settings, argv=None):
         "out": args.out or (KAGGLE_WORKING if on_kaggle else "submission"),
         "budget": parse_budget(args.budget or (KAGGLE_BUDGET if on_kaggle else "8m")),
         "seed": args.seed, "steps": args.steps, "n_samples": args.n_samples, "device": args.device,
-        "graph": args.graph,
+        "graph": args.graph, "snapshots": args.snapshots,
         "log_every": args.log_every if args.log_every is not None else (300.0 if on_kaggle else 30.0),
     })
-    for name in ("width", "batch_size", "truncation"):
+    for name in ("width", "batch_size", "truncation", "augment"):
         if getattr(args, name) is not None:
             cfg = with_settings(cfg, {name: getattr(args, name)})
     return train(cfg, model_cls, resume=args.resume)

@@ -33,6 +33,27 @@ def test_singular_covariance_retries_with_offset():
     assert np.isfinite(F.frechet_distance(np.zeros(4), sigma, np.ones(4), sigma))
 
 
+@pytest.mark.parametrize("n", [40, 400])  # rank-deficient (40 rows, 64 dims) and full rank
+def test_eigh_square_root_matches_scipy(n):
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64))
+    b = rng.normal(size=(n, 64)) * np.linspace(0.1, 3.0, 64) + 0.5
+    s1, s2 = F.stats(a), F.stats(b)
+    literal = F.frechet_distance(*s1, *s2, method="scipy")
+    fast = F.frechet_distance(*s1, *s2, method="eigh")
+    assert fast == pytest.approx(literal, rel=1e-7)  # far below the 1e-4 device tolerance
+    assert F.frechet_distance(*s1, *s1, method="eigh") == pytest.approx(0.0, abs=1e-6 * np.trace(s1[1]))
+
+
+def test_closed_forms_hold_for_both_square_roots():
+    s1, s2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 16.0])
+    for method in ("scipy", "eigh", "auto"):
+        got = F.frechet_distance(np.zeros(3), np.diag(s1), np.ones(3), np.diag(s2), method=method)
+        assert got == pytest.approx(3.0 + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2), rel=1e-10)
+    with pytest.raises(ValueError, match="sqrtm method"):
+        F.frechet_distance(np.zeros(3), np.diag(s1), np.zeros(3), np.diag(s2), method="newton")
+
+
 def test_stats_uses_sample_covariance():
     x = np.array([[0.0, 0.0], [2.0, 2.0]])
     mu, sigma = F.stats(x)

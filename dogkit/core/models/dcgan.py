@@ -5,7 +5,8 @@
 # in both, tanh output; BCE with the real label softened to 0.8, Gaussian noise (std 0.1) on
 # the real images, Adam lr 5e-4 betas (0.5, 0.999), batch 32, z of 128, RandomResizedCrop
 # (scale 0.8-1.0, ratio 3/4-4/3) and horizontal flips. Real and fake images go through D in
-# separate batches (separate batch-norm statistics), as the report does.
+# separate batches (separate batch-norm statistics), as the report does. dogkit adds an EMA of G
+# over about 10,000 steps (decay 0.9999) with re-estimated batch-norm statistics for sampling.
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from dogkit.core.models.common import adam, dcgan_init
 
 DCGAN_SETTINGS = dict(lr_g=5e-4, lr_d=5e-4, beta1=0.5, beta2=0.999, batch_size=32, z_dim=128,
-                      width=64, real_label=0.8, input_noise=0.1, augment="crop-flip")
+                      width=64, real_label=0.8, input_noise=0.1, augment="crop-flip", ema_decay=0.9999)
 
 
 class DCGANGenerator(nn.Module):
