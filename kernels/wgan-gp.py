@@ -77,7 +77,15 @@ DEFAULT_STRATEGY = "pad"
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SYNSET = re.compile(r"^(n\d{8})")
 CACHE_FORMAT = "dogkit-cache-1"
-CACHE_QUALITY = 92  # WebP quality of the cache: FID against lossless measured in the README
+# Cache codecs: AVIF 4:4:4 quality 91 (default: no chroma subsampling, about 2.5 KB a 64x64 crop,
+# 22,000 crops in about 56 MB), WebP quality 92 (4:2:0, about 2.1 KB, for a Pillow without AVIF)
+# or lossless WebP (about 6.8 KB). FID of each against the lossless pixels: README, "clean-data".
+CODEC_SETTINGS = {
+    "avif": ("AVIF", dict(quality=91, subsampling="4:4:4", speed=6)),
+    "webp": ("WEBP", dict(quality=92, method=6)),
+    "webp-lossless": ("WEBP", dict(lossless=True, method=6)),
+}
+DEFAULT_CODEC = "avif"
 
 
 class DataError(ValueError):
@@ -407,30 +415,33 @@ def _progress(total, enabled, every=0.1):
 
 # ---- the cache file ----------------------------------------------------------------------------
 
-CODECS = ("webp", "webp-lossless")
+CODECS = tuple(CODEC_SETTINGS)
 
 
 def _encode_many(args):
     chunk, codec = args
+    fmt, options = CODEC_SETTINGS[codec]
     out = []
     for pixels in chunk:
         buf = io.BytesIO()
-        if codec == "webp-lossless":
-            Image.fromarray(pixels).save(buf, "WEBP", lossless=True, method=6)
-        else:
-            Image.fromarray(pixels).save(buf, "WEBP", quality=CACHE_QUALITY, method=6)
+        Image.fromarray(pixels).save(buf, fmt, **options)
         out.append(buf.getvalue())
     return out
 
 
-def save_cache(path, dataset, workers=None, codec="webp"):
-    """Write the dataset as one .npz of WebP-compressed images; temp file + rename.
+def codec_available(codec):
+    from PIL import features
 
-    codec 'webp' (quality 92, about 2.3 KB a 64x64 crop) keeps 22,000 crops near 50 MB;
-    'webp-lossless' keeps every pixel (about 6.8 KB a crop).
-    """
+    return codec not in ("avif",) or features.check("avif")
+
+
+def save_cache(path, dataset, workers=None, codec=DEFAULT_CODEC):
+    """Write the dataset as one .npz of compressed images (CODEC_SETTINGS); temp file + rename."""
     if codec not in CODECS:
         raise DataError(f"unknown cache codec {codec!r}; choose from {CODECS}")
+    if not codec_available(codec):
+        raise DataError(f"cache codec {codec!r} needs Pillow with AVIF support (Pillow >= 11.3); "
+                        "use --codec webp")
     images = dataset["images"]
     workers = workers or os.cpu_count() or 1
     jobs = [(images[i:i + 256], codec) for i in range(0, len(images), 256)]
@@ -440,7 +451,8 @@ def save_cache(path, dataset, workers=None, codec="webp"):
     else:
         blobs = [b for job in jobs for b in _encode_many(job)]
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
-    meta = {"format": CACHE_FORMAT, "codec": codec if codec != "webp" else f"webp q{CACHE_QUALITY}",
+    fmt, options = CODEC_SETTINGS[codec]
+    meta = {"format": CACHE_FORMAT, "codec": codec, "codec_options": options,
             "shape": list(images.shape[1:]), "breeds": dataset["breeds"], "settings": dataset["settings"],
             "summary": dataset["summary"]}
     folder = os.path.dirname(os.path.abspath(path))
@@ -448,7 +460,8 @@ def save_cache(path, dataset, workers=None, codec="webp"):
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.npz")
     try:
         np.savez(tmp, blob=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets,
-                 labels=dataset["labels"], names=np.asarray(dataset["names"]), meta=json.dumps(meta))
+                 labels=dataset["labels"], meta=json.dumps(meta),
+                 names_utf8=np.frombuffer("\n".join(dataset["names"]).encode(), dtype=np.uint8))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -469,12 +482,20 @@ def load_cache(path):
         raise DataError(f"{path}: not a dogkit cache file ({exc})") from None
     if meta.get("format") != CACHE_FORMAT:
         raise DataError(f"{path}: cache format {meta.get('format')!r}, expected {CACHE_FORMAT}")
+    codec = str(meta.get("codec", "webp")).split()[0]
+    if not codec_available(codec):
+        raise DataError(f"{path}: images stored as {codec}, which this Pillow cannot decode "
+                        "(Pillow >= 11.3 reads AVIF; or rebuild the cache with --codec webp)")
     blob, offsets = z["blob"].tobytes(), z["offsets"]
     images = np.empty((len(offsets) - 1, *meta["shape"]), dtype=np.uint8)
     for i in range(len(images)):
         with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as img:
             images[i] = np.asarray(img.convert("RGB"))
-    return {"images": images, "labels": z["labels"].astype(np.int64), "names": [str(n) for n in z["names"]],
+    if "names_utf8" in z.files:  # one UTF-8 string: a quarter of a numpy unicode array's size
+        names = z["names_utf8"].tobytes().decode().split("\n") if len(images) else []
+    else:
+        names = [str(n) for n in z["names"]]
+    return {"images": images, "labels": z["labels"].astype(np.int64), "names": names,
             "breeds": meta["breeds"], "meta": meta}
 
 

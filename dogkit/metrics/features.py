@@ -52,7 +52,7 @@ def pool3(model: torch.nn.Module, batch_uint8: np.ndarray | torch.Tensor, device
     """pool_3 features (N, 2048) float32 of one batch. Convolutions in true float32 on the GPU
     (cuDNN's TF32 default would move FID by ~1e-3 relative between devices)."""
     x = preprocess(batch_uint8, device)
-    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=False):
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
         out = model(x)[0]
     return out.reshape(out.shape[0], -1).float().cpu().numpy()
 

@@ -7,6 +7,7 @@ the file name and the rule, before any expensive work.
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -148,8 +149,10 @@ def read_folder(path: Path, strict: bool) -> tuple[list[str], list[bytes]]:
     return [p.relative_to(path).as_posix() for p in files], [p.read_bytes() for p in files]
 
 
-def load_submission(source: str | Path, strict: bool = True, workers: int = 8) -> Images:
-    """Check the rules and decode every image. Raises SubmissionError listing all violations."""
+def load_submission(source: str | Path, strict: bool = True, workers: int | None = None) -> Images:
+    """Check the rules and decode every image. Raises SubmissionError listing all violations.
+    PNG decoding runs in `workers` threads (zlib releases the GIL; default: one per core, max 16)."""
+    workers = workers or min(16, os.cpu_count() or 1)
     source = Path(source)
     if source.is_dir():
         if strict:

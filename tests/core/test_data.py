@@ -1,4 +1,5 @@
 """Cleaning: the real Stanford Dogs XML files with synthesised photos, every strategy, bad input."""
+import json
 import os
 import shutil
 from pathlib import Path
@@ -219,11 +220,38 @@ def test_cache_round_trip(tmp_path, tiny_dataset):
     np.testing.assert_array_equal(back["images"], ds["images"])
     np.testing.assert_array_equal(back["labels"], ds["labels"])
     assert back["names"] == ds["names"] and back["breeds"] == ds["breeds"]
-    D.save_cache(tmp_path / "lossy.npz", ds, workers=1)
-    lossy = D.load_cache(str(tmp_path / "lossy.npz"))
-    np.testing.assert_array_equal(lossy["labels"], ds["labels"])
-    err = np.abs(lossy["images"].astype(int) - ds["images"]).mean()
-    assert 0 < err < 20  # noisy test images are the worst case for a lossy codec
+    for codec in ("avif", "webp"):
+        D.save_cache(tmp_path / f"{codec}.npz", ds, workers=1, codec=codec)
+        lossy = D.load_cache(str(tmp_path / f"{codec}.npz"))
+        np.testing.assert_array_equal(lossy["labels"], ds["labels"])
+        assert lossy["names"] == ds["names"] and lossy["meta"]["codec"] == codec
+        err = np.abs(lossy["images"].astype(int) - ds["images"]).mean()
+        assert 0 < err < 20  # noisy test images are the worst case for a lossy codec
+
+
+def test_cache_without_avif_support_names_the_fix(tmp_path, tiny_dataset, monkeypatch):
+    ds = dict(tiny_dataset, settings={}, summary={})
+    D.save_cache(tmp_path / "c.npz", ds, workers=1, codec="avif")
+    monkeypatch.setattr(D, "codec_available", lambda codec: codec != "avif")
+    with pytest.raises(D.DataError, match="c.npz: images stored as avif.*--codec webp"):
+        D.load_cache(str(tmp_path / "c.npz"))
+    with pytest.raises(D.DataError, match="needs Pillow with AVIF"):
+        D.save_cache(tmp_path / "d.npz", ds, workers=1, codec="avif")
+    assert not (tmp_path / "d.npz").exists()
+
+
+def test_cache_of_an_older_release_still_loads(tmp_path, tiny_dataset):
+    """Caches written before the AVIF default: codec 'webp q92' and names as a unicode array."""
+    ds = dict(tiny_dataset, settings={}, summary={})
+    D.save_cache(tmp_path / "new.npz", ds, workers=1, codec="webp-lossless")
+    with np.load(tmp_path / "new.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "names_utf8"}
+    meta = json.loads(str(arrays["meta"]))
+    arrays["meta"] = json.dumps(dict(meta, codec="webp q92"))
+    np.savez(tmp_path / "old.npz", names=np.asarray(ds["names"]), **arrays)
+    back = D.load_cache(str(tmp_path / "old.npz"))
+    assert back["names"] == ds["names"]
+    np.testing.assert_array_equal(back["images"], ds["images"])
 
 
 def test_interrupted_cache_write_leaves_nothing_behind(tmp_path, tiny_dataset, monkeypatch):

@@ -148,3 +148,44 @@ def test_models_without_an_adversary_train_and_sample(tmp_path, tiny_dataset):
     resumed = Trainer(with_settings(cfg, {"steps": 6}), entry.cls, data=tiny_dataset, log=lambda m: None)
     resumed.restore(tmp_path / "checkpoint.pt")
     assert resumed.step == 4
+
+
+def test_snapshots_keep_checkpoints_at_progress_points(tmp_path, tiny_dataset):
+    from dogkit.checkpoints import load_generator
+
+    clock = FakeClock(dt=1.0)
+    cfg = tiny_cfg(tmp_path, budget=20.0, reserve=0.0, snapshots="0.25,0.5")
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=lambda m: None,
+                      hooks=[clock.hook])
+    trainer.run()
+    quarter = torch.load(tmp_path / "snapshot-p0.25.pt", weights_only=False)
+    half = torch.load(tmp_path / "snapshot-p0.5.pt", weights_only=False)
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    # one simulated second per step: the step that starts at p = 0.25 (t = 5 s) is the 6th
+    assert quarter["step"] == 6 and half["step"] == 11 and final["step"] == 20
+    assert not quarter["bn_refreshed"] and final["bn_refreshed"]
+    # a mid-run checkpoint gets standing batch-norm statistics when loaded for sampling
+    G, _, _ = load_generator(tmp_path / "snapshot-p0.5.pt", "cpu")
+    bn = next(m for m in G.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    stored = half["G_ema"][[k for k in half["G_ema"] if k.endswith("running_mean")][0]]
+    assert not torch.equal(bn.running_mean, stored)
+    G_final, _, _ = load_generator(tmp_path / "checkpoint.pt", "cpu")
+    for k, v in G_final.state_dict().items():
+        torch.testing.assert_close(v, final["G_ema"][k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "0.5,1.2", "-0.1"])
+def test_snapshot_points_must_lie_inside_the_run(bad):
+    from dogkit.core.train import parse_snapshots
+
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        parse_snapshots(bad)
+    assert parse_snapshots("0.5, 0.25") == [0.25, 0.5]
+
+
+def test_augment_is_checked(tmp_path, tiny_dataset):
+    with pytest.raises(ValueError, match="use one of"):
+        Trainer(tiny_cfg(tmp_path, augment="flipp"), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+    with pytest.raises(ValueError, match="does not apply DiffAugment"):
+        Trainer(tiny_cfg(tmp_path, augment="flip+diffaug"), registry.get("dcgan").cls, data=tiny_dataset,
+                log=lambda m: None)
