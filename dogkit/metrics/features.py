@@ -47,11 +47,22 @@ def preprocess(batch_uint8: np.ndarray | torch.Tensor, device: torch.device | st
     return (x - 128.0) / 128.0
 
 
+def to_device(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """The network on `device`; on the CPU in channels-last layout (oneDNN's NHWC convolutions:
+    0.112 instead of 0.177 s/image on 2 cores, features equal to 2e-6 relative)."""
+    model = model.to(device)
+    if torch.device(device).type == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 @torch.no_grad()
 def pool3(model: torch.nn.Module, batch_uint8: np.ndarray | torch.Tensor, device: torch.device | str) -> np.ndarray:
     """pool_3 features (N, 2048) float32 of one batch. Convolutions in true float32 on the GPU
     (cuDNN's TF32 default would move FID by ~1e-3 relative between devices)."""
     x = preprocess(batch_uint8, device)
+    if x.device.type == "cpu":  # see to_device
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
         out = model(x)[0]
     return out.reshape(out.shape[0], -1).float().cpu().numpy()
@@ -80,7 +91,7 @@ def extract(model: torch.nn.Module, images: np.ndarray, device: torch.device | s
     """pool_3 features of an (N, H, W, 3) uint8 array, in batches."""
     from tqdm import tqdm
 
-    model = model.to(device)
+    model = to_device(model, device)
     out = np.empty((len(images), FEATURE_DIM), dtype=np.float32)
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)
     for start in range(0, len(images), batch_size):

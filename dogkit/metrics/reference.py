@@ -100,7 +100,7 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
             else:
                 log(f"ignoring {partial}: made from other photos or weights")
     t0 = time.time()
-    model = model.to(device)
+    model = feat.to_device(model, device)
     bar = tqdm(total=len(names), initial=done, desc="reference", unit="img", disable=not progress)
     last_saved = done
     while done < len(names):
