@@ -488,9 +488,13 @@ def load_cache(path):
                         "(Pillow >= 11.3 reads AVIF; or rebuild the cache with --codec webp)")
     blob, offsets = z["blob"].tobytes(), z["offsets"]
     images = np.empty((len(offsets) - 1, *meta["shape"]), dtype=np.uint8)
-    for i in range(len(images)):
+
+    def decode(i):
         with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as img:
             images[i] = np.asarray(img.convert("RGB"))
+
+    with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # decoders release the GIL
+        list(pool.map(decode, range(len(images))))
     if "names_utf8" in z.files:  # one UTF-8 string: a quarter of a numpy unicode array's size
         names = z["names_utf8"].tobytes().decode().split("\n") if len(images) else []
     else:
