@@ -431,7 +431,7 @@ def _encode_many(args):
 def codec_available(codec):
     from PIL import features
 
-    return codec not in ("avif",) or features.check("avif")
+    return codec != "avif" or features.check("avif")
 
 
 def save_cache(path, dataset, workers=None, codec=DEFAULT_CODEC):
@@ -949,15 +949,20 @@ def pick_device(name):
 REFRESH_BATCHES = 64
 
 
-def has_batchnorm(G):
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in G.modules())
+def batchnorms(G):
+    return [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def refresh_images(G, cfg):
+    """How many images refresh_batchnorm generates (0 for a generator without batch norm)."""
+    return REFRESH_BATCHES * 4 * cfg.batch_size if batchnorms(G) else 0
 
 
 @torch.no_grad()
-def refresh_batchnorm(G, cfg, n_classes, device, batches=REFRESH_BATCHES):
+def refresh_batchnorm(G, cfg, n_classes, device):
     """Standing statistics: batch-norm running stats of the EMA generator re-estimated from
     fresh samples (cumulative average), since averaged weights do not match G's own stats."""
-    bns = [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorms(G)
     if not bns:
         return
     saved = [m.momentum for m in bns]
@@ -966,7 +971,7 @@ def refresh_batchnorm(G, cfg, n_classes, device, batches=REFRESH_BATCHES):
         m.momentum = None
     G.train()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    for _ in range(batches):
+    for _ in range(REFRESH_BATCHES):
         z = torch.randn(cfg.batch_size * 4, cfg.z_dim, generator=gen).to(device)
         y = torch.randint(0, max(n_classes, 1), (len(z),), generator=gen).to(device) if n_classes else None
         G(z, y)
@@ -1161,7 +1166,7 @@ class Trainer:
         write_zip(imgs, probe)
         os.remove(probe)
         gen, png = (t1 - t0) / 512, (time.monotonic() - t1) / 512  # seconds per image
-        refresh = REFRESH_BATCHES * 4 * self.cfg.batch_size if has_batchnorm(self.G_ema) else 0
+        refresh = refresh_images(self.G_ema, self.cfg)
         return 1.25 * (gen * (self.cfg.n_samples + refresh) + png * self.cfg.n_samples) + 3.0
 
     def write_log(self, record):

@@ -383,7 +383,7 @@ def _encode_many(args):
 def codec_available(codec):
     from PIL import features
 
-    return codec not in ("avif",) or features.check("avif")
+    return codec != "avif" or features.check("avif")
 
 
 def save_cache(path, dataset, workers=None, codec=DEFAULT_CODEC):
