@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from dogkit.core.registry import MODEL_NAMES
-from dogkit.core.train import AUGMENTS
+from dogkit.core.train import AUGMENTS, PRECISIONS
 
 
 def _fail(message: str) -> None:
@@ -291,9 +291,11 @@ def _preview(data, path, n=48):
 @click.option("--graph/--no-graph", default=True, show_default=True, help="CUDA graph capture of the step.")
 @click.option("--augment", type=click.Choice(AUGMENTS), default=None,
               help="Override the model's augmentation (+diffaug: DiffAugment, biggan only).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Override the model's precision (bf16: autocast, A100/H100; fp32 elsewhere).")
 @click.option("--snapshots", default="", help="Progress points that keep a checkpoint copy, e.g. 0.25,0.5.")
 def train(model, data, budget, out, resume, seed, steps, batch_size, width, truncation, n_samples,
-          device, log_every, graph, augment, snapshots):
+          device, log_every, graph, augment, precision, snapshots):
     """Train a registered model under a wall-clock budget; ends with OUT/images.zip.
 
     \b
@@ -314,7 +316,8 @@ def train(model, data, budget, out, resume, seed, steps, batch_size, width, trun
                  "n_samples": n_samples, "device": device, "log_every": log_every,
                  "graph": "auto" if graph else "off", "snapshots": snapshots}
     overrides.update({k: v for k, v in (("batch_size", batch_size), ("width", width),
-                                         ("truncation", truncation), ("augment", augment)) if v is not None})
+                                         ("truncation", truncation), ("augment", augment),
+                                         ("precision", precision)) if v is not None})
     cfg = with_settings(cfg, overrides)
     try:
         parse_snapshots(cfg.snapshots)

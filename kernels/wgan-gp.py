@@ -627,17 +627,20 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=500, seed=0, device="cpu"):
-    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional."""
+def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu"):
+    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional.
+    z and labels are drawn up front on the CPU: the same seed gives the same images whatever the
+    batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches)."""
     gen = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, n_classes, gen) if n_classes else None
+    z_all = truncated_normal((n, z_dim), truncation, gen)
+    batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
     was_training = G.training
     G.eval()
     out = []
     for start in range(0, n, batch_size):
-        m = min(batch_size, n - start)
-        z = truncated_normal((m, z_dim), truncation, gen, device)
-        y = labels[start:start + m].to(device) if labels is not None else None
+        z = z_all[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device) if labels is not None else None
         out.append(to_uint8(G(z, y)))
     G.train(was_training)
     return np.concatenate(out)
@@ -861,6 +864,7 @@ class WGANGP:
 # is captured once in a CUDA graph and replayed; losses stay on the GPU until a log line.
 
 AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug")
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the training step where the GPU has bf16 (A100, H100)
 
 
 @dataclass
@@ -909,6 +913,7 @@ class TrainConfig:
     snapshots: str = ""  # progress points that keep a checkpoint copy, e.g. "0.25,0.5" (scaling curves)
     reserve: float = -1.0  # seconds kept for sampling and the zip (-1: measured at start)
     graph: str = "auto"  # capture the step in a CUDA graph: auto | off
+    precision: str = "fp32"  # fp32 (TF32 on GPUs that have it) | bf16 (falls back to fp32 without bf16)
 
 
 def parse_budget(text):
@@ -1012,6 +1017,12 @@ class Trainer:
         self.labels = torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(self.device)
         if cfg.augment not in AUGMENTS:
             raise ValueError(f"augment {cfg.augment!r}: use one of {AUGMENTS}")
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"precision {cfg.precision!r}: use one of {PRECISIONS}")
+        self.autocast = cfg.precision == "bf16"
+        if self.autocast and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            log("this GPU has no bf16 (P100, T4): training in fp32")
+            self.autocast = False
         self.model = model_cls(cfg, self.n_classes, self.device)
         if "diffaug" in cfg.augment and not getattr(self.model, "diffaug", False):
             raise ValueError(f"augment {cfg.augment!r}: model {model_cls.name} does not apply DiffAugment")
@@ -1046,7 +1057,11 @@ class Trainer:
         return x, self.labels[idx]
 
     def train_step(self):
-        losses = self.model.step(self.batch)  # the model draws as many batches as it needs
+        # bf16 autocast around the whole step (forward and backward run in the dtype autocast
+        # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache:
+        # the step may be captured in a CUDA graph.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
+            losses = self.model.step(self.batch)  # the model draws as many batches as it needs
         with torch.no_grad():
             for p_ema, p in zip(self.G_ema.parameters(), self.model.G.parameters()):
                 p_ema.lerp_(p, self.ema_w)  # a tensor weight: no host sync, graph-safe
@@ -1168,10 +1183,10 @@ class Trainer:
         if self.cfg.reserve >= 0:
             return self.cfg.reserve
         probe = os.path.join(self.cfg.out, ".reserve-probe.zip")
-        generate(self.G_ema, 64, self.cfg.z_dim, None, self.n_classes, 64, device=self.device)  # warm-up
-        t0 = time.monotonic()
-        imgs = generate(self.G_ema, 512, self.cfg.z_dim, None, self.n_classes, 512, device=self.device)
-        t1 = time.monotonic()
+        for _ in range(2):  # the first pass of a batch shape pays cuDNN's autotuning once: time the second
+            t0 = time.monotonic()
+            imgs = generate(self.G_ema, 512, self.cfg.z_dim, None, self.n_classes, 512, device=self.device)
+            t1 = time.monotonic()
         write_zip(imgs, probe)
         os.remove(probe)
         gen, png = (t1 - t0) / 512, (time.monotonic() - t1) / 512  # seconds per image
@@ -1350,6 +1365,7 @@ def main(model_cls, settings, argv=None):
     parser.add_argument("--log-every", type=float, default=None, help="seconds between log lines")
     parser.add_argument("--graph", default="auto", choices=["auto", "off"], help="CUDA graph capture")
     parser.add_argument("--augment", default=None, choices=AUGMENTS, help="override the model's augmentation")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS, help="bf16 autocast where the GPU has it (A100, H100)")
     parser.add_argument("--snapshots", default="", help="progress points that keep a checkpoint, e.g. 0.25,0.5")
     args, _ = parser.parse_known_args(argv)  # tolerate a notebook's own arguments
 
@@ -1365,7 +1381,7 @@ def main(model_cls, settings, argv=None):
         "graph": args.graph, "snapshots": args.snapshots,
         "log_every": args.log_every if args.log_every is not None else (300.0 if on_kaggle else 30.0),
     })
-    for name in ("width", "batch_size", "truncation", "augment"):
+    for name in ("width", "batch_size", "truncation", "augment", "precision"):
         if getattr(args, name) is not None:
             cfg = with_settings(cfg, {name: getattr(args, name)})
     return train(cfg, model_cls, resume=args.resume)

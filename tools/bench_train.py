@@ -3,6 +3,7 @@
 
     python tools/bench_train.py --data data/dogs64.npz --seconds 30              # GPU if present
     python tools/bench_train.py --data data/dogs64.npz --model dcgan --modes eager,graph
+    python tools/bench_train.py --data data/dogs64.npz --model biggan --modes graph --precision fp32,bf16 --batch-size 32,64
 
 Prints one table row per mode: steady-state steps/s (first log interval dropped) and images/s.
 """
@@ -22,7 +23,7 @@ from dogkit.core.data import load_dataset  # noqa: E402
 from dogkit.core.train import TrainConfig, train, with_settings  # noqa: E402
 
 
-def measure(entry, data, mode, seconds, batch_size, device):
+def measure(entry, data, mode, seconds, batch_size, device, precision=None):
     with tempfile.TemporaryDirectory() as out:
         cfg = with_settings(TrainConfig(model=entry.name), entry.settings)
         overrides = {"out": out, "budget": seconds, "reserve": 0.0, "n_samples": 64, "log_every": seconds / 6,
@@ -30,12 +31,14 @@ def measure(entry, data, mode, seconds, batch_size, device):
                      "grid_every": 1e9, "checkpoint_every": 1e9}
         if batch_size:
             overrides["batch_size"] = batch_size
+        if precision:
+            overrides["precision"] = precision
         cfg = with_settings(cfg, overrides)
         train(cfg, entry.cls, data=data, log=lambda m: None)
         rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
     steady = rows[1:] or rows
     steps = sum(r["steps_per_s"] for r in steady) / len(steady)
-    return steps, steps * cfg.batch_size, cfg.batch_size
+    return steps, steps * cfg.batch_size, cfg.batch_size, cfg.precision
 
 
 def main(argv=None):
@@ -44,7 +47,8 @@ def main(argv=None):
     parser.add_argument("--model", default="dcgan", choices=registry.MODEL_NAMES)
     parser.add_argument("--modes", default="eager,graph")
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--batch-size", default=None, help="one or more, e.g. 32,64 (default: the model's)")
+    parser.add_argument("--precision", default=None, help="one or more of fp32,bf16 (default: the model's)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     import torch
@@ -52,11 +56,15 @@ def main(argv=None):
     data = load_dataset(args.data, log=lambda m: None)
     entry = registry.get(args.model)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print("| model | mode | device | batch | steps/s | images/s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | mode | precision | device | batch | steps/s | images/s |")
+    print("|---|---|---|---|---|---|---|")
+    batches = [int(b) for b in args.batch_size.split(",")] if args.batch_size else [None]
+    precisions = args.precision.split(",") if args.precision else [None]
     for mode in args.modes.split(","):
-        steps, imgs, bs = measure(entry, data, mode, args.seconds, args.batch_size, args.device)
-        print(f"| {args.model} | {mode} | {dev} | {bs} | {steps:.1f} | {imgs:.0f} |", flush=True)
+        for precision in precisions:
+            for batch in batches:
+                steps, imgs, bs, prec = measure(entry, data, mode, args.seconds, batch, args.device, precision)
+                print(f"| {args.model} | {mode} | {prec} | {dev} | {bs} | {steps:.1f} | {imgs:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

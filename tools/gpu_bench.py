@@ -105,9 +105,11 @@ def cmd_train(args):
         cmd += ["--snapshots", args.snapshots]
     if args.augment:
         cmd += ["--augment", args.augment]
+    if args.precision:
+        cmd += ["--precision", args.precision]
     t0 = time.time()
     subprocess.run(cmd, check=True)
-    info = {"tag": tag, "model": args.model, "budget": args.budget, "augment": args.augment,
+    info = {"tag": tag, "model": args.model, "budget": args.budget, "augment": args.augment, "precision": args.precision,
             "command": " ".join(["python", f"kernels/{kernel.name}"] + cmd[2:]), "wall_s": round(time.time() - t0, 1)}
     (out / "bench.json").write_text(json.dumps(info, indent=2))
     if args.copy_to:
@@ -237,6 +239,7 @@ def main(argv=None):
     t.add_argument("--tag", default=None)
     t.add_argument("--snapshots", default="")
     t.add_argument("--augment", default=None)
+    t.add_argument("--precision", default=None)
     t.add_argument("--copy-to", default=None, help="also copy the log and grid here (e.g. $OUT)")
     s = sub.add_parser("score", help="score every run in .devwork against the packed reference")
     s.add_argument("--ref", default=".devref")

@@ -6,7 +6,7 @@ import glob
 import os
 import zipfile
 
-from dogkit.core.train import AUGMENTS, TrainConfig, parse_budget, train, with_settings
+from dogkit.core.train import AUGMENTS, PRECISIONS, TrainConfig, parse_budget, train, with_settings
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -45,6 +45,7 @@ def main(model_cls, settings, argv=None):
     parser.add_argument("--log-every", type=float, default=None, help="seconds between log lines")
     parser.add_argument("--graph", default="auto", choices=["auto", "off"], help="CUDA graph capture")
     parser.add_argument("--augment", default=None, choices=AUGMENTS, help="override the model's augmentation")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS, help="bf16 autocast where the GPU has it (A100, H100)")
     parser.add_argument("--snapshots", default="", help="progress points that keep a checkpoint, e.g. 0.25,0.5")
     args, _ = parser.parse_known_args(argv)  # tolerate a notebook's own arguments
 
@@ -60,7 +61,7 @@ def main(model_cls, settings, argv=None):
         "graph": args.graph, "snapshots": args.snapshots,
         "log_every": args.log_every if args.log_every is not None else (300.0 if on_kaggle else 30.0),
     })
-    for name in ("width", "batch_size", "truncation", "augment"):
+    for name in ("width", "batch_size", "truncation", "augment", "precision"):
         if getattr(args, name) is not None:
             cfg = with_settings(cfg, {name: getattr(args, name)})
     return train(cfg, model_cls, resume=args.resume)

@@ -42,17 +42,20 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=500, seed=0, device="cpu"):
-    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional."""
+def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu"):
+    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional.
+    z and labels are drawn up front on the CPU: the same seed gives the same images whatever the
+    batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches)."""
     gen = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, n_classes, gen) if n_classes else None
+    z_all = truncated_normal((n, z_dim), truncation, gen)
+    batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
     was_training = G.training
     G.eval()
     out = []
     for start in range(0, n, batch_size):
-        m = min(batch_size, n - start)
-        z = truncated_normal((m, z_dim), truncation, gen, device)
-        y = labels[start:start + m].to(device) if labels is not None else None
+        z = z_all[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device) if labels is not None else None
         out.append(to_uint8(G(z, y)))
     G.train(was_training)
     return np.concatenate(out)

@@ -172,9 +172,10 @@ def build_inception(state: dict[str, torch.Tensor]) -> nn.Module:
     original = pfi.fid_inception_v3
 
     def skeleton_with_weights():
-        net = _fid_inception_skeleton()
+        with torch.device("meta"):  # no random init of 24 M weights that are overwritten anyway
+            net = _fid_inception_skeleton()
         del net.fc
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
         return net
 
     pfi.fid_inception_v3 = skeleton_with_weights

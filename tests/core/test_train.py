@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,54 @@ def test_augment_is_checked(tmp_path, tiny_dataset):
     with pytest.raises(ValueError, match="does not apply DiffAugment"):
         Trainer(tiny_cfg(tmp_path, augment="flip+diffaug"), registry.get("dcgan").cls, data=tiny_dataset,
                 log=lambda m: None)
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_sets_the_compute_dtype_and_keeps_fp32_weights(tmp_path, tiny_dataset, precision, dtype):
+    trainer = Trainer(tiny_cfg(tmp_path, precision=precision), registry.get("dcgan").cls, data=tiny_dataset,
+                      log=lambda m: None)
+    conv = next(m for m in trainer.model.G.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)))
+    seen = []
+    conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = [p.detach().clone() for p in trainer.model.G.parameters()]
+    losses = trainer.train_step()
+    assert seen and set(seen) == {dtype}
+    assert all(p.dtype == torch.float32 for p in trainer.model.G.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.G_ema.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.G.parameters()))
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_precision_is_checked(tmp_path, tiny_dataset):
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        Trainer(tiny_cfg(tmp_path, precision="fp16"), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+
+
+def test_reserve_is_timed_after_a_warm_up_of_the_same_shape(tmp_path, tiny_dataset, monkeypatch):
+    """A one-off cost on the first generation (cuDNN autotuning a new batch shape on a GPU) must
+    not be extrapolated to 10,000 images: it would take minutes off an 8-minute run."""
+    import dogkit.core.train as T
+    from dogkit.core.train import refresh_images
+
+    now = [0.0]
+    calls = []
+
+    def fake_generate(G, n, *args, **kwargs):
+        calls.append(n)
+        now[0] += 10.0 if len(calls) == 1 else 0.001 * n  # first pass: autotuning; then 1 ms an image
+        return np.zeros((n, 64, 64, 3), np.uint8)
+
+    def fake_write_zip(images, path):
+        now[0] += 0.002 * len(images)  # 2 ms an image to encode
+        open(path, "wb").close()
+
+    monkeypatch.setattr(T, "generate", fake_generate)
+    monkeypatch.setattr(T, "write_zip", fake_write_zip)
+    monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
+    trainer = Trainer(tiny_cfg(tmp_path, reserve=-1.0, n_samples=10_000), registry.get("dcgan").cls,
+                      data=tiny_dataset, log=lambda m: None)
+    reserve = trainer.measure_reserve()
+    assert calls == [512, 512]
+    refresh = refresh_images(trainer.G_ema, trainer.cfg)
+    assert refresh > 0
+    assert reserve == pytest.approx(1.25 * (0.001 * (10_000 + refresh) + 0.002 * 10_000) + 3.0)
