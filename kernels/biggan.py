@@ -57,7 +57,7 @@ BIGGAN_SETTINGS = dict(
     augment='flip',
     ema_decay=0.999,
     ema_start=0.2,
-    truncation=0.8,
+    truncation=1.5,
 )
 
 

@@ -18,7 +18,7 @@ from dogkit.core.models.common import SelfAttention, adam, sn_conv, sn_linear
 
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
                        width=32, loss="hinge", augment="flip", ema_decay=0.999, ema_start=0.2,
-                       truncation=0.8)
+                       truncation=1.5)  # best of the measured sweep (README, Results)
 
 
 class ConditionalBatchNorm(nn.Module):
