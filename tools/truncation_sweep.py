@@ -81,7 +81,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     d = ax.twinx()
     d.plot([r["truncation"] for r in finite], [r["distance"] for r in finite], "s:", color="tab:red", label="d")
     d.set_ylabel("memorization distance d", color="tab:red")
-    ax.legend(loc="upper center")
+    handles = ax.get_legend_handles_labels()[0] + d.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper center")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -134,7 +135,7 @@ def main(argv=None):
     rows = [done[t] for t in truncations]
     print_table(rows)
     if args.plot:
-        plot(rows, Path(args.plot), Path(args.checkpoint).parent.name or args.checkpoint)
+        plot(rows, Path(args.plot), f"{rows[0]['model']}: {Path(args.checkpoint).name}, {args.n_images:,} images")
 
 
 if __name__ == "__main__":
