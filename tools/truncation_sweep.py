@@ -39,13 +39,13 @@ def done_rows(path: Path, checkpoint: str, n_images: int = 10_000, seed: int = 0
             if r.get("checkpoint") == checkpoint and r.get("n_images") == n_images and r.get("seed", 0) == seed}
 
 
-def score_point(checkpoint: str, truncation: float, ref, model, device, batch_size: int, seed: int,
+def score_point(checkpoint: str, generator, truncation: float, ref, model, device, batch_size: int, seed: int,
                 n_images: int = 10_000) -> dict:
-    from dogkit.checkpoints import load_generator
+    """One row: `generator` is load_generator(checkpoint)'s (G, config, n_classes), loaded once per sweep."""
     from dogkit.core.sample import generate, write_zip
     from dogkit.metrics.score import score
 
-    G, cfg, n_classes = load_generator(checkpoint, device)
+    G, cfg, n_classes = generator
     images = generate(G, n_images, cfg["z_dim"], truncation or None, n_classes, seed=seed, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         zip_path = write_zip(images, Path(tmp) / "images.zip")
@@ -110,6 +110,7 @@ def main(argv=None):
 
     import torch
 
+    from dogkit.checkpoints import load_generator
     from dogkit.core.train import pick_device
     from dogkit.metrics.inception import load_inception
     from dogkit.metrics.reference import load_reference
@@ -123,9 +124,11 @@ def main(argv=None):
         ref = load_reference(args.reference)
         model, _ = load_inception(args.inception_weights)
         model = model.to(device)
+        generator = load_generator(args.checkpoint, device)
         for t in todo:
             t0 = time.time()
-            row = score_point(args.checkpoint, t, ref, model, device, args.batch_size, args.seed, args.n_images)
+            row = score_point(args.checkpoint, generator, t, ref, model, device, args.batch_size, args.seed,
+                              args.n_images)
             row["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
             with open(out, "a") as fh:  # one whole line per point: an interrupt loses only the point in flight
                 fh.write(json.dumps(row) + "\n")

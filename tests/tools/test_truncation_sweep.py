@@ -45,7 +45,7 @@ def test_sweep_scores_each_truncation_once_and_resumes(tmp_path, checkpoint, inc
     # a rerun scores only what is missing: 1 and none are done, 0.5 is new
     calls = []
 
-    def fake_point(ckpt, t, *rest):
+    def fake_point(ckpt, generator, t, *rest):
         calls.append(t)
         return {**rows[0], "truncation": t, "seed": rest[4]}  # rest: ref, model, device, batch, seed, n
 
