@@ -25,6 +25,16 @@ def _load_network(weights: str | None):
         _fail(str(exc))
 
 
+def _device(name: str | None):
+    """The checked device (dogkit.core.runtime.pick_device); a GPU torch cannot run is one line."""
+    from dogkit.core.runtime import RunError, pick_device
+
+    try:
+        return pick_device(name)
+    except RunError as exc:
+        _fail(str(exc))
+
+
 def _threads() -> None:
     import os
 
@@ -65,14 +75,13 @@ def reference(source, out, inception_weights, batch_size, device, limit):
     dogkit reference ../shared/data/stanford-dogs-crops -o data/ref.npz
     dogkit reference /kaggle/input/generative-dog-images/all-dogs.zip -o data/ref-kaggle.npz
     """
-    from dogkit.metrics.features import pick_device
     from dogkit.metrics.reference import build_reference
 
     _threads()
     model, info = _load_network(inception_weights)
     click.echo(f"inception weights: {info['source']}", err=True)
     try:
-        ref = build_reference(source, out, model, info, pick_device(device), batch_size=batch_size,
+        ref = build_reference(source, out, model, info, _device(device), batch_size=batch_size,
                               limit=limit, log=lambda m: click.echo(m, err=True))
     except ValueError as exc:
         _fail(str(exc))
@@ -99,7 +108,6 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     dogkit score submission/images.zip --reference data/ref.npz
     dogkit score runs/dcgan/samples --reference data/ref.npz --no-strict --json
     """
-    from dogkit.metrics.features import pick_device
     from dogkit.metrics.reference import load_reference
     from dogkit.metrics.score import score as run_score
     from dogkit.metrics.submission import SubmissionError, load_submission
@@ -122,7 +130,7 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     model, info = _load_network(inception_weights)
     if ref.provenance.get("weights", {}).get("digest") not in (None, info["digest"]):
         click.echo("warning: reference was made with other Inception weights", err=True)
-    result = run_score(images, ref, model, pick_device(device), strict=strict,
+    result = run_score(images, ref, model, _device(device), strict=strict,
                        batch_size=batch_size, progress=not as_json, sqrtm=sqrtm)
     result["seconds"] = round(time.time() - t0, 2)  # decoding and rules included
     for note in result.pop("notes"):
@@ -153,7 +161,7 @@ def report(submission, reference_path, run_dir, out, strict, inception_weights, 
     \b
     dogkit report submission/images.zip --reference data/ref.npz --run runs/dcgan -o report/
     """
-    from dogkit.metrics.features import extract, pick_device
+    from dogkit.metrics.features import extract
     from dogkit.metrics.reference import load_photos, load_reference
     from dogkit.metrics.report import build_report
     from dogkit.metrics.submission import SubmissionError, load_submission
@@ -167,14 +175,14 @@ def report(submission, reference_path, run_dir, out, strict, inception_weights, 
         _fail(str(exc))
     _threads()
     model, _ = _load_network(inception_weights)
-    dev = pick_device(device)
+    dev = _device(device)
     gen = extract(model, images.pixels, dev, batch_size=100, progress=True, desc="report")
     source = Path(ref.provenance.get("source", ""))
 
     def real_photos(rows):
         if not ref.names or not source.exists():
             return None
-        return dict(zip(rows, load_photos(source, [ref.names[r] for r in rows])))
+        return dict(zip(rows, load_photos(source, [ref.names[r] for r in rows])[0]))
 
     numbers = build_report(images, gen, ref, out, run=run_dir, ref_images_loader=real_photos)
     click.echo(f"wrote {out}/report.html, {out}/report.json (MiFID {numbers['mifid']:.2f}, "
@@ -223,7 +231,7 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
     dogkit clean-data ../shared/data/stanford-dogs-crops -o data/dogs64.npz --preview data/preview.png
     dogkit clean-data /kaggle/input/generative-dog-images -o data/dogs64.npz --strategy square
     """
-    from dogkit.core.data import DataError, clean, save_cache
+    from dogkit.core.data import DataError, clean, save_cache, summary_lines
 
     if not out.endswith(".npz"):
         _fail(f"{out}: the cache file must end in .npz")
@@ -240,12 +248,9 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
         reason = next(iter(fatal))
         _fail(f"{summary['examples'].get(reason, source)}: {reason} (--strict)")
     nbytes = save_cache(out, data, workers=workers, codec=codec)
-    click.echo(f"input      {summary['layout']}")
-    click.echo(f"photos     {summary['photos']}")
-    click.echo(f"crops      {summary['crops']}  ({len(data['breeds'])} breeds, strategy {strategy}, {size}px)")
-    for reason, n in sorted(summary["events"].items()):
-        example = summary["examples"].get(reason, "")
-        click.echo(f"  {reason:45s} {n:6d}   e.g. {example}")
+    for line in summary_lines(summary):
+        click.echo(line)
+    click.echo(f"settings   strategy {strategy}, {size}px, codec {codec}")
     click.echo(f"seconds    {summary['seconds']}")
     click.echo(f"wrote      {out} ({nbytes / 1e6:.1f} MB)")
     if preview:
@@ -292,10 +297,11 @@ def _preview(data, path, n=48):
 @click.option("--augment", type=click.Choice(AUGMENTS), default=None,
               help="Override the model's augmentation (+diffaug: DiffAugment, biggan only).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Override the model's precision (bf16: autocast, A100/H100; fp32 elsewhere).")
+              help="Override the model's precision (bf16: A100/H100, else fp32; fp16: autocast + loss scaling).")
 @click.option("--snapshots", default="", help="Progress points that keep a checkpoint copy, e.g. 0.25,0.5.")
+@click.option("--lecam", type=float, default=None, help="LeCam regularisation weight (biggan; default 0: off).")
 def train(model, data, budget, out, resume, seed, steps, batch_size, width, truncation, n_samples,
-          device, log_every, graph, augment, precision, snapshots):
+          device, log_every, graph, augment, precision, snapshots, lecam):
     """Train a registered model under a wall-clock budget; ends with OUT/images.zip.
 
     \b
@@ -317,13 +323,21 @@ def train(model, data, budget, out, resume, seed, steps, batch_size, width, trun
                  "graph": "auto" if graph else "off", "snapshots": snapshots}
     overrides.update({k: v for k, v in (("batch_size", batch_size), ("width", width),
                                          ("truncation", truncation), ("augment", augment),
-                                         ("precision", precision)) if v is not None})
-    cfg = with_settings(cfg, overrides)
+                                         ("precision", precision), ("lecam", lecam)) if v is not None})
+    from dogkit.core.data import DataError
+    from dogkit.core.runtime import RunError
+    from dogkit.core.train import RunFailed
+
     try:
+        cfg = with_settings(cfg, overrides)
         parse_snapshots(cfg.snapshots)
-    except ValueError as exc:
+        run_train(cfg, entry.cls, resume=resume, log=lambda m: click.echo(m, err=True))
+    except (ValueError, DataError, RunError) as exc:
         _fail(str(exc))
-    run_train(cfg, entry.cls, resume=resume, log=lambda m: click.echo(m, err=True))
+    except RunFailed as exc:
+        kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
+        click.echo(f"Error: training failed ({exc.cause}); {kept}", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -29,37 +29,107 @@ ALLOWED_THIRD_PARTY = {"numpy", "PIL", "torch", "torchvision"}
 ENTRY_MODULE = "dogkit.core.kernel"
 
 
-def split_module(source: str) -> tuple[list[ast.stmt], str]:
-    """(top-level import statements, the source with those lines removed)."""
-    tree = ast.parse(source)
-    lines = source.splitlines()
-    imports, drop = [], set()
+def dogkit_imports(tree: ast.Module) -> list[str]:
+    """The dogkit modules a module imports at top level."""
+    out = []
     for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            imports.append(node)
-            drop.update(range(node.lineno - 1, node.end_lineno))
-    body = "\n".join(line for i, line in enumerate(lines) if i not in drop)
-    body = re.sub(r"\n{4,}", "\n\n\n", body)
-    body = re.sub(r"(\n#[^\n]*)\n{3,}", r"\1\n\n", "\n" + body)  # one blank line after a comment block
-    return imports, body.strip("\n")
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dogkit."):
+            out.append(node.module)
+        elif isinstance(node, ast.Import):
+            out += [a.name for a in node.names if a.name.startswith("dogkit.")]
+    return out
+
+
+def module_order(roots: list[str]) -> list[str]:
+    """Every dogkit module the roots import, followed transitively, dependencies first: no
+    hand-kept module list, so a new import in dogkit/core reaches the kernels by itself."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        for dep in dogkit_imports(ast.parse(inspect.getsource(importlib.import_module(name)))):
+            visit(dep)
+        order.append(name)
+
+    for root in roots:
+        visit(root)
+    return order
+
+
+def defined_names(node: ast.stmt) -> set[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return set()
+
+
+def used_names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def reachable(trees: dict[str, ast.Module], roots: set[str]) -> set[int]:
+    """ids of the top-level statements the roots need, following names through every module
+    (a function a kernel can never call is not carried). Statements that define nothing and
+    are not imports (module-level code) are always kept."""
+    by_name: dict[str, list[ast.stmt]] = {}
+    keep: set[int] = set()
+    todo = list(roots)
+    for tree in trees.values():
+        for node in tree.body:
+            names = defined_names(node)
+            for n in names:
+                by_name.setdefault(n, []).append(node)
+            if not names and not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)):
+                keep.add(id(node))
+                todo += used_names(node)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in by_name.get(name, ()):
+            if id(node) not in keep:
+                keep.add(id(node))
+                todo += used_names(node)
+    return keep
+
+
+def kept_source(source: str, tree: ast.Module, keep: set[int]) -> str:
+    """The module's banner comment and its kept statements, each with the comment lines right above
+    it; two blank lines between top-level statements."""
+    lines = source.splitlines()
+    first = min((getattr(n, "decorator_list", None) or [n])[0].lineno for n in tree.body) - 1 if tree.body else 0
+    banner = [ln for ln in lines[:first] if ln.startswith("#")]
+    chunks = []
+    for node in tree.body:
+        if id(node) not in keep:
+            continue
+        start = (node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno) - 1
+        while start > first and lines[start - 1].startswith("#") and not lines[start - 1].startswith("# ----"):
+            start -= 1
+        chunks.append("\n".join(lines[start:node.end_lineno]))
+    # statements that sit together in the source (constants) stay together
+    body = "\n\n\n".join(chunks)
+    return "\n".join(banner) + ("\n\n" if banner else "") + body
 
 
 def lift_settings(source: str, name: str) -> tuple[str, str]:
-    """Cut the `NAME = dict(...)` assignment out of a module; return (assignment, rest)."""
+    """Cut the `NAME = dict(...)` assignment, with its comments, out of a module; (assignment, rest)."""
     tree = ast.parse(source)
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
             lines = source.splitlines()
-            assign = "\n".join(lines[node.lineno - 1:node.end_lineno])
-            rest = "\n".join(lines[:node.lineno - 1] + lines[node.end_lineno:])
+            end = node.end_lineno
+            assign = "\n".join(lines[node.lineno - 1:end])
+            rest = "\n".join(lines[:node.lineno - 1] + lines[end:])
             return assign, rest
     raise SystemExit(f"build_kernel: {name} not found in the model's module")
-
-
-def render_settings(name: str, settings: dict) -> str:
-    width = max(len(k) for k in settings)
-    rows = [f"    {k}={settings[k]!r},{' ' * (width - len(k))}" for k in settings]
-    return f"{name} = dict(\n" + "\n".join(r.rstrip() for r in rows) + "\n)"
 
 
 def render_imports(nodes: list[ast.stmt]) -> str:
@@ -126,33 +196,45 @@ def build(name: str, budget: str = "9h") -> str:
         raise SystemExit(f"build_kernel: budget {budget} leaves nothing after the 15-minute margin")
     entry = registry.get(name)
     settings_name = next(k for k, v in vars(inspect.getmodule(entry.cls)).items() if v is entry.settings)
-    modules = list(entry.modules) + [ENTRY_MODULE]
+    modules = module_order([entry.cls.__module__, ENTRY_MODULE])
+    sources = {m: inspect.getsource(importlib.import_module(m)) for m in modules}
+    settings_code, sources[entry.cls.__module__] = lift_settings(sources[entry.cls.__module__], settings_name)
+    trees = {m: ast.parse(src) for m, src in sources.items()}
+    keep = reachable(trees, {entry.cls.__name__, "main"} | used_names(ast.parse(settings_code)))
     all_imports, sections = [], []
-    settings_code = None
     for mod_name in modules:
-        source = inspect.getsource(importlib.import_module(mod_name))
-        if mod_name == entry.cls.__module__:
-            settings_code, source = lift_settings(source, settings_name)
-        if mod_name == ENTRY_MODULE:
-            line = next(ln for ln in source.splitlines() if ln.startswith("KAGGLE_BUDGET = "))
-            source = source.replace(line, f'KAGGLE_BUDGET = "{hours_minutes(seconds)}"  # Kaggle allows {budget}: '
-                                          'keep 15 minutes to spare')
-        imports, body = split_module(source)
-        all_imports += imports
-        sections.append(body)
-    assert settings_code is not None
+        tree = trees[mod_name]
+        if not any(id(n) in keep for n in tree.body):
+            continue
+        all_imports += [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        sections.append(kept_source(sources[mod_name], tree, keep))
     settings_block = (
         "# ---------------------------------------------------------------------------------------------\n"
         "# Settings: the model's hyper-parameters (anything TrainConfig below names can go here)\n"
         "# ---------------------------------------------------------------------------------------------\n"
-        + render_settings(settings_name, entry.settings)
+        + settings_code
     )
     run = (
         "\n\n\nif __name__ == \"__main__\":\n"
-        f"    main({entry.cls.__name__}, {settings_name})\n"
+        f"    main({entry.cls.__name__}, {settings_name}, kaggle_budget=\"{hours_minutes(seconds)}\")"
+        f"  # Kaggle allows {budget}: 15 minutes to spare\n"
     )
-    parts = [render_imports(all_imports), settings_block, *sections]
+    imports = render_imports(used_imports(all_imports, "\n".join(sections) + "\n" + settings_code))
+    parts = [imports, settings_block, *sections]
     return header(entry) + "\n" + "\n\n\n".join(p.strip("\n") for p in parts) + run
+
+
+def used_imports(nodes: list[ast.stmt], code: str) -> list[ast.stmt]:
+    """The import statements, each keeping only the names the kept code uses."""
+    used = used_names(ast.parse(code)) | {n.value.id for n in ast.walk(ast.parse(code))
+                                          if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+    out = []
+    for node in nodes:
+        names = [a for a in node.names if (a.asname or a.name.split(".")[0]) in used]
+        if names:
+            clone = ast.ImportFrom(node.module, names, node.level) if isinstance(node, ast.ImportFrom) else ast.Import(names)
+            out.append(clone)
+    return out
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,10 +108,25 @@ def cmd_train(args):
         cmd += ["--augment", args.augment]
     if args.precision:
         cmd += ["--precision", args.precision]
+    if args.lecam is not None:
+        cmd += ["--lecam", str(args.lecam)]
+    cmd += ["--seed", str(args.seed)]
+    if args.resume:
+        cmd += ["--resume", str(out / "checkpoint.pt")]
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    proc = subprocess.Popen(cmd)
+    try:
+        proc.wait(timeout=args.stop_after)
+    except subprocess.TimeoutExpired:  # a run longer than one device command: stop it resumably
+        proc.send_signal(signal.SIGTERM)  # the kernel saves checkpoint.pt on SIGTERM
+        proc.wait()
+        print(f"stopped after {args.stop_after} s; continue with the same command and --resume", flush=True)
+        return
+    if proc.returncode:
+        raise SystemExit(f"kernel exited with code {proc.returncode}")
     info = {"tag": tag, "model": args.model, "budget": args.budget, "augment": args.augment, "precision": args.precision,
-            "command": " ".join(["python", f"kernels/{kernel.name}"] + cmd[2:]), "wall_s": round(time.time() - t0, 1)}
+            "lecam": args.lecam,
+            "seed": args.seed, "command": " ".join(["python", f"kernels/{kernel.name}"] + cmd[2:]), "wall_s": round(time.time() - t0, 1)}
     (out / "bench.json").write_text(json.dumps(info, indent=2))
     if args.copy_to:
         dest = Path(args.copy_to)
@@ -240,6 +256,11 @@ def main(argv=None):
     t.add_argument("--snapshots", default="")
     t.add_argument("--augment", default=None)
     t.add_argument("--precision", default=None)
+    t.add_argument("--lecam", type=float, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue .devwork/TAG/checkpoint.pt")
+    t.add_argument("--stop-after", type=float, default=None,
+                   help="seconds after which the kernel is stopped with a resumable checkpoint (one device command)")
     t.add_argument("--copy-to", default=None, help="also copy the log and grid here (e.g. $OUT)")
     s = sub.add_parser("score", help="score every run in .devwork against the packed reference")
     s.add_argument("--ref", default=".devref")

@@ -43,22 +43,30 @@ class DataError(ValueError):
     """Bad input that --strict (or an unusable source) makes fatal; names file and rule."""
 
 
+def _number(text):
+    """'500', '500.0' or ' 500 ' -> 500; None when missing or not a number."""
+    try:
+        return int(float(text))
+    except (TypeError, ValueError):
+        return None
+
+
 def parse_annotation(xml_bytes, name="annotation"):
-    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...]) in pixels."""
+    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...]) in pixels.
+
+    Only the boxes matter (the photo's own size is read from the photo): a missing or
+    non-numeric <size> gives width/height None and keeps the boxes."""
     try:
         root = ET.fromstring(xml_bytes)
     except ET.ParseError as exc:
         raise DataError(f"{name}: malformed XML ({exc})") from None
-    size = root.find("size")
-    try:
-        width = int(size.findtext("width"))
-        height = int(size.findtext("height"))
-        boxes = []
-        for obj in root.iter("object"):
-            bb = obj.find("bndbox")
-            boxes.append(tuple(int(float(bb.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")))
-    except (AttributeError, TypeError, ValueError):
-        raise DataError(f"{name}: annotation lacks <size> or a numeric <bndbox>") from None
+    width, height = _number(root.findtext("size/width")), _number(root.findtext("size/height"))
+    boxes = []
+    for obj in root.iter("object"):
+        coords = [_number(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")]
+        if None in coords:
+            raise DataError(f"{name}: an <object> lacks a numeric <bndbox>")
+        boxes.append(tuple(coords))
     return width, height, boxes
 
 
@@ -144,7 +152,11 @@ def discover(source, annotations=None):
     """
     notes = Counter()
     if os.path.isfile(source) and zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as zf:
+        try:
+            zf = zipfile.ZipFile(source)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise DataError(f"{source}: not a readable zip ({exc})") from None
+        with zf:
             members = sorted(n for n in zf.namelist() if n.lower().endswith(PHOTO_EXTS)
                              and not n.startswith("__MACOSX"))
         items = [{"name": m, "zip": source, "member": m, "synset": _synset(m), "xml": None} for m in members]
@@ -216,22 +228,68 @@ def _synset(name):
 
 # ---- cleaning ----------------------------------------------------------------------------------
 
+# Reading zips from anywhere: only stored and deflated entries (what any zip tool writes; bzip2,
+# LZMA or Deflate64 would inflate without bound or not at all), no encryption, and never more
+# than a cap per entry, whatever the header claims. The scorer reads submissions the same way.
+ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+MAX_PHOTO_BYTES = 64 << 20  # a photo file larger than this is refused (Stanford Dogs' largest: ~2 MB)
+
+
+def zip_entry_problem(info, cap):
+    """Why a zip entry cannot be read safely (encrypted, another compression method, a claimed
+    size past cap), or None."""
+    if info.flag_bits & 0x1:
+        return "encrypted entry (cannot be read)"
+    if info.compress_type not in ZIP_METHODS:
+        return f"compression method {info.compress_type} (only stored and deflated entries are read)"
+    if info.file_size > cap:
+        return f"claims {info.file_size} bytes uncompressed (limit {cap})"
+    return None
+
+
+def read_zip_entry(zf, info, cap):
+    """The bytes of one entry, reading at most cap + 1 bytes whatever its header says; DataError
+    naming the entry and the rule for an unsafe, corrupt (CRC) or truncated entry."""
+    problem = zip_entry_problem(info, cap)
+    if problem:
+        raise DataError(f"{info.filename}: {problem}")
+    try:
+        with zf.open(info) as fh:
+            data = fh.read(cap + 1)
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{info.filename}: corrupt entry ({exc})") from None
+    except (EOFError, OSError, RuntimeError, NotImplementedError, ValueError) as exc:
+        raise DataError(f"{info.filename}: unreadable entry ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # zlib.error and the like: a damaged stream
+        raise DataError(f"{info.filename}: unreadable entry ({type(exc).__name__}: {exc})") from None
+    if len(data) > cap:
+        raise DataError(f"{info.filename}: inflates past {cap} bytes (its header says {info.file_size})")
+    return data
+
+
 def _read_photo(item):
     if item.get("zip"):
         with zipfile.ZipFile(item["zip"]) as zf:
-            return zf.read(item["member"])
+            return read_zip_entry(zf, zf.getinfo(item["member"]), MAX_PHOTO_BYTES)
+    if os.path.getsize(item["path"]) > MAX_PHOTO_BYTES:
+        raise DataError(f"{item['name']}: {os.path.getsize(item['path'])} bytes (limit {MAX_PHOTO_BYTES})")
     with open(item["path"], "rb") as fh:
         return fh.read()
 
 
 def process_photo(item, strategy, size, min_side, margin):
-    """One photo -> (crops [HWC uint8], events [(reason, name)]). Never raises on bad input."""
+    """One photo -> (crops [(HWC uint8, box index)], events [(reason, name)], annotated boxes).
+    Never raises on bad input."""
     events = []
     name = item["name"]
     try:
         data = _read_photo(item)
+    except DataError as exc:
+        return [], [("unreadable zip entry or oversized file", str(exc))], 0
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # past MAX_IMAGE_PIXELS: refused
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 if img.mode != "RGB":
@@ -242,16 +300,19 @@ def process_photo(item, strategy, size, min_side, margin):
                         img = Image.alpha_composite(background, img)
                     img = img.convert("RGB")
                 pixels = np.asarray(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return [], [(f"image over PIL's {Image.MAX_IMAGE_PIXELS} pixel limit (decompression bomb)",
+                     f"{name} ({exc})")], 0
     except Exception as exc:
-        return [], [("corrupt or truncated image", f"{name} ({type(exc).__name__})")]
+        return [], [("corrupt or truncated image", f"{name} ({type(exc).__name__})")], 0
     height, width = pixels.shape[:2]
-    boxes = [(0, 0, width, height)]
+    boxes, n_boxes = [(0, 0, width, height)], 0
     if item["xml"]:
         try:
             with open(item["xml"], "rb") as fh:
                 _, _, found = parse_annotation(fh.read(), item["xml"])
             if found:
-                boxes = found
+                boxes, n_boxes = found, len(found)
             else:
                 events.append(("annotation without box: whole photo used", name))
         except (DataError, OSError) as exc:
@@ -275,7 +336,7 @@ def process_photo(item, strategy, size, min_side, margin):
             events.append(("aspect ratio outside [0.8, 1.25]", f"{name} #{k}"))
             continue
         crops.append((resize(np.ascontiguousarray(cut(pixels, region)), size), k))
-    return crops, events
+    return crops, events, n_boxes
 
 
 def _process_chunk(args):
@@ -313,8 +374,10 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
             bar(len(r))
     images, labels, names, seen = [], [], [], set()
     events = []
-    for it, (crops, evs) in zip(items, results):
+    n_boxes = 0
+    for it, (crops, evs, boxes) in zip(items, results):
         events += evs
+        n_boxes += boxes
         for pixels, k in crops:
             digest = hashlib.sha1(pixels.tobytes()).digest()
             if digest in seen:
@@ -331,7 +394,8 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
     examples = {}
     for reason, what in events:
         examples.setdefault(reason, what)
-    summary = {"layout": layout, "photos": len(items), "crops": len(images), "breeds": len(breeds),
+    summary = {"layout": layout, "photos": len(items), "boxes": n_boxes, "crops": len(images),
+               "breeds": len(breeds),
                "events": dict(counts), "examples": examples, "seconds": round(time.time() - t0, 1)}
     settings = {"source": os.path.abspath(source), "strategy": strategy, "size": size,
                 "min_side": min_side, "margin": margin, "fingerprint": fingerprint(items)}
@@ -340,6 +404,19 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
     return {"images": np.stack(images), "labels": np.asarray(labels, dtype=np.int16),
             "names": names, "breeds": breeds, "summary": summary, "settings": settings,
             "events": events}
+
+
+def summary_lines(summary):
+    """The cleaning summary as aligned lines: input, counts, every drop or fix by reason with an
+    example (printed by `dogkit clean-data` and in a kernel's start block)."""
+    if not summary:
+        return []
+    lines = [f"input      {summary.get('layout')}",
+             f"photos     {summary.get('photos')}" + (f"  ({summary['boxes']} annotated boxes)" if summary.get("boxes") else ""),
+             f"crops      {summary.get('crops')}  ({summary.get('breeds')} breeds)"]
+    for reason, n in sorted(summary.get("events", {}).items()):
+        lines.append(f"  {reason:45s} {n:6d}   e.g. {summary['examples'].get(reason, '')}")
+    return lines
 
 
 def fingerprint(items):
@@ -454,12 +531,13 @@ def load_cache(path):
             "breeds": meta["breeds"], "meta": meta}
 
 
-def load_dataset(path, size=64, strategy=DEFAULT_STRATEGY, log=print):
-    """Anything `dogkit clean-data` accepts, or a cache it wrote -> {images, labels, breeds}."""
+def load_dataset(path, size=64, strategy=DEFAULT_STRATEGY, annotations=None, log=print, progress=False):
+    """Anything `dogkit clean-data` accepts, or a cache it wrote -> {images, labels, breeds, summary}."""
     if is_cache(path):
         data = load_cache(path)
+        data["summary"] = data["meta"].get("summary") or {}
         log(f"data: {path} ({len(data['images'])} crops, {len(data['breeds'])} breeds, cache)")
         return data
-    data = clean(path, size=size, strategy=strategy, log=log)
+    data = clean(path, annotations=annotations, size=size, strategy=strategy, log=log, progress=progress)
     log(f"data: {path} cleaned to {len(data['images'])} crops in {data['summary']['seconds']} s")
     return data

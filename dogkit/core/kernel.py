@@ -1,67 +1,221 @@
 # ---------------------------------------------------------------------------------------------
 # Entry point: Kaggle with no arguments, or locally with --data PATH --budget 8m --out DIR
 # ---------------------------------------------------------------------------------------------
+# On Kaggle the kernel trains only on the competition's photos and boxes, wherever the attached
+# copy puts them (all-dogs.zip + Annotation.zip, the same unzipped, or Stanford Dogs' Images/ +
+# Annotation/); every other attached dataset is ignored, and the log says so. The start block
+# names the software, the device, the data found and the plan; a GPU this torch cannot run, or a
+# missing GPU, stops the run in seconds, before any cleaning.
 import argparse
-import glob
 import os
+import signal
+import sys
+import time
 import zipfile
 
-from dogkit.core.train import AUGMENTS, PRECISIONS, TrainConfig, parse_budget, train, with_settings
+from dogkit.core.data import DataError, PHOTO_EXTS, breed_of, load_dataset, summary_lines
+from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, pick_device, writable_dir
+from dogkit.core.train import AUGMENTS, RunFailed, TrainConfig, parse_budget, parse_snapshots, train, with_settings
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
+KAGGLE_TMP = "/kaggle/tmp"
 KAGGLE_BUDGET = "8h45m"  # Kaggle stops a kernel at 9 h: keep 15 minutes to spare
+NOTEBOOK_ARGS = ("-f",)  # what Jupyter adds to sys.argv (-f kernel.json): tolerated, nothing else is
 
 
-def kaggle_data(root=KAGGLE_INPUT, scratch="/kaggle/tmp/dogs"):
-    """The competition's photos and Annotation on Kaggle (extracting the zips if only zips exist)."""
-    if not os.path.isdir(root):
+def kaggle_paths():
+    """Kaggle's input, working and scratch folders (DOGKIT_KAGGLE_* override them, for tests)."""
+    env = os.environ.get
+    return (env("DOGKIT_KAGGLE_INPUT", KAGGLE_INPUT), env("DOGKIT_KAGGLE_WORKING", KAGGLE_WORKING),
+            env("DOGKIT_KAGGLE_TMP", KAGGLE_TMP))
+
+
+def _entries(path):
+    try:
+        return sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _has_photos(path):
+    return any(e.is_file() and e.name.lower().endswith(PHOTO_EXTS) for e in _entries(path))
+
+
+def _walk(root, depth=5):
+    """(folder, its entries) breadth-first down to depth levels (attached datasets are shallow)."""
+    level = [root]
+    for _ in range(depth):
+        below = []
+        for folder in level:
+            entries = _entries(folder)
+            yield folder, entries
+            below += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        level = below
+
+
+def find_competition_data(root):
+    """The competition's photos and boxes under Kaggle's input root, in any layout it was published
+    in: {dataset, photos (folder or zip), annotations (folder, zip or None), layout}; None if absent.
+    Checked in order: all-dogs.zip / all-dogs/ (the competition), then Images/<synset>-<breed>/
+    (the Stanford Dogs dataset)."""
+    photos = layout = None
+    for folder, entries in _walk(root):
+        names = {e.name: e for e in entries}
+        if "all-dogs" in names and names["all-dogs"].is_dir():
+            inner = os.path.join(folder, "all-dogs", "all-dogs")
+            photos = inner if _has_photos(inner) else names["all-dogs"].path
+            layout = "competition files (all-dogs/)"
+        elif "all-dogs.zip" in names:
+            photos, layout = names["all-dogs.zip"].path, "competition files (all-dogs.zip)"
+        elif "Images" in names and any(breed_of(e.name) for e in _entries(names["Images"].path)):
+            photos, layout = names["Images"].path, "Stanford Dogs (Images/<synset>-<breed>/)"
+        if photos:
+            break
+    if not photos:
         return None
-    zips = glob.glob(os.path.join(root, "**", "all-dogs.zip"), recursive=True)
-    photos = glob.glob(os.path.join(root, "**", "all-dogs", "*.jpg"), recursive=True) or \
-        glob.glob(os.path.join(root, "**", "all-dogs", "all-dogs", "*.jpg"), recursive=True)
-    if photos or not zips:
-        return root
-    os.makedirs(scratch, exist_ok=True)
-    for z in zips + glob.glob(os.path.join(root, "**", "Annotation.zip"), recursive=True):
-        with zipfile.ZipFile(z) as zf:
-            zf.extractall(scratch)
-    return scratch
+    rel = os.path.relpath(photos, root).split(os.sep)
+    dataset = os.path.join(root, rel[0])  # the attached dataset holding the photos
+    annotations = None
+    for folder, entries in _walk(dataset):
+        names = {e.name: e for e in entries}
+        if "Annotation" in names and names["Annotation"].is_dir():
+            annotations = names["Annotation"].path
+        elif "Annotation.zip" in names:
+            annotations = names["Annotation.zip"].path
+        if annotations:
+            break
+    return {"dataset": dataset, "photos": photos, "annotations": annotations, "layout": layout}
 
 
-def main(model_cls, settings, argv=None):
+def ignored_inputs(root, dataset):
+    """The other attached datasets (never trained on): [(folder, photos in it)]."""
+    out = []
+    for entry in _entries(root):
+        if os.path.abspath(entry.path) != os.path.abspath(dataset):
+            n = sum(1 for _, entries in _walk(entry.path) for e in entries
+                    if e.is_file() and e.name.lower().endswith(PHOTO_EXTS))
+            out.append((entry.path, n))
+    return out
+
+
+def unzip(path, scratch):
+    """Extract a zip into scratch/<its name>/ (zipfile drops absolute and '..' parts of names)."""
+    target = os.path.join(scratch, os.path.splitext(os.path.basename(path))[0])
+    if not os.path.isdir(target):
+        partial = target + ".partial"
+        with zipfile.ZipFile(path) as zf:
+            zf.extractall(partial)
+        os.replace(partial, target)
+    return target
+
+
+def kaggle_data(root, scratch_candidates, log=print):
+    """(photos folder, Annotation folder or None) of the competition on Kaggle, zips extracted to the
+    first writable scratch folder; everything else attached is ignored, with a line saying so."""
+    found = find_competition_data(root)
+    if found is None:
+        raise RunError(f"no competition data under {root}: attach 'Generative Dog Images' (Add data -> "
+                       "Competitions), or the Stanford Dogs dataset, to this notebook")
+    log(f"data       {found['layout']} in {found['dataset']}")
+    for folder, n in ignored_inputs(root, found["dataset"]):
+        log(f"ignored    {folder} ({n} photos): not the competition's data, never trained on")
+    photos, annotations = found["photos"], found["annotations"]
+    if photos.endswith(".zip") or (annotations or "").endswith(".zip"):
+        scratch = writable_dir(scratch_candidates)
+        log(f"scratch    {scratch} (zips extracted here)")
+        photos = unzip(photos, scratch) if photos.endswith(".zip") else photos
+        annotations = unzip(annotations, scratch) if (annotations or "").endswith(".zip") else annotations
+    if annotations is None:
+        log("WARNING    no Annotation/ found: whole photos are used, not the dogs' boxes "
+            "(attach the competition's Annotation.zip for far better crops)")
+    return photos, annotations
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description="Train a dog generator and write images.zip.")
-    parser.add_argument("--data", default=None, help="photos (any layout clean-data reads) or a cache .npz")
-    parser.add_argument("--budget", default=None, help="wall clock for the whole run: 30s, 8m, 9h")
-    parser.add_argument("--out", default=None, help="output folder (images.zip, checkpoint, grids)")
+    parser.add_argument("--data", default=None, help="photos (any layout clean-data reads) or a cache .npz; "
+                        "default on Kaggle: the competition's data under /kaggle/input")
+    parser.add_argument("--budget", default=None, help="wall clock for the whole run: 30s, 8m, 9h "
+                        f"(default {KAGGLE_BUDGET} on Kaggle, 8m elsewhere)")
+    parser.add_argument("--out", default=None, help="output folder (default /kaggle/working on Kaggle, else submission)")
     parser.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=0, help="also stop after this many steps")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--truncation", type=float, default=None)
-    parser.add_argument("--n-samples", type=int, default=10_000)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--log-every", type=float, default=None, help="seconds between log lines")
-    parser.add_argument("--graph", default="auto", choices=["auto", "off"], help="CUDA graph capture")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--steps", type=int, default=0, help="also stop after this many steps (default 0: budget only)")
+    parser.add_argument("--width", type=int, default=None, help="override the model's channel width")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the model's batch size")
+    parser.add_argument("--truncation", type=float, default=None,
+                        help="redraw z values beyond +-T for the final images (default: the model's; 0 = none)")
+    parser.add_argument("--n-samples", type=int, default=10_000, help="images in the zip (default 10000)")
+    parser.add_argument("--device", default="auto", help="auto (the GPU; on Kaggle a GPU is required), cuda, cpu")
+    parser.add_argument("--log-every", type=float, default=None, help="seconds between log lines (300 on Kaggle, else 30)")
+    parser.add_argument("--graph", default="auto", choices=["auto", "off"], help="CUDA graph capture (default auto)")
     parser.add_argument("--augment", default=None, choices=AUGMENTS, help="override the model's augmentation")
-    parser.add_argument("--precision", default=None, choices=PRECISIONS, help="bf16 autocast where the GPU has it (A100, H100)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="fp32 (default), bf16 (A100/H100), fp16 (autocast + loss scaling: T4, P100)")
     parser.add_argument("--snapshots", default="", help="progress points that keep a checkpoint, e.g. 0.25,0.5")
-    args, _ = parser.parse_known_args(argv)  # tolerate a notebook's own arguments
+    parser.add_argument("--lecam", type=float, default=None, help="LeCam regularisation weight (biggan; default 0: off)")
+    args, unknown = parser.parse_known_args(argv)
+    stray = [a for a in unknown if a.startswith("-") and a not in NOTEBOOK_ARGS and not a.endswith(".json")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    return args
 
-    on_kaggle = args.data is None and os.path.isdir(KAGGLE_INPUT)
+
+def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET):
+    """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure.
+    kaggle_budget: the whole run's wall clock on Kaggle (no --budget there)."""
+    t0 = time.monotonic()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.kaggle_budget = kaggle_budget
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)  # a stop from outside saves a checkpoint, like Ctrl-C
+    except ValueError:  # not the main thread (some notebook runners): keep the default
+        pass
+    try:
+        return run(model_cls, settings, args, t0)
+    except (RunError, DataError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trainer saved checkpoint.pt and said how to resume
+        print("error: interrupted; resume with --resume CHECKPOINT", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except RunFailed as exc:
+        kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
+        print(f"error: training failed ({exc.cause}); {kept}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(model_cls, settings, args, t0):
+    input_root, working, tmp = kaggle_paths()
+    on_kaggle = args.data is None and os.path.isdir(input_root)
     if args.data is None and not on_kaggle:
-        parser.error("--data is required outside Kaggle")
+        raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
+    device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
+    for line in machine_lines(device):
+        print(line, flush=True)
     cfg = with_settings(TrainConfig(), settings)
-    cfg = with_settings(cfg, {
-        "data": kaggle_data() if on_kaggle else args.data,
-        "out": args.out or (KAGGLE_WORKING if on_kaggle else "submission"),
-        "budget": parse_budget(args.budget or (KAGGLE_BUDGET if on_kaggle else "8m")),
-        "seed": args.seed, "steps": args.steps, "n_samples": args.n_samples, "device": args.device,
-        "graph": args.graph, "snapshots": args.snapshots,
-        "log_every": args.log_every if args.log_every is not None else (300.0 if on_kaggle else 30.0),
-    })
-    for name in ("width", "batch_size", "truncation", "augment", "precision"):
-        if getattr(args, name) is not None:
-            cfg = with_settings(cfg, {name: getattr(args, name)})
-    return train(cfg, model_cls, resume=args.resume)
+    overrides = {"out": args.out or (working if on_kaggle else "submission"),
+                 "budget": parse_budget(args.budget or (args.kaggle_budget if on_kaggle else "8m")),
+                 "seed": args.seed, "steps": args.steps, "n_samples": args.n_samples, "device": str(device),
+                 "graph": args.graph, "snapshots": args.snapshots,
+                 "log_every": args.log_every if args.log_every is not None else (300.0 if on_kaggle else 30.0)}
+    overrides.update({k: getattr(args, k) for k in ("width", "batch_size", "truncation", "augment", "precision", "lecam")
+                      if getattr(args, k) is not None})
+    cfg = with_settings(cfg, overrides)
+    parse_snapshots(cfg.snapshots)
+    annotations = None
+    if on_kaggle:
+        photos, annotations = kaggle_data(input_root, [tmp, os.environ.get("TMPDIR"), "/tmp"])
+        cfg = with_settings(cfg, {"data": photos})
+    else:
+        cfg = with_settings(cfg, {"data": args.data})
+    data = load_dataset(cfg.data, cfg.image_size, cfg.strategy, annotations=annotations, progress=True,
+                        log=lambda m: print(m, flush=True))
+    for line in summary_lines(data["summary"]):
+        print(line, flush=True)
+    return train(cfg, model_cls, resume=args.resume, data=data, t0=t0)

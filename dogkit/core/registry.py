@@ -1,11 +1,15 @@
-"""Model registry: name -> model class, its settings and its source modules.
+"""Model registry: name -> model class, its settings and a one-line summary.
 
-The CLI's --model choices and the kernel builder both read this table. Tooling only: a
-generated kernel holds exactly one model and never imports the registry.
+The CLI's --model choices and the kernel builder both read this table; the builder finds a
+model's code by following its module's imports. Adding a model = one new file in
+dogkit/core/models (a class that meets dogkit.core.models.common.ModelContract) plus one line
+here. `register` checks the contract. Tooling only: a generated kernel holds exactly one model
+and never imports the registry.
 """
 from dataclasses import dataclass
 
 from dogkit.core.models.biggan import BIGGAN_SETTINGS, BigGAN
+from dogkit.core.models.common import contract_problems
 from dogkit.core.models.cvae import CVAE, CVAE_SETTINGS
 from dogkit.core.models.dcgan import DCGAN, DCGAN_SETTINGS
 from dogkit.core.models.gan import GAN, GAN_SETTINGS
@@ -19,35 +23,36 @@ class ModelEntry:
     name: str
     cls: type
     settings: dict
-    modules: tuple  # core modules to inline into its kernel, in dependency order
     summary: str
 
 
-_CORE = ("dogkit.core.data", "dogkit.core.augment", "dogkit.core.sample", "dogkit.core.models.common")
+MODELS = {}
 
-MODELS = {
-    "gan": ModelEntry("gan", GAN, GAN_SETTINGS, _CORE + ("dogkit.core.models.gan", "dogkit.core.train"),
-                      "report 003's fully connected GAN, the floor of the table"),
-    "dcgan": ModelEntry("dcgan", DCGAN, DCGAN_SETTINGS,
-                        _CORE + ("dogkit.core.models.dcgan", "dogkit.core.train"),
-                        "report 001's DCGAN: BN, LeakyReLU, BCE with real label 0.8, input noise"),
-    "biggan": ModelEntry("biggan", BigGAN, BIGGAN_SETTINGS,
-                         _CORE + ("dogkit.core.models.biggan", "dogkit.core.train"),
-                         "BigGAN-style: breed-conditional, hierarchical z, projection D, SN, hinge, EMA"),
-}
-MODELS.update({
-    "wgan-gp": ModelEntry("wgan-gp", WGANGP, WGAN_GP_SETTINGS,
-                          _CORE + ("dogkit.core.models.wgan_gp", "dogkit.core.train"),
-                          "report 000's WGAN-GP: gradient penalty, layer norm in G, upsample+conv, Nadam"),
-    "sagan": ModelEntry("sagan", SAGAN, SAGAN_SETTINGS,
-                        _CORE + ("dogkit.core.models.sagan", "dogkit.core.train"),
-                        "report 002's SAGAN: self-attention at 32x32, spectral norm, hinge, TTUR"),
-    "cvae": ModelEntry("cvae", CVAE, CVAE_SETTINGS, _CORE + ("dogkit.core.models.cvae", "dogkit.core.train"),
-                       "report 000's convolutional VAE, sampled from K-means clusters with recycling"),
-    "ralsgan": ModelEntry("ralsgan", RaLSGAN, RALSGAN_SETTINGS,
-                          _CORE + ("dogkit.core.models.ralsgan", "dogkit.core.train"),
-                          "the public RaLSGAN dogs kernel (report 004): relativistic average LS loss"),
-})
+
+def register(cls, settings, summary):
+    """Add a model under its class's `name`; refuses a class that breaks the model contract, a
+    setting TrainConfig does not know, or a name taken twice."""
+    from dogkit.core.train import with_settings, TrainConfig
+
+    problems = contract_problems(cls)
+    try:
+        with_settings(TrainConfig(), settings)
+    except ValueError as exc:
+        problems.append(f"settings: {exc}")
+    if getattr(cls, "name", None) in MODELS:
+        problems.append(f"name {cls.name!r} is registered twice")
+    if problems:
+        raise TypeError(f"model {cls.__name__}: " + "; ".join(problems))
+    MODELS[cls.name] = ModelEntry(cls.name, cls, settings, summary)
+
+
+register(GAN, GAN_SETTINGS, "report 003's fully connected GAN, the floor of the table")
+register(DCGAN, DCGAN_SETTINGS, "report 001's DCGAN: BN, LeakyReLU, BCE with real label 0.8, input noise")
+register(BigGAN, BIGGAN_SETTINGS, "BigGAN-style: breed-conditional, hierarchical z, projection D, SN, hinge, EMA")
+register(WGANGP, WGAN_GP_SETTINGS, "report 000's WGAN-GP: gradient penalty, layer norm in G, upsample+conv, Nadam")
+register(SAGAN, SAGAN_SETTINGS, "report 002's SAGAN: self-attention at 32x32, spectral norm, hinge, TTUR")
+register(CVAE, CVAE_SETTINGS, "report 000's convolutional VAE, sampled from K-means clusters with recycling")
+register(RaLSGAN, RALSGAN_SETTINGS, "the public RaLSGAN dogs kernel (report 004): relativistic average LS loss")
 MODEL_NAMES = tuple(MODELS)
 
 

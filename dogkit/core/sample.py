@@ -1,9 +1,11 @@
 # ---------------------------------------------------------------------------------------------
 # Sampling: truncated z, PNGs written straight into images.zip, sample grids
 # ---------------------------------------------------------------------------------------------
+import contextlib
 import io
 import os
 import struct
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +15,41 @@ from PIL import Image
 
 N_SUBMISSION = 10_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
+
+
+class OutOfTime(RuntimeError):
+    """Work that would pass its deadline stops at the next batch instead."""
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name beside `path` to write to: renamed onto `path` when the block succeeds,
+    removed when it fails or is interrupted (a kill -9 leaves it: remove_stale_temps)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_MARK}{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temps(folder):
+    """Remove what a killed run left half-written in folder; returns the names removed."""
+    gone = []
+    for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
+        if TEMP_MARK in name:
+            os.remove(os.path.join(folder, name))
+            gone.append(name)
+    return gone
+
+
+def check_deadline(deadline, clock, what):
+    if deadline is not None and clock() > deadline:
+        raise OutOfTime(f"{what} passed the run's deadline")
 
 
 def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
@@ -42,10 +79,12 @@ def to_uint8(images):
 
 
 @torch.no_grad()
-def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu"):
+def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu",
+             deadline=None, clock=time.monotonic):
     """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional.
     z and labels are drawn up front on the CPU: the same seed gives the same images whatever the
-    batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches)."""
+    batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches).
+    With a deadline (on `clock`), raises OutOfTime between batches once it has passed."""
     gen = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, n_classes, gen) if n_classes else None
     z_all = truncated_normal((n, z_dim), truncation, gen)
@@ -54,6 +93,7 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
     G.eval()
     out = []
     for start in range(0, n, batch_size):
+        check_deadline(deadline, clock, "sampling")
         z = z_all[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device) if labels is not None else None
         out.append(to_uint8(G(z, y)))
@@ -67,18 +107,26 @@ def encode_png(pixels):
     return buf.getvalue()
 
 
-def write_zip(images, path, workers=8):
-    """Write HWC uint8 images as 00000.png ... into one flat zip; temp file + rename."""
-    path = str(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
+    """PNG bytes of HWC uint8 images (zlib releases the GIL: threads), in chunks of 1,000 with a
+    deadline check between them."""
+    blobs = []
     with ThreadPoolExecutor(workers) as pool:
-        blobs = list(pool.map(encode_png, images))
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-        for i, blob in enumerate(blobs):
-            zf.writestr(f"{i:05d}.png", blob)
-    os.replace(tmp, path)
+        for start in range(0, len(images), 1000):
+            check_deadline(deadline, clock, "PNG encoding")
+            blobs += pool.map(encode_png, images[start:start + 1000])
+    return blobs
+
+
+def write_zip(images, path, workers=8, deadline=None, clock=time.monotonic):
+    """Write HWC uint8 images as 00000.png ... into one flat zip, atomically (nothing is replaced
+    and nothing half-written is left when it fails or runs out of time)."""
+    path = str(path)
+    blobs = encode_pngs(images, workers, deadline, clock)
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            for i, blob in enumerate(blobs):
+                zf.writestr(f"{i:05d}.png", blob)
     return path
 
 
@@ -111,6 +159,5 @@ def save_grid(images, path, nrow=8):
     for i in range(n):
         r, k = divmod(i, ncol)
         grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = images[i]
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(grid).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, "PNG")

@@ -7,6 +7,8 @@
 # that refreshing the EMA's batch-norm statistics, sampling 10,000 images and writing the zip fit
 # inside the budget. On CUDA the whole step (batch sampling, augmentation, D and G updates, EMA)
 # is captured once in a CUDA graph and replayed; losses stay on the GPU until a log line.
+# Nothing that goes wrong after the first good step loses the run: the trainer rolls back to the
+# last good state, writes images.zip from it and only then reports the failure (RunFailed).
 import copy
 import dataclasses
 import json
@@ -15,6 +17,7 @@ import os
 import random
 import re
 import time
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,11 +26,23 @@ import torch.nn.functional as F
 
 from dogkit.core.augment import random_resized_crop_flip, to_float
 from dogkit.core.data import load_dataset
-from dogkit.core.sample import generate, save_grid, to_uint8, verify_zip, write_zip
+from dogkit.core.runtime import PRECISIONS, RunError, make_grad_scaler, pick_device, resolve_precision
+from dogkit.core.sample import (OutOfTime, atomic_path, encode_pngs, generate, remove_stale_temps, save_grid,
+                                to_uint8, verify_zip, write_zip)
 
 
 AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug")
-PRECISIONS = ("fp32", "bf16")  # bf16: autocast of the training step where the GPU has bf16 (A100, H100)
+CHOICES = {"augment": AUGMENTS, "precision": PRECISIONS, "graph": ("auto", "off"),
+           "loss": ("bce", "hinge"), "strategy": ("box", "square", "aspect", "pad")}
+
+
+class RunFailed(RuntimeError):
+    """Training stopped on an error, a NaN storm or the clock; `zip_path` is the images.zip the
+    run still wrote (from the last good generator), or None."""
+
+    def __init__(self, cause, zip_path=None):
+        super().__init__(cause)
+        self.cause, self.zip_path = cause, zip_path
 
 
 @dataclass
@@ -35,7 +50,7 @@ class TrainConfig:
     # run
     data: str = ""
     out: str = "runs/run"
-    budget: float = 9 * 3600 - 15 * 60  # seconds for the whole run, sampling and zip included
+    budget: float = 9 * 3600.0 - 15 * 60  # seconds for the whole run, sampling and zip included
     seed: int = 0
     device: str = "auto"
     steps: int = 0  # stop after this many steps as well (0: only the budget decides)
@@ -57,6 +72,8 @@ class TrainConfig:
     clusters: int = 1000  # K-means clusters of training latents for sampling (cvae)
     recycle: int = 3  # passes of each sample back through the VAE (cvae)
     loss: str = "bce"
+    lecam: float = 0.0  # LeCam regularisation weight (biggan; 0: off; Tseng et al. used 0.3 with DiffAugment)
+    lecam_decay: float = 0.99  # decay of LeCam's moving averages of D's outputs
     augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan)
     # schedule, as functions of p
     lr_decay_start: float = 0.5
@@ -74,9 +91,12 @@ class TrainConfig:
     grid_every: float = 300.0
     checkpoint_every: float = 300.0
     snapshots: str = ""  # progress points that keep a checkpoint copy, e.g. "0.25,0.5" (scaling curves)
+    keep_grids: int = 8  # progress grids kept in the run folder (thinned evenly; Kaggle keeps 500 files)
+    zip_every: float = 3600.0  # seconds between interim images.zip from the EMA (insurance on long runs)
+    max_rollbacks: int = 8  # a NaN storm: stop training after this many rollbacks and write the zip
     reserve: float = -1.0  # seconds kept for sampling and the zip (-1: measured at start)
     graph: str = "auto"  # capture the step in a CUDA graph: auto | off
-    precision: str = "fp32"  # fp32 (TF32 on GPUs that have it) | bf16 (falls back to fp32 without bf16)
+    precision: str = "fp32"  # fp32 (TF32 where the GPU has it) | bf16 (sm_80+) | fp16 (autocast + loss scaling)
 
 
 def parse_budget(text):
@@ -90,11 +110,24 @@ def parse_budget(text):
 
 
 def with_settings(cfg, settings):
-    """A copy of cfg with a model's settings applied; an unknown name is an error, not a no-op."""
-    unknown = set(settings) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"unknown setting(s): {sorted(unknown)}")
-    return dataclasses.replace(cfg, **settings)
+    """A copy of cfg with settings applied; an unknown name, a wrong type or a value outside its
+    choices is an error listing every such setting, not a no-op."""
+    types = {f.name: {"str": str, "int": int, "float": float}.get(f.type, f.type)
+             for f in dataclasses.fields(TrainConfig)}
+    problems = [f"unknown setting {k!r}" for k in sorted(set(settings) - set(types))]
+    for k, v in settings.items():
+        if k not in types:
+            continue
+        kind = types[k]
+        if kind is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+            problems.append(f"{k}={v!r}: must be {kind.__name__}")
+        elif k in CHOICES and v not in CHOICES[k]:
+            problems.append(f"{k}={v!r}: choose from {', '.join(CHOICES[k])}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return dataclasses.replace(cfg, **{k: float(v) if types[k] is float else v for k, v in settings.items()})
 
 
 def parse_snapshots(text):
@@ -115,12 +148,6 @@ def lr_multiplier(p, cfg):
 def ema_weight(p, cfg):
     """Weight of the new parameters in the EMA update: 1 (a plain copy) until ema_start."""
     return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay
-
-
-def pick_device(name):
-    if name in ("", "auto", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 REFRESH_BATCHES = 64
@@ -160,11 +187,13 @@ def refresh_batchnorm(G, cfg, n_classes, device):
 class Trainer:
     """Holds the models, the resident data and the schedule; `run()` trains and writes images.zip."""
 
-    def __init__(self, cfg, model_cls, data=None, clock=time.monotonic, log=print, hooks=()):
+    def __init__(self, cfg, model_cls, data=None, clock=time.monotonic, log=print, hooks=(), t0=None):
         cfg = dataclasses.replace(cfg, model=model_cls.name)  # what the checkpoint says it holds
         self.cfg, self.clock, self.log, self.hooks = cfg, clock, log, list(hooks)
-        self.t0 = clock()  # the budget counts from here: data loading and cleaning included
+        self.t0 = clock() if t0 is None else t0  # the budget counts from here: data cleaning included
         self.device = pick_device(cfg.device)
+        self.precision, why = resolve_precision(cfg.precision, self.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
@@ -178,22 +207,21 @@ class Trainer:
         images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2)
         self.images = images.contiguous().to(self.device)  # uint8, resident for the whole run
         self.labels = torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(self.device)
-        if cfg.augment not in AUGMENTS:
-            raise ValueError(f"augment {cfg.augment!r}: use one of {AUGMENTS}")
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"precision {cfg.precision!r}: use one of {PRECISIONS}")
-        self.autocast = cfg.precision == "bf16"
-        if self.autocast and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            log("this GPU has no bf16 (P100, T4): training in fp32")
-            self.autocast = False
         self.model = model_cls(cfg, self.n_classes, self.device)
         if "diffaug" in cfg.augment and not getattr(self.model, "diffaug", False):
             raise ValueError(f"augment {cfg.augment!r}: model {model_cls.name} does not apply DiffAugment")
+        if cfg.lecam > 0 and not getattr(model_cls, "applies_lecam", False):
+            raise ValueError(f"lecam={cfg.lecam:g}: model {model_cls.name} does not apply LeCam (biggan does)")
+        self.optimizers = [opt for opt in (self.model.opt_g, self.model.opt_d) if opt is not None]
+        for opt in self.optimizers:  # fp16: one loss scaler per optimiser (models/common.backward_step)
+            opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
+        self.log(f"precision  {why}")
         self.G_ema = copy.deepcopy(self.model.G).eval()
         for p in self.G_ema.parameters():
             p.requires_grad_(False)
         self.step = 0
-        self.elapsed = 0.0
+        self.elapsed = 0.0  # seconds of the run so far (previous runs included when resumed)
+        self.resumed_elapsed = 0.0  # what a resumed checkpoint had done before this process
         self.train_seconds = None
         self.lr_scale = 1.0
         self.rollbacks = 0
@@ -201,10 +229,14 @@ class Trainer:
         self.ema_w_value = 1.0
         self.loss_sum = None
         self.graph = None
+        self.good = None  # in-memory copy of the last good training state (rollback target)
         self.bn_refreshed = False
+        self.grid_every = cfg.grid_every
         self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(self.device)
         self.fixed_y = (torch.arange(64) % max(self.n_classes, 1)).to(self.device) if self.n_classes else None
         os.makedirs(cfg.out, exist_ok=True)
+        for name in remove_stale_temps(cfg.out):
+            self.log(f"removed {name}, left half-written by an earlier run that was killed")
 
     # ---- one step ------------------------------------------------------------------------
     def batch(self):
@@ -220,10 +252,11 @@ class Trainer:
         return x, self.labels[idx]
 
     def train_step(self):
-        # bf16 autocast around the whole step (forward and backward run in the dtype autocast
+        # bf16/fp16 autocast around the whole step (forward and backward run in the dtype autocast
         # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache:
         # the step may be captured in a CUDA graph.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast, cache_enabled=False):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                            enabled=self.amp_dtype is not None, cache_enabled=False):
             losses = self.model.step(self.batch)  # the model draws as many batches as it needs
         with torch.no_grad():
             for p_ema, p in zip(self.G_ema.parameters(), self.model.G.parameters()):
@@ -231,9 +264,9 @@ class Trainer:
             for b_ema, b in zip(self.G_ema.buffers(), self.model.G.buffers()):
                 b_ema.copy_(b)
             if self.loss_sum is None:
-                self.loss_sum = {k: torch.zeros_like(v) for k, v in losses.items()}
+                self.loss_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in losses.items()}
             for k, v in losses.items():
-                self.loss_sum[k] += v
+                self.loss_sum[k] += v.float()
         return losses
 
     def capture(self):
@@ -250,6 +283,15 @@ class Trainer:
             self.train_step()
         return graph
 
+    def use_graph(self):
+        if self.device.type != "cuda" or self.cfg.graph != "auto":
+            return False
+        if self.precision == "fp16":  # GradScaler reads found-inf on the host: not capturable
+            self.log("fp16: the loss scaler syncs with the host every step, so the step runs eager "
+                     "(no CUDA graph)")
+            return False
+        return True
+
     # ---- schedule and safety ---------------------------------------------------------------
     def set_schedule(self, p):
         scale = lr_multiplier(p, self.cfg) * self.lr_scale
@@ -265,23 +307,26 @@ class Trainer:
             self.ema_w_value = w
 
     def state_tensors(self):
-        """Every tensor that defines the training state, for in-place snapshots (graph-safe)."""
+        """Every tensor that defines the training state, for in-place copies (graph-safe)."""
         out = list(self.model.G.state_dict(keep_vars=True).values())
         if self.model.D is not None:
             out += list(self.model.D.state_dict(keep_vars=True).values())
         out += list(self.G_ema.state_dict(keep_vars=True).values())
-        for opt in (self.model.opt_g, self.model.opt_d):
-            for state in (opt.state.values() if opt is not None else ()):
+        for opt in self.optimizers:
+            for state in opt.state.values():
                 out += [v for v in state.values() if torch.is_tensor(v)]
         return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
 
-    def snapshot(self):
+    def keep_good_state(self):
         self.good = [t.detach().clone() for t in self.state_tensors()]
 
-    def rollback(self, reason):
+    def restore_good_state(self):
         with torch.no_grad():
             for t, saved in zip(self.state_tensors(), self.good):
                 t.copy_(saved)
+
+    def rollback(self, reason):
+        self.restore_good_state()
         self.rollbacks += 1
         self.lr_scale *= 0.5
         self.log(f"rollback #{self.rollbacks} to the last good state ({reason}); lr x{self.lr_scale:g}")
@@ -304,19 +349,23 @@ class Trainer:
             "G_ema": self.G_ema.state_dict(),
             "opt_g": self.model.opt_g.state_dict(),
             "opt_d": self.model.opt_d.state_dict() if self.model.opt_d is not None else None,
+            "scalers": [opt.grad_scaler.state_dict() if opt.grad_scaler else None for opt in self.optimizers],
             "ema_w": self.ema_w_value,
+            "grid_every": self.grid_every,
             "bn_refreshed": bool(self.bn_refreshed),  # standing stats in G_ema (final checkpoint)
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
         }
         path = os.path.join(self.cfg.out, name)
-        tmp = path + f".tmp{os.getpid()}"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
         return path
 
     def restore(self, path):
         ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        if ckpt.get("format") != "dogkit-checkpoint-1" or ckpt.get("model") != self.cfg.model:
+            raise RunError(f"{path}: a {ckpt.get('format')!r} checkpoint of model {ckpt.get('model')!r}; "
+                           f"this run trains {self.cfg.model!r} (dogkit-checkpoint-1)")
         self.model.G.load_state_dict(ckpt["G"])
         if self.model.D is not None:
             self.model.D.load_state_dict(ckpt["D"])
@@ -324,8 +373,13 @@ class Trainer:
         self.model.opt_g.load_state_dict(ckpt["opt_g"])
         if self.model.opt_d is not None:
             self.model.opt_d.load_state_dict(ckpt["opt_d"])
+        for opt, state in zip(self.optimizers, ckpt.get("scalers") or ()):
+            if opt.grad_scaler is not None and state:
+                opt.grad_scaler.load_state_dict(state)
         self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
+        self.resumed_elapsed = self.elapsed
         self.lr_scale, self.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
+        self.grid_every = ckpt.get("grid_every", self.grid_every)
         # a new --budget on resume re-plans the end; the same budget keeps the same schedule
         same_budget = ckpt["config"]["budget"] == self.cfg.budget
         self.train_seconds = ckpt["train_seconds"] if same_budget else None
@@ -339,89 +393,137 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         self.log(f"resumed {path}: step {self.step}, {self.elapsed:.0f} s done")
 
-    # ---- the run ---------------------------------------------------------------------------
-    def measure_reserve(self):
-        """Seconds to keep for the end: re-estimate batch-norm statistics, sample n_samples and
-        write the zip (measured on 512 images, x1.25, +3 s)."""
-        if self.cfg.reserve >= 0:
-            return self.cfg.reserve
-        probe = os.path.join(self.cfg.out, ".reserve-probe.zip")
-        for _ in range(2):  # the first pass of a batch shape pays cuDNN's autotuning once: time the second
-            t0 = time.monotonic()
-            imgs = generate(self.G_ema, 512, self.cfg.z_dim, None, self.n_classes, 512, device=self.device)
-            t1 = time.monotonic()
-        write_zip(imgs, probe)
-        os.remove(probe)
-        gen, png = (t1 - t0) / 512, (time.monotonic() - t1) / 512  # seconds per image
-        refresh = refresh_images(self.G_ema, self.cfg)
-        return 1.25 * (gen * (self.cfg.n_samples + refresh) + png * self.cfg.n_samples) + 3.0
+    # ---- the plan: how long the end takes, how long training gets -------------------------------
+    def measure_end(self):
+        """Seconds the end of the run takes on this device, timed on its real path: the model's
+        preparation for sampling (cvae: K-means of the training latents; timed on a subset and
+        scaled), the batch-norm refresh and n_samples images in the sampling batch shape (second
+        pass: the first pays cuDNN's autotuning), PNG encoding of real training photos (more
+        detail than an untrained generator's flat images, so an upper bound) and a checkpoint.
+        Returns (seconds x1.25 + 3 s, the parts)."""
+        cfg, cuda = self.cfg, self.device.type == "cuda"
+        G = copy.deepcopy(self.G_ema)
+        parts = {"prepare": 0.0}
+        if hasattr(self.model, "before_sampling"):
+            n = min(len(self.images), 4000 if cuda else 1000)
+            t = time.monotonic()
+            self.model.before_sampling(G, to_float(self.images[:n]))
+            parts["prepare"] = (time.monotonic() - t) * len(self.images) / n
+        probe = 512 if cuda else 32
+        for _ in range(2):
+            t = time.monotonic()
+            generate(G, probe, cfg.z_dim, None, self.n_classes, probe, device=self.device)
+            per_image = (time.monotonic() - t) / probe
+        parts["generate"] = per_image * (cfg.n_samples + refresh_images(G, cfg))
+        photos = self.images[:probe].permute(0, 2, 3, 1).cpu().numpy()
+        t = time.monotonic()
+        encode_pngs(photos)
+        parts["png"] = (time.monotonic() - t) / len(photos) * cfg.n_samples
+        t = time.monotonic()
+        self.checkpoint()  # the run's first checkpoint, timed
+        parts["checkpoint"] = time.monotonic() - t
+        return 1.25 * sum(parts.values()) + 3.0, parts
 
+    def plan(self):
+        """Fix train_seconds (budget minus the end's reserve); refuse a budget too short for it."""
+        cfg = self.cfg
+        if cfg.reserve >= 0:
+            reserve, how = cfg.reserve, "as configured"
+        else:
+            reserve, parts = self.measure_end()
+            how = "measured: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ", x1.25 + 3 s"
+        self.train_seconds = max(0.0, cfg.budget - reserve)
+        used = self.resumed_elapsed + (self.clock() - self.t0)  # previous runs (resume), data loading
+        if self.train_seconds - used < 0.1 * cfg.budget:
+            need = math.ceil((used + reserve) / 0.9 / 60)
+            raise RunError(f"budget {fmt_time(cfg.budget)} is too short on this device: {used:.0f} s already "
+                           f"spent and the end (sampling {cfg.n_samples} images, the zip) needs {reserve:.0f} s "
+                           f"({how}); give --budget {need}m or more")
+        self.log(f"budget     {fmt_time(cfg.budget)}: training until {fmt_time(self.train_seconds)}, "
+                 f"{reserve:.0f} s kept for the end ({how})")
+
+    # ---- the run ---------------------------------------------------------------------------
     def write_log(self, record):
         with open(os.path.join(self.cfg.out, "log.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def run(self):
+        """Train until the budget's training time (or cfg.steps), then finish. Returns the zip path;
+        raises RunFailed, after writing the zip, when training stopped on an error or a NaN storm."""
         cfg = self.cfg
         if self.train_seconds is None:
-            reserve = self.measure_reserve()
-            self.train_seconds = max(0.0, cfg.budget - reserve)
-            self.log(f"budget {cfg.budget:.0f} s: training {self.train_seconds:.0f} s, "
-                     f"{reserve:.0f} s kept for sampling and the zip")
+            self.plan()
         with open(os.path.join(cfg.out, "options.json"), "w") as fh:
             json.dump(dataclasses.asdict(cfg), fh, indent=2)
-        start = self.t0 - self.elapsed
-        last_log = last_grid = last_ckpt = self.clock()
-        use_graph = self.device.type == "cuda" and cfg.graph == "auto"
-        steps_at_log, good_taken = self.step, False
-        pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
+        failure = None
         try:
-            while True:
-                now = self.clock()
-                self.elapsed = now - start
-                if self.elapsed >= self.train_seconds or (cfg.steps and self.step >= cfg.steps):
-                    break
-                p = self.elapsed / max(self.train_seconds, 1e-9)
-                self.set_schedule(p)
-                if use_graph and self.graph is None:
-                    try:
-                        self.graph = self.capture()
-                        self.log("training step captured in a CUDA graph")
-                    except Exception as exc:  # any capture problem: eager from here on
-                        use_graph = False
-                        self.log(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eager")
-                        torch.cuda.synchronize()
-                    continue
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self.train_step()
-                self.step += 1
-                for hook in self.hooks:
-                    hook(self)
-                if not good_taken:
-                    self.snapshot()
-                    good_taken = True
-                if now - last_log >= cfg.log_every:
-                    ok = self.log_interval(p, self.step - steps_at_log, now - last_log)
-                    if ok:
-                        self.snapshot()
-                    steps_at_log, last_log = self.step, now
-                if now - last_grid >= cfg.grid_every:
-                    self.grid(f"grid-{self.step:07d}.png")
-                    last_grid = now
-                if now - last_ckpt >= cfg.checkpoint_every:
-                    self.checkpoint()
-                    last_ckpt = now
-                if pending and p >= pending[0]:
-                    self.checkpoint(f"snapshot-p{pending.pop(0):g}.pt")
+            failure = self.train_loop()
         except KeyboardInterrupt:
             path = self.checkpoint()
             self.log(f"interrupted: state saved to {path}; continue with --resume {path}")
             raise
+        except Exception as exc:  # anything else: keep what the run has learnt
+            if self.good is None:
+                raise
+            failure = f"{type(exc).__name__} at step {self.step}: {exc}"
+            self.log("training stopped: " + traceback.format_exc().rstrip())
+            self.restore_good_state()
+        return self.finish(failure)
+
+    def train_loop(self):
+        """The loop. Returns None, or the cause when it had to stop early (a NaN storm)."""
+        cfg = self.cfg
+        start = self.t0 - self.resumed_elapsed
+        last_log = last_grid = last_ckpt = last_zip = self.clock()
+        use_graph = self.use_graph()
+        steps_at_log = self.step
+        pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
+        while True:
+            now = self.clock()
+            self.elapsed = now - start
+            if self.elapsed >= self.train_seconds or (cfg.steps and self.step >= cfg.steps):
+                break
+            p = self.elapsed / max(self.train_seconds, 1e-9)
+            self.set_schedule(p)
+            if use_graph and self.graph is None:
+                try:
+                    self.graph = self.capture()
+                    self.log("training step captured in a CUDA graph")
+                except Exception as exc:  # any capture problem: eager from here on
+                    use_graph = False
+                    self.log(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eager")
+                    torch.cuda.synchronize()
+                continue
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.train_step()
+            self.step += 1
+            for hook in self.hooks:
+                hook(self)
+            if self.good is None:
+                self.keep_good_state()
+            if now - last_log >= cfg.log_every:
+                if self.log_interval(p, self.step - steps_at_log, now - last_log):
+                    self.keep_good_state()
+                elif self.rollbacks >= cfg.max_rollbacks:
+                    return f"NaN storm: {self.rollbacks} rollbacks at step {self.step}"
+                steps_at_log, last_log = self.step, now
+            if now - last_grid >= self.grid_every:
+                self.progress_grid()
+                last_grid = now
+            if now - last_ckpt >= cfg.checkpoint_every:
+                self.checkpoint()
+                last_ckpt = now
+            if pending and p >= pending[0]:
+                self.checkpoint(f"snapshot-p{pending.pop(0):g}.pt")
+            if now - last_zip >= cfg.zip_every and self.train_seconds - self.elapsed > cfg.zip_every / 4:
+                self.interim_zip()
+                last_zip = now
         if self.step > steps_at_log:
             self.log_interval(self.elapsed / max(self.train_seconds, 1e-9), self.step - steps_at_log,
                               self.clock() - last_log)
-        return self.finish()
+        return None
 
     def log_interval(self, p, steps, seconds):
         """Read the accumulated losses (the only host sync), write a log line; False on NaN."""
@@ -440,6 +542,7 @@ class Trainer:
             self.rollback("loss is NaN or diverged")
         return finite
 
+    # ---- pictures and interim zips ------------------------------------------------------------
     @torch.no_grad()
     def grid(self, name):
         was = self.G_ema.training
@@ -448,27 +551,69 @@ class Trainer:
         self.G_ema.train(was)
         save_grid(to_uint8(imgs), os.path.join(self.cfg.out, name))
 
-    def finish(self):
-        """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip."""
+    def progress_grid(self):
+        """grid-STEP.png; past keep_grids files every other older one goes and the interval doubles,
+        so a 9-hour run keeps a few evenly spaced grids, never hundreds."""
+        self.grid(f"grid-{self.step:07d}.png")
+        grids = sorted(f for f in os.listdir(self.cfg.out) if re.fullmatch(r"grid-\d{7}\.png", f))
+        if len(grids) > max(2, self.cfg.keep_grids):
+            for name in grids[1:-1:2]:
+                os.remove(os.path.join(self.cfg.out, name))
+            self.grid_every *= 2
+
+    def prepare_for_sampling(self, G):
+        """What sampling needs beyond the weights: the model's own step (cvae: clusters of the
+        training latents) and standing batch-norm statistics."""
+        if hasattr(self.model, "before_sampling"):
+            self.model.before_sampling(G, to_float(self.images))
+        refresh_batchnorm(G, self.cfg, self.n_classes, self.device)
+
+    def sample_zip(self, G, deadline=None):
         cfg = self.cfg
-        if not all(torch.isfinite(t).all() for t in self.G_ema.state_dict().values() if t.is_floating_point()):
-            self.log("EMA generator is not finite: using the last good state")
-            self.rollback("non-finite weights at the end")
-        if hasattr(self.model, "before_sampling"):  # e.g. the VAE's K-means of training latents
-            self.model.before_sampling(self.G_ema, to_float(self.images))
-        refresh_batchnorm(self.G_ema, cfg, self.n_classes, self.device)
-        self.bn_refreshed = True
-        self.checkpoint()
-        self.grid("samples.png")
-        t0 = time.monotonic()
         truncation = cfg.truncation if cfg.truncation > 0 else None
-        images = generate(self.G_ema, cfg.n_samples, cfg.z_dim, truncation, self.n_classes, device=self.device,
-                          seed=cfg.seed)
-        path = write_zip(images, os.path.join(cfg.out, "images.zip"))
+        images = generate(G, cfg.n_samples, cfg.z_dim, truncation, self.n_classes, device=self.device,
+                          seed=cfg.seed, deadline=deadline, clock=self.clock)
+        path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=self.clock)
         if cfg.n_samples == 10_000:
             verify_zip(path)
-        self.log(f"wrote {path}: {cfg.n_samples} images in {time.monotonic() - t0:.1f} s "
+        return path
+
+    def interim_zip(self):
+        """images.zip from a copy of the EMA generator now: a valid submission exists from the first
+        hour on, whatever happens later. A failure here is logged, not fatal."""
+        t = time.monotonic()
+        try:
+            G = copy.deepcopy(self.G_ema)
+            self.prepare_for_sampling(G)
+            self.sample_zip(G)
+            self.log(f"interim images.zip at step {self.step} ({time.monotonic() - t:.0f} s)")
+        except Exception as exc:
+            self.log(f"interim images.zip failed ({type(exc).__name__}: {exc}); training goes on")
+
+    # ---- the end ---------------------------------------------------------------------------
+    def finish(self, failure=None):
+        """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
+        budget's deadline: sampling stops (keeping any earlier images.zip) rather than overrun."""
+        deadline = self.t0 - self.resumed_elapsed + self.cfg.budget  # on self.clock, the zip included
+        path = os.path.join(self.cfg.out, "images.zip")
+        t = time.monotonic()
+        try:
+            if not all(torch.isfinite(v).all() for v in self.G_ema.state_dict().values() if v.is_floating_point()):
+                self.log("EMA generator is not finite: using the last good state")
+                self.rollback("non-finite weights at the end")
+            self.prepare_for_sampling(self.G_ema)
+            self.bn_refreshed = True
+            self.checkpoint()
+            self.grid("samples.png")
+            path = self.sample_zip(self.G_ema, deadline)
+        except OutOfTime as exc:
+            kept = "the interim images.zip is kept" if os.path.exists(path) else "no images.zip written"
+            raise RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept})",
+                            path if os.path.exists(path) else None) from None
+        self.log(f"wrote {path}: {self.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
                  f"(step {self.step}, {self.rollbacks} rollbacks)")
+        if failure:
+            raise RunFailed(failure, path)
         return path
 
 
@@ -479,9 +624,10 @@ def fmt_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=()):
-    """Train model_cls under cfg (resuming from a checkpoint if given); returns the zip path."""
-    trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks)
+def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None):
+    """Train model_cls under cfg (resuming from a checkpoint if given); returns the zip path.
+    Raises RunFailed (after writing the zip from the last good state) when training broke off."""
+    trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks, t0=t0)
     if resume:
         trainer.restore(resume)
     return trainer.run()

@@ -11,6 +11,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from dogkit.core.runtime import pick_device  # noqa: F401  (one device rule for training and scoring)
+
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
 
@@ -79,12 +81,6 @@ def batched(images: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarra
             buf = []
     if buf:
         yield np.stack(buf)
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def extract(model: torch.nn.Module, images: np.ndarray, device: torch.device | str, batch_size: int = 50,

@@ -8,6 +8,7 @@ provenance record. Work is checkpointed to ``<out>.partial.npz`` so an interrupt
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dogkit.core.data import MAX_PHOTO_BYTES, read_zip_entry
 from dogkit.metrics import features as feat
 from dogkit.metrics.fid import stats
 
@@ -51,18 +53,27 @@ def to_reference_pixels(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.LANCZOS))
 
 
-def load_photos(source: Path, names: list[str]) -> np.ndarray:
-    out = np.empty((len(names), REFERENCE_SIZE, REFERENCE_SIZE, 3), dtype=np.uint8)
-    if source.is_dir():
+def load_photos(source: Path, names: list[str]) -> tuple[np.ndarray, list[int]]:
+    """(pixels, indices of the photos that could not be read: their rows are left zero)."""
+    out = np.zeros((len(names), REFERENCE_SIZE, REFERENCE_SIZE, 3), dtype=np.uint8)
+    bad = []
+    zf = None if source.is_dir() else zipfile.ZipFile(source)
+    try:
         for i, n in enumerate(names):
-            with Image.open(source / n) as img:
-                out[i] = to_reference_pixels(img)
-    else:
-        with zipfile.ZipFile(source) as zf:
-            for i, n in enumerate(names):
-                with zf.open(n) as fh, Image.open(fh) as img:
-                    out[i] = to_reference_pixels(img)
-    return out
+            try:
+                if zf is None:
+                    with Image.open(source / n) as img:
+                        out[i] = to_reference_pixels(img)
+                else:
+                    data = read_zip_entry(zf, zf.getinfo(n), MAX_PHOTO_BYTES)
+                    with Image.open(io.BytesIO(data)) as img:
+                        out[i] = to_reference_pixels(img)
+            except Exception:  # unreadable, truncated, a bomb: counted and named, never a crash
+                bad.append(i)
+    finally:
+        if zf is not None:
+            zf.close()
+    return out, bad
 
 
 def _fingerprint(names: list[str]) -> str:
@@ -90,12 +101,15 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
     fingerprint = _fingerprint(names)
     partial = out.with_name(out.name + ".partial.npz")
     feats = np.zeros((len(names), feat.FEATURE_DIM), dtype=np.float32)
+    bad = np.zeros(len(names), dtype=bool)  # photos that could not be read: dropped at the end
     done = 0
     if partial.exists():
         with np.load(partial) as p:
             if str(p["fingerprint"]) == fingerprint and str(p["digest"]) == model_info["digest"]:
                 done = int(p["done"])
                 feats[:done] = p["features"][:done]
+                if "bad" in p.files:
+                    bad[:done] = p["bad"][:done]
                 log(f"resuming {out}: {done}/{len(names)} photos already done")
             else:
                 log(f"ignoring {partial}: made from other photos or weights")
@@ -105,21 +119,29 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
     last_saved = done
     while done < len(names):
         chunk = names[done:done + batch_size]
-        pixels = load_photos(source, chunk)
+        pixels, unreadable = load_photos(source, chunk)
         feats[done:done + len(chunk)] = feat.pool3(model, pixels, device)
+        bad[[done + i for i in unreadable]] = True
         done += len(chunk)
         bar.update(len(chunk))
         if done - last_saved >= checkpoint_every and done < len(names):
-            _atomic_savez(partial, features=feats[:done], done=done, fingerprint=fingerprint,
+            _atomic_savez(partial, features=feats[:done], bad=bad[:done], done=done, fingerprint=fingerprint,
                           digest=model_info["digest"])
             last_saved = done
     bar.close()
+    skipped = [n for n, b in zip(names, bad) if b]
+    if skipped:
+        log(f"{len(skipped)} unreadable photo(s) skipped (not in the reference), e.g. {', '.join(skipped[:5])}")
+        feats, names = feats[~bad], [n for n, b in zip(names, bad) if not b]
+    if len(names) < 2:
+        raise ValueError(f"{source}: {len(names)} readable photo(s), at least 2 needed")
     mu, sigma = stats(feats)
     provenance = {
         "source": str(source), "count": len(names), "fingerprint": fingerprint,
         "weights": model_info, "resize": "PIL RGB, LANCZOS to 64x64",
         "pipeline": "uint8 -> float32 -> TF1 legacy bilinear 299 -> (x-128)/128 -> pool_3",
         "seconds_this_run": round(time.time() - t0, 1),
+        "skipped": {"count": len(skipped), "first": skipped[:20]},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_savez(out, mu=mu, sigma=sigma, features=feats, names=np.array(names),

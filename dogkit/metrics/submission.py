@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -16,13 +17,19 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from dogkit.core.data import DataError, read_zip_entry, zip_entry_problem  # clean-data reads zips the same way
 from dogkit.core.sample import png_header  # the kernel's self-check reads the same header
 
 N_IMAGES = 10_000
 IMAGE_SIZE = 64
-# A 64x64 RGB PNG stored with no compression at all is about 12.4 KB; anything claiming
-# more than this is refused before it is decompressed (zip bombs).
-MAX_ENTRY_BYTES = 1 << 20
+# The largest honest 64x64 RGB 8-bit PNG: the image data stored with no compression at all is
+# 64 rows x (1 filter byte + 192) = 12,352 bytes, about 12.4 KB with the PNG and zlib framing;
+# 64 KiB leaves room for metadata chunks (an ICC profile, text) and for IDAT split into many
+# chunks. No entry is read past this, whatever its header claims (zip bombs), and the whole
+# submission past MAX_TOTAL_BYTES (10,000 uncompressed PNGs are 124 MB).
+MAX_ENTRY_BYTES = 64 << 10
+MAX_TOTAL_BYTES = 256 << 20
+MAX_PIXELS = 4096 * 4096  # --no-strict: larger images are refused before they are decoded
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 COLOR_TYPES = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha", 6: "RGBA"}
 
@@ -82,118 +89,165 @@ def decode(data: bytes, convert: bool = False) -> np.ndarray:
     return arr
 
 
-def _entry_problems(info: zipfile.ZipInfo) -> str | None:
+def _entry_problems(info: zipfile.ZipInfo, strict: bool = True) -> str | None:
     name = info.filename
     parts = PurePosixPath(name).parts
     if name.startswith("/") or ".." in parts or "\\" in name:
         return f"{name}: unsafe path (absolute, '..' or backslash)"
+    if not strict:
+        return None
     if parts and parts[0] == "__MACOSX":
         return f"{name}: __MACOSX/ entries are not allowed (zip made by macOS Finder)"
     if info.is_dir():
         return f"{name}: folders are not allowed (the zip must be flat)"
     if len(parts) != 1:
         return f"{name}: nested path (images must sit at the top of the zip)"
-    if info.file_size > MAX_ENTRY_BYTES:
-        return f"{name}: claims {info.file_size} bytes uncompressed (limit {MAX_ENTRY_BYTES})"
     if not name.lower().endswith(".png"):
         return f"{name}: not a .png file"
     return None
 
 
-def _open_zip(path: Path) -> zipfile.ZipFile:
-    if not zipfile.is_zipfile(path):
-        raise SubmissionError(str(path), [f"{path}: not a zip file"])
-    return zipfile.ZipFile(path)
+def _duplicates(names: list[str]) -> list[str]:
+    counts = Counter(names)
+    return [f"{n}: {c} entries share this name (Kaggle keeps one; every image needs its own name)"
+            for n, c in counts.items() if c > 1]
 
 
-def read_entries(path: Path, strict: bool) -> tuple[list[str], list[bytes]]:
-    """Names and raw bytes of the image entries of a zip, rules checked on the listing first."""
-    with _open_zip(path) as zf:
+def _is_image(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return bool(parts) and parts[0] != "__MACOSX" and PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _zip_entries(path: Path, strict: bool, n_images: int):
+    """(name, bytes or None, problem or None) for each image entry of a zip, read one at a time with
+    the caps; listing-level rules (count, names, paths, methods, sizes) are checked first."""
+    if path.stat().st_size > MAX_TOTAL_BYTES + (64 << 20):
+        raise SubmissionError(str(path), [f"{path}: {path.stat().st_size} bytes, larger than any honest "
+                                          f"submission (limit {MAX_TOTAL_BYTES} bytes of images)"])
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise SubmissionError(str(path), [f"{path}: not a zip file ({exc})"]) from None
+    with zf:
         infos = zf.infolist()
         if not infos:
             raise SubmissionError(str(path), [f"{path}: empty zip"])
-        if strict:
-            problems = [p for p in map(_entry_problems, infos) if p]
-            if len(infos) != N_IMAGES:
-                problems.insert(0, f"{path}: {len(infos)} entries, must be exactly {N_IMAGES}")
-            if problems:
-                raise SubmissionError(str(path), problems)
-        else:
-            bad = [p for p in map(_entry_problems, infos)
-                   if p and ("unsafe" in p or "claims" in p)]
-            if bad:
-                raise SubmissionError(str(path), bad)
-            infos = [i for i in infos if not i.is_dir() and not i.filename.startswith("__MACOSX")
-                     and PurePosixPath(i.filename).suffix.lower() in IMAGE_EXTENSIONS]
-        names = [i.filename for i in infos]
-        blobs = [zf.read(i) for i in infos]
-    return names, blobs
-
-
-def read_folder(path: Path, strict: bool) -> tuple[list[str], list[bytes]]:
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    if strict:
-        problems = []
-        for p in files:
-            rel = p.relative_to(path).as_posix()
-            if "/" in rel:
-                problems.append(f"{rel}: nested path (images must sit at the top)")
-            elif p.suffix.lower() != ".png":
-                problems.append(f"{rel}: not a .png file")
-        if len(files) != N_IMAGES:
-            problems.insert(0, f"{path}: {len(files)} files, must be exactly {N_IMAGES}")
+        if not strict:
+            infos = [i for i in infos if not i.is_dir() and _is_image(i.filename) or _entry_problems(i, False)]
+        problems = [p for p in (_entry_problems(i, strict) for i in infos) if p]
+        problems += _duplicates([i.filename for i in infos])
+        problems += [f"{i.filename}: {p}" for i in infos for p in [zip_entry_problem(i, MAX_ENTRY_BYTES)] if p]
+        if strict and len(infos) != n_images:
+            problems.insert(0, f"{path}: {len(infos)} entries, must be exactly {n_images}")
+        if sum(i.file_size for i in infos) > MAX_TOTAL_BYTES:
+            problems.append(f"{path}: entries claim {sum(i.file_size for i in infos)} bytes in all "
+                            f"(limit {MAX_TOTAL_BYTES})")
         if problems:
             raise SubmissionError(str(path), problems)
-    else:
-        files = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    return [p.relative_to(path).as_posix() for p in files], [p.read_bytes() for p in files]
+        total = 0
+        for info in infos:
+            try:
+                data = read_zip_entry(zf, info, MAX_ENTRY_BYTES)
+            except DataError as exc:
+                yield info.filename, None, str(exc)
+                continue
+            total += len(data)
+            if total > MAX_TOTAL_BYTES:
+                raise SubmissionError(str(path), [f"{path}: entries inflate past {MAX_TOTAL_BYTES} bytes in all"])
+            yield info.filename, data, None
 
 
-def load_submission(source: str | Path, strict: bool = True, workers: int | None = None) -> Images:
+def _folder_entries(path: Path, strict: bool, n_images: int):
+    """The same for a folder: symlinks are never followed, the same caps apply."""
+    files, links = [], []
+    for dirpath, dirnames, filenames in os.walk(path):  # os.walk does not descend into linked folders
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                links.append(os.path.join(dirpath, d))
+        for f in filenames:
+            full = os.path.join(dirpath, f)
+            (links if os.path.islink(full) else files).append(full)
+    rel = lambda p: Path(p).relative_to(path).as_posix()  # noqa: E731
+    files = sorted(files, key=rel)
+    if not strict:
+        files = [f for f in files if _is_image(rel(f))]
+    problems = [f"{rel(p)}: a symbolic link (not followed)" for p in sorted(links)] if strict else []
+    if strict:
+        for p in files:
+            if "/" in rel(p):
+                problems.append(f"{rel(p)}: nested path (images must sit at the top)")
+            elif not p.lower().endswith(".png"):
+                problems.append(f"{rel(p)}: not a .png file")
+        if len(files) != n_images:
+            problems.insert(0, f"{path}: {len(files)} files, must be exactly {n_images}")
+    problems += [f"{rel(p)}: {os.path.getsize(p)} bytes (limit {MAX_ENTRY_BYTES})" for p in files
+                 if os.path.getsize(p) > MAX_ENTRY_BYTES]
+    if problems:
+        raise SubmissionError(str(path), problems)
+    for p in files:
+        with open(p, "rb") as fh:
+            yield rel(p), fh.read(MAX_ENTRY_BYTES + 1)[:MAX_ENTRY_BYTES], None
+
+
+def decode_any(name: str, data: bytes) -> tuple[list[str], np.ndarray | None]:
+    """--no-strict: any image PIL reads, converted to RGB, refused past MAX_PIXELS."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                return [f"{name}: {img.width}x{img.height} pixels (limit {MAX_PIXELS})"], None
+        return [], decode(data, convert=True)
+    except Exception as exc:
+        return [f"{name}: unreadable image ({exc})"], None
+
+
+def load_submission(source: str | Path, strict: bool = True, workers: int | None = None,
+                    n_images: int = N_IMAGES) -> Images:
     """Check the rules and decode every image. Raises SubmissionError listing all violations.
-    PNG decoding runs in `workers` threads (zlib releases the GIL; default: one per core, max 16)."""
+
+    Memory stays bounded whatever the input claims: no entry is read past MAX_ENTRY_BYTES (zip
+    headers are not trusted), at most MAX_TOTAL_BYTES in all, only stored and deflated entries,
+    and each image is decoded as it is read (at most 4 per thread in flight), so what is held is
+    the decoded pixels (12 KB an image), not the raw files. PNG decoding runs in `workers` threads
+    (zlib releases the GIL; default: one per core, max 16). n_images: the count strict mode
+    demands (the competition's 10,000; smaller in tests)."""
     workers = workers or min(16, os.cpu_count() or 1)
     source = Path(source)
     if source.is_dir():
-        if strict:
-            notes = ["a folder is not a submission; Kaggle needs images.zip"]
-        else:
-            notes = []
-        names, blobs = read_folder(source, strict)
+        notes = ["a folder is not a submission; Kaggle needs images.zip"] if strict else []
+        entries = _folder_entries(source, strict, n_images)
     elif source.is_file():
         notes = []
-        names, blobs = read_entries(source, strict)
+        entries = _zip_entries(source, strict, n_images)
     else:
         raise SubmissionError(str(source), [f"{source}: no such file or folder"])
-
-    if strict:
-        with ThreadPoolExecutor(workers) as pool:
-            checked = list(pool.map(check_png, names, blobs))
-        problems = [p for ps, _ in checked for p in ps]
-        if problems:
-            raise SubmissionError(str(source), problems)
-        return Images(names=names, pixels=np.stack([px for _, px in checked]), source=str(source), notes=notes)
-    if len(names) < 2:
-        raise SubmissionError(str(source), [f"{source}: {len(names)} image(s), at least 2 needed"])
-
-    def safe_decode(name_blob):
-        name, blob = name_blob
-        try:
-            return decode(blob, convert=True), None
-        except Exception as exc:
-            return None, f"{name}: unreadable image ({exc})"
-
+    check = check_png if strict else decode_any
+    names, arrays, problems = [], [], []
     with ThreadPoolExecutor(workers) as pool:
-        decoded = list(pool.map(safe_decode, zip(names, blobs)))
-    errors = [e for _, e in decoded if e]
-    if errors:
-        raise SubmissionError(str(source), errors)
-    arrays = [a for a, _ in decoded]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) == 1:
-        pixels = np.stack(arrays)
-    else:  # --no-strict with mixed sizes: bring all to 64x64 as the competition would see them
-        notes.append(f"mixed image sizes {sorted(shapes)[:3]}...: resized to 64x64 with LANCZOS")
-        pixels = np.stack([np.asarray(Image.fromarray(a).resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS))
-                           for a in arrays])
-    return Images(names=names, pixels=pixels, source=str(source), notes=notes)
+        pending = deque()
+        for name, data, problem in entries:
+            names.append(name)
+            if problem:
+                problems.append(problem)
+                arrays.append(None)
+                continue
+            pending.append((len(arrays), pool.submit(check, name, data)))
+            arrays.append(None)
+            del data
+            while len(pending) > 4 * workers or (pending and pending[0][1].done()):
+                i, future = pending.popleft()
+                found, arrays[i] = future.result()
+                problems += found
+        for i, future in pending:
+            found, arrays[i] = future.result()
+            problems += found
+    if problems:
+        raise SubmissionError(str(source), problems)
+    if not strict and len(names) < 2:
+        raise SubmissionError(str(source), [f"{source}: {len(names)} image(s), at least 2 needed"])
+    off_size = sum(a.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE) for a in arrays)
+    if off_size:  # --no-strict: every image that is not 64x64 is resized, the same way
+        notes.append(f"{off_size} image(s) not {IMAGE_SIZE}x{IMAGE_SIZE}: each resized to "
+                     f"{IMAGE_SIZE}x{IMAGE_SIZE} with PIL LANCZOS")
+        arrays = [a if a.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE) else
+                  np.asarray(Image.fromarray(a).resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)) for a in arrays]
+    return Images(names=names, pixels=np.stack(arrays), source=str(source), notes=notes)

@@ -45,3 +45,76 @@ def test_sampling_does_not_depend_on_the_batch_size():
     c = generate(G, 10, cfg.z_dim, truncation=0.8, n_classes=3, batch_size=10, seed=6)
     assert abs(a.astype(int) - b.astype(int)).max() <= 1  # same z and labels; float rounding at most
     assert (a != c).mean() > 0.1  # another seed, other images
+
+
+def test_lecam_penalty_closed_form_and_bias_corrected_averages():
+    from dogkit.core.models.common import lecam_penalty
+
+    state = torch.zeros(3)
+    d_real, d_fake = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
+    # first update: the bias-corrected averages are the batch means, 1 (real) and 0 (fake)
+    got = lecam_penalty(state, d_real, d_fake, decay=0.99)
+    expected = ((2.0 - 0.0) ** 2 + 0.0) / 2 + ((1.0 - -1.0) ** 2 + (1.0 - 1.0) ** 2) / 2
+    assert float(got) == pytest.approx(expected)
+    assert state.tolist() == pytest.approx([0.01, 0.0, 1.0])
+    # D outputs on the right side of the other side's average: no penalty
+    state = torch.tensor([0.01, -0.01, 1.0])  # averages 1 (real) and -1 (fake) after one update
+    penalty = lecam_penalty(state, torch.tensor([-2.0]), torch.tensor([2.0]), decay=0.99)
+    assert float(penalty) == 0.0  # D(real) -2 is below the fake average, D(fake) 2 above the real one
+
+
+def test_lecam_is_applied_by_biggan_only(tmp_path, tiny_dataset):
+    from dogkit.core.train import Trainer
+
+    cfg = with_settings(with_settings(TrainConfig(), registry.get("biggan").settings),
+                        dict(width=4, batch_size=8, device="cpu", out=str(tmp_path), lecam=0.3))
+    trainer = Trainer(cfg, registry.get("biggan").cls, data=tiny_dataset, log=lambda m: None)
+    losses = trainer.train_step()
+    assert "loss_lecam" in losses and torch.isfinite(losses["loss_lecam"])
+    assert float(trainer.model.D.lecam_ema[2]) == 1.0
+    with pytest.raises(ValueError, match="does not apply LeCam"):
+        Trainer(with_settings(with_settings(TrainConfig(), registry.get("dcgan").settings),
+                              dict(device="cpu", out=str(tmp_path), lecam=0.3)),
+                registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_every_registered_model_meets_the_contract(name, tiny_dataset):
+    from dogkit.core.models.common import contract_problems, instance_problems
+
+    entry = registry.get(name)
+    assert contract_problems(entry.cls) == []
+    cfg = with_settings(with_settings(TrainConfig(), entry.settings), {"width": 8, "batch_size": 4})
+    model = entry.cls(cfg, 3 if entry.cls.conditional else 0, "cpu")
+    assert instance_problems(model) == []
+    images = torch.rand(4, 3, 64, 64) * 2 - 1
+    losses = model.step(lambda: (images, torch.arange(4) % 3))
+    assert any(k.startswith("loss_") for k in losses)
+    assert all(v.dim() == 0 and not v.requires_grad for v in losses.values())
+
+
+def test_the_registry_refuses_a_model_that_breaks_the_contract():
+    class Broken:
+        name = "broken"
+
+        def __init__(self, cfg, device):
+            pass
+
+    with pytest.raises(TypeError, match=r"conditional.*step\(batch\) missing.*__init__ must take"):
+        registry.register(Broken, {}, "")
+    assert "broken" not in registry.MODELS
+
+    class Typo:
+        name = "typo"
+        conditional = False
+
+        def __init__(self, cfg, n_classes, device):
+            pass
+
+        def step(self, batch):
+            return {}
+
+    with pytest.raises(TypeError, match="unknown setting 'lr_gg'"):
+        registry.register(Typo, {"lr_gg": 1.0}, "")
+    with pytest.raises(TypeError, match="registered twice"):
+        registry.register(registry.get("dcgan").cls, {}, "")

@@ -1,6 +1,7 @@
 """The training machinery on CPU: budget, simulated clock, resume, NaN rollback, interrupt."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -185,14 +186,15 @@ def test_snapshot_points_must_lie_inside_the_run(bad):
 
 
 def test_augment_is_checked(tmp_path, tiny_dataset):
-    with pytest.raises(ValueError, match="use one of"):
+    with pytest.raises(ValueError, match="choose from"):
         Trainer(tiny_cfg(tmp_path, augment="flipp"), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
     with pytest.raises(ValueError, match="does not apply DiffAugment"):
         Trainer(tiny_cfg(tmp_path, augment="flip+diffaug"), registry.get("dcgan").cls, data=tiny_dataset,
                 log=lambda m: None)
 
 
-@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                             ("fp16", torch.float16)])
 def test_precision_sets_the_compute_dtype_and_keeps_fp32_weights(tmp_path, tiny_dataset, precision, dtype):
     trainer = Trainer(tiny_cfg(tmp_path, precision=precision), registry.get("dcgan").cls, data=tiny_dataset,
                       log=lambda m: None)
@@ -200,7 +202,10 @@ def test_precision_sets_the_compute_dtype_and_keeps_fp32_weights(tmp_path, tiny_
     seen = []
     conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     before = [p.detach().clone() for p in trainer.model.G.parameters()]
-    losses = trainer.train_step()
+    for _ in range(8):  # fp16: the loss scaler skips the steps whose gradients overflow
+        losses = trainer.train_step()
+        if any(not torch.equal(a, b) for a, b in zip(before, trainer.model.G.parameters())):
+            break
     assert seen and set(seen) == {dtype}
     assert all(p.dtype == torch.float32 for p in trainer.model.G.parameters())
     assert all(p.dtype == torch.float32 for p in trainer.G_ema.parameters())
@@ -209,35 +214,172 @@ def test_precision_sets_the_compute_dtype_and_keeps_fp32_weights(tmp_path, tiny_
 
 
 def test_precision_is_checked(tmp_path, tiny_dataset):
-    with pytest.raises(ValueError, match="precision 'fp16'"):
-        Trainer(tiny_cfg(tmp_path, precision="fp16"), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+    with pytest.raises(ValueError, match="precision='fp8': choose from fp32, bf16, fp16"):
+        Trainer(tiny_cfg(tmp_path, precision="fp8"), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+
+
+def fake_end(monkeypatch, calls):
+    """generate: 10 s for the first pass (autotuning), then 1 ms an image; PNG encoding 2 ms an
+    image; all on a fake time.monotonic."""
+    import dogkit.core.train as T
+
+    now = [0.0]
+
+    def fake_generate(G, n, *args, **kwargs):
+        calls.append(("generate", n, int(getattr(G, "n_fitted", 0))))
+        now[0] += 10.0 if len(calls) == 1 else 0.001 * n
+        return np.zeros((n, 64, 64, 3), np.uint8)
+
+    def fake_encode(images, *args, **kwargs):
+        calls.append(("encode", images))
+        now[0] += 0.002 * len(images)
+        return [b""] * len(images)
+
+    monkeypatch.setattr(T, "generate", fake_generate)
+    monkeypatch.setattr(T, "encode_pngs", fake_encode)
+    monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
 
 
 def test_reserve_is_timed_after_a_warm_up_of_the_same_shape(tmp_path, tiny_dataset, monkeypatch):
     """A one-off cost on the first generation (cuDNN autotuning a new batch shape on a GPU) must
-    not be extrapolated to 10,000 images: it would take minutes off an 8-minute run."""
-    import dogkit.core.train as T
+    not be extrapolated to 10,000 images: it would take minutes off an 8-minute run. PNG encoding
+    is timed on real training photos (an untrained generator's flat images encode too fast)."""
     from dogkit.core.train import refresh_images
 
-    now = [0.0]
     calls = []
-
-    def fake_generate(G, n, *args, **kwargs):
-        calls.append(n)
-        now[0] += 10.0 if len(calls) == 1 else 0.001 * n  # first pass: autotuning; then 1 ms an image
-        return np.zeros((n, 64, 64, 3), np.uint8)
-
-    def fake_write_zip(images, path):
-        now[0] += 0.002 * len(images)  # 2 ms an image to encode
-        open(path, "wb").close()
-
-    monkeypatch.setattr(T, "generate", fake_generate)
-    monkeypatch.setattr(T, "write_zip", fake_write_zip)
-    monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
+    fake_end(monkeypatch, calls)
     trainer = Trainer(tiny_cfg(tmp_path, reserve=-1.0, n_samples=10_000), registry.get("dcgan").cls,
                       data=tiny_dataset, log=lambda m: None)
-    reserve = trainer.measure_reserve()
-    assert calls == [512, 512]
+    reserve, parts = trainer.measure_end()
+    assert [c[:2] for c in calls[:2]] == [("generate", 32), ("generate", 32)]  # the CPU probe
+    encoded = calls[2][1]
+    np.testing.assert_array_equal(encoded, tiny_dataset["images"][:32])
     refresh = refresh_images(trainer.G_ema, trainer.cfg)
     assert refresh > 0
+    assert parts["generate"] == pytest.approx(0.001 * (10_000 + refresh))
+    assert parts["png"] == pytest.approx(0.002 * 10_000)
     assert reserve == pytest.approx(1.25 * (0.001 * (10_000 + refresh) + 0.002 * 10_000) + 3.0)
+    assert (tmp_path / "checkpoint.pt").exists()  # the timed first checkpoint
+
+
+def test_reserve_of_the_vae_times_its_real_sampling_path(tmp_path, tiny_dataset, monkeypatch):
+    """cvae samples through K-means clusters and recycling passes: the probe must run them."""
+    entry = registry.get("cvae")
+    cfg = with_settings(with_settings(TrainConfig(), entry.settings),
+                        dict(out=str(tmp_path), width=8, batch_size=8, n_samples=10_000, reserve=-1.0,
+                             device="cpu", clusters=10))
+    calls = []
+    fake_end(monkeypatch, calls)
+    trainer = Trainer(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
+    reserve, parts = trainer.measure_end()
+    assert all(c[2] == 10 for c in calls if c[0] == "generate")  # clusters fitted: recycling runs
+    assert "prepare" in parts and int(trainer.G_ema.n_fitted) == 0  # on a copy, not the EMA itself
+
+
+def test_a_budget_too_short_for_the_end_is_refused_at_start(tmp_path, tiny_dataset):
+    from dogkit.core.runtime import RunError
+
+    cfg = tiny_cfg(tmp_path, budget=60.0, reserve=58.0)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+    with pytest.raises(RunError, match=r"budget 1m00s is too short on this device.*needs 58 s.*--budget 2m"):
+        trainer.run()
+    assert trainer.step == 0 and not (tmp_path / "images.zip").exists()
+
+
+def test_an_error_mid_run_still_writes_a_valid_zip_then_fails(tmp_path, tiny_dataset):
+    from dogkit.core.train import RunFailed
+
+    def crash(trainer):
+        if trainer.step == 5:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    logs = []
+    cfg = tiny_cfg(tmp_path, steps=50, n_samples=10_000)
+    with pytest.raises(RunFailed, match="RuntimeError at step 5: CUDA error") as info:
+        train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=logs.append, hooks=[crash])
+    assert info.value.zip_path == str(tmp_path / "images.zip")
+    assert load_submission(info.value.zip_path, strict=True).pixels.shape == (10_000, 64, 64, 3)
+    assert any("Traceback" in m for m in logs)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 5
+
+
+def test_an_error_before_the_first_step_is_not_hidden(tmp_path, tiny_dataset):
+    def crash(trainer):
+        raise RuntimeError("boom")
+
+    trainer = Trainer(tiny_cfg(tmp_path, steps=5), registry.get("dcgan").cls, data=tiny_dataset,
+                      log=lambda m: None, hooks=[crash])
+    trainer.keep_good_state = lambda: None  # no good state is ever taken
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.run()
+
+
+def test_a_nan_storm_stops_training_and_keeps_the_last_good_generator(tmp_path, tiny_dataset):
+    from dogkit.core.train import RunFailed
+
+    def poison(trainer):
+        if trainer.step >= 3:
+            with torch.no_grad():
+                next(trainer.model.G.parameters()).fill_(float("nan"))
+
+    cfg = tiny_cfg(tmp_path, steps=1000, max_rollbacks=3)
+    with pytest.raises(RunFailed, match="NaN storm: 3 rollbacks") as info:
+        train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None, hooks=[poison])
+    assert os.path.exists(info.value.zip_path)
+    G_ema = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["G_ema"]
+    assert all(torch.isfinite(v).all() for v in G_ema.values() if v.is_floating_point())
+
+
+class TickingClock:
+    """Every reading advances time by dt: work that reads the clock costs time."""
+
+    def __init__(self, dt):
+        self.t, self.dt = 0.0, dt
+
+    def __call__(self):
+        self.t += self.dt
+        return self.t
+
+
+def test_the_end_never_runs_past_the_budget(tmp_path, tiny_dataset):
+    """A reserve far too small: sampling must stop at its deadline (keeping no half-written zip)
+    instead of overrunning the budget."""
+    from dogkit.core.train import RunFailed
+
+    clock = TickingClock(dt=0.5)
+    cfg = tiny_cfg(tmp_path, budget=100.0, reserve=2.0, n_samples=10_000)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=lambda m: None)
+    with pytest.raises(RunFailed, match="out of time.*no images.zip written"):
+        trainer.run()
+    assert clock.t <= trainer.t0 + cfg.budget + clock.dt
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+
+
+def test_interim_zips_and_thinned_grids_on_a_long_run(tmp_path, tiny_dataset):
+    """A simulated 9-hour run: images.zip exists from the first interim on, and the run folder
+    keeps a handful of grids, not hundreds (Kaggle keeps at most 500 output files)."""
+    clock = FakeClock(dt=60.0)  # one step = one simulated minute
+    seen = []
+
+    def watch(trainer):
+        seen.append((tmp_path / "images.zip").exists())
+
+    cfg = tiny_cfg(tmp_path, budget=9 * 3600.0, reserve=60.0, grid_every=300.0, zip_every=3600.0, keep_grids=8,
+                   n_samples=64, log_every=600.0)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=lambda m: None,
+                      hooks=[clock.hook, watch])
+    trainer.run()
+    assert not seen[0] and seen[-1] and seen.index(True) <= 62  # the first interim zip after an hour
+    files = sorted(os.listdir(tmp_path))
+    grids = [f for f in files if f.startswith("grid-")]
+    assert 2 <= len(grids) <= 8
+    assert set(files) - set(grids) == {"images.zip", "checkpoint.pt", "log.jsonl", "options.json", "samples.png"}
+
+
+def test_a_killed_runs_half_written_files_are_removed(tmp_path, tiny_dataset):
+    (tmp_path / ".images.zip.dogkit-tmp4242").write_bytes(b"half")
+    (tmp_path / "keep.txt").write_text("mine")
+    logs = []
+    Trainer(tiny_cfg(tmp_path), registry.get("dcgan").cls, data=tiny_dataset, log=logs.append)
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+    assert any(".images.zip.dogkit-tmp4242" in m for m in logs)

@@ -64,7 +64,7 @@ def test_reference_resizes_with_lanczos_whatever_the_aspect(tmp_path):
     write_photos(tmp_path / "p", 1, size=(120, 50))
     with Image.open(tmp_path / "p" / "p000.jpg") as img:
         expected = np.asarray(img.convert("RGB").resize((64, 64), Image.LANCZOS))
-    np.testing.assert_array_equal(R.load_photos(tmp_path / "p", ["p000.jpg"])[0], expected)
+    np.testing.assert_array_equal(R.load_photos(tmp_path / "p", ["p000.jpg"])[0][0], expected)
 
 
 def test_score_cli_end_to_end(tmp_path, inception):
@@ -75,7 +75,7 @@ def test_score_cli_end_to_end(tmp_path, inception):
     # score copies of the reference photos (as 64x64 PNGs): d ~ 0, MiFID >> FID
     sub = tmp_path / "sub"
     sub.mkdir()
-    ref_pixels = R.load_photos(tmp_path / "real", R.list_photos(tmp_path / "real"))
+    ref_pixels, _ = R.load_photos(tmp_path / "real", R.list_photos(tmp_path / "real"))
     for i, px in enumerate(ref_pixels[:4]):
         Image.fromarray(px).save(sub / f"{i}.png")
     res = runner.invoke(main, ["score", str(sub), "--reference", str(tmp_path / "ref.npz"), "--no-strict", "--json"])

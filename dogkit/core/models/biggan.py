@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from dogkit.core.augment import diff_augment
-from dogkit.core.models.common import SelfAttention, adam, sn_conv, sn_linear
+from dogkit.core.models.common import SelfAttention, adam, backward_step, lecam_penalty, sn_conv, sn_linear
 
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
                        width=32, loss="hinge", augment="flip", ema_decay=0.999, ema_start=0.2,
@@ -116,6 +116,7 @@ class BigGANDiscriminator(nn.Module):
         self.attention = SelfAttention(chans[1])  # on the 32x32 features
         self.linear = sn_linear(chans[-1], 1)
         self.embed = spectral_norm(nn.Embedding(max(n_classes, 1), chans[-1]))
+        self.register_buffer("lecam_ema", torch.zeros(3))  # LeCam's averages (models.common.lecam_penalty)
         orthogonal_init(self)
 
     def forward(self, x, labels=None):
@@ -132,12 +133,18 @@ class BigGANDiscriminator(nn.Module):
 
 
 def orthogonal_init(module):
+    """Orthogonal weights; spectral norm's power-iteration vectors are re-estimated for them (they
+    were fitted to the default init: an eval-mode forward before any training step gave NaN)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
             weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
             nn.init.orthogonal_(weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+            if hasattr(m, "parametrizations"):
+                sn = m.parametrizations.weight[0]
+                with torch.no_grad():
+                    sn._power_method(sn._reshape_weight_to_matrix(weight), 15)
 
 
 class BigGAN:
@@ -145,6 +152,7 @@ class BigGAN:
 
     name = "biggan"
     conditional = True
+    applies_lecam = True  # cfg.lecam > 0 adds LeCam regularisation to D's loss
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg
@@ -174,8 +182,11 @@ class BigGAN:
         else:
             loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) +
                       F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-        loss_d.backward()
-        self.opt_d.step()
+        losses = {}
+        if cfg.lecam > 0:
+            losses["loss_lecam"] = lecam_penalty(self.D.lecam_ema, d_real, d_fake, cfg.lecam_decay)
+            loss_d = loss_d + cfg.lecam * losses["loss_lecam"]
+        backward_step(self.opt_d, loss_d)
 
         self.opt_g.zero_grad(set_to_none=False)
         d_gen = self.D(self.augment(fake), fake_labels)
@@ -183,6 +194,5 @@ class BigGAN:
             loss_g = -d_gen.mean()
         else:
             loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-        loss_g.backward()
-        self.opt_g.step()
-        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+        backward_step(self.opt_g, loss_g)
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), **{k: v.detach() for k, v in losses.items()}}

@@ -7,6 +7,72 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 
+class ModelContract:
+    """What a model class gives the trainer, checkpoints and tools, and nothing else is assumed.
+    A model need not inherit from this class; the registry checks the contract when it registers
+    a class (contract_problems) and a test builds every registered model (instance_problems).
+
+    Class attributes:
+        name: the registry name, written into checkpoints ("dcgan").
+        conditional: True when G and D take breed labels (G(z, labels)); the trainer then passes
+            the data's breeds and samples them class-balanced.
+    Optional class attributes:
+        applies_lecam: True when the step adds LeCam regularisation for cfg.lecam > 0.
+    __init__(cfg, n_classes, device): builds everything on device from a TrainConfig.
+    Instance attributes after __init__:
+        G: the generator, an nn.Module called as G(z, labels) (labels None when unconditional),
+            returning images in [-1, 1], NCHW, 64x64; its EMA copy is what is sampled.
+        D: the discriminator (nn.Module), or None for a model without an adversary.
+        opt_g, opt_d: their optimisers (opt_d None exactly when D is None); a tensor learning rate
+            on CUDA (adam/nadam below), so a captured CUDA graph sees the schedule.
+        diffaug: optional, True when the step applies DiffAugment.
+    step(batch): one training step; batch() returns (images in [-1, 1], labels) and may be called
+        more than once; updates go through backward_step(opt, loss) (fp16 loss scaling); returns
+        a dict of detached 0-d tensors to log, the losses named loss_* (read at log lines only:
+        no host sync per step).
+    Optional: before_sampling(G, images): what sampling needs beyond the weights, run on the
+        generator to be sampled (cvae fits its K-means clusters of the training latents).
+    """
+
+
+def contract_problems(cls):
+    """The ways a model class breaks ModelContract (checked on the class, without building it)."""
+    import inspect
+
+    problems = []
+    if not isinstance(getattr(cls, "name", None), str):
+        problems.append("class attribute `name` (str) missing")
+    if not isinstance(getattr(cls, "conditional", None), bool):
+        problems.append("class attribute `conditional` (bool) missing")
+    if not callable(getattr(cls, "step", None)):
+        problems.append("method step(batch) missing")
+    elif list(inspect.signature(cls.step).parameters) != ["self", "batch"]:
+        problems.append("step must take exactly (self, batch)")
+    if list(inspect.signature(cls.__init__).parameters) != ["self", "cfg", "n_classes", "device"]:
+        problems.append("__init__ must take exactly (self, cfg, n_classes, device)")
+    if hasattr(cls, "before_sampling") and list(inspect.signature(cls.before_sampling).parameters) != [
+            "self", "G", "images"]:
+        problems.append("before_sampling must take exactly (self, G, images)")
+    return problems
+
+
+def instance_problems(model):
+    """The ways a built model breaks ModelContract."""
+    problems = []
+    if not isinstance(getattr(model, "G", None), nn.Module):
+        problems.append("G is not an nn.Module")
+    if getattr(model, "D", None) is not None and not isinstance(model.D, nn.Module):
+        problems.append("D is neither an nn.Module nor None")
+    if not isinstance(getattr(model, "opt_g", None), torch.optim.Optimizer):
+        problems.append("opt_g is not a torch optimiser")
+    opt_d = getattr(model, "opt_d", None)
+    if (opt_d is None) != (getattr(model, "D", None) is None):
+        problems.append("opt_d must be None exactly when D is None")
+    elif opt_d is not None and not isinstance(opt_d, torch.optim.Optimizer):
+        problems.append("opt_d is not a torch optimiser")
+    return problems
+
+
 def adam(module, lr, cfg, device):
     """Adam whose learning rate is a tensor on CUDA, so a captured CUDA graph sees schedule changes."""
     on_cuda = torch.device(device).type == "cuda"
@@ -19,6 +85,33 @@ def nadam(module, lr, cfg, device):
     on_cuda = torch.device(device).type == "cuda"
     lr = torch.tensor(lr, device=device) if on_cuda else lr
     return torch.optim.NAdam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), capturable=on_cuda)
+
+
+def backward_step(opt, loss):
+    """loss.backward() then opt.step(); under fp16 through the optimiser's loss scaler (set by the
+    trainer as opt.grad_scaler): scaled backward, the step skipped when a gradient is inf/NaN."""
+    scaler = getattr(opt, "grad_scaler", None)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def lecam_penalty(state, d_real, d_fake, decay=0.99):
+    """LeCam regularisation (Tseng et al. 2021, "Regularizing GANs under limited data"): keeps D's
+    outputs near the moving averages of its outputs on the other side,
+        relu(D(real) - ema_fake)^2 + relu(ema_real - D(fake))^2   (means over the batch),
+    which bounds how far D can separate a small data set. `state` is a 3-vector buffer
+    [ema of mean D(real), ema of mean D(fake), updates]; it is updated in place (graph-safe) and
+    the averages are bias-corrected like Adam's moments (the authors' zero_debias)."""
+    with torch.no_grad():
+        state[2] += 1
+        state[:2].mul_(decay).add_(torch.stack([d_real.mean(), d_fake.mean()]).float(), alpha=1 - decay)
+    ema = state[:2] / (1 - decay ** state[2])
+    return F.relu(d_real - ema[1]).pow(2).mean() + F.relu(ema[0] - d_fake).pow(2).mean()
 
 
 def dcgan_init(m):
@@ -45,17 +138,18 @@ class SelfAttention(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.theta = sn_conv(ch, ch // 8, 1)
-        self.phi = sn_conv(ch, ch // 8, 1)
-        self.g = sn_conv(ch, ch // 2, 1)
-        self.out = sn_conv(ch // 2, ch, 1)
+        self.k, self.v = max(1, ch // 8), max(1, ch // 2)  # at least one channel: tiny test widths
+        self.theta = sn_conv(ch, self.k, 1)
+        self.phi = sn_conv(ch, self.k, 1)
+        self.g = sn_conv(ch, self.v, 1)
+        self.out = sn_conv(self.v, ch, 1)
         self.gamma = nn.Parameter(torch.zeros(()))
 
     def forward(self, x):
         n, c, h, w = x.shape
-        theta = self.theta(x).view(n, c // 8, h * w)
-        phi = F.max_pool2d(self.phi(x), 2).view(n, c // 8, h * w // 4)
-        g = F.max_pool2d(self.g(x), 2).view(n, c // 2, h * w // 4)
+        theta = self.theta(x).view(n, self.k, h * w)
+        phi = F.max_pool2d(self.phi(x), 2).view(n, self.k, h * w // 4)
+        g = F.max_pool2d(self.g(x), 2).view(n, self.v, h * w // 4)
         attn = torch.softmax(torch.bmm(theta.transpose(1, 2), phi), dim=-1)
-        o = torch.bmm(g, attn.transpose(1, 2)).view(n, c // 2, h, w)
+        o = torch.bmm(g, attn.transpose(1, 2)).view(n, self.v, h, w)
         return x + self.gamma * self.out(o)

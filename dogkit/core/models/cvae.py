@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dogkit.core.models.common import adam
+from dogkit.core.models.common import adam, backward_step
 
 CVAE_SETTINGS = dict(lr_g=1e-3, lr_d=1e-3, beta1=0.9, beta2=0.999, batch_size=64, z_dim=128, width=32,
                      augment="flip", kl_weight=1.0, clusters=1000, recycle=3, lr_decay_start=0.3)
@@ -99,8 +99,7 @@ class CVAE:
         loss_kl = -0.5 * torch.sum(1 + logvar - mu ** 2 - logvar.exp()) / len(real)
         loss = loss_rec + self.cfg.kl_weight * loss_kl
         self.opt_g.zero_grad(set_to_none=False)
-        loss.backward()
-        self.opt_g.step()
+        backward_step(self.opt_g, loss)
         return {"loss_rec": loss_rec.detach(), "loss_kl": loss_kl.detach()}
 
     def before_sampling(self, G, images):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dogkit.core.models.common import adam, dcgan_init
+from dogkit.core.models.common import adam, backward_step, dcgan_init
 
 DCGAN_SETTINGS = dict(lr_g=5e-4, lr_d=5e-4, beta1=0.5, beta2=0.999, batch_size=32, z_dim=128,
                       width=64, real_label=0.8, input_noise=0.1, augment="crop-flip", ema_decay=0.9999)
@@ -82,13 +82,11 @@ class DCGAN:
         d_fake = self.D(fake.detach())
         loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, cfg.real_label)) +
                   F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-        loss_d.backward()
-        self.opt_d.step()
+        backward_step(self.opt_d, loss_d)
 
         self.opt_g.zero_grad(set_to_none=False)
         d_gen = self.D(fake)
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-        loss_g.backward()
-        self.opt_g.step()
+        backward_step(self.opt_g, loss_g)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dogkit.core.models.common import adam
+from dogkit.core.models.common import adam, backward_step
 
 GAN_SETTINGS = dict(lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999, batch_size=64, z_dim=100,
                     width=256, augment="flip")
@@ -61,11 +61,9 @@ class GAN:
         d_real, d_fake = self.D(real), self.D(fake.detach())
         loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) +
                   F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-        loss_d.backward()
-        self.opt_d.step()
+        backward_step(self.opt_d, loss_d)
         self.opt_g.zero_grad(set_to_none=False)
         d_gen = self.D(fake)
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-        loss_g.backward()
-        self.opt_g.step()
+        backward_step(self.opt_g, loss_g)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}

@@ -10,7 +10,7 @@
 import torch
 from torch import nn
 
-from dogkit.core.models.common import adam, dcgan_init
+from dogkit.core.models.common import adam, backward_step, dcgan_init
 
 RALSGAN_SETTINGS = dict(lr_g=5e-4, lr_d=5e-4, beta1=0.5, beta2=0.999, batch_size=32, z_dim=128, width=64,
                         augment="flip")
@@ -72,11 +72,9 @@ class RaLSGAN:
         self.opt_d.zero_grad(set_to_none=False)
         d_real, d_fake = self.D(real), self.D(fake.detach())
         loss_d = (((d_real - d_fake.mean() - 1) ** 2).mean() + ((d_fake - d_real.mean() + 1) ** 2).mean()) / 2
-        loss_d.backward()
-        self.opt_d.step()
+        backward_step(self.opt_d, loss_d)
         self.opt_g.zero_grad(set_to_none=False)
         d_real, d_gen = self.D(real), self.D(fake)
         loss_g = (((d_gen - d_real.mean() - 1) ** 2).mean() + ((d_real - d_gen.mean() + 1) ** 2).mean()) / 2
-        loss_g.backward()
-        self.opt_g.step()
+        backward_step(self.opt_g, loss_g)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from dogkit.core.models.common import SelfAttention, adam
+from dogkit.core.models.common import SelfAttention, adam, backward_step
 
 SAGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9, batch_size=32, z_dim=128, width=64,
                       augment="flip")
@@ -67,10 +67,8 @@ class SAGAN:
         fake = self.G(z)
         self.opt_d.zero_grad(set_to_none=False)
         loss_d = F.relu(1.0 - self.D(real)).mean() + F.relu(1.0 + self.D(fake.detach())).mean()
-        loss_d.backward()
-        self.opt_d.step()
+        backward_step(self.opt_d, loss_d)
         self.opt_g.zero_grad(set_to_none=False)
         loss_g = -self.D(fake).mean()
-        loss_g.backward()
-        self.opt_g.step()
+        backward_step(self.opt_g, loss_g)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}

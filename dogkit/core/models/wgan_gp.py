@@ -10,7 +10,7 @@
 import torch
 from torch import nn
 
-from dogkit.core.models.common import nadam
+from dogkit.core.models.common import backward_step, nadam
 
 WGAN_GP_SETTINGS = dict(lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.9, batch_size=32, z_dim=128, width=64,
                         d_steps=5, g_steps=1, gp_weight=10.0, augment="flip", truncation=2.0)
@@ -89,12 +89,10 @@ class WGANGP:
             self.opt_d.zero_grad(set_to_none=False)
             wasserstein = self.D(fake).mean() - self.D(real).mean()
             loss_d = wasserstein + cfg.gp_weight * self.gradient_penalty(real, fake)
-            loss_d.backward()
-            self.opt_d.step()
+            backward_step(self.opt_d, loss_d)
         for _ in range(cfg.g_steps):
             z = torch.randn(cfg.batch_size, cfg.z_dim, device=real.device)
             self.opt_g.zero_grad(set_to_none=False)
             loss_g = -self.D(self.G(z)).mean()
-            loss_g.backward()
-            self.opt_g.step()
+            backward_step(self.opt_g, loss_g)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "wasserstein": -wasserstein.detach()}

@@ -1,0 +1,150 @@
+# ---------------------------------------------------------------------------------------------
+# The machine: which device and precision really run, a start-of-run report, scratch space
+# ---------------------------------------------------------------------------------------------
+# A kernel is started on whatever Kaggle hands out (P100, T4, T4 x2, or no GPU when the
+# accelerator was left off) and nobody watches it for 9 hours, so everything here is checked in
+# the first seconds, before the data is cleaned: a GPU this torch build cannot run stops the run
+# with one line naming the GPU, the torch version and the fix. Uses torch <= 2.2 APIs only.
+import os
+import platform
+import sys
+import tempfile
+
+import numpy as np
+import PIL
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; str() is one line naming the cause and the fix."""
+
+
+def arch_supported(capability, arch_list):
+    """Whether a torch build for arch_list runs on a GPU of this compute capability: a cubin for
+    the same major version and an equal or lower minor (sm_80 runs on sm_86), or PTX (compute_XY)
+    for an equal or lower capability, which the driver compiles at load time."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit():
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def pick_device(name="auto", require_gpu=False):
+    """The device to run on, checked before any real work. 'auto' takes CUDA when there is one.
+
+    Raises RunError (one line, with the fix) when the GPU cannot run this torch build (its
+    compute capability is not in torch.cuda.get_arch_list(), or a first tiny CUDA op fails), or
+    when require_gpu (a Kaggle run) finds no GPU. An explicit 'cpu' always runs."""
+    if name in ("", "auto", None):
+        if not torch.cuda.is_available():
+            if require_gpu:
+                raise RunError("no GPU: this notebook runs without an accelerator. In the notebook's Settings, "
+                               "Accelerator: pick 'GPU T4 x2' (or 'GPU P100'), then run all again; "
+                               "--device cpu trains on the CPU anyway (far too slow to be worth a submission)")
+            return torch.device("cpu")
+        name = "cuda"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise RunError(f"--device {name}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    gpu = torch.cuda.get_device_name(device)
+    cap = torch.cuda.get_device_capability(device)
+    archs = torch.cuda.get_arch_list()
+    if archs and not arch_supported(cap, archs):
+        raise RunError(f"{gpu} (sm_{cap[0]}{cap[1]}) cannot run torch {torch.__version__}, which is built for "
+                       f"{' '.join(archs)}: pick another accelerator ('GPU T4 x2' on Kaggle) or install a "
+                       f"torch build that lists sm_{cap[0]}{cap[1]}")
+    try:
+        x = torch.arange(16, dtype=torch.float32, device=device)
+        ok = float((x * 2).sum()) == 240.0
+    except Exception as exc:  # "no kernel image is available", a broken driver, a busy GPU
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise RunError(f"{gpu} (sm_{cap[0]}{cap[1]}): a first CUDA operation failed with torch "
+                       f"{torch.__version__} ({type(exc).__name__}: {first}); pick another accelerator "
+                       "('GPU T4 x2' on Kaggle) or restart the session") from None
+    if not ok:
+        raise RunError(f"{gpu} (sm_{cap[0]}{cap[1]}): a first CUDA operation gave a wrong result with torch "
+                       f"{torch.__version__}; pick another accelerator or restart the session")
+    return device
+
+
+def resolve_precision(requested, device):
+    """(the precision that will run, one line saying why). bf16 only on GPUs that compute in it
+    natively (compute capability 8.0+: A100, H100; torch.cuda.is_bf16_supported() also says yes
+    where it is emulated, T4 and P100); fp16 (autocast + GradScaler) on any CUDA GPU. On the CPU
+    both run as asked (slow there; fp16 needs torch.amp.GradScaler, torch 2.3+), for tests."""
+    if requested not in PRECISIONS:
+        raise RunError(f"precision {requested!r}: use one of {', '.join(PRECISIONS)}")
+    if requested == "fp32":
+        return "fp32", "fp32" + (" (TF32 matmuls where the GPU has them)" if device.type == "cuda" else "")
+    if device.type != "cuda":
+        if requested == "fp16" and not hasattr(torch.amp, "GradScaler"):
+            return "fp32", f"fp32 (fp16 on the CPU needs torch 2.3+, this is {torch.__version__})"
+        return requested, f"{requested} autocast on the CPU (a test path: fp32 is faster on most CPUs)"
+    cap = torch.cuda.get_device_capability(device)
+    if requested == "bf16" and cap < (8, 0):
+        return "fp32", (f"fp32 (bf16 asked, but {torch.cuda.get_device_name(device)} is sm_{cap[0]}{cap[1]}: "
+                        "native bf16 needs sm_80+; --precision fp16 uses its fp16 units)")
+    if requested == "bf16":
+        return "bf16", "bf16 autocast (weights, optimiser state and the EMA in fp32)"
+    return "fp16", "fp16 autocast with a loss scaler per optimiser (weights and the EMA in fp32)"
+
+
+def make_grad_scaler(device, init_scale=2.0 ** 12):
+    """A GradScaler for fp16 training (torch.amp's from 2.3, torch.cuda.amp's before). It starts
+    at 2^12 rather than 2^16: fewer skipped steps at the start, and it grows when it can."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type, init_scale=init_scale)
+    return torch.cuda.amp.GradScaler(init_scale=init_scale)
+
+
+def memory_gib():
+    """Total RAM in GiB (0 when the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def machine_lines(device, precision_line=""):
+    """The start-of-run report: software versions, the device and the host."""
+    lines = [f"python     {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} "
+             f"| Pillow {PIL.__version__}"]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"device     {device}: {props.name}, compute capability {props.major}.{props.minor}, "
+                     f"{props.total_memory / 2 ** 30:.1f} GiB; {torch.cuda.device_count()} GPU(s) visible; "
+                     f"CUDA {torch.version.cuda}")
+    else:
+        lines.append("device     cpu (no GPU in use)")
+    lines.append(f"host       {os.cpu_count()} CPU cores, {memory_gib():.1f} GiB RAM, {sys.platform}")
+    if precision_line:
+        lines.append(f"precision  {precision_line}")
+    return lines
+
+
+def writable_dir(candidates):
+    """The first of candidates that can be created and written to (a scratch folder)."""
+    for path in candidates:
+        if not path:
+            continue
+        try:
+            os.makedirs(path, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path):
+                pass
+            return path
+        except OSError:
+            continue
+    raise RunError(f"no writable scratch folder among {', '.join(p for p in candidates if p)}")

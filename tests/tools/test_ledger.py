@@ -1,0 +1,48 @@
+"""The results ledger: rows are checked, and the README's tables are what the ledger says."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+import ledger  # noqa: E402
+
+
+def test_the_readme_tables_are_generated_from_the_committed_ledger():
+    rows = ledger.load()
+    assert rows, "results/ledger.jsonl is empty"
+    assert ledger.render(ledger.README.read_text(), rows) == ledger.README.read_text(), \
+        "stale: python tools/ledger.py render"
+
+
+def test_a_bad_row_lists_every_problem():
+    with pytest.raises(ledger.LedgerError, match=r"unknown key 'mifd'.*fid is required.*mifid is required"):
+        ledger.check_row({"kind": "run", "model": "dcgan", "budget": "8m", "distance": 0.2, "device": "x",
+                          "command": "c", "mifd": 1.0})
+    with pytest.raises(ledger.LedgerError, match="kind 'score': choose from run, sweep, throughput"):
+        ledger.check_row({"kind": "score"})
+
+
+def test_rows_append_and_render_into_their_blocks(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    row = ledger.append({"kind": "run", "model": "biggan", "settings": "flip+diffaug", "budget": "8m", "steps": 10,
+                         "fid": 70.123, "distance": 0.2, "mifid": 70.123, "device": "H100", "torch": "2.11",
+                         "command": "python kernels/biggan.py"}, path)
+    assert set(row) == set(ledger.KEYS) and row["commit"] and row["date"]
+    text = "a\n<!-- ledger:runs -->\nold\n<!-- /ledger:runs -->\nb\n"
+    text += "<!-- ledger:sweep -->\n<!-- /ledger:sweep -->\n<!-- ledger:throughput -->\n<!-- /ledger:throughput -->\n"
+    out = ledger.render(text, ledger.load(path))
+    assert "old" not in out and "| biggan | flip+diffaug | 8m | 10 |" in out and "| 70.12 | 0.200 | 70.12 |" in out
+    with pytest.raises(ledger.LedgerError, match="no <!-- ledger:runs --> block"):
+        ledger.render("nothing", [])
+
+
+def test_gpu_bench_rows_convert():
+    bench = {"tag": "biggan-diffaug", "model": "biggan", "budget": "8m", "augment": "flip+diffaug",
+             "what": "kernel images.zip", "steps": 10941, "steps_per_s": 30.8, "batch_size": 64,
+             "images_seen": 700224, "truncation": 1.5, "fid": 80.0, "distance": 0.22, "mifid": 80.0,
+             "device": "NVIDIA H100 80GB HBM3"}
+    row = ledger.check_row(ledger.from_bench(bench))
+    assert row["kind"] == "run" and row["settings"].startswith("augment flip+diffaug")
+    assert ledger.from_bench({"what": "dogkit score timing"}) is None

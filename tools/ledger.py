@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""The results ledger: every measured run is one row of results/ledger.jsonl, and the README's
+results tables are generated from it (never typed by hand).
+
+    python tools/ledger.py add-bench runs/gpu/results.jsonl   # rows from `gpu_bench.py score`
+    python tools/ledger.py add --kind run --model biggan --settings "flip+diffaug" --budget 8m \\
+        --steps 10941 --fid 80.1 --distance 0.22 --mifid 80.1 --device "NVIDIA H100 80GB HBM3" \\
+        --command "python kernels/biggan.py --data data/dogs64.npz --budget 8m --augment flip+diffaug"
+    python tools/ledger.py render            # rewrite the README's generated tables
+    python tools/ledger.py render --check    # exit 1 if the README is stale (a test runs this)
+    python tools/ledger.py plot-scaling docs/scaling.png   # MiFID against the budget, per model
+
+A row has exactly the keys in KEYS; `kind` is one of KINDS. The README holds each table between
+`<!-- ledger:NAME -->` and `<!-- /ledger:NAME -->`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LEDGER = ROOT / "results" / "ledger.jsonl"
+README = ROOT / "README.md"
+KEYS = ("kind", "model", "settings", "budget", "steps", "images_seen", "steps_per_s", "batch_size", "truncation",
+        "seed", "fid", "distance", "mifid", "device", "torch", "commit", "date", "command", "note")
+KINDS = ("run", "sweep", "throughput")
+REQUIRED = {"run": ("model", "budget", "fid", "distance", "mifid", "device", "command"),
+            "sweep": ("model", "truncation", "fid", "distance", "mifid", "command"),
+            "throughput": ("model", "steps_per_s", "batch_size", "device", "command")}
+
+
+class LedgerError(ValueError):
+    pass
+
+
+def check_row(row: dict, where: str = "row") -> dict:
+    """The row with every key present (missing optional ones as None); LedgerError listing every
+    problem: unknown keys, an unknown kind, a missing required value."""
+    problems = [f"unknown key {k!r}" for k in row if k not in KEYS]
+    kind = row.get("kind")
+    if kind not in KINDS:
+        problems.append(f"kind {kind!r}: choose from {', '.join(KINDS)}")
+    else:
+        problems += [f"{k} is required for kind {kind}" for k in REQUIRED[kind] if row.get(k) in (None, "")]
+    if problems:
+        raise LedgerError(f"{where}: " + "; ".join(problems))
+    return {k: row.get(k) for k in KEYS}
+
+
+def load(path: Path = LEDGER) -> list[dict]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            rows.append(check_row(json.loads(line), f"{path}:{i}"))
+    return rows
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def append(row: dict, path: Path = LEDGER) -> dict:
+    """Check and append one row (commit, date and torch filled in when absent)."""
+    row = dict(row)
+    row.setdefault("commit", git_commit())
+    row.setdefault("date", datetime.date.today().isoformat())
+    if not row.get("torch"):
+        import torch
+
+        row["torch"] = torch.__version__.split("+")[0]
+    row = check_row(row)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    return row
+
+
+def from_bench(r: dict) -> dict | None:
+    """A `gpu_bench.py score` row as a ledger row (None for rows that are not results)."""
+    if "fid" not in r:
+        return None
+    kind = "sweep" if r.get("what") == "truncation sweep" else "run"
+    budget = r.get("budget") if "snapshot" not in r.get("what", "") else f"{r.get('elapsed_s', 0) / 60:.1f}m"
+    settings = ", ".join(f"{k} {r[k]}" for k in ("augment", "precision", "lecam") if r.get(k)) or "defaults"
+    return {"kind": kind, "model": r["model"], "settings": f"{settings} ({r['what']})", "budget": budget,
+            "steps": r.get("steps"), "images_seen": r.get("images_seen"), "steps_per_s": r.get("steps_per_s"),
+            "batch_size": r.get("batch_size"), "truncation": r.get("truncation"), "seed": r.get("seed", 0),
+            "fid": r["fid"], "distance": r["distance"], "mifid": r["mifid"], "device": r.get("device"),
+            "torch": r.get("torch"), "commit": r.get("commit") or git_commit(),
+            "command": f"python tools/gpu_bench.py train {r['model']} --tag {r.get('tag')} --budget {r.get('budget')}",
+            "note": r.get("tag", "")}
+
+
+# ---- the README's tables ---------------------------------------------------------------------
+def _num(v, fmt="{:,}"):
+    return "" if v is None else fmt.format(v)
+
+
+def _trunc(t):
+    return "none" if not t else f"{t:g}"  # 0 or None: plain normal z
+
+
+def table_runs(rows):
+    out = ["| model | settings | budget | steps | images seen | truncation | FID | d | MiFID | device | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "run":
+            seen = "" if r["images_seen"] is None else f"{r['images_seen'] / 1e6:.1f} M"
+            out.append(f"| {r['model']} | {r['settings']} | {r['budget']} | {_num(r['steps'])} | {seen} | "
+                       f"{_trunc(r['truncation'])} | {r['fid']:.2f} | {r['distance']:.3f} | {r['mifid']:.2f} | "
+                       f"{r['device']} | {r['commit']} |")
+    return out
+
+
+def table_sweep(rows):
+    out = ["| model | steps | truncation | seed | FID | d | MiFID |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "sweep":
+            out.append(f"| {r['model']} | {_num(r['steps'])} | {_trunc(r['truncation'])} | {r['seed']} | "
+                       f"{r['fid']:.2f} | {r['distance']:.3f} | {r['mifid']:.2f} |")
+    return out
+
+
+def table_throughput(rows):
+    out = ["| model | mode | batch | steps/s | images/s | device | note |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "throughput":
+            out.append(f"| {r['model']} | {r['settings']} | {r['batch_size']} | {r['steps_per_s']:.1f} | "
+                       f"{r['steps_per_s'] * r['batch_size']:,.0f} | {r['device']} | {r['note'] or ''} |")
+    return out
+
+
+TABLES = {"runs": table_runs, "sweep": table_sweep, "throughput": table_throughput}
+
+
+def render(text: str, rows: list[dict]) -> str:
+    """The README text with every ledger block regenerated."""
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- ledger:{name} -->\n).*?(<!-- /ledger:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise LedgerError(f"README has no <!-- ledger:{name} --> block")
+        text = pattern.sub(lambda m: m.group(1) + "\n".join(make(rows)) + "\n" + m.group(2), text)
+    return text
+
+
+def plot_scaling(rows, out: Path):
+    """MiFID against the training budget in minutes, one line per model (runs only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dogkit.core.train import parse_budget
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for model in sorted({r["model"] for r in rows if r["kind"] == "run"}):
+        pts = sorted((parse_budget(r["budget"]) / 60, r["mifid"]) for r in rows
+                     if r["kind"] == "run" and r["model"] == model)
+        ax.plot(*zip(*pts), "o-", label=model)
+    ax.set_xlabel("training budget (minutes, whole run)")
+    ax.set_ylabel("MiFID (lower is better)")
+    ax.set_title("What more time buys (results/ledger.jsonl)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("add", help="append one measured row")
+    for k in KEYS:
+        if k not in ("commit", "date"):
+            a.add_argument(f"--{k.replace('_', '-')}", type=float if k in ("fid", "distance", "mifid", "steps_per_s",
+                                                                          "truncation") else
+                           int if k in ("steps", "images_seen", "batch_size", "seed") else str)
+    b = sub.add_parser("add-bench", help="append the result rows of gpu_bench.py score files")
+    b.add_argument("files", nargs="+")
+    r = sub.add_parser("render", help="regenerate the README's tables from the ledger")
+    r.add_argument("--check", action="store_true", help="only check: exit 1 when the README is stale")
+    p = sub.add_parser("plot-scaling", help="MiFID against the budget (PNG)")
+    p.add_argument("out")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "add":
+            print(json.dumps(append({k: getattr(args, k) for k in KEYS if getattr(args, k, None) is not None})))
+        elif args.cmd == "add-bench":
+            for f in args.files:
+                for line in Path(f).read_text().splitlines():
+                    row = from_bench(json.loads(line)) if line.strip() else None
+                    if row:
+                        print(json.dumps(append(row)))
+        elif args.cmd == "render":
+            old = README.read_text()
+            new = render(old, load())
+            if args.check:
+                if new != old:
+                    print("README.md results tables are stale: python tools/ledger.py render", file=sys.stderr)
+                    return 1
+                return 0
+            README.write_text(new)
+            print("README.md tables regenerated from results/ledger.jsonl")
+        else:
+            plot_scaling(load(), Path(args.out))
+    except LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
