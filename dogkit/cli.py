@@ -355,17 +355,12 @@ def sample(checkpoint, out, n_images, truncation, seed, grid, device):
     \b
     dogkit sample runs/dcgan/checkpoint.pt -o submission/images.zip --truncation 1.0
     """
-    from dogkit.core.sample import generate, save_grid, write_zip
-    from dogkit.checkpoints import load_generator
+    from dogkit.checkpoints import load_generator, sample_to_zip
     from dogkit.metrics.submission import SubmissionError, load_submission
 
-    G, cfg, n_classes = load_generator(checkpoint, device)
-    t = cfg["truncation"] if truncation is None else truncation
-    images = generate(G, n_images, cfg["z_dim"], t if t and t > 0 else None, n_classes, seed=seed,
-                      device=next(G.parameters()).device)
-    write_zip(images, out)
-    if grid:
-        save_grid(images[:64], grid)
+    generator = load_generator(checkpoint, _device(device))
+    t = generator[1]["truncation"] if truncation is None else truncation
+    sample_to_zip(generator, out, t if t and t > 0 else None, seed=seed, n=n_images, grid=grid)
     if n_images == 10_000:
         try:
             load_submission(out, strict=True)

@@ -159,14 +159,9 @@ def score_zip(zip_path, ref, model, device):
 
 
 def sample_zip(checkpoint: Path, truncation, path: Path, device, grid: Path | None = None) -> Path:
-    from dogkit.checkpoints import load_generator
-    from dogkit.core.sample import generate, save_grid, write_zip
+    from dogkit.checkpoints import load_generator, sample_to_zip
 
-    G, cfg, n_classes = load_generator(checkpoint, device)
-    images = generate(G, 10_000, cfg["z_dim"], truncation or None, n_classes, seed=0, device=device)
-    if grid is not None:
-        save_grid(images[:64], grid)
-    return write_zip(images, path)
+    return sample_to_zip(load_generator(checkpoint, device), path, truncation, seed=0, grid=grid)
 
 
 def time_cli(zip_path: Path, ref_path: Path, weights: str) -> dict:

@@ -42,18 +42,16 @@ def done_rows(path: Path, checkpoint: str, n_images: int = 10_000, seed: int = 0
 def score_point(checkpoint: str, generator, truncation: float, ref, model, device, batch_size: int, seed: int,
                 n_images: int = 10_000) -> dict:
     """One row: `generator` is load_generator(checkpoint)'s (G, config, n_classes), loaded once per sweep."""
-    from dogkit.core.sample import generate, write_zip
+    from dogkit.checkpoints import sample_to_zip
+    from dogkit.metrics.fid import RESULT_KEYS
     from dogkit.metrics.score import score
 
-    G, cfg, n_classes = generator
-    images = generate(G, n_images, cfg["z_dim"], truncation or None, n_classes, seed=seed, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        zip_path = write_zip(images, Path(tmp) / "images.zip")
+        zip_path = sample_to_zip(generator, Path(tmp) / "images.zip", truncation, seed=seed, n=n_images)
         result = score(zip_path, ref, model, device, strict=n_images == 10_000, batch_size=batch_size,
                        progress=True)
-    keys = ("fid", "distance", "distance_thresholded", "mifid", "n_images", "seconds")
-    return {"checkpoint": checkpoint, "model": cfg["model"], "truncation": truncation or None, "seed": seed,
-            **{k: result[k] for k in keys}}
+    return {"checkpoint": checkpoint, "model": generator[1]["model"], "truncation": truncation or None,
+            "seed": seed, **{k: result[k] for k in RESULT_KEYS + ("seconds",)}}
 
 
 def print_table(rows: list[dict]) -> None:
