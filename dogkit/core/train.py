@@ -467,7 +467,10 @@ class Trainer:
                 raise
             failure = f"{type(exc).__name__} at step {self.step}: {exc}"
             self.log("training stopped: " + traceback.format_exc().rstrip())
-            self.restore_good_state()
+            try:
+                self.restore_good_state()
+            except Exception as again:  # a dead CUDA context: finish() falls back to the CPU
+                self.log(f"the last good state could not be restored ({type(again).__name__}: {again})")
         return self.finish(failure)
 
     def train_loop(self):
@@ -607,14 +610,44 @@ class Trainer:
             self.grid("samples.png")
             path = self.sample_zip(self.G_ema, deadline)
         except OutOfTime as exc:
-            kept = "the interim images.zip is kept" if os.path.exists(path) else "no images.zip written"
-            raise RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept})",
-                            path if os.path.exists(path) else None) from None
+            raise self.out_of_time(failure, exc) from None
+        except Exception as exc:  # e.g. a CUDA error: the device cannot sample any more
+            self.log("sampling failed: " + traceback.format_exc().rstrip())
+            cause = f"{failure + '; ' if failure else ''}the end failed on {self.device} ({type(exc).__name__}: {exc})"
+            try:
+                step = self.rescue_on_cpu(deadline)
+            except OutOfTime as late:
+                raise self.out_of_time(cause, late) from None
+            raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
         self.log(f"wrote {path}: {self.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
                  f"(step {self.step}, {self.rollbacks} rollbacks)")
         if failure:
             raise RunFailed(failure, path)
         return path
+
+    def out_of_time(self, failure, exc):
+        path = os.path.join(self.cfg.out, "images.zip")
+        kept = "the interim images.zip is kept" if os.path.exists(path) else "no images.zip written"
+        return RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept})",
+                         path if os.path.exists(path) else None)
+
+    def rescue_on_cpu(self, deadline):
+        """images.zip from the last checkpoint's EMA generator, rebuilt and sampled on the CPU (a
+        failed CUDA context cannot be used again), before the deadline. Returns its step."""
+        cpu = torch.device("cpu")
+        ckpt = torch.load(os.path.join(self.cfg.out, "checkpoint.pt"), map_location=cpu, weights_only=False)
+        cfg = dataclasses.replace(self.cfg, device="cpu")
+        G = type(self.model)(cfg, self.n_classes, cpu).G
+        G.load_state_dict(ckpt["G_ema"])
+        if not ckpt.get("bn_refreshed"):
+            refresh_batchnorm(G, cfg, self.n_classes, cpu)
+        truncation = cfg.truncation if cfg.truncation > 0 else None
+        images = generate(G, cfg.n_samples, cfg.z_dim, truncation, self.n_classes, device=cpu, seed=cfg.seed,
+                          deadline=deadline, clock=self.clock)
+        path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=self.clock)
+        if cfg.n_samples == 10_000:
+            verify_zip(path)
+        return ckpt["step"]
 
 
 def fmt_time(seconds):

@@ -383,3 +383,21 @@ def test_a_killed_runs_half_written_files_are_removed(tmp_path, tiny_dataset):
     Trainer(tiny_cfg(tmp_path), registry.get("dcgan").cls, data=tiny_dataset, log=logs.append)
     assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
     assert any(".images.zip.dogkit-tmp4242" in m for m in logs)
+
+
+def test_a_device_that_dies_at_the_end_still_leaves_a_zip_from_the_cpu(tmp_path, tiny_dataset):
+    """A CUDA error poisons the context: nothing more runs on that GPU. The end falls back to the
+    last checkpoint, sampled on the CPU, and then reports the failure."""
+    from dogkit.core.train import RunFailed
+
+    cfg = tiny_cfg(tmp_path, steps=6, n_samples=10_000, checkpoint_every=0.0)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+
+    def dead(G):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    trainer.prepare_for_sampling = dead
+    with pytest.raises(RunFailed, match=r"the end failed on cpu \(RuntimeError: CUDA error.*sampled on the CPU "
+                                        r"from checkpoint.pt \(step 6\)") as info:
+        trainer.run()
+    assert load_submission(info.value.zip_path, strict=True).pixels.shape == (10_000, 64, 64, 3)
