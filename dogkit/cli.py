@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from dogkit.core.registry import MODEL_NAMES
-from dogkit.core.train import AUGMENTS, PRECISIONS
 
 
 def _fail(message: str) -> None:
@@ -278,30 +277,21 @@ def _preview(data, path, n=48):
     canvas.save(path)
 
 
+def train_options(command):
+    """The kernel's training options (dogkit.core.kernel.TRAIN_OPTIONS) as click options."""
+    from dogkit.core.kernel import TRAIN_OPTIONS
+
+    for flag, kind, default, choices, text in reversed(TRAIN_OPTIONS):
+        required = flag in ("--data", "--out")  # no Kaggle here to imply them
+        command = click.option(flag, type=click.Choice(choices) if choices else kind, default=default,
+                               required=required, help=text + ".")(command)
+    return command
+
+
 @main.command()
-@click.option("--model", type=click.Choice(MODEL_NAMES), default="dcgan", show_default=True)
-@click.option("--data", required=True, type=click.Path(exists=True),
-              help="A cache from clean-data, or anything clean-data accepts.")
-@click.option("--budget", default="8m", show_default=True, help="Wall clock for the whole run: 30s, 8m, 9h.")
-@click.option("--out", required=True, type=click.Path(), help="Run folder.")
-@click.option("--resume", type=click.Path(exists=True), default=None, help="checkpoint.pt to continue from.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--steps", default=0, help="Also stop after this many steps (0: budget only).")
-@click.option("--batch-size", type=int, default=None, help="Override the model's batch size.")
-@click.option("--width", type=int, default=None, help="Override the model's channel width.")
-@click.option("--truncation", type=float, default=None, help="Truncate z at +-T for the final images.")
-@click.option("--n-samples", default=10_000, show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--log-every", default=30.0, show_default=True, help="Seconds between log lines.")
-@click.option("--graph/--no-graph", default=True, show_default=True, help="CUDA graph capture of the step.")
-@click.option("--augment", type=click.Choice(AUGMENTS), default=None,
-              help="Override the model's augmentation (+diffaug: DiffAugment, biggan only).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Override the model's precision (bf16: A100/H100, else fp32; fp16: autocast + loss scaling).")
-@click.option("--snapshots", default="", help="Progress points that keep a checkpoint copy, e.g. 0.25,0.5.")
-@click.option("--lecam", type=float, default=None, help="LeCam regularisation weight (biggan; default 0: off).")
-def train(model, data, budget, out, resume, seed, steps, batch_size, width, truncation, n_samples,
-          device, log_every, graph, augment, precision, snapshots, lecam):
+@click.option("--model", type=click.Choice(MODEL_NAMES), default="dcgan", show_default=True, help="Registered model.")
+@train_options
+def train(model, **opts):
     """Train a registered model under a wall-clock budget; ends with OUT/images.zip.
 
     \b
@@ -310,28 +300,15 @@ def train(model, data, budget, out, resume, seed, steps, batch_size, width, trun
     dogkit train --model biggan --data data/dogs64.npz --budget 8m --out runs/big --snapshots 0.25,0.5
     """
     from dogkit.core import registry
-    from dogkit.core.train import TrainConfig, parse_budget, parse_snapshots, train as run_train, with_settings
+    from dogkit.core.data import DataError
+    from dogkit.core.kernel import config_from_options
+    from dogkit.core.runtime import RunError
+    from dogkit.core.train import RunFailed, train as run_train
 
     entry = registry.get(model)
     try:
-        seconds = parse_budget(budget)
-    except ValueError as exc:
-        _fail(str(exc))
-    cfg = with_settings(TrainConfig(model=model), entry.settings)
-    overrides = {"data": data, "out": out, "budget": seconds, "seed": seed, "steps": steps,
-                 "n_samples": n_samples, "device": device, "log_every": log_every,
-                 "graph": "auto" if graph else "off", "snapshots": snapshots}
-    overrides.update({k: v for k, v in (("batch_size", batch_size), ("width", width),
-                                         ("truncation", truncation), ("augment", augment),
-                                         ("precision", precision), ("lecam", lecam)) if v is not None})
-    from dogkit.core.data import DataError
-    from dogkit.core.runtime import RunError
-    from dogkit.core.train import RunFailed
-
-    try:
-        cfg = with_settings(cfg, overrides)
-        parse_snapshots(cfg.snapshots)
-        run_train(cfg, entry.cls, resume=resume, log=lambda m: click.echo(m, err=True))
+        cfg = config_from_options(entry.settings, opts)
+        run_train(cfg, entry.cls, resume=opts["resume"], log=lambda m: click.echo(m, err=True))
     except (ValueError, DataError, RunError) as exc:
         _fail(str(exc))
     except RunFailed as exc:

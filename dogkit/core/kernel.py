@@ -132,34 +132,61 @@ def kaggle_data(root, scratch_candidates, log=print):
     return photos, annotations
 
 
+# The training options, one table for the kernel's argparse and `dogkit train` (click):
+# (flag, type, default, choices, help). None as a default: the model's setting (or, for --data,
+# --budget, --out and --log-every, what the place the run starts in implies).
+TRAIN_OPTIONS = (
+    ("--data", str, None, None, "photos (any layout clean-data reads) or a cache .npz; on Kaggle: the "
+                                "competition's data under /kaggle/input"),
+    ("--budget", str, None, None, f"wall clock for the whole run, sampling and zip included: 30s, 8m, 9h "
+                                  f"(default: {KAGGLE_BUDGET} on Kaggle, else 8m)"),
+    ("--out", str, None, None, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: "
+                               "/kaggle/working on Kaggle, else submission)"),
+    ("--resume", str, None, None, "checkpoint.pt to continue from (same model; a new --budget re-plans the end)"),
+    ("--seed", int, 0, None, "random seed (default 0)"),
+    ("--steps", int, 0, None, "also stop after this many steps (default 0: the budget alone decides)"),
+    ("--width", int, None, None, "channel width (default: the model's)"),
+    ("--batch-size", int, None, None, "batch size (default: the model's)"),
+    ("--truncation", float, None, None, "redraw z values beyond +-T for the final images (default: the model's; "
+                                        "0 = none)"),
+    ("--n-samples", int, 10_000, None, "images in the zip (default 10000, what Kaggle takes)"),
+    ("--device", str, "auto", None, "auto (the GPU if any; on Kaggle a GPU is required), cuda, cuda:1, cpu"),
+    ("--log-every", float, None, None, "seconds between log lines (default: 300 on Kaggle, else 30)"),
+    ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
+    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan only)"),
+    ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
+                                           "scaling, eager: T4, P100)"),
+    ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),
+    ("--lecam", float, None, None, "LeCam regularisation weight (biggan; default 0: off)"),
+)
+MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Train a dog generator and write images.zip.")
-    parser.add_argument("--data", default=None, help="photos (any layout clean-data reads) or a cache .npz; "
-                        "default on Kaggle: the competition's data under /kaggle/input")
-    parser.add_argument("--budget", default=None, help="wall clock for the whole run: 30s, 8m, 9h "
-                        f"(default {KAGGLE_BUDGET} on Kaggle, 8m elsewhere)")
-    parser.add_argument("--out", default=None, help="output folder (default /kaggle/working on Kaggle, else submission)")
-    parser.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--steps", type=int, default=0, help="also stop after this many steps (default 0: budget only)")
-    parser.add_argument("--width", type=int, default=None, help="override the model's channel width")
-    parser.add_argument("--batch-size", type=int, default=None, help="override the model's batch size")
-    parser.add_argument("--truncation", type=float, default=None,
-                        help="redraw z values beyond +-T for the final images (default: the model's; 0 = none)")
-    parser.add_argument("--n-samples", type=int, default=10_000, help="images in the zip (default 10000)")
-    parser.add_argument("--device", default="auto", help="auto (the GPU; on Kaggle a GPU is required), cuda, cpu")
-    parser.add_argument("--log-every", type=float, default=None, help="seconds between log lines (300 on Kaggle, else 30)")
-    parser.add_argument("--graph", default="auto", choices=["auto", "off"], help="CUDA graph capture (default auto)")
-    parser.add_argument("--augment", default=None, choices=AUGMENTS, help="override the model's augmentation")
-    parser.add_argument("--precision", default=None, choices=PRECISIONS,
-                        help="fp32 (default), bf16 (A100/H100), fp16 (autocast + loss scaling: T4, P100)")
-    parser.add_argument("--snapshots", default="", help="progress points that keep a checkpoint, e.g. 0.25,0.5")
-    parser.add_argument("--lecam", type=float, default=None, help="LeCam regularisation weight (biggan; default 0: off)")
+    for flag, kind, default, choices, text in TRAIN_OPTIONS:
+        parser.add_argument(flag, type=kind, default=default, choices=choices, help=text)
     args, unknown = parser.parse_known_args(argv)
     stray = [a for a in unknown if a.startswith("-") and a not in NOTEBOOK_ARGS and not a.endswith(".json")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     return args
+
+
+def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET):
+    """TrainConfig from a model's settings and the options of TRAIN_OPTIONS (a dict by dest name),
+    checked; the defaults that depend on where the run starts are filled in here, once."""
+    cfg = with_settings(TrainConfig(), settings)
+    overrides = {"data": opts["data"] or "",
+                 "out": opts["out"] or (working if on_kaggle else "submission"),
+                 "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
+                 "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
+                 "device": opts["device"], "graph": opts["graph"], "snapshots": opts["snapshots"],
+                 "log_every": opts["log_every"] if opts["log_every"] is not None else (300.0 if on_kaggle else 30.0)}
+    overrides.update({k: opts[k] for k in MODEL_OVERRIDES if opts.get(k) is not None})
+    cfg = with_settings(cfg, overrides)
+    parse_snapshots(cfg.snapshots)
+    return cfg
 
 
 def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET):
@@ -198,16 +225,8 @@ def run(model_cls, settings, args, t0):
     device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
     for line in machine_lines(device):
         print(line, flush=True)
-    cfg = with_settings(TrainConfig(), settings)
-    overrides = {"out": args.out or (working if on_kaggle else "submission"),
-                 "budget": parse_budget(args.budget or (args.kaggle_budget if on_kaggle else "8m")),
-                 "seed": args.seed, "steps": args.steps, "n_samples": args.n_samples, "device": str(device),
-                 "graph": args.graph, "snapshots": args.snapshots,
-                 "log_every": args.log_every if args.log_every is not None else (300.0 if on_kaggle else 30.0)}
-    overrides.update({k: getattr(args, k) for k in ("width", "batch_size", "truncation", "augment", "precision", "lecam")
-                      if getattr(args, k) is not None})
-    cfg = with_settings(cfg, overrides)
-    parse_snapshots(cfg.snapshots)
+    opts = dict(vars(args), device=str(device))
+    cfg = config_from_options(settings, opts, on_kaggle, working, args.kaggle_budget)
     annotations = None
     if on_kaggle:
         photos, annotations = kaggle_data(input_root, [tmp, os.environ.get("TMPDIR"), "/tmp"])
