@@ -295,6 +295,8 @@ def resize(pixels, size):
     return np.asarray(Image.fromarray(pixels).resize((size, size), Image.LANCZOS))
 
 
+# ---- finding the inputs ----------------------------------------------------------------------
+
 def breed_of(folder_name):
     """'n02085620-Chihuahua' -> ('n02085620', 'Chihuahua'); None when not a synset folder."""
     m = re.match(r"^(n\d{8})-(.+)$", folder_name)
@@ -388,6 +390,8 @@ def _synset(name):
     m = SYNSET.match(os.path.basename(name))
     return m.group(1) if m else None
 
+
+# ---- cleaning ----------------------------------------------------------------------------------
 
 # Reading zips from anywhere: only stored and deflated entries (what any zip tool writes; bzip2,
 # LZMA or Deflate64 would inflate without bound or not at all), no encryption, and never more
@@ -1159,6 +1163,348 @@ def refresh_batchnorm(G, cfg, n_classes, device):
     G.eval()
 
 
+def resident(data, device):
+    """The training photos as one NCHW uint8 tensor on the device (and their labels), for the
+    whole run: batches are drawn there with no host round trip."""
+    images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).contiguous()
+    return images.to(device), torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(device)
+
+
+# ---- the step: a batch from the resident data, the model's update, the EMA (eager or captured) ---
+
+def draw_batch(tr):
+    cfg = tr.cfg
+    idx = torch.randint(0, tr.images.shape[0], (cfg.batch_size,), device=tr.device)
+    x = to_float(tr.images[idx])
+    if "crop" in cfg.augment:
+        x = random_resized_crop_flip(x, 64)
+    elif "flip" in cfg.augment:
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    if x.shape[-1] != 64:
+        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    return x, tr.labels[idx]
+
+
+def train_step(tr):
+    # bf16/fp16 autocast around the whole step (forward and backward run in the dtype autocast
+    # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache:
+    # the step may be captured in a CUDA graph.
+    with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16,
+                        enabled=tr.amp_dtype is not None, cache_enabled=False):
+        losses = tr.model.step(lambda: draw_batch(tr))  # the model draws as many batches as it needs
+    with torch.no_grad():
+        for p_ema, p in zip(tr.G_ema.parameters(), tr.model.G.parameters()):
+            p_ema.lerp_(p, tr.ema_w)  # a tensor weight: no host sync, graph-safe
+        for b_ema, b in zip(tr.G_ema.buffers(), tr.model.G.buffers()):
+            b_ema.copy_(b)
+        if tr.loss_sum is None:
+            tr.loss_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in losses.items()}
+        for k, v in losses.items():
+            tr.loss_sum[k] += v.float()
+    return losses
+
+
+def capture_step(tr):
+    """Capture train_step in a CUDA graph (3 warm-up steps on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            train_step(tr)
+            tr.step += 1
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(tr)
+    return graph
+
+
+def graph_wanted(tr):
+    if tr.device.type != "cuda" or tr.cfg.graph != "auto":
+        return False
+    if tr.precision == "fp16":  # GradScaler reads found-inf on the host: not capturable
+        tr.log("fp16: the loss scaler syncs with the host every step, so the step runs eager "
+                 "(no CUDA graph)")
+        return False
+    return True
+
+
+def set_schedule(tr, p):
+    scale = lr_multiplier(p, tr.cfg) * tr.lr_scale
+    for opt, base in ((tr.model.opt_g, tr.cfg.lr_g), (tr.model.opt_d, tr.cfg.lr_d)):
+        for group in (opt.param_groups if opt is not None else ()):
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(base * scale)
+            else:
+                group["lr"] = base * scale
+    w = ema_weight(p, tr.cfg)
+    if w != tr.ema_w_value:  # only at the switch; reading the tensor would sync every step
+        tr.ema_w.fill_(w)
+        tr.ema_w_value = w
+
+
+# ---- the safety net: the last good state, rollback --------------------------------------
+
+def state_tensors(tr):
+    """Every tensor that defines the training state, for in-place copies (graph-safe)."""
+    out = list(tr.model.G.state_dict(keep_vars=True).values())
+    if tr.model.D is not None:
+        out += list(tr.model.D.state_dict(keep_vars=True).values())
+    out += list(tr.G_ema.state_dict(keep_vars=True).values())
+    for opt in tr.optimizers:
+        for state in opt.state.values():
+            out += [v for v in state.values() if torch.is_tensor(v)]
+    return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
+
+
+def keep_good_state(tr):
+    tr.good = [t.detach().clone() for t in state_tensors(tr)]
+
+
+def restore_good_state(tr):
+    with torch.no_grad():
+        for t, saved in zip(state_tensors(tr), tr.good):
+            t.copy_(saved)
+
+
+def rollback(tr, reason):
+    restore_good_state(tr)
+    tr.rollbacks += 1
+    tr.lr_scale *= 0.5
+    tr.log(f"rollback #{tr.rollbacks} to the last good state ({reason}); lr x{tr.lr_scale:g}")
+
+
+# ---- checkpoints: everything needed to resume exactly, written atomically ---------------
+
+def save_checkpoint(tr, name="checkpoint.pt"):
+    ckpt = {
+        "format": "dogkit-checkpoint-1",
+        "config": dataclasses.asdict(tr.cfg),
+        "model": tr.cfg.model,
+        "step": tr.step,
+        "elapsed": tr.elapsed,
+        "train_seconds": tr.train_seconds,
+        "lr_scale": tr.lr_scale,
+        "rollbacks": tr.rollbacks,
+        "breeds": tr.breeds,
+        "n_classes": tr.n_classes,
+        "G": tr.model.G.state_dict(),
+        "D": tr.model.D.state_dict() if tr.model.D is not None else None,
+        "G_ema": tr.G_ema.state_dict(),
+        "opt_g": tr.model.opt_g.state_dict(),
+        "opt_d": tr.model.opt_d.state_dict() if tr.model.opt_d is not None else None,
+        "scalers": [opt.grad_scaler.state_dict() if opt.grad_scaler else None for opt in tr.optimizers],
+        "ema_w": tr.ema_w_value,
+        "grid_every": tr.grid_every,
+        "bn_refreshed": bool(tr.bn_refreshed),  # standing stats in G_ema (final checkpoint)
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if tr.device.type == "cuda" else None},
+    }
+    path = os.path.join(tr.cfg.out, name)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+    return path
+
+
+def load_checkpoint(tr, path):
+    ckpt = torch.load(path, map_location=tr.device, weights_only=False)
+    if ckpt.get("format") != "dogkit-checkpoint-1" or ckpt.get("model") != tr.cfg.model:
+        raise RunError(f"{path}: a {ckpt.get('format')!r} checkpoint of model {ckpt.get('model')!r}; "
+                       f"this run trains {tr.cfg.model!r} (dogkit-checkpoint-1)")
+    tr.model.G.load_state_dict(ckpt["G"])
+    if tr.model.D is not None:
+        tr.model.D.load_state_dict(ckpt["D"])
+    tr.G_ema.load_state_dict(ckpt["G_ema"])
+    tr.model.opt_g.load_state_dict(ckpt["opt_g"])
+    if tr.model.opt_d is not None:
+        tr.model.opt_d.load_state_dict(ckpt["opt_d"])
+    for opt, state in zip(tr.optimizers, ckpt.get("scalers") or ()):
+        if opt.grad_scaler is not None and state:
+            opt.grad_scaler.load_state_dict(state)
+    tr.step, tr.elapsed = ckpt["step"], ckpt["elapsed"]
+    tr.resumed_elapsed = tr.elapsed
+    tr.lr_scale, tr.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
+    tr.grid_every = ckpt.get("grid_every", tr.grid_every)
+    # a new --budget on resume re-plans the end; the same budget keeps the same schedule
+    same_budget = ckpt["config"]["budget"] == tr.cfg.budget
+    tr.train_seconds = ckpt["train_seconds"] if same_budget else None
+    tr.ema_w.fill_(ckpt["ema_w"])
+    tr.ema_w_value = ckpt["ema_w"]
+    rng = ckpt["rng"]
+    torch.set_rng_state(rng["torch"].cpu())
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and tr.device.type == "cuda":
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    tr.log(f"resumed {path}: step {tr.step}, {tr.elapsed:.0f} s done")
+
+
+# ---- the plan: how long the end takes, how long training gets ---------------------------
+
+def measure_end(tr):
+    """Seconds the end of the run takes on this device, timed on its real path: the model's
+    preparation for sampling (cvae: K-means of the training latents; timed on a subset and
+    scaled), the batch-norm refresh and n_samples images in the sampling batch shape (second
+    pass: the first pays cuDNN's autotuning), PNG encoding of real training photos (more
+    detail than an untrained generator's flat images, so an upper bound) and a checkpoint.
+    Returns (seconds x1.25 + 3 s, the parts)."""
+    cfg, cuda = tr.cfg, tr.device.type == "cuda"
+    G = copy.deepcopy(tr.G_ema)
+    parts = {"prepare": 0.0}
+    if hasattr(tr.model, "before_sampling"):
+        n = min(len(tr.images), 4000 if cuda else 1000)
+        t = time.monotonic()
+        tr.model.before_sampling(G, to_float(tr.images[:n]))
+        parts["prepare"] = (time.monotonic() - t) * len(tr.images) / n
+    probe = 512 if cuda else 32
+    for _ in range(2):
+        t = time.monotonic()
+        generate(G, probe, cfg.z_dim, None, tr.n_classes, probe, device=tr.device)
+        per_image = (time.monotonic() - t) / probe
+    parts["generate"] = per_image * (cfg.n_samples + refresh_images(G, cfg))
+    photos = tr.images[:probe].permute(0, 2, 3, 1).cpu().numpy()
+    t = time.monotonic()
+    encode_pngs(photos)
+    parts["png"] = (time.monotonic() - t) / len(photos) * cfg.n_samples
+    t = time.monotonic()
+    save_checkpoint(tr)  # the run's first checkpoint, timed
+    parts["checkpoint"] = time.monotonic() - t
+    return 1.25 * sum(parts.values()) + 3.0, parts
+
+
+def plan(tr):
+    """Fix train_seconds (budget minus the end's reserve); refuse a budget too short for it."""
+    cfg = tr.cfg
+    if cfg.reserve >= 0:
+        reserve, how = cfg.reserve, "as configured"
+    else:
+        reserve, parts = measure_end(tr)
+        how = "measured: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ", x1.25 + 3 s"
+    tr.train_seconds = max(0.0, cfg.budget - reserve)
+    used = tr.resumed_elapsed + (tr.clock() - tr.t0)  # previous runs (resume), data loading
+    if tr.train_seconds - used < 0.1 * cfg.budget:
+        need = math.ceil((used + reserve) / 0.9 / 60)
+        raise RunError(f"budget {fmt_time(cfg.budget)} is too short on this device: {used:.0f} s already "
+                       f"spent and the end (sampling {cfg.n_samples} images, the zip) needs {reserve:.0f} s "
+                       f"({how}); give --budget {need}m or more")
+    tr.log(f"budget     {fmt_time(cfg.budget)}: training until {fmt_time(tr.train_seconds)}, "
+             f"{reserve:.0f} s kept for the end ({how})")
+
+
+# ---- pictures and interim zips ----------------------------------------------------------
+
+@torch.no_grad()
+def save_fixed_grid(tr, name):
+    was = tr.G_ema.training
+    tr.G_ema.eval()
+    imgs = tr.G_ema(tr.fixed_z, tr.fixed_y)
+    tr.G_ema.train(was)
+    save_grid(to_uint8(imgs), os.path.join(tr.cfg.out, name))
+
+
+def progress_grid(tr):
+    """grid-STEP.png; past keep_grids files every other older one goes and the interval doubles,
+    so a 9-hour run keeps a few evenly spaced grids, never hundreds."""
+    save_fixed_grid(tr, f"grid-{tr.step:07d}.png")
+    grids = sorted(f for f in os.listdir(tr.cfg.out) if re.fullmatch(r"grid-\d{7}\.png", f))
+    if len(grids) > max(2, tr.cfg.keep_grids):
+        for name in grids[1:-1:2]:
+            os.remove(os.path.join(tr.cfg.out, name))
+        tr.grid_every *= 2
+
+
+def prepare_for_sampling(tr, G):
+    """What sampling needs beyond the weights: the model's own step (cvae: clusters of the
+    training latents) and standing batch-norm statistics."""
+    if hasattr(tr.model, "before_sampling"):
+        tr.model.before_sampling(G, to_float(tr.images))
+    refresh_batchnorm(G, tr.cfg, tr.n_classes, tr.device)
+
+
+def sample_zip(tr, G, deadline=None):
+    cfg = tr.cfg
+    truncation = cfg.truncation if cfg.truncation > 0 else None
+    images = generate(G, cfg.n_samples, cfg.z_dim, truncation, tr.n_classes, device=tr.device,
+                      seed=cfg.seed, deadline=deadline, clock=tr.clock)
+    path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=tr.clock)
+    if cfg.n_samples == 10_000:
+        verify_zip(path)
+    return path
+
+
+def interim_zip(tr):
+    """images.zip from a copy of the EMA generator now: a valid submission exists from the first
+    hour on, whatever happens later. A failure here is logged, not fatal."""
+    t = time.monotonic()
+    try:
+        G = copy.deepcopy(tr.G_ema)
+        prepare_for_sampling(tr, G)
+        sample_zip(tr, G)
+        tr.log(f"interim images.zip at step {tr.step} ({time.monotonic() - t:.0f} s)")
+    except Exception as exc:
+        tr.log(f"interim images.zip failed ({type(exc).__name__}: {exc}); training goes on")
+
+
+# ---- the end: images.zip before the deadline, whatever happened -------------------------
+
+def finish(tr, failure=None):
+    """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
+    budget's deadline: sampling stops (keeping any earlier images.zip) rather than overrun."""
+    deadline = tr.t0 - tr.resumed_elapsed + tr.cfg.budget  # on tr.clock, the zip included
+    path = os.path.join(tr.cfg.out, "images.zip")
+    t = time.monotonic()
+    try:
+        if not all(torch.isfinite(v).all() for v in tr.G_ema.state_dict().values() if v.is_floating_point()):
+            tr.log("EMA generator is not finite: using the last good state")
+            rollback(tr, "non-finite weights at the end")
+        prepare_for_sampling(tr, tr.G_ema)
+        tr.bn_refreshed = True
+        save_checkpoint(tr)
+        save_fixed_grid(tr, "samples.png")
+        path = sample_zip(tr, tr.G_ema, deadline)
+    except OutOfTime as exc:
+        raise out_of_time(tr, failure, exc) from None
+    except Exception as exc:  # e.g. a CUDA error: the device cannot sample any more
+        tr.log("sampling failed: " + traceback.format_exc().rstrip())
+        cause = f"{failure + '; ' if failure else ''}the end failed on {tr.device} ({type(exc).__name__}: {exc})"
+        try:
+            step = rescue_on_cpu(tr, deadline)
+        except OutOfTime as late:
+            raise out_of_time(tr, cause, late) from None
+        raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
+    tr.log(f"wrote {path}: {tr.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
+             f"(step {tr.step}, {tr.rollbacks} rollbacks)")
+    if failure:
+        raise RunFailed(failure, path)
+    return path
+
+
+def out_of_time(tr, failure, exc):
+    path = os.path.join(tr.cfg.out, "images.zip")
+    kept = "the interim images.zip is kept" if os.path.exists(path) else "no images.zip written"
+    return RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept})",
+                     path if os.path.exists(path) else None)
+
+
+def rescue_on_cpu(tr, deadline):
+    """images.zip from the last checkpoint's EMA generator, rebuilt and sampled on the CPU (a
+    failed CUDA context cannot be used again), before the deadline. Returns its step."""
+    cpu = torch.device("cpu")
+    ckpt = torch.load(os.path.join(tr.cfg.out, "checkpoint.pt"), map_location=cpu, weights_only=False)
+    cfg = dataclasses.replace(tr.cfg, device="cpu")
+    G = type(tr.model)(cfg, tr.n_classes, cpu).G
+    G.load_state_dict(ckpt["G_ema"])
+    if not ckpt.get("bn_refreshed"):
+        refresh_batchnorm(G, cfg, tr.n_classes, cpu)
+    truncation = cfg.truncation if cfg.truncation > 0 else None
+    images = generate(G, cfg.n_samples, cfg.z_dim, truncation, tr.n_classes, device=cpu, seed=cfg.seed,
+                      deadline=deadline, clock=tr.clock)
+    path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=tr.clock)
+    if cfg.n_samples == 10_000:
+        verify_zip(path)
+    return ckpt["step"]
+
+
 class Trainer:
     """Holds the models, the resident data and the schedule; `run()` trains and writes images.zip."""
 
@@ -1179,9 +1525,7 @@ class Trainer:
         data = data if data is not None else load_dataset(cfg.data, cfg.image_size, cfg.strategy, log=log)
         self.breeds = list(data["breeds"])
         self.n_classes = len(self.breeds) if model_cls.conditional else 0
-        images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2)
-        self.images = images.contiguous().to(self.device)  # uint8, resident for the whole run
-        self.labels = torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(self.device)
+        self.images, self.labels = resident(data, self.device)
         self.model = model_cls(cfg, self.n_classes, self.device)
         if "diffaug" in cfg.augment and not getattr(self.model, "diffaug", False):
             raise ValueError(f"augment {cfg.augment!r}: model {model_cls.name} does not apply DiffAugment")
@@ -1213,211 +1557,6 @@ class Trainer:
         for name in remove_stale_temps(cfg.out):
             self.log(f"removed {name}, left half-written by an earlier run that was killed")
 
-    # ---- one step ------------------------------------------------------------------------
-    def batch(self):
-        cfg = self.cfg
-        idx = torch.randint(0, self.images.shape[0], (cfg.batch_size,), device=self.device)
-        x = to_float(self.images[idx])
-        if "crop" in cfg.augment:
-            x = random_resized_crop_flip(x, 64)
-        elif "flip" in cfg.augment:
-            x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-        if x.shape[-1] != 64:
-            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
-        return x, self.labels[idx]
-
-    def train_step(self):
-        # bf16/fp16 autocast around the whole step (forward and backward run in the dtype autocast
-        # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache:
-        # the step may be captured in a CUDA graph.
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
-                            enabled=self.amp_dtype is not None, cache_enabled=False):
-            losses = self.model.step(self.batch)  # the model draws as many batches as it needs
-        with torch.no_grad():
-            for p_ema, p in zip(self.G_ema.parameters(), self.model.G.parameters()):
-                p_ema.lerp_(p, self.ema_w)  # a tensor weight: no host sync, graph-safe
-            for b_ema, b in zip(self.G_ema.buffers(), self.model.G.buffers()):
-                b_ema.copy_(b)
-            if self.loss_sum is None:
-                self.loss_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in losses.items()}
-            for k, v in losses.items():
-                self.loss_sum[k] += v.float()
-        return losses
-
-    def capture(self):
-        """Capture train_step in a CUDA graph (3 warm-up steps on a side stream first)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.train_step()
-                self.step += 1
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.train_step()
-        return graph
-
-    def use_graph(self):
-        if self.device.type != "cuda" or self.cfg.graph != "auto":
-            return False
-        if self.precision == "fp16":  # GradScaler reads found-inf on the host: not capturable
-            self.log("fp16: the loss scaler syncs with the host every step, so the step runs eager "
-                     "(no CUDA graph)")
-            return False
-        return True
-
-    # ---- schedule and safety ---------------------------------------------------------------
-    def set_schedule(self, p):
-        scale = lr_multiplier(p, self.cfg) * self.lr_scale
-        for opt, base in ((self.model.opt_g, self.cfg.lr_g), (self.model.opt_d, self.cfg.lr_d)):
-            for group in (opt.param_groups if opt is not None else ()):
-                if torch.is_tensor(group["lr"]):
-                    group["lr"].fill_(base * scale)
-                else:
-                    group["lr"] = base * scale
-        w = ema_weight(p, self.cfg)
-        if w != self.ema_w_value:  # only at the switch; reading the tensor would sync every step
-            self.ema_w.fill_(w)
-            self.ema_w_value = w
-
-    def state_tensors(self):
-        """Every tensor that defines the training state, for in-place copies (graph-safe)."""
-        out = list(self.model.G.state_dict(keep_vars=True).values())
-        if self.model.D is not None:
-            out += list(self.model.D.state_dict(keep_vars=True).values())
-        out += list(self.G_ema.state_dict(keep_vars=True).values())
-        for opt in self.optimizers:
-            for state in opt.state.values():
-                out += [v for v in state.values() if torch.is_tensor(v)]
-        return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
-
-    def keep_good_state(self):
-        self.good = [t.detach().clone() for t in self.state_tensors()]
-
-    def restore_good_state(self):
-        with torch.no_grad():
-            for t, saved in zip(self.state_tensors(), self.good):
-                t.copy_(saved)
-
-    def rollback(self, reason):
-        self.restore_good_state()
-        self.rollbacks += 1
-        self.lr_scale *= 0.5
-        self.log(f"rollback #{self.rollbacks} to the last good state ({reason}); lr x{self.lr_scale:g}")
-
-    # ---- checkpoints ----------------------------------------------------------------------
-    def checkpoint(self, name="checkpoint.pt"):
-        ckpt = {
-            "format": "dogkit-checkpoint-1",
-            "config": dataclasses.asdict(self.cfg),
-            "model": self.cfg.model,
-            "step": self.step,
-            "elapsed": self.elapsed,
-            "train_seconds": self.train_seconds,
-            "lr_scale": self.lr_scale,
-            "rollbacks": self.rollbacks,
-            "breeds": self.breeds,
-            "n_classes": self.n_classes,
-            "G": self.model.G.state_dict(),
-            "D": self.model.D.state_dict() if self.model.D is not None else None,
-            "G_ema": self.G_ema.state_dict(),
-            "opt_g": self.model.opt_g.state_dict(),
-            "opt_d": self.model.opt_d.state_dict() if self.model.opt_d is not None else None,
-            "scalers": [opt.grad_scaler.state_dict() if opt.grad_scaler else None for opt in self.optimizers],
-            "ema_w": self.ema_w_value,
-            "grid_every": self.grid_every,
-            "bn_refreshed": bool(self.bn_refreshed),  # standing stats in G_ema (final checkpoint)
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None},
-        }
-        path = os.path.join(self.cfg.out, name)
-        with atomic_path(path) as tmp:
-            torch.save(ckpt, tmp)
-        return path
-
-    def restore(self, path):
-        ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        if ckpt.get("format") != "dogkit-checkpoint-1" or ckpt.get("model") != self.cfg.model:
-            raise RunError(f"{path}: a {ckpt.get('format')!r} checkpoint of model {ckpt.get('model')!r}; "
-                           f"this run trains {self.cfg.model!r} (dogkit-checkpoint-1)")
-        self.model.G.load_state_dict(ckpt["G"])
-        if self.model.D is not None:
-            self.model.D.load_state_dict(ckpt["D"])
-        self.G_ema.load_state_dict(ckpt["G_ema"])
-        self.model.opt_g.load_state_dict(ckpt["opt_g"])
-        if self.model.opt_d is not None:
-            self.model.opt_d.load_state_dict(ckpt["opt_d"])
-        for opt, state in zip(self.optimizers, ckpt.get("scalers") or ()):
-            if opt.grad_scaler is not None and state:
-                opt.grad_scaler.load_state_dict(state)
-        self.step, self.elapsed = ckpt["step"], ckpt["elapsed"]
-        self.resumed_elapsed = self.elapsed
-        self.lr_scale, self.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
-        self.grid_every = ckpt.get("grid_every", self.grid_every)
-        # a new --budget on resume re-plans the end; the same budget keeps the same schedule
-        same_budget = ckpt["config"]["budget"] == self.cfg.budget
-        self.train_seconds = ckpt["train_seconds"] if same_budget else None
-        self.ema_w.fill_(ckpt["ema_w"])
-        self.ema_w_value = ckpt["ema_w"]
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        self.log(f"resumed {path}: step {self.step}, {self.elapsed:.0f} s done")
-
-    # ---- the plan: how long the end takes, how long training gets -------------------------------
-    def measure_end(self):
-        """Seconds the end of the run takes on this device, timed on its real path: the model's
-        preparation for sampling (cvae: K-means of the training latents; timed on a subset and
-        scaled), the batch-norm refresh and n_samples images in the sampling batch shape (second
-        pass: the first pays cuDNN's autotuning), PNG encoding of real training photos (more
-        detail than an untrained generator's flat images, so an upper bound) and a checkpoint.
-        Returns (seconds x1.25 + 3 s, the parts)."""
-        cfg, cuda = self.cfg, self.device.type == "cuda"
-        G = copy.deepcopy(self.G_ema)
-        parts = {"prepare": 0.0}
-        if hasattr(self.model, "before_sampling"):
-            n = min(len(self.images), 4000 if cuda else 1000)
-            t = time.monotonic()
-            self.model.before_sampling(G, to_float(self.images[:n]))
-            parts["prepare"] = (time.monotonic() - t) * len(self.images) / n
-        probe = 512 if cuda else 32
-        for _ in range(2):
-            t = time.monotonic()
-            generate(G, probe, cfg.z_dim, None, self.n_classes, probe, device=self.device)
-            per_image = (time.monotonic() - t) / probe
-        parts["generate"] = per_image * (cfg.n_samples + refresh_images(G, cfg))
-        photos = self.images[:probe].permute(0, 2, 3, 1).cpu().numpy()
-        t = time.monotonic()
-        encode_pngs(photos)
-        parts["png"] = (time.monotonic() - t) / len(photos) * cfg.n_samples
-        t = time.monotonic()
-        self.checkpoint()  # the run's first checkpoint, timed
-        parts["checkpoint"] = time.monotonic() - t
-        return 1.25 * sum(parts.values()) + 3.0, parts
-
-    def plan(self):
-        """Fix train_seconds (budget minus the end's reserve); refuse a budget too short for it."""
-        cfg = self.cfg
-        if cfg.reserve >= 0:
-            reserve, how = cfg.reserve, "as configured"
-        else:
-            reserve, parts = self.measure_end()
-            how = "measured: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ", x1.25 + 3 s"
-        self.train_seconds = max(0.0, cfg.budget - reserve)
-        used = self.resumed_elapsed + (self.clock() - self.t0)  # previous runs (resume), data loading
-        if self.train_seconds - used < 0.1 * cfg.budget:
-            need = math.ceil((used + reserve) / 0.9 / 60)
-            raise RunError(f"budget {fmt_time(cfg.budget)} is too short on this device: {used:.0f} s already "
-                           f"spent and the end (sampling {cfg.n_samples} images, the zip) needs {reserve:.0f} s "
-                           f"({how}); give --budget {need}m or more")
-        self.log(f"budget     {fmt_time(cfg.budget)}: training until {fmt_time(self.train_seconds)}, "
-                 f"{reserve:.0f} s kept for the end ({how})")
-
-    # ---- the run ---------------------------------------------------------------------------
     def write_log(self, record):
         with open(os.path.join(self.cfg.out, "log.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -1427,14 +1566,14 @@ class Trainer:
         raises RunFailed, after writing the zip, when training stopped on an error or a NaN storm."""
         cfg = self.cfg
         if self.train_seconds is None:
-            self.plan()
+            plan(self)
         with open(os.path.join(cfg.out, "options.json"), "w") as fh:
             json.dump(dataclasses.asdict(cfg), fh, indent=2)
         failure = None
         try:
             failure = self.train_loop()
         except KeyboardInterrupt:
-            path = self.checkpoint()
+            path = save_checkpoint(self)
             self.log(f"interrupted: state saved to {path}; continue with --resume {path}")
             raise
         except Exception as exc:  # anything else: keep what the run has learnt
@@ -1443,17 +1582,17 @@ class Trainer:
             failure = f"{type(exc).__name__} at step {self.step}: {exc}"
             self.log("training stopped: " + traceback.format_exc().rstrip())
             try:
-                self.restore_good_state()
+                restore_good_state(self)
             except Exception as again:  # a dead CUDA context: finish() falls back to the CPU
                 self.log(f"the last good state could not be restored ({type(again).__name__}: {again})")
-        return self.finish(failure)
+        return finish(self, failure)
 
     def train_loop(self):
         """The loop. Returns None, or the cause when it had to stop early (a NaN storm)."""
         cfg = self.cfg
         start = self.t0 - self.resumed_elapsed
         last_log = last_grid = last_ckpt = last_zip = self.clock()
-        use_graph = self.use_graph()
+        use_graph = graph_wanted(self)
         steps_at_log = self.step
         pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
         while True:
@@ -1462,10 +1601,10 @@ class Trainer:
             if self.elapsed >= self.train_seconds or (cfg.steps and self.step >= cfg.steps):
                 break
             p = self.elapsed / max(self.train_seconds, 1e-9)
-            self.set_schedule(p)
+            set_schedule(self, p)
             if use_graph and self.graph is None:
                 try:
-                    self.graph = self.capture()
+                    self.graph = capture_step(self)
                     self.log("training step captured in a CUDA graph")
                 except Exception as exc:  # any capture problem: eager from here on
                     use_graph = False
@@ -1475,28 +1614,28 @@ class Trainer:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self.train_step()
+                train_step(self)
             self.step += 1
             for hook in self.hooks:
                 hook(self)
             if self.good is None:
-                self.keep_good_state()
+                keep_good_state(self)
             if now - last_log >= cfg.log_every:
                 if self.log_interval(p, self.step - steps_at_log, now - last_log):
-                    self.keep_good_state()
+                    keep_good_state(self)
                 elif self.rollbacks >= cfg.max_rollbacks:
                     return f"NaN storm: {self.rollbacks} rollbacks at step {self.step}"
                 steps_at_log, last_log = self.step, now
             if now - last_grid >= self.grid_every:
-                self.progress_grid()
+                progress_grid(self)
                 last_grid = now
             if now - last_ckpt >= cfg.checkpoint_every:
-                self.checkpoint()
+                save_checkpoint(self)
                 last_ckpt = now
             if pending and p >= pending[0]:
-                self.checkpoint(f"snapshot-p{pending.pop(0):g}.pt")
+                save_checkpoint(self, f"snapshot-p{pending.pop(0):g}.pt")
             if now - last_zip >= cfg.zip_every and self.train_seconds - self.elapsed > cfg.zip_every / 4:
-                self.interim_zip()
+                interim_zip(self)
                 last_zip = now
         if self.step > steps_at_log:
             self.log_interval(self.elapsed / max(self.train_seconds, 1e-9), self.step - steps_at_log,
@@ -1517,112 +1656,8 @@ class Trainer:
         self.log(f"step {self.step:7d} | {fmt_time(self.elapsed)}/{fmt_time(self.train_seconds)} "
                  f"({100 * p:3.0f}%) | {record['steps_per_s']:7.1f} it/s | {losses}")
         if not finite:
-            self.rollback("loss is NaN or diverged")
+            rollback(self, "loss is NaN or diverged")
         return finite
-
-    # ---- pictures and interim zips ------------------------------------------------------------
-    @torch.no_grad()
-    def grid(self, name):
-        was = self.G_ema.training
-        self.G_ema.eval()
-        imgs = self.G_ema(self.fixed_z, self.fixed_y)
-        self.G_ema.train(was)
-        save_grid(to_uint8(imgs), os.path.join(self.cfg.out, name))
-
-    def progress_grid(self):
-        """grid-STEP.png; past keep_grids files every other older one goes and the interval doubles,
-        so a 9-hour run keeps a few evenly spaced grids, never hundreds."""
-        self.grid(f"grid-{self.step:07d}.png")
-        grids = sorted(f for f in os.listdir(self.cfg.out) if re.fullmatch(r"grid-\d{7}\.png", f))
-        if len(grids) > max(2, self.cfg.keep_grids):
-            for name in grids[1:-1:2]:
-                os.remove(os.path.join(self.cfg.out, name))
-            self.grid_every *= 2
-
-    def prepare_for_sampling(self, G):
-        """What sampling needs beyond the weights: the model's own step (cvae: clusters of the
-        training latents) and standing batch-norm statistics."""
-        if hasattr(self.model, "before_sampling"):
-            self.model.before_sampling(G, to_float(self.images))
-        refresh_batchnorm(G, self.cfg, self.n_classes, self.device)
-
-    def sample_zip(self, G, deadline=None):
-        cfg = self.cfg
-        truncation = cfg.truncation if cfg.truncation > 0 else None
-        images = generate(G, cfg.n_samples, cfg.z_dim, truncation, self.n_classes, device=self.device,
-                          seed=cfg.seed, deadline=deadline, clock=self.clock)
-        path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=self.clock)
-        if cfg.n_samples == 10_000:
-            verify_zip(path)
-        return path
-
-    def interim_zip(self):
-        """images.zip from a copy of the EMA generator now: a valid submission exists from the first
-        hour on, whatever happens later. A failure here is logged, not fatal."""
-        t = time.monotonic()
-        try:
-            G = copy.deepcopy(self.G_ema)
-            self.prepare_for_sampling(G)
-            self.sample_zip(G)
-            self.log(f"interim images.zip at step {self.step} ({time.monotonic() - t:.0f} s)")
-        except Exception as exc:
-            self.log(f"interim images.zip failed ({type(exc).__name__}: {exc}); training goes on")
-
-    # ---- the end ---------------------------------------------------------------------------
-    def finish(self, failure=None):
-        """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
-        budget's deadline: sampling stops (keeping any earlier images.zip) rather than overrun."""
-        deadline = self.t0 - self.resumed_elapsed + self.cfg.budget  # on self.clock, the zip included
-        path = os.path.join(self.cfg.out, "images.zip")
-        t = time.monotonic()
-        try:
-            if not all(torch.isfinite(v).all() for v in self.G_ema.state_dict().values() if v.is_floating_point()):
-                self.log("EMA generator is not finite: using the last good state")
-                self.rollback("non-finite weights at the end")
-            self.prepare_for_sampling(self.G_ema)
-            self.bn_refreshed = True
-            self.checkpoint()
-            self.grid("samples.png")
-            path = self.sample_zip(self.G_ema, deadline)
-        except OutOfTime as exc:
-            raise self.out_of_time(failure, exc) from None
-        except Exception as exc:  # e.g. a CUDA error: the device cannot sample any more
-            self.log("sampling failed: " + traceback.format_exc().rstrip())
-            cause = f"{failure + '; ' if failure else ''}the end failed on {self.device} ({type(exc).__name__}: {exc})"
-            try:
-                step = self.rescue_on_cpu(deadline)
-            except OutOfTime as late:
-                raise self.out_of_time(cause, late) from None
-            raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
-        self.log(f"wrote {path}: {self.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
-                 f"(step {self.step}, {self.rollbacks} rollbacks)")
-        if failure:
-            raise RunFailed(failure, path)
-        return path
-
-    def out_of_time(self, failure, exc):
-        path = os.path.join(self.cfg.out, "images.zip")
-        kept = "the interim images.zip is kept" if os.path.exists(path) else "no images.zip written"
-        return RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept})",
-                         path if os.path.exists(path) else None)
-
-    def rescue_on_cpu(self, deadline):
-        """images.zip from the last checkpoint's EMA generator, rebuilt and sampled on the CPU (a
-        failed CUDA context cannot be used again), before the deadline. Returns its step."""
-        cpu = torch.device("cpu")
-        ckpt = torch.load(os.path.join(self.cfg.out, "checkpoint.pt"), map_location=cpu, weights_only=False)
-        cfg = dataclasses.replace(self.cfg, device="cpu")
-        G = type(self.model)(cfg, self.n_classes, cpu).G
-        G.load_state_dict(ckpt["G_ema"])
-        if not ckpt.get("bn_refreshed"):
-            refresh_batchnorm(G, cfg, self.n_classes, cpu)
-        truncation = cfg.truncation if cfg.truncation > 0 else None
-        images = generate(G, cfg.n_samples, cfg.z_dim, truncation, self.n_classes, device=cpu, seed=cfg.seed,
-                          deadline=deadline, clock=self.clock)
-        path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=self.clock)
-        if cfg.n_samples == 10_000:
-            verify_zip(path)
-        return ckpt["step"]
 
 
 def fmt_time(seconds):
@@ -1637,7 +1672,7 @@ def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=prin
     Raises RunFailed (after writing the zip from the last good state) when training broke off."""
     trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks, t0=t0)
     if resume:
-        trainer.restore(resume)
+        load_checkpoint(trainer, resume)
     return trainer.run()
 
 

@@ -113,6 +113,8 @@ def kept_source(source: str, tree: ast.Module, keep: set[int]) -> str:
         start = (node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno) - 1
         while start > first and lines[start - 1].startswith("#") and not lines[start - 1].startswith("# ----"):
             start -= 1
+        if start > first + 1 and not lines[start - 1].strip() and lines[start - 2].startswith("# ----"):
+            start -= 2  # the section banner right above: kept with its first statement
         chunks.append("\n".join(lines[start:node.end_lineno]))
     # statements that sit together in the source (constants) stay together
     body = "\n\n\n".join(chunks)

@@ -64,12 +64,12 @@ def test_lecam_penalty_closed_form_and_bias_corrected_averages():
 
 
 def test_lecam_is_applied_by_biggan_only(tmp_path, tiny_dataset):
-    from dogkit.core.train import Trainer
+    from dogkit.core.train import Trainer, train_step
 
     cfg = with_settings(with_settings(TrainConfig(), registry.get("biggan").settings),
                         dict(width=4, batch_size=8, device="cpu", out=str(tmp_path), lecam=0.3))
     trainer = Trainer(cfg, registry.get("biggan").cls, data=tiny_dataset, log=lambda m: None)
-    losses = trainer.train_step()
+    losses = train_step(trainer)
     assert "loss_lecam" in losses and torch.isfinite(losses["loss_lecam"])
     assert float(trainer.model.D.lecam_ema[2]) == 1.0
     with pytest.raises(ValueError, match="does not apply LeCam"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dogkit.core import registry
-from dogkit.core.train import (TrainConfig, Trainer, ema_weight, lr_multiplier, parse_budget, train,
-                               with_settings)
+from dogkit.core.train import (TrainConfig, Trainer, ema_weight, load_checkpoint, lr_multiplier, measure_end,
+                               parse_budget, train, train_step, with_settings)
 from dogkit.metrics.submission import load_submission
 
 
@@ -61,7 +61,7 @@ def test_unknown_setting_is_an_error():
 
 
 def test_tiny_end_to_end_run_writes_a_valid_submission(tmp_path, tiny_dataset):
-    cfg = tiny_cfg(tmp_path, budget=45.0, reserve=-1.0, n_samples=10_000, log_every=2.0, steps=150)
+    cfg = tiny_cfg(tmp_path, budget=600.0, reserve=-1.0, n_samples=10_000, log_every=2.0, steps=150)
     path = train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
     images = load_submission(path, strict=True)
     assert images.pixels.shape == (10_000, 64, 64, 3)
@@ -87,7 +87,7 @@ def run_steps(tmp_path, data, steps, resume=None, out="run"):
     cfg = tiny_cfg(tmp_path / out, steps=steps, budget=40.0, reserve=0.0, lr_decay_start=0.2, ema_start=0.1)
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=data, clock=clock, log=lambda m: None, hooks=[clock.hook])
     if resume:
-        trainer.restore(resume)
+        load_checkpoint(trainer, resume)
     trainer.run()
     return trainer
 
@@ -148,7 +148,7 @@ def test_models_without_an_adversary_train_and_sample(tmp_path, tiny_dataset):
     assert ckpt["D"] is None and int(ckpt["G_ema"]["n_fitted"]) == 10
     assert (tmp_path / "images.zip").exists()
     resumed = Trainer(with_settings(cfg, {"steps": 6}), entry.cls, data=tiny_dataset, log=lambda m: None)
-    resumed.restore(tmp_path / "checkpoint.pt")
+    load_checkpoint(resumed, tmp_path / "checkpoint.pt")
     assert resumed.step == 4
 
 
@@ -203,7 +203,7 @@ def test_precision_sets_the_compute_dtype_and_keeps_fp32_weights(tmp_path, tiny_
     conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     before = [p.detach().clone() for p in trainer.model.G.parameters()]
     for _ in range(8):  # fp16: the loss scaler skips the steps whose gradients overflow
-        losses = trainer.train_step()
+        losses = train_step(trainer)
         if any(not torch.equal(a, b) for a, b in zip(before, trainer.model.G.parameters())):
             break
     assert seen and set(seen) == {dtype}
@@ -250,7 +250,7 @@ def test_reserve_is_timed_after_a_warm_up_of_the_same_shape(tmp_path, tiny_datas
     fake_end(monkeypatch, calls)
     trainer = Trainer(tiny_cfg(tmp_path, reserve=-1.0, n_samples=10_000), registry.get("dcgan").cls,
                       data=tiny_dataset, log=lambda m: None)
-    reserve, parts = trainer.measure_end()
+    reserve, parts = measure_end(trainer)
     assert [c[:2] for c in calls[:2]] == [("generate", 32), ("generate", 32)]  # the CPU probe
     encoded = calls[2][1]
     np.testing.assert_array_equal(encoded, tiny_dataset["images"][:32])
@@ -271,7 +271,7 @@ def test_reserve_of_the_vae_times_its_real_sampling_path(tmp_path, tiny_dataset,
     calls = []
     fake_end(monkeypatch, calls)
     trainer = Trainer(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
-    reserve, parts = trainer.measure_end()
+    reserve, parts = measure_end(trainer)
     assert all(c[2] == 10 for c in calls if c[0] == "generate")  # clusters fitted: recycling runs
     assert "prepare" in parts and int(trainer.G_ema.n_fitted) == 0  # on a copy, not the EMA itself
 
@@ -303,13 +303,15 @@ def test_an_error_mid_run_still_writes_a_valid_zip_then_fails(tmp_path, tiny_dat
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 5
 
 
-def test_an_error_before_the_first_step_is_not_hidden(tmp_path, tiny_dataset):
+def test_an_error_before_the_first_step_is_not_hidden(tmp_path, tiny_dataset, monkeypatch):
+    import dogkit.core.train as T
+
     def crash(trainer):
         raise RuntimeError("boom")
 
     trainer = Trainer(tiny_cfg(tmp_path, steps=5), registry.get("dcgan").cls, data=tiny_dataset,
                       log=lambda m: None, hooks=[crash])
-    trainer.keep_good_state = lambda: None  # no good state is ever taken
+    monkeypatch.setattr(T, "keep_good_state", lambda tr: None)  # no good state is ever taken
     with pytest.raises(RuntimeError, match="boom"):
         trainer.run()
 
@@ -385,7 +387,7 @@ def test_a_killed_runs_half_written_files_are_removed(tmp_path, tiny_dataset):
     assert any(".images.zip.dogkit-tmp4242" in m for m in logs)
 
 
-def test_a_device_that_dies_at_the_end_still_leaves_a_zip_from_the_cpu(tmp_path, tiny_dataset):
+def test_a_device_that_dies_at_the_end_still_leaves_a_zip_from_the_cpu(tmp_path, tiny_dataset, monkeypatch):
     """A CUDA error poisons the context: nothing more runs on that GPU. The end falls back to the
     last checkpoint, sampled on the CPU, and then reports the failure."""
     from dogkit.core.train import RunFailed
@@ -393,10 +395,12 @@ def test_a_device_that_dies_at_the_end_still_leaves_a_zip_from_the_cpu(tmp_path,
     cfg = tiny_cfg(tmp_path, steps=6, n_samples=10_000, checkpoint_every=0.0)
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
 
-    def dead(G):
+    def dead(tr, G):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    trainer.prepare_for_sampling = dead
+    import dogkit.core.train as T
+
+    monkeypatch.setattr(T, "prepare_for_sampling", dead)
     with pytest.raises(RunFailed, match=r"the end failed on cpu \(RuntimeError: CUDA error.*sampled on the CPU "
                                         r"from checkpoint.pt \(step 6\)") as info:
         trainer.run()
