@@ -34,6 +34,12 @@ MEANINGS = {
 }
 
 
+NO_BREEDS = ("Not drawn: the reference holds {labelled} photos in {n} breed folder(s); the breed classifier needs "
+             "at least 2 breeds and 5 photos per breed, read from <synset>-<breed>/ folder names. Build the "
+             "reference from such a folder, e.g. `dogkit reference ../shared/data/stanford-dogs-crops -o "
+             "data/ref.npz`.")
+
+
 def breed_labels(names: list[str]) -> tuple[np.ndarray, list[str]]:
     """Breed of each reference photo from its '<synset>-<breed>/' folder; -1 when unknown."""
     folders = [n.split("/")[0] if "/" in n else "" for n in names]
@@ -152,11 +158,8 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
     """Write the PNGs, report.html and report.json into out; return the numbers."""
     out.mkdir(parents=True, exist_ok=True)
     gen = np.asarray(gen_features)
-    fid = F.frechet_distance(*F.stats(gen), reference.mu, reference.sigma)
+    numbers = F.score_features(gen, reference.mu, reference.sigma, reference.features)  # what `dogkit score` says
     nearest, index = F.nearest_neighbours(gen, reference.features)  # rows of zero features are dropped
-    d = float(nearest.mean())
-    numbers = {"fid": fid, "distance": d, "distance_thresholded": F.threshold_distance(d),
-               "mifid": F.mifid(fid, d), "n_images": int(len(gen))}
     numbers.update(fidelity.manifold_metrics(reference.features, gen))
     numbers.update(fidelity.kid(reference.features, gen, subsets=50, subset_size=min(1000, len(gen))))
     pixels = images.pixels[gen.sum(axis=1) != 0]  # aligned with nearest / index
@@ -181,6 +184,9 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
                 ("Closest pairs", "closest_pairs.png", "Generated (left) and its nearest real photo (right).")]
     if breeds:
         sections.append(("Breeds", "breeds.png", "Predicted breed of each generated image."))
+    else:
+        sections.append(("Breeds", None, NO_BREEDS.format(labelled=int((breed_labels(reference.names)[0] >= 0).sum()),
+                                                           n=len(breed_labels(reference.names)[1]))))
     if has_curves:
         sections.append(("Training curves", "curves.png", f"From {run}/log.jsonl."))
     rows = "".join(f"<tr><td>{k}</td><td>{numbers[k]:.4f}</td><td>{html.escape(MEANINGS.get(k, ''))}</td></tr>"
@@ -189,8 +195,8 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
     if "kid_std" in numbers:
         rows += f"<tr><td>kid_std</td><td>{numbers['kid_std']:.5f}</td><td>Standard deviation of KID over subsets.</td></tr>"
     top5 = "".join(f"<li>{html.escape(t['breed'])}: {100 * t['share']:.1f}%</li>" for t in numbers.get("top5", []))
-    body = "".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(c)}</p><img src='data:image/png;base64,{_png(out / f)}'>"
-                   for t, f, c in sections)
+    body = "".join(f"<h2>{html.escape(t)}</h2><p>{html.escape(c)}</p>"
+                   + (f"<img src='data:image/png;base64,{_png(out / f)}'>" if f else "") for t, f, c in sections)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>dogkit report</title>"
             f"<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td{{padding:2px 8px}}"
             f"img{{max-width:100%}}</style></head><body><h1>dogkit report: {html.escape(images.source)}</h1>"

@@ -81,3 +81,34 @@ def test_report_renders_in_a_headless_browser(report_dir, tmp_path):
                    check=True, capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10  # not a blank page
+
+
+def test_report_numbers_are_the_scorers(report_dir):
+    """The report's FID, d and MiFID are what `dogkit score` prints for the same images."""
+    tmp = report_dir.parent
+    res = CliRunner().invoke(main, ["score", str(tmp / "sub"), "--reference", str(tmp / "ref.npz"), "--no-strict",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    scored = json.loads(res.stdout.strip().splitlines()[-1])
+    numbers = json.loads((report_dir / "report.json").read_text())
+    for key in ("fid", "distance", "mifid", "n_images"):
+        assert numbers[key] == pytest.approx(scored[key], rel=1e-6), key
+    assert numbers["n_images"] == 10 and 0 < numbers["distance"] < 1 and numbers["fid"] > 0
+    assert 0 <= numbers["precision"] <= 1 and 0 <= numbers["breed_accuracy"] <= 1
+    assert numbers["top5"][0]["breed"] == "n00000000-breed0"  # the submission is reddish, like breed 0
+
+
+def test_a_report_without_breed_folders_says_why_and_how(report_dir, tmp_path):
+    tmp = report_dir.parent
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted((tmp / "real").rglob("*.jpg"))[:10]:
+        shutil.copy(p, flat / f"{p.parent.name}-{p.name}")
+    runner = CliRunner()
+    assert runner.invoke(main, ["reference", str(flat), "-o", str(tmp_path / "ref.npz")]).exit_code == 0
+    res = runner.invoke(main, ["report", str(tmp / "sub"), "--reference", str(tmp_path / "ref.npz"), "-o",
+                               str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<h2>Breeds</h2><p>Not drawn: the reference holds 0 photos in 0 breed folder(s)" in page
+    assert "dogkit reference ../shared/data/stanford-dogs-crops" in page
