@@ -305,57 +305,72 @@ def _find_dir(root, name):
     return None
 
 
+def _zip_items(source):
+    try:
+        zf = zipfile.ZipFile(source)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise DataError(f"{source}: not a readable zip ({exc})") from None
+    with zf:
+        members = sorted(n for n in zf.namelist() if n.lower().endswith(PHOTO_EXTS) and not n.startswith("__MACOSX"))
+    return [{"name": m, "zip": source, "member": m, "synset": _synset(m), "xml": None} for m in members]
+
+
+def _folder_items(source, ann_dir):
+    """(layout, items) of a folder's photos (the Annotation folder itself skipped)."""
+    photos = []
+    for dirpath, _, files in os.walk(source):
+        if ann_dir and os.path.abspath(dirpath).startswith(os.path.abspath(ann_dir)):
+            continue
+        photos += [os.path.join(dirpath, f) for f in files if f.lower().endswith(PHOTO_EXTS)]
+    photos.sort()
+    folders = {breed_of(os.path.basename(os.path.dirname(p))) for p in photos}
+    if ann_dir:
+        layout = "Kaggle/Stanford layout with annotations"
+    elif photos and None not in folders:
+        layout = "pre-cropped breed folders"
+    else:
+        layout = "flat folder of images"
+    items = []
+    for p in photos:
+        folder = breed_of(os.path.basename(os.path.dirname(p)))
+        items.append({"name": os.path.relpath(p, source), "path": p,
+                      "synset": folder[0] if folder else _synset(os.path.basename(p)), "xml": None})
+    return layout, items
+
+
+def _attach_annotations(items, ann_dir):
+    """Point each photo at its XML (by file stem; the XML's breed folder gives the synset);
+    returns how many annotations have no photo."""
+    xml_index = {}
+    for dirpath, _, files in os.walk(ann_dir):
+        for f in files:
+            xml_index[os.path.splitext(f)[0]] = os.path.join(dirpath, f)
+    used = set()
+    for it in items:
+        stem = os.path.splitext(os.path.basename(it["path"]))[0]
+        it["xml"] = xml_index.get(stem)
+        if it["xml"]:
+            used.add(stem)
+            folder = breed_of(os.path.basename(os.path.dirname(it["xml"])))
+            if folder:
+                it["synset"] = folder[0]
+    return len(set(xml_index) - used)
+
+
 def discover(source, annotations=None):
     """Find photos, boxes and breeds. Returns (layout, items, breeds, notes).
 
     items: list of dicts {name, path (or zip member), label, xml}; breeds: sorted synset-breed names.
     """
     notes = Counter()
+    ann_dir = None
     if os.path.isfile(source) and zipfile.is_zipfile(source):
-        try:
-            zf = zipfile.ZipFile(source)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise DataError(f"{source}: not a readable zip ({exc})") from None
-        with zf:
-            members = sorted(n for n in zf.namelist() if n.lower().endswith(PHOTO_EXTS)
-                             and not n.startswith("__MACOSX"))
-        items = [{"name": m, "zip": source, "member": m, "synset": _synset(m), "xml": None} for m in members]
-        layout = "zip of images"
+        layout, items = "zip of images", _zip_items(source)
     elif os.path.isdir(source):
         ann_dir = annotations or _find_dir(source, "Annotation")
-        photos = []
-        for dirpath, _, files in os.walk(source):
-            if ann_dir and os.path.abspath(dirpath).startswith(os.path.abspath(ann_dir)):
-                continue
-            photos += [os.path.join(dirpath, f) for f in files if f.lower().endswith(PHOTO_EXTS)]
-        photos.sort()
-        folders = {breed_of(os.path.basename(os.path.dirname(p))) for p in photos}
+        layout, items = _folder_items(source, ann_dir)
         if ann_dir:
-            layout = "Kaggle/Stanford layout with annotations"
-        elif photos and None not in folders:
-            layout = "pre-cropped breed folders"
-        else:
-            layout = "flat folder of images"
-        items = []
-        for p in photos:
-            folder = breed_of(os.path.basename(os.path.dirname(p)))
-            items.append({"name": os.path.relpath(p, source), "path": p,
-                          "synset": folder[0] if folder else _synset(os.path.basename(p)), "xml": None})
-        if ann_dir:
-            xml_index = {}
-            for dirpath, _, files in os.walk(ann_dir):
-                for f in files:
-                    xml_index[os.path.splitext(f)[0]] = os.path.join(dirpath, f)
-            used = set()
-            for it in items:
-                stem = os.path.splitext(os.path.basename(it["path"]))[0]
-                it["xml"] = xml_index.get(stem)
-                if it["xml"]:
-                    used.add(stem)
-                    folder = breed_of(os.path.basename(os.path.dirname(it["xml"])))
-                    if folder:
-                        it["synset"] = folder[0]
-            notes["annotation without photo"] = len(set(xml_index) - used)
+            notes["annotation without photo"] = _attach_annotations(items, ann_dir)
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:
@@ -363,16 +378,14 @@ def discover(source, annotations=None):
     base = Counter(os.path.basename(it["name"]) for it in items)
     notes["same file name in two folders"] = sum(c - 1 for c in base.values() if c > 1)
     names = {}
-    if annotations or layout.startswith("Kaggle"):
-        for dirpath, _, files in os.walk(ann_dir):
-            b = breed_of(os.path.basename(dirpath))
-            if b:
-                names[b[0]] = b[1]
+    for dirpath, _, _ in os.walk(ann_dir) if ann_dir else ():
+        b = breed_of(os.path.basename(dirpath))
+        if b:
+            names[b[0]] = b[1]
     for it in items:
-        if it.get("path"):
-            b = breed_of(os.path.basename(os.path.dirname(it["path"])))
-            if b:
-                names[b[0]] = b[1]
+        b = breed_of(os.path.basename(os.path.dirname(it["path"]))) if it.get("path") else None
+        if b:
+            names[b[0]] = b[1]
     synsets = sorted({it["synset"] for it in items if it["synset"]})
     breeds = [f"{s}-{names.get(s, s)}" for s in synsets] or ["unknown"]
     index = {s: i for i, s in enumerate(synsets)}
