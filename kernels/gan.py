@@ -398,11 +398,9 @@ def read_zip_entry(zf, info, cap):
     try:
         with zf.open(info) as fh:
             data = fh.read(cap + 1)
-    except zipfile.BadZipFile as exc:
+    except zipfile.BadZipFile as exc:  # a CRC error, a bad local header
         raise DataError(f"{info.filename}: corrupt entry ({exc})") from None
-    except (EOFError, OSError, RuntimeError, NotImplementedError, ValueError) as exc:
-        raise DataError(f"{info.filename}: unreadable entry ({type(exc).__name__}: {exc})") from None
-    except Exception as exc:  # zlib.error and the like: a damaged stream
+    except Exception as exc:  # a truncated or damaged stream (EOFError, zlib.error, OSError, ...)
         raise DataError(f"{info.filename}: unreadable entry ({type(exc).__name__}: {exc})") from None
     if len(data) > cap:
         raise DataError(f"{info.filename}: inflates past {cap} bytes (its header says {info.file_size})")
