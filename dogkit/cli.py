@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -307,23 +308,52 @@ def train(model, **opts):
     dogkit train --model dcgan --data data/dogs64.npz --budget 8m --out runs/dcgan
     dogkit train --model dcgan --data data/dogs64.npz --budget 16m --out runs/dcgan --resume runs/dcgan/checkpoint.pt
     dogkit train --model biggan --data data/dogs64.npz --budget 8m --out runs/big --snapshots 0.25,0.5
+    torchrun --nproc_per_node 2 -m dogkit train --model biggan --data data/dogs64.npz --budget 8m --out runs/big2
     """
     from dogkit.core import registry
     from dogkit.core.data import DataError
     from dogkit.core.kernel import config_from_options
     from dogkit.core.runtime import RunError
-    from dogkit.core.train import RunFailed, train as run_train
+    from dogkit.core.train import RunFailed, train as run_train, with_settings
+
+    from dogkit.core.distributed import RankStopped
 
     entry = registry.get(model)
     try:
         cfg = config_from_options(entry.settings, opts)
-        run_train(cfg, entry.cls, resume=opts["resume"], log=lambda m: click.echo(m, err=True))
+        world, device = _torchrun_world(opts["device"], opts["gpus"])
+        if world.size > 1:
+            cfg = with_settings(cfg, {"device": str(device)})
+        run_train(cfg, entry.cls, resume=opts["resume"], log=lambda m: click.echo(m, err=True), world=world)
+    except RankStopped:
+        sys.exit(3)  # another rank failed and says why
     except (ValueError, DataError, RunError) as exc:
         _fail(str(exc))
     except RunFailed as exc:
         kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
         click.echo(f"Error: training failed ({exc.cause}); {kept}", err=True)
         sys.exit(1)
+
+
+def _torchrun_world(device, gpus):
+    """This process's rank when started by torchrun (WORLD_SIZE > 1): cuda:LOCAL_RANK with
+    --device auto or cuda on a machine with GPUs, else the CPU over gloo; else alone."""
+    import torch
+
+    from dogkit.core.distributed import ALONE, join_world
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        if gpus and gpus > 1:
+            _fail(f"--gpus {gpus}: dogkit train is one process; for {gpus} GPUs start it with "
+                  f"torchrun --nproc_per_node {gpus} -m dogkit train ... (the kernels fork their own)")
+        return ALONE, None
+    if gpus:
+        _fail("--gpus: under torchrun, --nproc_per_node sets how many GPUs train")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    on_gpu = device in ("auto", "cuda") and torch.cuda.is_available()
+    dev = torch.device("cuda", local) if on_gpu else torch.device("cpu")
+    return join_world(int(os.environ["RANK"]), size, dev), dev
 
 
 @main.command()

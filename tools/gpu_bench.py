@@ -145,7 +145,7 @@ def run_summary(folder: Path) -> dict:
     cfg = ckpt["config"]
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["steps_per_s"] for r in log[1:]] or [r["steps_per_s"] for r in log]
-    seen = ckpt["step"] * cfg["batch_size"] * (cfg.get("d_steps", 1) if cfg["model"] == "wgan-gp" else 1)
+    seen = ckpt["images_seen"]  # counted by the trainer: wgan-gp draws a batch per critic step
     return {"model": cfg["model"], "steps": ckpt["step"], "steps_per_s": round(float(np.median(rates)), 1),
             "batch_size": cfg["batch_size"], "images_seen": int(seen), "train_seconds": round(ckpt["train_seconds"], 1),
             "truncation_default": cfg["truncation"] or None}

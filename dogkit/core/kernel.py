@@ -14,8 +14,10 @@ import time
 import zipfile
 
 from dogkit.core.data import DataError, PHOTO_EXTS, breed_of, load_dataset, summary_lines
+from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
 from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, pick_device, writable_dir
-from dogkit.core.train import AUGMENTS, RunFailed, TrainConfig, parse_budget, parse_snapshots, train, with_settings
+from dogkit.core.train import (AUGMENTS, RunFailed, TrainConfig, parse_budget, parse_snapshots, train, with_settings,
+                               zip_from_checkpoint)
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -151,6 +153,8 @@ TRAIN_OPTIONS = (
                                         "0 = none)"),
     ("--n-samples", int, 10_000, None, "images in the zip (default 10000, what Kaggle takes)"),
     ("--device", str, "auto", None, "auto (the GPU if any; on Kaggle a GPU is required), cuda, cuda:1, cpu"),
+    ("--gpus", int, None, None, "GPUs to train on, one process each, with --device auto or cuda (default: every "
+                                "visible GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
     ("--log-every", float, None, None, "seconds between log lines (default: 300 on Kaggle, else 30)"),
     ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
     ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan only)"),
@@ -199,17 +203,30 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET):
         signal.signal(signal.SIGTERM, _interrupt)  # a stop from outside saves a checkpoint, like Ctrl-C
     except ValueError:  # not the main thread (some notebook runners): keep the default
         pass
+    return exit_on_error(lambda: run(model_cls, settings, args, t0))
+
+
+def exit_on_error(fn, rank=None):
+    """fn()'s result, or one line on stderr and an exit code: 2 bad input or a device that cannot
+    run, 1 training failed (images.zip still written when it could be), 130 interrupted, 3 this
+    rank stopped because another one failed (that one says why). rank: a forked rank's number
+    (its parent says the interrupt and the zip)."""
+    who = f"rank {rank}: " if rank else ""
     try:
-        return run(model_cls, settings, args, t0)
+        return fn()
+    except RankStopped:
+        sys.exit(3)
     except (RunError, DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"{who}error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trainer saved checkpoint.pt and said how to resume
-        print("error: interrupted; resume with --resume CHECKPOINT", file=sys.stderr, flush=True)
+        if rank is None:
+            print("error: interrupted; resume with --resume CHECKPOINT", file=sys.stderr, flush=True)
         sys.exit(130)
     except RunFailed as exc:
         kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
-        print(f"error: training failed ({exc.cause}); {kept}", file=sys.stderr, flush=True)
+        print(f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"), file=sys.stderr,
+              flush=True)
         sys.exit(1)
 
 
@@ -217,24 +234,100 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def world_size(gpus, device):
+    """(ranks, their device type): with --device auto or cuda every visible GPU (or --gpus of
+    them), one process each; else one. Counted without starting CUDA, so workers can be forked.
+    DOGKIT_CPU_RANKS=N with --device cpu: N ranks on the CPU over gloo (a test path)."""
+    if gpus is not None and gpus < 1:
+        raise RunError(f"--gpus {gpus}: give 1 or more")
+    cpu_ranks = int(os.environ.get("DOGKIT_CPU_RANKS") or 0)
+    if device == "cpu" and cpu_ranks > 1:
+        return cpu_ranks, "cpu"
+    if device not in ("auto", "cuda") or gpus == 1:
+        return 1, None
+    n = visible_gpus()
+    if gpus is not None and gpus > n:
+        raise RunError(f"--gpus {gpus}: only {n} GPU(s) visible here")
+    size = gpus or n
+    return (size, "cuda") if size > 1 else (1, None)
+
+
 def run(model_cls, settings, args, t0):
     input_root, working, tmp = kaggle_paths()
     on_kaggle = args.data is None and os.path.isdir(input_root)
     if args.data is None and not on_kaggle:
         raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
-    device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
-    for line in machine_lines(device):
-        print(line, flush=True)
-    opts = dict(vars(args), device=str(device))
-    cfg = config_from_options(settings, opts, on_kaggle, working, args.kaggle_budget)
-    annotations = None
-    if on_kaggle:
-        photos, annotations = kaggle_data(input_root, [tmp, os.environ.get("TMPDIR"), "/tmp"])
-        cfg = with_settings(cfg, {"data": photos})
-    else:
-        cfg = with_settings(cfg, {"data": args.data})
-    data = load_dataset(cfg.data, cfg.image_size, cfg.strategy, annotations=annotations, progress=True,
-                        log=lambda m: print(m, flush=True))
-    for line in summary_lines(data["summary"]):
-        print(line, flush=True)
-    return train(cfg, model_cls, resume=args.resume, data=data, t0=t0)
+    cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget)
+    size, device_type = world_size(args.gpus, args.device)
+    if size == 1:
+        device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
+        return run_rank(ALONE, device, model_cls, cfg, args.resume, t0, on_kaggle)
+    codes = launch(rank_main, size, device_type, (model_cls, cfg, args.resume, t0, on_kaggle))
+    return after_ranks(codes, model_cls, cfg, t0, device_type)
+
+
+def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
+    """One forked rank of a multi-GPU kernel: exit code 0 when it finished."""
+    exit_on_error(lambda: run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle), world.rank)
+    return 0
+
+
+def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle):
+    """Check the device(s), print the start block, clean the data (rank 0), train, zip."""
+    if world.size > 1:
+        device = check_devices(world, device, on_kaggle)
+    if world.main:
+        print("\n".join(machine_lines(device)), flush=True)
+    cfg = with_settings(cfg, {"device": str(device)})
+
+    def load():
+        input_root, _, tmp = kaggle_paths()
+        photos, annotations = (kaggle_data(input_root, [tmp, os.environ.get("TMPDIR"), "/tmp"]) if on_kaggle
+                               else (cfg.data, None))
+        data = load_dataset(photos, cfg.image_size, cfg.strategy, annotations=annotations, progress=True,
+                            log=lambda m: print(m, flush=True))
+        for line in summary_lines(data["summary"]):
+            print(line, flush=True)
+        return dict(data, source=photos)
+
+    data = on_main(load, world)  # cleaning runs once; every rank gets the result
+    cfg = with_settings(cfg, {"data": data.pop("source")})
+    return train(cfg, model_cls, resume=resume, data=data, t0=t0, world=world)
+
+
+def check_devices(world, device, on_kaggle):
+    """Every rank checks its GPU; rank 0 names the first that cannot run and all stop."""
+    try:
+        device, problem = pick_device(str(device), require_gpu=on_kaggle), None
+    except RunError as exc:
+        problem = str(exc)
+    for rank, problem in enumerate(all_objects(problem, world)):
+        if problem:
+            raise RunError(f"rank {rank}: {problem}") if world.main else RankStopped(problem)
+    return device
+
+
+def after_ranks(codes, model_cls, cfg, t0, device_type):
+    """The parent of a multi-GPU run, once its ranks have exited: rank 0's own exit code when it
+    ended (it wrote images.zip whenever it could); when rank 0 itself died, images.zip sampled
+    here from the last checkpoint before the budget's deadline."""
+    if codes[0] == 130:
+        raise KeyboardInterrupt  # rank 0 saved checkpoint.pt
+    if codes[0] in (1, 2):  # rank 0 said why, after writing images.zip when it could
+        sys.exit(codes[0])
+    if codes[0] == 0:
+        return os.path.join(cfg.out, "images.zip")
+    checkpoint = os.path.join(cfg.out, "checkpoint.pt")
+    cause = f"rank 0 exited with code {codes[0]} (ranks: {codes})"
+    if not os.path.exists(checkpoint):
+        raise RunFailed(f"{cause}; no checkpoint.pt to sample")
+    for device in (["cuda:0"] if device_type == "cuda" else []) + ["cpu"]:
+        try:
+            path, step = zip_from_checkpoint(checkpoint, model_cls, t0 + cfg.budget, device=device)
+            raise RunFailed(f"{cause}; images.zip sampled on {device} from checkpoint.pt (step {step})", path)
+        except (RunFailed, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            print(f"error: sampling checkpoint.pt on {device} failed ({type(exc).__name__}: {exc})",
+                  file=sys.stderr, flush=True)
+    raise RunFailed(f"{cause}; sampling checkpoint.pt failed")

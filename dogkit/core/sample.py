@@ -80,10 +80,12 @@ def to_uint8(images):
 
 @torch.no_grad()
 def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu",
-             deadline=None, clock=time.monotonic):
+             deadline=None, clock=time.monotonic, part=(0, 1)):
     """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional.
     z and labels are drawn up front on the CPU: the same seed gives the same images whatever the
     batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches).
+    part=(k, m): only the k-th of m equal slices of those n images (the ranks of a multi-GPU
+    run each sample one; concatenated in order they are the n images).
     With a deadline (on `clock`), raises OutOfTime between batches once it has passed."""
     gen = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, n_classes, gen) if n_classes else None
@@ -91,14 +93,16 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
     batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
     was_training = G.training
     G.eval()
+    lo, hi = part[0] * n // part[1], (part[0] + 1) * n // part[1]
     out = []
-    for start in range(0, n, batch_size):
+    for start in range(lo, hi, batch_size):
         check_deadline(deadline, clock, "sampling")
-        z = z_all[start:start + batch_size].to(device)
-        y = labels[start:start + batch_size].to(device) if labels is not None else None
+        stop = min(start + batch_size, hi)
+        z = z_all[start:stop].to(device)
+        y = labels[start:stop].to(device) if labels is not None else None
         out.append(to_uint8(G(z, y)))
     G.train(was_training)
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, 64, 64, 3), np.uint8)
 
 
 def encode_png(pixels):

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from dogkit.core.augment import random_resized_crop_flip, to_float
 from dogkit.core.data import load_dataset
+from dogkit.core.distributed import (ALONE, RankStopped, agree, all_mean, all_objects, broadcast_state, gather_objects,
+                                     on_main)
 from dogkit.core.runtime import PRECISIONS, RunError, make_grad_scaler, pick_device, resolve_precision
 from dogkit.core.sample import (OutOfTime, atomic_path, encode_pngs, generate, remove_stale_temps, save_grid,
                                 to_uint8, verify_zip, write_zip)
@@ -212,7 +214,9 @@ def train_step(tr):
     # the step may be captured in a CUDA graph.
     with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16,
                         enabled=tr.amp_dtype is not None, cache_enabled=False):
-        losses = tr.model.step(lambda: draw_batch(tr))  # the model draws as many batches as it needs
+        drawn = []  # the model draws as many batches as it needs (wgan-gp: one per critic step)
+        losses = tr.model.step(lambda: drawn.append(1) or draw_batch(tr))
+    tr.batches_per_step = len(drawn)
     with torch.no_grad():
         for p_ema, p in zip(tr.G_ema.parameters(), tr.model.G.parameters()):
             p_ema.lerp_(p, tr.ema_w)  # a tensor weight: no host sync, graph-safe
@@ -232,7 +236,7 @@ def capture_step(tr):
     with torch.cuda.stream(stream):
         for _ in range(3):
             train_step(tr)
-            tr.step += 1
+            count_step(tr)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -240,8 +244,18 @@ def capture_step(tr):
     return graph
 
 
+def count_step(tr):
+    """One more step done: the step counter and the real images seen (every rank's)."""
+    tr.step += 1
+    tr.images_seen += tr.batches_per_step * tr.cfg.batch_size * tr.world.size
+
+
 def graph_wanted(tr):
     if tr.device.type != "cuda" or tr.cfg.graph != "auto":
+        return False
+    if tr.world.size > 1:  # the gradient all_reduce and the per-step control message are not captured
+        tr.log(f"{tr.world.size} ranks: the step runs eager (no CUDA graph: NCCL's all_reduce and the "
+               "per-step clock message are left outside a graph)")
         return False
     if tr.precision == "fp16":  # GradScaler reads found-inf on the host: not capturable
         tr.log("fp16: the loss scaler syncs with the host every step, so the step runs eager "
@@ -288,6 +302,14 @@ def restore_good_state(tr):
             t.copy_(saved)
 
 
+def tell_others(tr):
+    """A rank that failed tells the others (they stop at their next step's agree)."""
+    try:
+        agree(tr.world, tr.clock(), failed=True)
+    except Exception:  # the group itself broke: the peers see the lost connection
+        pass
+
+
 def rollback(tr, reason):
     restore_good_state(tr)
     tr.rollbacks += 1
@@ -297,12 +319,41 @@ def rollback(tr, reason):
 
 # ---- checkpoints: everything needed to resume exactly, written atomically ---------------
 
-def save_checkpoint(tr, name="checkpoint.pt"):
+def rng_state(tr):
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(tr.device) if tr.device.type == "cuda" else None}
+
+
+def set_rng_state(tr, rng):
+    torch.set_rng_state(rng["torch"].cpu())
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and tr.device.type == "cuda":
+        if isinstance(rng["cuda"], list):  # written by dogkit 0.4 and earlier: every device's state
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        else:
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), tr.device)
+
+
+def seed_rank(cfg, world, step=0):
+    """Each rank's own random stream (its real batches and noise) in a multi-GPU run."""
+    torch.manual_seed(cfg.seed + 100_003 * (world.rank + 1) + 7 * step)
+
+
+def checkpoint_together(tr, name="checkpoint.pt"):
+    """save_checkpoint at a point every rank reaches together: every rank's random state goes in
+    (rank 0 writes), so a resume at the same world size continues exactly."""
+    states = gather_objects(rng_state(tr), tr.world)
+    return save_checkpoint(tr, name, states) if tr.world.main else None
+
+
+def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None):
     ckpt = {
         "format": "dogkit-checkpoint-1",
         "config": dataclasses.asdict(tr.cfg),
         "model": tr.cfg.model,
         "step": tr.step,
+        "images_seen": tr.images_seen,  # real images drawn for training, all ranks together
         "elapsed": tr.elapsed,
         "train_seconds": tr.train_seconds,
         "lr_scale": tr.lr_scale,
@@ -318,8 +369,9 @@ def save_checkpoint(tr, name="checkpoint.pt"):
         "ema_w": tr.ema_w_value,
         "grid_every": tr.grid_every,
         "bn_refreshed": bool(tr.bn_refreshed),  # standing stats in G_ema (final checkpoint)
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if tr.device.type == "cuda" else None},
+        "rng": rng_state(tr),
+        "world_size": tr.world.size,
+        "rank_rngs": rank_rngs,  # every rank's random state (multi-GPU, saved together), else None
     }
     path = os.path.join(tr.cfg.out, name)
     with atomic_path(path) as tmp:
@@ -342,7 +394,7 @@ def load_checkpoint(tr, path):
     for opt, state in zip(tr.optimizers, ckpt.get("scalers") or ()):
         if opt.grad_scaler is not None and state:
             opt.grad_scaler.load_state_dict(state)
-    tr.step, tr.elapsed = ckpt["step"], ckpt["elapsed"]
+    tr.step, tr.elapsed, tr.images_seen = ckpt["step"], ckpt["elapsed"], ckpt.get("images_seen", 0)
     tr.resumed_elapsed = tr.elapsed
     tr.lr_scale, tr.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
     tr.grid_every = ckpt.get("grid_every", tr.grid_every)
@@ -351,12 +403,12 @@ def load_checkpoint(tr, path):
     tr.train_seconds = ckpt["train_seconds"] if same_budget else None
     tr.ema_w.fill_(ckpt["ema_w"])
     tr.ema_w_value = ckpt["ema_w"]
-    rng = ckpt["rng"]
-    torch.set_rng_state(rng["torch"].cpu())
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and tr.device.type == "cuda":
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    size = ckpt.get("world_size", 1)
+    if size == tr.world.size and (size == 1 or ckpt.get("rank_rngs")):
+        set_rng_state(tr, ckpt["rank_rngs"][tr.world.rank] if size > 1 else ckpt["rng"])
+    else:  # another world size, or saved by rank 0 alone (an interrupt): fresh streams per rank
+        seed_rank(tr.cfg, tr.world, tr.step)
+        tr.log(f"random streams start afresh: checkpoint of {size} rank(s), run of {tr.world.size}")
     tr.log(f"resumed {path}: step {tr.step}, {tr.elapsed:.0f} s done")
 
 
@@ -394,22 +446,29 @@ def measure_end(tr):
 
 
 def plan(tr):
-    """Fix train_seconds (budget minus the end's reserve); refuse a budget too short for it."""
+    """Fix train_seconds (budget minus the end's reserve), timed on rank 0 (sampling all alone: an
+    upper bound when the ranks share it) and the same on every rank."""
+    tr.train_seconds = on_main(lambda: planned_seconds(tr), tr.world)
+
+
+def planned_seconds(tr):
+    """Seconds of training: the budget minus the end's reserve; a budget too short is refused."""
     cfg = tr.cfg
     if cfg.reserve >= 0:
         reserve, how = cfg.reserve, "as configured"
     else:
         reserve, parts = measure_end(tr)
         how = "measured: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ", x1.25 + 3 s"
-    tr.train_seconds = max(0.0, cfg.budget - reserve)
+    train_seconds = max(0.0, cfg.budget - reserve)
     used = tr.resumed_elapsed + (tr.clock() - tr.t0)  # previous runs (resume), data loading
-    if tr.train_seconds - used < 0.1 * cfg.budget:
+    if train_seconds - used < 0.1 * cfg.budget:
         need = math.ceil((used + reserve) / 0.9 / 60)
         raise RunError(f"budget {fmt_time(cfg.budget)} is too short on this device: {used:.0f} s already "
                        f"spent and the end (sampling {cfg.n_samples} images, the zip) needs {reserve:.0f} s "
                        f"({how}); give --budget {need}m or more")
-    tr.log(f"budget     {fmt_time(cfg.budget)}: training until {fmt_time(tr.train_seconds)}, "
-             f"{reserve:.0f} s kept for the end ({how})")
+    tr.log(f"budget     {fmt_time(cfg.budget)}: training until {fmt_time(train_seconds)}, "
+           f"{reserve:.0f} s kept for the end ({how})")
+    return train_seconds
 
 
 # ---- pictures and interim zips ----------------------------------------------------------
@@ -442,12 +501,34 @@ def prepare_for_sampling(tr, G):
     refresh_batchnorm(G, tr.cfg, tr.n_classes, tr.device)
 
 
-def sample_zip(tr, G, deadline=None):
+def sample_zip(tr, G, deadline=None, world=ALONE):
+    """images.zip from G. With several ranks each samples its slice (rank 0 samples a slice
+    another rank could not), rank 0 gathers them and writes the zip; the others return None."""
     cfg = tr.cfg
     truncation = cfg.truncation if cfg.truncation > 0 else None
-    images = generate(G, cfg.n_samples, cfg.z_dim, truncation, tr.n_classes, device=tr.device,
-                      seed=cfg.seed, deadline=deadline, clock=tr.clock)
-    path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=tr.clock)
+
+    def part(k):
+        return generate(G, cfg.n_samples, cfg.z_dim, truncation, tr.n_classes, device=tr.device, seed=cfg.seed,
+                        deadline=deadline, clock=tr.clock, part=(k, world.size))
+
+    try:
+        mine = part(world.rank)
+    except Exception as exc:
+        if world.main:
+            raise
+        mine = exc  # rank 0 samples this slice itself
+    parts = gather_objects(mine, world)
+    if not world.main:
+        return None
+    for k, got in enumerate(parts):
+        if isinstance(got, BaseException):
+            tr.log(f"rank {k} could not sample its share ({type(got).__name__}: {got}); rank 0 samples it")
+            parts[k] = part(k)
+    return zip_images(np.concatenate(parts), cfg, deadline, tr.clock)
+
+
+def zip_images(images, cfg, deadline=None, clock=time.monotonic):
+    path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=clock)
     if cfg.n_samples == 10_000:
         verify_zip(path)
     return path
@@ -468,36 +549,58 @@ def interim_zip(tr):
 
 # ---- the end: images.zip before the deadline, whatever happened -------------------------
 
+def ready_to_sample(tr):
+    """The EMA generator finite (else the last good state) with what sampling needs."""
+    if not all(torch.isfinite(v).all() for v in tr.G_ema.state_dict().values() if v.is_floating_point()):
+        tr.log("EMA generator is not finite: using the last good state")
+        rollback(tr, "non-finite weights at the end")
+    prepare_for_sampling(tr, tr.G_ema)
+    tr.bn_refreshed = True
+
+
 def finish(tr, failure=None):
     """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
-    budget's deadline: sampling stops (keeping any earlier images.zip) rather than overrun."""
+    budget's deadline: sampling stops (keeping any earlier images.zip) rather than overrun.
+    Several ranks share the sampling when none failed; after a failure rank 0 ends alone."""
     deadline = tr.t0 - tr.resumed_elapsed + tr.cfg.budget  # on tr.clock, the zip included
+    world = tr.world if failure is None else ALONE
+    if not world.main:
+        return help_finish(tr, deadline)
     path = os.path.join(tr.cfg.out, "images.zip")
     t = time.monotonic()
     try:
-        if not all(torch.isfinite(v).all() for v in tr.G_ema.state_dict().values() if v.is_floating_point()):
-            tr.log("EMA generator is not finite: using the last good state")
-            rollback(tr, "non-finite weights at the end")
-        prepare_for_sampling(tr, tr.G_ema)
-        tr.bn_refreshed = True
-        save_checkpoint(tr)
+        ready_to_sample(tr)
+        checkpoint_together(tr) if world.size > 1 else save_checkpoint(tr)
         save_fixed_grid(tr, "samples.png")
-        path = sample_zip(tr, tr.G_ema, deadline)
+        path = sample_zip(tr, tr.G_ema, deadline, world)
     except OutOfTime as exc:
         raise out_of_time(tr, failure, exc) from None
     except Exception as exc:  # e.g. a CUDA error: the device cannot sample any more
         tr.log("sampling failed: " + traceback.format_exc().rstrip())
         cause = f"{failure + '; ' if failure else ''}the end failed on {tr.device} ({type(exc).__name__}: {exc})"
-        try:
-            step = rescue_on_cpu(tr, deadline)
+        try:  # a failed CUDA context cannot be used again: the CPU
+            _, step = zip_from_checkpoint(os.path.join(tr.cfg.out, "checkpoint.pt"), type(tr.model), deadline,
+                                          tr.clock)
         except OutOfTime as late:
             raise out_of_time(tr, cause, late) from None
         raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
     tr.log(f"wrote {path}: {tr.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
-             f"(step {tr.step}, {tr.rollbacks} rollbacks)")
+           f"(step {tr.step}, {tr.rollbacks} rollbacks{f', {world.size} ranks' if world.size > 1 else ''})")
     if failure:
         raise RunFailed(failure, path)
     return path
+
+
+def help_finish(tr, deadline):
+    """finish() on a rank other than 0: its random state into the checkpoint, its slice of the
+    images to rank 0 (or the error, and rank 0 samples that slice)."""
+    gather_objects(rng_state(tr), tr.world)  # rank 0's checkpoint_together
+    try:
+        ready_to_sample(tr)
+    except Exception as exc:
+        gather_objects(exc, tr.world)
+        return None
+    return sample_zip(tr, tr.G_ema, deadline, tr.world)
 
 
 def out_of_time(tr, failure, exc):
@@ -507,31 +610,31 @@ def out_of_time(tr, failure, exc):
                      path if os.path.exists(path) else None)
 
 
-def rescue_on_cpu(tr, deadline):
-    """images.zip from the last checkpoint's EMA generator, rebuilt and sampled on the CPU (a
-    failed CUDA context cannot be used again), before the deadline. Returns its step."""
-    cpu = torch.device("cpu")
-    ckpt = torch.load(os.path.join(tr.cfg.out, "checkpoint.pt"), map_location=cpu, weights_only=False)
-    cfg = dataclasses.replace(tr.cfg, device="cpu")
-    G = type(tr.model)(cfg, tr.n_classes, cpu).G
+def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, device="cpu"):
+    """images.zip beside checkpoint `path`, from its EMA generator rebuilt on `device`, before the
+    deadline: the last resort when the training device (or a rank) died. Returns (zip, step)."""
+    device = torch.device(device)
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), device=str(device),
+                              out=os.path.dirname(os.path.abspath(path)))
+    G = model_cls(cfg, ckpt["n_classes"], device).G
     G.load_state_dict(ckpt["G_ema"])
     if not ckpt.get("bn_refreshed"):
-        refresh_batchnorm(G, cfg, tr.n_classes, cpu)
+        refresh_batchnorm(G, cfg, ckpt["n_classes"], device)
     truncation = cfg.truncation if cfg.truncation > 0 else None
-    images = generate(G, cfg.n_samples, cfg.z_dim, truncation, tr.n_classes, device=cpu, seed=cfg.seed,
-                      deadline=deadline, clock=tr.clock)
-    path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=tr.clock)
-    if cfg.n_samples == 10_000:
-        verify_zip(path)
-    return ckpt["step"]
+    images = generate(G, cfg.n_samples, cfg.z_dim, truncation, ckpt["n_classes"], device=device, seed=cfg.seed,
+                      deadline=deadline, clock=clock)
+    return zip_images(images, cfg, deadline, clock), ckpt["step"]
 
 
 class Trainer:
     """Holds the models, the resident data and the schedule; `run()` trains and writes images.zip."""
 
-    def __init__(self, cfg, model_cls, data=None, clock=time.monotonic, log=print, hooks=(), t0=None):
+    def __init__(self, cfg, model_cls, data=None, clock=time.monotonic, log=print, hooks=(), t0=None,
+                 world=ALONE):
         cfg = dataclasses.replace(cfg, model=model_cls.name)  # what the checkpoint says it holds
-        self.cfg, self.clock, self.log, self.hooks = cfg, clock, log, list(hooks)
+        self.cfg, self.clock, self.hooks, self.world = cfg, clock, list(hooks), world
+        self.log = log if world.main else (lambda message: None)  # rank 0 speaks for all
         self.t0 = clock() if t0 is None else t0  # the budget counts from here: data cleaning included
         self.device = pick_device(cfg.device)
         self.precision, why = resolve_precision(cfg.precision, self.device)
@@ -543,7 +646,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
-        data = data if data is not None else load_dataset(cfg.data, cfg.image_size, cfg.strategy, log=log)
+        if data is None:  # several ranks: rank 0 cleans, every rank gets the result
+            data = on_main(lambda: load_dataset(cfg.data, cfg.image_size, cfg.strategy, log=log), world)
         self.breeds = list(data["breeds"])
         self.n_classes = len(self.breeds) if model_cls.conditional else 0
         self.images, self.labels = resident(data, self.device)
@@ -553,13 +657,22 @@ class Trainer:
         if cfg.lecam > 0 and not getattr(model_cls, "applies_lecam", False):
             raise ValueError(f"lecam={cfg.lecam:g}: model {model_cls.name} does not apply LeCam (biggan does)")
         self.optimizers = [opt for opt in (self.model.opt_g, self.model.opt_d) if opt is not None]
-        for opt in self.optimizers:  # fp16: one loss scaler per optimiser (models/common.backward_step)
+        for opt in self.optimizers:  # fp16: a loss scaler per optimiser; several ranks: gradients averaged
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
+            opt.world = world  # both read by models/common.backward_step
         self.log(f"precision  {why}")
+        if world.size > 1:
+            self.log(world_line(world, self.device, cfg))
         self.G_ema = copy.deepcopy(self.model.G).eval()
         for p in self.G_ema.parameters():
             p.requires_grad_(False)
+        if world.size > 1:  # one start for all ranks, then each its own batches and noise
+            broadcast_state([self.model.G, self.model.D, self.G_ema] if self.model.D else [self.model.G, self.G_ema],
+                            world)
+            seed_rank(cfg, world)
         self.step = 0
+        self.images_seen = 0  # real training images drawn so far (every rank's)
+        self.batches_per_step = 1  # real batches one step draws (measured by train_step)
         self.elapsed = 0.0  # seconds of the run so far (previous runs included when resumed)
         self.resumed_elapsed = 0.0  # what a resumed checkpoint had done before this process
         self.train_seconds = None
@@ -574,11 +687,14 @@ class Trainer:
         self.grid_every = cfg.grid_every
         self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(self.device)
         self.fixed_y = (torch.arange(64) % max(self.n_classes, 1)).to(self.device) if self.n_classes else None
-        os.makedirs(cfg.out, exist_ok=True)
-        for name in remove_stale_temps(cfg.out):
-            self.log(f"removed {name}, left half-written by an earlier run that was killed")
+        if world.main:
+            os.makedirs(cfg.out, exist_ok=True)
+            for name in remove_stale_temps(cfg.out):
+                self.log(f"removed {name}, left half-written by an earlier run that was killed")
 
     def write_log(self, record):
+        if not self.world.main:
+            return
         with open(os.path.join(self.cfg.out, "log.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -588,36 +704,48 @@ class Trainer:
         cfg = self.cfg
         if self.train_seconds is None:
             plan(self)
-        with open(os.path.join(cfg.out, "options.json"), "w") as fh:
-            json.dump(dataclasses.asdict(cfg), fh, indent=2)
+        if self.world.main:
+            with open(os.path.join(cfg.out, "options.json"), "w") as fh:
+                json.dump(dict(dataclasses.asdict(cfg), world_size=self.world.size), fh, indent=2)
         failure = None
         try:
             failure = self.train_loop()
         except KeyboardInterrupt:
-            path = save_checkpoint(self)
-            self.log(f"interrupted: state saved to {path}; continue with --resume {path}")
+            if self.world.main:  # alone: the other ranks' random states are not in it
+                path = save_checkpoint(self)
+                self.log(f"interrupted: state saved to {path}; continue with --resume {path}")
             raise
         except Exception as exc:  # anything else: keep what the run has learnt
+            if self.world.size > 1:
+                tell_others(self)
             if self.good is None:
                 raise
-            failure = f"{type(exc).__name__} at step {self.step}: {exc}"
+            failure = f"{type(exc).__name__} at step {self.step}" + (
+                f" on rank {self.world.rank}" if self.world.size > 1 else "") + f": {exc}"
             self.log("training stopped: " + traceback.format_exc().rstrip())
+            if not self.world.main:  # rank 0 writes the zip; this rank says why it stopped
+                raise RunFailed(failure) from None
             try:
                 restore_good_state(self)
             except Exception as again:  # a dead CUDA context: finish() falls back to the CPU
                 self.log(f"the last good state could not be restored ({type(again).__name__}: {again})")
+        if failure and not self.world.main:
+            raise RankStopped(failure)
         return finish(self, failure)
 
     def train_loop(self):
         """The loop. Returns None, or the cause when it had to stop early (a NaN storm)."""
-        cfg = self.cfg
+        cfg, main = self.cfg, self.world.main
         start = self.t0 - self.resumed_elapsed
-        last_log = last_grid = last_ckpt = last_zip = self.clock()
+        now, _ = agree(self.world, self.clock())
+        last_log = last_grid = last_ckpt = last_zip = now
         use_graph = graph_wanted(self)
         steps_at_log = self.step
         pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
         while True:
-            now = self.clock()
+            now, failed = agree(self.world, self.clock())  # rank 0's clock decides for every rank
+            if failed:
+                return f"rank {failed - 1} stopped at step {self.step} (its error is above)"
             self.elapsed = now - start
             if self.elapsed >= self.train_seconds or (cfg.steps and self.step >= cfg.steps):
                 break
@@ -636,9 +764,7 @@ class Trainer:
                 self.graph.replay()
             else:
                 train_step(self)
-            self.step += 1
-            for hook in self.hooks:
-                hook(self)
+            count_step(self)
             if self.good is None:
                 keep_good_state(self)
             if now - last_log >= cfg.log_every:
@@ -647,26 +773,30 @@ class Trainer:
                 elif self.rollbacks >= cfg.max_rollbacks:
                     return f"NaN storm: {self.rollbacks} rollbacks at step {self.step}"
                 steps_at_log, last_log = self.step, now
-            if now - last_grid >= self.grid_every:
+            if main and now - last_grid >= self.grid_every:
                 progress_grid(self)
                 last_grid = now
             if now - last_ckpt >= cfg.checkpoint_every:
-                save_checkpoint(self)
+                checkpoint_together(self)
                 last_ckpt = now
             if pending and p >= pending[0]:
-                save_checkpoint(self, f"snapshot-p{pending.pop(0):g}.pt")
+                checkpoint_together(self, f"snapshot-p{pending.pop(0):g}.pt")
             if now - last_zip >= cfg.zip_every and self.train_seconds - self.elapsed > cfg.zip_every / 4:
-                interim_zip(self)
+                if main:
+                    interim_zip(self)
                 last_zip = now
+            for hook in self.hooks:  # last: a rank failing here meets the others at the next agree()
+                hook(self)
         if self.step > steps_at_log:
             self.log_interval(self.elapsed / max(self.train_seconds, 1e-9), self.step - steps_at_log,
-                              self.clock() - last_log)
+                              now - last_log)
         return None
 
     def log_interval(self, p, steps, seconds):
         """Read the accumulated losses (the only host sync), write a log line; False on NaN."""
-        means = {k: float(v) / max(steps, 1) for k, v in (self.loss_sum or {}).items()}
-        for v in (self.loss_sum or {}).values():
+        sums = self.loss_sum or {}
+        means = {k: float(v) / max(steps, 1) for k, v in zip(sums, all_mean(list(sums.values()), self.world))}
+        for v in sums.values():
             v.zero_()
         finite = all(math.isfinite(v) and abs(v) < 1e4 for v in means.values())
         record = {"step": self.step, "elapsed": round(self.elapsed, 3), "p": round(p, 5),
@@ -681,6 +811,16 @@ class Trainer:
         return finite
 
 
+def world_line(world, device, cfg):
+    """The start block's line on the ranks: each one's device, the global batch."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    devices = all_objects(f"{device} {name}".strip(), world)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return (f"world      {world.size} ranks ({backend}), one process each: "
+            + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
+            + f"; global batch {world.size} x {cfg.batch_size} = {world.size * cfg.batch_size}, learning rates as set")
+
+
 def fmt_time(seconds):
     seconds = int(seconds)
     if seconds >= 3600:
@@ -688,10 +828,12 @@ def fmt_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None):
-    """Train model_cls under cfg (resuming from a checkpoint if given); returns the zip path.
-    Raises RunFailed (after writing the zip from the last good state) when training broke off."""
-    trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks, t0=t0)
+def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None, world=ALONE):
+    """Train model_cls under cfg (resuming from a checkpoint if given); returns the zip path (None
+    on ranks other than 0). Raises RunFailed (after writing the zip from the last good state)
+    when training broke off. world: this process's rank (distributed.join_world); data is only
+    needed on rank 0."""
+    trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks, t0=t0, world=world)
     if resume:
         load_checkpoint(trainer, resume)
     return trainer.run()

@@ -54,3 +54,16 @@ def test_table_prints_one_row_per_scored_run(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     assert "| dcgan | dcgan | kernel images.zip | none | 143,479 | 342.5 | 32 | 4.59 M | 116.60 | 0.267 | 116.60 |" in lines
+
+
+def test_run_summary_takes_the_images_seen_from_the_checkpoint(tmp_path, tiny_dataset):
+    """No per-model rule: wgan-gp's 5 real batches per step are counted by the trainer."""
+    from dogkit.core import registry
+    from dogkit.core.train import TrainConfig, train, with_settings
+
+    entry = registry.get("wgan-gp")
+    cfg = with_settings(TrainConfig(), dict(entry.settings, width=4, batch_size=8, steps=2, out=str(tmp_path),
+                                            device="cpu", budget=1e6, reserve=0.0, log_every=0.0, n_samples=64))
+    train(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
+    summary = gpu_bench.run_summary(tmp_path)
+    assert summary["steps"] == 2 and summary["images_seen"] == 2 * cfg.d_steps * 8

@@ -1,0 +1,183 @@
+"""Several ranks on the CPU (gloo, 2 forked processes): the same parameters everywhere, each rank
+its own batches, one zip and one checkpoint that resumes exactly, a failing or dying rank."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dogkit.core.train as T
+from dogkit.core import registry
+from dogkit.core.distributed import launch
+from dogkit.core.kernel import after_ranks
+from dogkit.core.sample import generate
+from dogkit.core.train import RunFailed, Trainer, load_checkpoint
+from dogkit.metrics.submission import load_submission
+
+from test_kaggle import ROOT, fake_kaggle, run_kernel  # noqa: F401  (fixture)
+from test_train import FakeClock, tiny_cfg
+
+DCGAN = registry.get("dcgan").cls
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+def two_ranks(target, *args):
+    """Run target(world, device, *args) on 2 forked CPU ranks; their exit codes."""
+    return launch(target, 2, "cpu", args)
+
+
+def train_ranks(world, device, tmp_path, data, steps, resume, out, hooks_for_rank):
+    """One rank's tiny dcgan run under a clock that ticks per step; writes rank{r}.pt with what
+    the test compares and exits 0, or 1 with the RunFailed cause in rank{r}.json."""
+    torch.set_num_threads(1)
+    drawn = []
+    draw = T.draw_batch
+    T.draw_batch = lambda tr: drawn.append(draw(tr)) or drawn[-1]
+    clock = FakeClock(dt=1.0)
+    cfg = tiny_cfg(tmp_path / out, steps=steps, budget=40.0, lr_decay_start=0.2, ema_start=0.1)
+    tr = Trainer(cfg, DCGAN, data=data, clock=clock, log=lambda m: None, world=world,
+                 hooks=[clock.hook, *hooks_for_rank(world.rank)])
+    if resume:
+        load_checkpoint(tr, tmp_path / resume)
+    result = {"rank": world.rank}
+    try:
+        tr.run()
+    except RunFailed as exc:
+        result.update(cause=exc.cause, zip=exc.zip_path)
+    except T.RankStopped as exc:
+        result.update(stopped=str(exc))
+    params = {f"{part}.{k}": v.detach() for part, m in (("G", tr.model.G), ("D", tr.model.D))
+              for k, v in m.named_parameters()}
+    torch.save({"params": params, "G": tr.model.G.state_dict(), "G_ema": tr.G_ema.state_dict(), "step": tr.step,
+                "first_batch": drawn[0][0] if drawn else None}, tmp_path / f"rank{world.rank}.pt")
+    (tmp_path / f"rank{world.rank}.json").write_text(json.dumps(result))
+    return 0
+
+
+def no_hooks(rank):
+    return []
+
+
+def test_ranks_keep_identical_parameters_and_draw_their_own_batches(tmp_path, tiny_dataset):
+    assert two_ranks(train_ranks, tmp_path, tiny_dataset, 6, None, "run", no_hooks) == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 6
+    for name, a in r0["params"].items():  # batch-norm running statistics are each rank's own
+        torch.testing.assert_close(a, r1["params"][name], rtol=0, atol=0, msg=name)
+    for name, a in r0["G_ema"].items():  # what the ranks sample from: the same, statistics included
+        torch.testing.assert_close(a, r1["G_ema"][name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(r0["first_batch"], r1["first_batch"])  # each rank its own real photos
+    init = DCGAN(tiny_cfg(tmp_path), 0, torch.device("cpu")).G.state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in r0["G"].items())  # it trained
+    assert len(load_submission(tmp_path / "run" / "images.zip", strict=False).pixels) == 64
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["world_size"] == 2 and len(ckpt["rank_rngs"]) == 2
+    assert ckpt["images_seen"] == 6 * 8 * 2  # every rank's batches
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "images.zip", "log.jsonl", "options.json",
+                                                    "samples.png"]
+
+
+def test_a_two_rank_checkpoint_resumes_exactly(tmp_path, tiny_dataset):
+    assert two_ranks(train_ranks, tmp_path, tiny_dataset, 8, None, "straight", no_hooks) == [0, 0]
+    straight = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert two_ranks(train_ranks, tmp_path, tiny_dataset, 4, None, "half", no_hooks) == [0, 0]
+    assert two_ranks(train_ranks, tmp_path, tiny_dataset, 8, "half/checkpoint.pt", "half", no_hooks) == [0, 0]
+    resumed = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert resumed["step"] == 8
+    for name, a in straight["G"].items():
+        torch.testing.assert_close(a, resumed["G"][name], rtol=0, atol=0, msg=name)
+    la = [json.loads(x)["loss_d"] for x in open(tmp_path / "straight" / "log.jsonl")]
+    lb = [json.loads(x)["loss_d"] for x in open(tmp_path / "half" / "log.jsonl")]
+    assert la == lb  # the logged losses (means over the ranks) too
+
+
+def crash_rank_1(rank):
+    def crash(tr):
+        if tr.step == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return [crash] if rank == 1 else []
+
+
+def kill_rank_1(rank):
+    def die(tr):
+        if tr.step == 3:
+            os._exit(9)
+    return [die] if rank == 1 else []
+
+
+@pytest.mark.parametrize("hooks,code1", [(crash_rank_1, 0), (kill_rank_1, 9)])
+def test_a_rank_that_fails_or_dies_stops_the_run_and_rank_0_writes_the_zip(tmp_path, tiny_dataset, hooks, code1):
+    codes = two_ranks(train_ranks, tmp_path, tiny_dataset, 50, None, "run", hooks)
+    assert codes == [0, code1]
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert r0["zip"] == str(tmp_path / "run" / "images.zip")
+    assert "step 3" in r0["cause"] or "step 4" in r0["cause"]
+    assert len(load_submission(r0["zip"], strict=False).pixels) == 64
+    assert torch.load(tmp_path / "rank0.pt", weights_only=False)["step"] <= 4
+    if code1 == 0:  # a Python error: rank 1 says what, rank 0 that rank 1 stopped
+        assert "rank 1 stopped" in r0["cause"]
+        assert "RuntimeError at step 3 on rank 1: CUDA error" in json.loads((tmp_path / "rank1.json").read_text())["cause"]
+
+
+def test_when_rank_0_dies_the_parent_samples_the_last_checkpoint(tmp_path, tiny_dataset):
+    cfg = tiny_cfg(tmp_path, steps=4)
+    T.train(cfg, DCGAN, data=tiny_dataset, log=lambda m: None)
+    os.remove(tmp_path / "images.zip")
+    with pytest.raises(RunFailed, match=r"rank 0 exited with code -9 .*sampled on cpu from checkpoint.pt \(step 4\)") as info:
+        after_ranks([-9, 3], DCGAN, cfg, t0=0.0, device_type="cpu")
+    assert len(load_submission(info.value.zip_path, strict=False).pixels) == 64
+    with pytest.raises(SystemExit) as exit_:  # rank 0 ended on its own: its code, nothing redone
+        after_ranks([1, 3], DCGAN, cfg, t0=0.0, device_type="cpu")
+    assert exit_.value.code == 1
+
+
+def test_the_ranks_slices_of_the_samples_are_the_whole_sample(tmp_path):
+    G = DCGAN(tiny_cfg(tmp_path), 0, torch.device("cpu")).G.eval()
+    whole = generate(G, 50, 128, 1.0, 3, batch_size=7, seed=5)
+    parts = [generate(G, 50, 128, 1.0, 3, batch_size=7, seed=5, part=(k, 3)) for k in range(3)]
+    assert [len(p) for p in parts] == [16, 17, 17]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_the_kernel_forks_two_ranks_on_a_simulated_kaggle(fake_kaggle):  # noqa: F811
+    env = dict(fake_kaggle["env"], DOGKIT_CPU_RANKS="2")
+    proc = run_kernel(env, "--device", "cpu", "--budget", "10m", "--steps", "6", "--width", "4", "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout
+    assert "world      2 ranks (gloo), one process each: rank 0 cpu, rank 1 cpu; global batch 2 x 8 = 16" in log
+    assert log.count("photos     24") == 1  # cleaned once, by rank 0
+    assert log.count("wrote ") == 1 and "2 ranks)" in log
+    assert load_submission(fake_kaggle["working"] / "images.zip", strict=True).pixels.shape == (10_000, 64, 64, 3)
+    ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 6 and ckpt["world_size"] == 2
+
+
+def test_dogkit_train_runs_under_torchrun(tmp_path, tiny_dataset):
+    from dogkit.core.data import save_cache
+
+    cache = tmp_path / "tiny.npz"
+    save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dogkit",
+                           "train", "--data", str(cache), "--device", "cpu", "--budget", "10m", "--steps", "4",
+                           "--width", "4", "--batch-size", "8", "--n-samples", "64", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world      2 ranks (gloo)" in proc.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["world_size"] == 2
+    assert len(load_submission(tmp_path / "run" / "images.zip", strict=False).pixels) == 64
+
+
+def test_a_forked_rank_in_a_notebook_writes_to_the_file_descriptors(monkeypatch):
+    import io
+
+    from dogkit.core.distributed import plain_streams
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # like ipykernel's stream: no file descriptor
+    real_err = sys.stderr
+    plain_streams()
+    assert sys.stdout.fileno() == 1
+    assert sys.stderr is real_err  # a stream with a descriptor is kept
