@@ -2310,8 +2310,9 @@ def run(model_cls, settings, args, t0):
     if size == 1:
         device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
         return run_rank(ALONE, device, model_cls, cfg, args.resume, t0, on_kaggle)
+    started = time.time()
     codes = launch(rank_main, size, device_type, (model_cls, cfg, args.resume, t0, on_kaggle))
-    return after_ranks(codes, model_cls, cfg, t0, device_type)
+    return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, args.resume, started)
 
 
 def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
@@ -2355,10 +2356,12 @@ def check_devices(world, device, on_kaggle):
     return device
 
 
-def after_ranks(codes, model_cls, cfg, t0, device_type):
+def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, started=0.0):
     """The parent of a multi-GPU run, once its ranks have exited: rank 0's own exit code when it
-    ended (it wrote images.zip whenever it could); when rank 0 itself died, images.zip sampled
-    here from the last checkpoint before the budget's deadline."""
+    ended (it wrote images.zip whenever it could). When rank 0 itself died (a lost GPU, an NCCL
+    timeout) the run goes on here, on one device, from this run's last checkpoint (written after
+    `started`, a time.time()) or the start, until the same deadline; when too little time is left
+    for that, images.zip is sampled from the checkpoint."""
     if codes[0] == 130:
         raise KeyboardInterrupt  # rank 0 saved checkpoint.pt
     if codes[0] in (1, 2):  # rank 0 said why, after writing images.zip when it could
@@ -2366,19 +2369,23 @@ def after_ranks(codes, model_cls, cfg, t0, device_type):
     if codes[0] == 0:
         return os.path.join(cfg.out, "images.zip")
     checkpoint = os.path.join(cfg.out, "checkpoint.pt")
+    if os.path.exists(checkpoint) and os.path.getmtime(checkpoint) >= started:
+        resume = checkpoint
+    device = "cuda:0" if device_type == "cuda" else "cpu"
+    left = t0 + cfg.budget - time.monotonic()
     cause = f"rank 0 exited with code {codes[0]} (ranks: {codes})"
-    if not os.path.exists(checkpoint):
-        raise RunFailed(f"{cause}; no checkpoint.pt to sample")
-    for device in (["cuda:0"] if device_type == "cuda" else []) + ["cpu"]:
-        try:
-            path, step = zip_from_checkpoint(checkpoint, model_cls, t0 + cfg.budget, device=device)
-            raise RunFailed(f"{cause}; images.zip sampled on {device} from checkpoint.pt (step {step})", path)
-        except (RunFailed, KeyboardInterrupt):
+    print(f"error: {cause}; going on in one process on {device} from {resume or 'the start'} for the "
+          f"{left:.0f} s left", file=sys.stderr, flush=True)
+    done = torch.load(resume, map_location="cpu", weights_only=False)["elapsed"] if resume else 0.0
+    try:
+        return run_rank(ALONE, pick_device(device), model_cls, with_settings(cfg, {"budget": done + left}), resume,
+                        time.monotonic(), on_kaggle)
+    except RunError as exc:  # too little time left to train, or the device cannot run
+        if resume is None:
             raise
-        except Exception as exc:
-            print(f"error: sampling checkpoint.pt on {device} failed ({type(exc).__name__}: {exc})",
-                  file=sys.stderr, flush=True)
-    raise RunFailed(f"{cause}; sampling checkpoint.pt failed")
+        print(f"error: {exc}; sampling {resume} instead", file=sys.stderr, flush=True)
+    path, step = zip_from_checkpoint(resume, model_cls, t0 + cfg.budget, device="cpu")
+    raise RunFailed(f"{cause}; images.zip sampled on the CPU from {resume} (step {step})", path)
 
 
 if __name__ == "__main__":

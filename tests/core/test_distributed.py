@@ -122,16 +122,40 @@ def test_a_rank_that_fails_or_dies_stops_the_run_and_rank_0_writes_the_zip(tmp_p
         assert "RuntimeError at step 3 on rank 1: CUDA error" in json.loads((tmp_path / "rank1.json").read_text())["cause"]
 
 
-def test_when_rank_0_dies_the_parent_samples_the_last_checkpoint(tmp_path, tiny_dataset):
-    cfg = tiny_cfg(tmp_path, steps=4)
+def test_when_rank_0_dies_the_run_goes_on_in_the_parent_from_the_last_checkpoint(tmp_path, tiny_dataset, capsys):
+    import time
+
+    from dogkit.core.data import save_cache
+
+    cache = tmp_path / "tiny.npz"
+    save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
+    cfg = tiny_cfg(tmp_path / "run", steps=4, data=str(cache), budget=600.0)
+    T.train(cfg, DCGAN, data=tiny_dataset, log=lambda m: None)  # what the ranks had done
+    os.remove(tmp_path / "run" / "images.zip")
+    cfg = T.with_settings(cfg, {"steps": 8})
+    path = after_ranks([-6, 3], DCGAN, cfg, time.monotonic(), "cpu", on_kaggle=False, started=0.0)
+    assert "rank 0 exited with code -6 (ranks: [-6, 3]); going on in one process on cpu from" in capsys.readouterr().err
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 8  # resumed at 4
+    assert len(load_submission(path, strict=False).pixels) == 64
+    with pytest.raises(SystemExit) as exit_:  # rank 0 ended on its own: its code, nothing redone
+        after_ranks([1, 3], DCGAN, cfg, t0=0.0, device_type="cpu", on_kaggle=False)
+    assert exit_.value.code == 1
+
+
+def test_with_too_little_time_left_the_parent_samples_the_checkpoint(tmp_path, tiny_dataset):
+    import time
+
+    from dogkit.core.data import save_cache
+
+    cache = tmp_path / "tiny.npz"
+    save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
+    cfg = tiny_cfg(tmp_path, steps=4, data=str(cache))
     T.train(cfg, DCGAN, data=tiny_dataset, log=lambda m: None)
     os.remove(tmp_path / "images.zip")
-    with pytest.raises(RunFailed, match=r"rank 0 exited with code -9 .*sampled on cpu from checkpoint.pt \(step 4\)") as info:
-        after_ranks([-9, 3], DCGAN, cfg, t0=0.0, device_type="cpu")
+    cfg = T.with_settings(cfg, {"budget": 5.0, "reserve": -1.0})  # 5 s from t0: nothing left to train
+    with pytest.raises(RunFailed, match=r"rank 0 exited with code -9 .*sampled on the CPU from .*\(step 4\)") as info:
+        after_ranks([-9, 3], DCGAN, cfg, time.monotonic(), "cpu", on_kaggle=False, started=0.0)
     assert len(load_submission(info.value.zip_path, strict=False).pixels) == 64
-    with pytest.raises(SystemExit) as exit_:  # rank 0 ended on its own: its code, nothing redone
-        after_ranks([1, 3], DCGAN, cfg, t0=0.0, device_type="cpu")
-    assert exit_.value.code == 1
 
 
 def test_the_ranks_slices_of_the_samples_are_the_whole_sample(tmp_path):
