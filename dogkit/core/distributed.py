@@ -34,6 +34,9 @@ class World:
     def main(self):
         return self.rank == 0
 
+    def average_gradients(self, params):
+        average_gradients(params, self)
+
     def __repr__(self):
         return f"World(rank={self.rank}, size={self.size})"
 

@@ -6,8 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from dogkit.core.distributed import average_gradients
-
 
 class ModelContract:
     """What a model class gives the trainer, checkpoints and tools, and nothing else is assumed.
@@ -92,13 +90,13 @@ def nadam(module, lr, cfg, device):
 def backward_step(opt, loss):
     """loss.backward() then opt.step(). Under fp16 through the optimiser's loss scaler (set by the
     trainer as opt.grad_scaler): scaled backward, the step skipped when a gradient is inf/NaN.
-    With several ranks (opt.world, set by the trainer) the gradients are averaged over them
-    first: an inf on one rank reaches all, so every rank skips the same steps."""
+    With several ranks (opt.world, a distributed.World set by the trainer) the gradients are
+    averaged over them first: an inf on one rank reaches all, so every rank skips the same steps."""
     scaler = getattr(opt, "grad_scaler", None)
     (loss if scaler is None else scaler.scale(loss)).backward()
     world = getattr(opt, "world", None)
     if world is not None and world.size > 1:
-        average_gradients([p for group in opt.param_groups for p in group["params"]], world)
+        world.average_gradients([p for group in opt.param_groups for p in group["params"]])
     if scaler is None:
         opt.step()
         return
