@@ -152,7 +152,8 @@ def test_with_too_little_time_left_the_parent_samples_the_checkpoint(tmp_path, t
     cfg = tiny_cfg(tmp_path, steps=4, data=str(cache))
     T.train(cfg, DCGAN, data=tiny_dataset, log=lambda m: None)
     os.remove(tmp_path / "images.zip")
-    cfg = T.with_settings(cfg, {"budget": 5.0, "reserve": -1.0})  # 5 s from t0: nothing left to train
+    # 60 s to the deadline of which the end keeps 55: 5 s of training is under the 10 % a run needs
+    cfg = T.with_settings(cfg, {"budget": 60.0, "reserve": 55.0})
     with pytest.raises(RunFailed, match=r"rank 0 exited with code -9 .*sampled on the CPU from .*\(step 4\)") as info:
         after_ranks([-9, 3], DCGAN, cfg, time.monotonic(), "cpu", on_kaggle=False, started=0.0)
     assert len(load_submission(info.value.zip_path, strict=False).pixels) == 64
