@@ -3,7 +3,7 @@ import torch
 
 from dogkit.core.registry import get
 from dogkit.core.sample import generate, save_grid, write_zip
-from dogkit.core.train import TrainConfig, pick_device, refresh_batchnorm
+from dogkit.core.train import ema_generator, pick_device
 
 
 def load_generator(path, device="auto"):
@@ -12,13 +12,7 @@ def load_generator(path, device="auto"):
     first, as the run's end would have done (the VAE's sampling clusters need the data: final only)."""
     device = pick_device(device)
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    entry = get(ckpt["model"])
-    cfg = TrainConfig(**ckpt["config"])
-    model = entry.cls(cfg, ckpt["n_classes"], device)
-    model.G.load_state_dict(ckpt["G_ema"])
-    if not ckpt.get("bn_refreshed", True):
-        refresh_batchnorm(model.G, cfg, ckpt["n_classes"], device)
-    G = model.G.eval()
+    G, _ = ema_generator(ckpt, get(ckpt["model"]).cls, device)
     if device.type == "cpu":  # oneDNN's NHWC convolutions: biggan samples 1.8x faster on 2 cores
         G = G.to(memory_format=torch.channels_last)
     return G, ckpt["config"], ckpt["n_classes"]

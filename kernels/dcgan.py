@@ -1541,7 +1541,7 @@ def set_rng_state(tr, rng):
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     if rng["cuda"] is not None and tr.device.type == "cuda":
-        if isinstance(rng["cuda"], list):  # written by dogkit 0.4 and earlier: every device's state
+        if isinstance(rng["cuda"], list):  # checkpoints before multi-GPU runs: every device's state
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         else:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), tr.device)
@@ -1827,16 +1827,24 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
     deadline: the last resort when the training device (or a rank) died. Returns (zip, step)."""
     device = torch.device(device)
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), device=str(device),
-                              out=os.path.dirname(os.path.abspath(path)))
-    G = model_cls(cfg, ckpt["n_classes"], device).G
-    G.load_state_dict(ckpt["G_ema"])
-    if not ckpt.get("bn_refreshed"):
-        refresh_batchnorm(G, cfg, ckpt["n_classes"], device)
+    G, cfg = ema_generator(ckpt, model_cls, device)
+    cfg = dataclasses.replace(cfg, out=os.path.dirname(os.path.abspath(path)))
     truncation = cfg.truncation if cfg.truncation > 0 else None
     images = generate(G, cfg.n_samples, cfg.z_dim, truncation, ckpt["n_classes"], device=device, seed=cfg.seed,
                       deadline=deadline, clock=clock)
     return zip_images(images, cfg, deadline, clock), ckpt["step"]
+
+
+def ema_generator(ckpt, model_cls, device):
+    """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig).
+    One written mid-run (periodic, snapshot, interrupt) gets its batch-norm statistics
+    re-estimated first, as the run's end would have done."""
+    cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), device=str(device))
+    G = model_cls(cfg, ckpt["n_classes"], device).G
+    G.load_state_dict(ckpt["G_ema"])
+    if not ckpt.get("bn_refreshed", True):
+        refresh_batchnorm(G, cfg, ckpt["n_classes"], device)
+    return G.eval(), cfg
 
 
 class Trainer:
