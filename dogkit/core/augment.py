@@ -1,5 +1,5 @@
 # ---------------------------------------------------------------------------------------------
-# Augmentation, batched on the training device (no per-image Python, no host round trips).
+# Augmentation: batched on the training device (no per-image Python, no host round trips).
 # ---------------------------------------------------------------------------------------------
 import math
 

@@ -288,6 +288,24 @@ def _read_photo(item):
         return fh.read()
 
 
+def decode_rgb(data, name, events):
+    """A photo's bytes -> HWC uint8 RGB pixels (transparency over white); a conversion from another
+    mode is noted in events. Raises on a corrupt image, or one past PIL's pixel limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # past MAX_IMAGE_PIXELS: refused
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode != "RGB":
+                events.append((f"converted from {img.mode}", name))
+                if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                    img = img.convert("RGBA")
+                    background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                    img = Image.alpha_composite(background, img)
+                img = img.convert("RGB")
+            return np.asarray(img)
+
+
 def process_photo(item, strategy, size, min_side, margin):
     """One photo -> (crops [(HWC uint8, box index)], events [(reason, name)], annotated boxes).
     Never raises on bad input."""
@@ -298,19 +316,7 @@ def process_photo(item, strategy, size, min_side, margin):
     except DataError as exc:
         return [], [("unreadable zip entry or oversized file", str(exc))], 0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # past MAX_IMAGE_PIXELS: refused
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                if img.mode != "RGB":
-                    events.append((f"converted from {img.mode}", name))
-                    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                        img = img.convert("RGBA")
-                        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                        img = Image.alpha_composite(background, img)
-                    img = img.convert("RGB")
-                pixels = np.asarray(img)
+        pixels = decode_rgb(data, name, events)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return [], [(f"image over PIL's {Image.MAX_IMAGE_PIXELS} pixel limit (decompression bomb)",
                      f"{name} ({exc})")], 0
@@ -350,6 +356,22 @@ def process_photo(item, strategy, size, min_side, margin):
     return crops, events, n_boxes
 
 
+def map_chunks(fn, jobs, workers, done=lambda result: None):
+    """[fn(job) for job in jobs], in worker processes when there are several of both; done(result)
+    as each arrives (in order)."""
+    results = []
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for r in pool.map(fn, jobs):
+                results.append(r)
+                done(r)
+    else:
+        for job in jobs:
+            results.append(fn(job))
+            done(results[-1])
+    return results
+
+
 def _process_chunk(args):
     chunk, strategy, size, min_side, margin = args
     return [process_photo(it, strategy, size, min_side, margin) for it in chunk]
@@ -371,18 +393,8 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
     workers = workers or os.cpu_count() or 1
     chunks = [items[i:i + 64] for i in range(0, len(items), 64)]
     jobs = [(c, strategy, size, min_side, margin) for c in chunks]
-    results = []
     bar = _progress(len(items), progress)
-    if workers > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            for r in pool.map(_process_chunk, jobs):
-                results += r
-                bar(len(r))
-    else:
-        for job in jobs:
-            r = _process_chunk(job)
-            results += r
-            bar(len(r))
+    results = [r for part in map_chunks(_process_chunk, jobs, workers, lambda part: bar(len(part))) for r in part]
     images, labels, names, seen = [], [], [], set()
     events = []
     n_boxes = 0
@@ -484,11 +496,7 @@ def save_cache(path, dataset, workers=None, codec=DEFAULT_CODEC):
     images = dataset["images"]
     workers = workers or os.cpu_count() or 1
     jobs = [(images[i:i + 256], codec) for i in range(0, len(images), 256)]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            blobs = [b for part in pool.map(_encode_many, jobs) for b in part]
-    else:
-        blobs = [b for job in jobs for b in _encode_many(job)]
+    blobs = [b for part in map_chunks(_encode_many, jobs, workers) for b in part]
     offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
     fmt, options = CODEC_SETTINGS[codec]
     meta = {"format": CACHE_FORMAT, "codec": codec, "codec_options": options,

@@ -244,6 +244,18 @@ def capture_step(tr):
     return graph
 
 
+def try_capture(tr):
+    """Capture the step in a CUDA graph; False (eager from here on) when that fails."""
+    try:
+        tr.graph = capture_step(tr)
+        tr.log("training step captured in a CUDA graph")
+        return True
+    except Exception as exc:  # any capture problem
+        tr.log(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eager")
+        torch.cuda.synchronize()
+        return False
+
+
 def count_step(tr):
     """One more step done: the step counter and the real images seen (every rank's)."""
     tr.step += 1
@@ -315,6 +327,25 @@ def rollback(tr, reason):
     tr.rollbacks += 1
     tr.lr_scale *= 0.5
     tr.log(f"rollback #{tr.rollbacks} to the last good state ({reason}); lr x{tr.lr_scale:g}")
+
+
+def stopped_by(tr, exc):
+    """An error in the loop: the cause, with the last good state restored for the end (rank 0);
+    raised again when there is no good state yet, RunFailed on the other ranks."""
+    if tr.world.size > 1:
+        tell_others(tr)
+    if tr.good is None:
+        raise exc
+    failure = (f"{type(exc).__name__} at step {tr.step}" + (f" on rank {tr.world.rank}" if tr.world.size > 1 else "")
+               + f": {exc}")
+    tr.log("training stopped: " + traceback.format_exc().rstrip())
+    if not tr.world.main:  # rank 0 writes the zip; this rank says why it stopped
+        raise RunFailed(failure) from None
+    try:
+        restore_good_state(tr)
+    except Exception as again:  # a dead CUDA context: finish() falls back to the CPU
+        tr.log(f"the last good state could not be restored ({type(again).__name__}: {again})")
+    return failure
 
 
 # ---- checkpoints: everything needed to resume exactly, written atomically ---------------
@@ -471,7 +502,29 @@ def planned_seconds(tr):
     return train_seconds
 
 
-# ---- pictures and interim zips ----------------------------------------------------------
+# ---- logs, pictures and interim zips -----------------------------------------------------
+
+def log_interval(tr, p, steps, seconds):
+    """Read the accumulated losses (the only host sync), write a log line and a log.jsonl record;
+    False (after a rollback) on NaN or a diverged loss."""
+    sums = tr.loss_sum or {}
+    means = {k: float(v) / max(steps, 1) for k, v in zip(sums, all_mean(list(sums.values()), tr.world))}
+    for v in sums.values():
+        v.zero_()
+    finite = all(math.isfinite(v) and abs(v) < 1e4 for v in means.values())
+    record = {"step": tr.step, "elapsed": round(tr.elapsed, 3), "p": round(p, 5),
+              "lr_g": tr.cfg.lr_g * lr_multiplier(p, tr.cfg) * tr.lr_scale,
+              "steps_per_s": round(steps / max(seconds, 1e-9), 2), **means}
+    if tr.world.main:
+        with open(os.path.join(tr.cfg.out, "log.jsonl"), "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    losses = " ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.3f}" for k, v in means.items())
+    tr.log(f"step {tr.step:7d} | {fmt_time(tr.elapsed)}/{fmt_time(tr.train_seconds)} "
+           f"({100 * p:3.0f}%) | {record['steps_per_s']:7.1f} it/s | {losses}")
+    if not finite:
+        rollback(tr, "loss is NaN or diverged")
+    return finite
+
 
 @torch.no_grad()
 def save_fixed_grid(tr, name):
@@ -635,6 +688,33 @@ def ema_generator(ckpt, model_cls, device):
     return G.eval(), cfg
 
 
+def seed_and_tune(cfg, device):
+    """The run's seeds, and TF32 and cuDNN's autotuner on CUDA (fp32 matmuls in TF32)."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def check_model_options(cfg, model):
+    """Options only some models apply: an error rather than silently nothing."""
+    if "diffaug" in cfg.augment and not getattr(model, "diffaug", False):
+        raise ValueError(f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment")
+    if cfg.lecam > 0 and not getattr(model, "applies_lecam", False):
+        raise ValueError(f"lecam={cfg.lecam:g}: model {model.name} does not apply LeCam (biggan does)")
+
+
+def ema_copy(G):
+    """The EMA generator: a frozen copy of G in eval mode."""
+    G_ema = copy.deepcopy(G).eval()
+    for p in G_ema.parameters():
+        p.requires_grad_(False)
+    return G_ema
+
+
 class Trainer:
     """Holds the models, the resident data and the schedule; `run()` trains and writes images.zip."""
 
@@ -647,23 +727,14 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.precision, why = resolve_precision(cfg.precision, self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+        seed_and_tune(cfg, self.device)
         if data is None:  # several ranks: rank 0 cleans, every rank gets the result
             data = on_main(lambda: load_dataset(cfg.data, cfg.image_size, cfg.strategy, log=log), world)
         self.breeds = list(data["breeds"])
         self.n_classes = len(self.breeds) if model_cls.conditional else 0
         self.images, self.labels = resident(data, self.device)
         self.model = model_cls(cfg, self.n_classes, self.device)
-        if "diffaug" in cfg.augment and not getattr(self.model, "diffaug", False):
-            raise ValueError(f"augment {cfg.augment!r}: model {model_cls.name} does not apply DiffAugment")
-        if cfg.lecam > 0 and not getattr(model_cls, "applies_lecam", False):
-            raise ValueError(f"lecam={cfg.lecam:g}: model {model_cls.name} does not apply LeCam (biggan does)")
+        check_model_options(cfg, self.model)
         self.optimizers = [opt for opt in (self.model.opt_g, self.model.opt_d) if opt is not None]
         for opt in self.optimizers:  # fp16: a loss scaler per optimiser; several ranks: gradients averaged
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
@@ -671,12 +742,9 @@ class Trainer:
         self.log(f"precision  {why}")
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))
-        self.G_ema = copy.deepcopy(self.model.G).eval()
-        for p in self.G_ema.parameters():
-            p.requires_grad_(False)
+        self.G_ema = ema_copy(self.model.G)
         if world.size > 1:  # one start for all ranks, then each its own batches and noise
-            broadcast_state([self.model.G, self.model.D, self.G_ema] if self.model.D else [self.model.G, self.G_ema],
-                            world)
+            broadcast_state([m for m in (self.model.G, self.model.D, self.G_ema) if m is not None], world)
             seed_rank(cfg, world)
         self.step = 0
         self.images_seen = 0  # real training images drawn so far (every rank's)
@@ -684,12 +752,9 @@ class Trainer:
         self.elapsed = 0.0  # seconds of the run so far (previous runs included when resumed)
         self.resumed_elapsed = 0.0  # what a resumed checkpoint had done before this process
         self.train_seconds = None
-        self.lr_scale = 1.0
-        self.rollbacks = 0
-        self.ema_w = torch.tensor(1.0, device=self.device)
-        self.ema_w_value = 1.0
-        self.loss_sum = None
-        self.graph = None
+        self.lr_scale, self.rollbacks = 1.0, 0
+        self.ema_w, self.ema_w_value = torch.tensor(1.0, device=self.device), 1.0
+        self.loss_sum = self.graph = None
         self.good = None  # in-memory copy of the last good training state (rollback target)
         self.bn_refreshed = False
         self.grid_every = cfg.grid_every
@@ -700,22 +765,14 @@ class Trainer:
             for name in remove_stale_temps(cfg.out):
                 self.log(f"removed {name}, left half-written by an earlier run that was killed")
 
-    def write_log(self, record):
-        if not self.world.main:
-            return
-        with open(os.path.join(self.cfg.out, "log.jsonl"), "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
     def run(self):
         """Train until the budget's training time (or cfg.steps), then finish. Returns the zip path;
         raises RunFailed, after writing the zip, when training stopped on an error or a NaN storm."""
-        cfg = self.cfg
         if self.train_seconds is None:
             plan(self)
         if self.world.main:
-            with open(os.path.join(cfg.out, "options.json"), "w") as fh:
-                json.dump(dict(dataclasses.asdict(cfg), world_size=self.world.size), fh, indent=2)
-        failure = None
+            with open(os.path.join(self.cfg.out, "options.json"), "w") as fh:
+                json.dump(dict(dataclasses.asdict(self.cfg), world_size=self.world.size), fh, indent=2)
         try:
             failure = self.train_loop()
         except KeyboardInterrupt:
@@ -724,19 +781,7 @@ class Trainer:
                 self.log(f"interrupted: state saved to {path}; continue with --resume {path}")
             raise
         except Exception as exc:  # anything else: keep what the run has learnt
-            if self.world.size > 1:
-                tell_others(self)
-            if self.good is None:
-                raise
-            failure = f"{type(exc).__name__} at step {self.step}" + (
-                f" on rank {self.world.rank}" if self.world.size > 1 else "") + f": {exc}"
-            self.log("training stopped: " + traceback.format_exc().rstrip())
-            if not self.world.main:  # rank 0 writes the zip; this rank says why it stopped
-                raise RunFailed(failure) from None
-            try:
-                restore_good_state(self)
-            except Exception as again:  # a dead CUDA context: finish() falls back to the CPU
-                self.log(f"the last good state could not be restored ({type(again).__name__}: {again})")
+            failure = stopped_by(self, exc)
         if failure and not self.world.main:
             raise RankStopped(failure)
         return finish(self, failure)
@@ -760,13 +805,7 @@ class Trainer:
             p = self.elapsed / max(self.train_seconds, 1e-9)
             set_schedule(self, p)
             if use_graph and self.graph is None:
-                try:
-                    self.graph = capture_step(self)
-                    self.log("training step captured in a CUDA graph")
-                except Exception as exc:  # any capture problem: eager from here on
-                    use_graph = False
-                    self.log(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eager")
-                    torch.cuda.synchronize()
+                use_graph = try_capture(self)
                 continue
             if self.graph is not None:
                 self.graph.replay()
@@ -776,7 +815,7 @@ class Trainer:
             if self.good is None:
                 keep_good_state(self)
             if now - last_log >= cfg.log_every:
-                if self.log_interval(p, self.step - steps_at_log, now - last_log):
+                if log_interval(self, p, self.step - steps_at_log, now - last_log):
                     keep_good_state(self)
                 elif self.rollbacks >= cfg.max_rollbacks:
                     return f"NaN storm: {self.rollbacks} rollbacks at step {self.step}"
@@ -796,27 +835,8 @@ class Trainer:
             for hook in self.hooks:  # last: a rank failing here meets the others at the next agree()
                 hook(self)
         if self.step > steps_at_log:
-            self.log_interval(self.elapsed / max(self.train_seconds, 1e-9), self.step - steps_at_log,
-                              now - last_log)
+            log_interval(self, self.elapsed / max(self.train_seconds, 1e-9), self.step - steps_at_log, now - last_log)
         return None
-
-    def log_interval(self, p, steps, seconds):
-        """Read the accumulated losses (the only host sync), write a log line; False on NaN."""
-        sums = self.loss_sum or {}
-        means = {k: float(v) / max(steps, 1) for k, v in zip(sums, all_mean(list(sums.values()), self.world))}
-        for v in sums.values():
-            v.zero_()
-        finite = all(math.isfinite(v) and abs(v) < 1e4 for v in means.values())
-        record = {"step": self.step, "elapsed": round(self.elapsed, 3), "p": round(p, 5),
-                  "lr_g": self.cfg.lr_g * lr_multiplier(p, self.cfg) * self.lr_scale,
-                  "steps_per_s": round(steps / max(seconds, 1e-9), 2), **means}
-        self.write_log(record)
-        losses = " ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.3f}" for k, v in means.items())
-        self.log(f"step {self.step:7d} | {fmt_time(self.elapsed)}/{fmt_time(self.train_seconds)} "
-                 f"({100 * p:3.0f}%) | {record['steps_per_s']:7.1f} it/s | {losses}")
-        if not finite:
-            rollback(self, "loss is NaN or diverged")
-        return finite
 
 
 def world_line(world, device, cfg):

@@ -66,3 +66,23 @@ def test_kernel_and_package_train_identically(name, tmp_path, tiny_dataset):
 
     assert len(losses(tmp_path / "k")) == 6
     assert losses(tmp_path / "k") == losses(tmp_path / "p")
+
+
+@pytest.mark.parametrize("name", ["dcgan", "biggan"])
+def test_contents_points_at_every_section_in_order(name):
+    lines = build_kernel.build(name).splitlines()
+    start = lines.index("Contents (line numbers):")
+    entries = []
+    for line in lines[start + 1:]:
+        if line == '"""':
+            break
+        number, title = line.split(maxsplit=1)
+        entries.append((int(number), title))
+    banners = [i + 1 for i in range(1, len(lines) - 1)
+               if lines[i] == build_kernel.RULE and lines[i + 1] != build_kernel.RULE and lines[i + 2] == build_kernel.RULE]
+    assert [n for n, _ in entries] == banners and len(banners) >= 8
+    for number, title in entries:
+        assert lines[number - 1] == build_kernel.RULE and lines[number].startswith(f"# {title}"), (number, title)
+    titles = [t for _, t in entries]
+    assert titles[0] == "Settings" and titles[-1] == "Entry point"
+    assert titles.index("Model") < titles.index("Data") < titles.index("Training")
