@@ -15,7 +15,6 @@ import argparse
 import ast
 import importlib
 import inspect
-import re
 import sys
 from pathlib import Path
 

@@ -181,9 +181,9 @@ def main(argv=None) -> int:
     a = sub.add_parser("add", help="append one measured row")
     for k in KEYS:
         if k not in ("commit", "date"):
-            a.add_argument(f"--{k.replace('_', '-')}", type=float if k in ("fid", "distance", "mifid", "steps_per_s",
-                                                                          "truncation") else
-                           int if k in ("steps", "images_seen", "batch_size", "seed") else str)
+            kind = (float if k in ("fid", "distance", "mifid", "steps_per_s", "truncation") else
+                    int if k in ("steps", "images_seen", "batch_size", "seed") else str)
+            a.add_argument(f"--{k.replace('_', '-')}", type=kind)
     b = sub.add_parser("add-bench", help="append the result rows of gpu_bench.py score files")
     b.add_argument("files", nargs="+")
     r = sub.add_parser("render", help="regenerate the README's tables from the ledger")

@@ -263,6 +263,7 @@ def count_step(tr):
 
 
 def graph_wanted(tr):
+    """Whether to capture the step in a CUDA graph (logs why not, where that is a choice)."""
     if tr.device.type != "cuda" or tr.cfg.graph != "auto":
         return False
     if tr.world.size > 1:  # the gradient all_reduce and the per-step control message are not captured
@@ -271,12 +272,13 @@ def graph_wanted(tr):
         return False
     if tr.precision == "fp16":  # GradScaler reads found-inf on the host: not capturable
         tr.log("fp16: the loss scaler syncs with the host every step, so the step runs eager "
-                 "(no CUDA graph)")
+               "(no CUDA graph)")
         return False
     return True
 
 
 def set_schedule(tr, p):
+    """The learning rates and the EMA weight at progress p, written in place (graph-safe)."""
     scale = lr_multiplier(p, tr.cfg) * tr.lr_scale
     for opt, base in ((tr.model.opt_g, tr.cfg.lr_g), (tr.model.opt_d, tr.cfg.lr_d)):
         for group in (opt.param_groups if opt is not None else ()):

@@ -185,8 +185,8 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
     if breeds:
         sections.append(("Breeds", "breeds.png", "Predicted breed of each generated image."))
     else:
-        sections.append(("Breeds", None, NO_BREEDS.format(labelled=int((breed_labels(reference.names)[0] >= 0).sum()),
-                                                           n=len(breed_labels(reference.names)[1]))))
+        labels, breed_names = breed_labels(reference.names)
+        sections.append(("Breeds", None, NO_BREEDS.format(labelled=int((labels >= 0).sum()), n=len(breed_names))))
     if has_curves:
         sections.append(("Training curves", "curves.png", f"From {run}/log.jsonl."))
     rows = "".join(f"<tr><td>{k}</td><td>{numbers[k]:.4f}</td><td>{html.escape(MEANINGS.get(k, ''))}</td></tr>"

@@ -410,8 +410,6 @@ def test_a_device_that_dies_at_the_end_still_leaves_a_zip_from_the_cpu(tmp_path,
 def test_the_checkpoint_counts_the_real_images_seen(tmp_path, tiny_dataset):
     """wgan-gp draws a real batch per critic step: the trainer counts what the model draws, and
     tools/gpu_bench reads that count (no per-model special case)."""
-    import sys
-
     entry = registry.get("wgan-gp")
     cfg = with_settings(tiny_cfg(tmp_path, steps=3), dict(entry.settings, width=4, batch_size=8, out=str(tmp_path)))
     train(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
