@@ -313,11 +313,10 @@ def train(model, **opts):
     """
     from dogkit.core import registry
     from dogkit.core.data import DataError
+    from dogkit.core.distributed import RankStopped
     from dogkit.core.kernel import config_from_options
     from dogkit.core.runtime import RunError
     from dogkit.core.train import RunFailed, train as run_train, with_settings
-
-    from dogkit.core.distributed import RankStopped
 
     entry = registry.get(model)
     try:
