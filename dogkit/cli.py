@@ -200,12 +200,14 @@ def report(submission, reference_path, run_dir, out, strict, inception_weights, 
 
 @main.command("export-inception")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Weights file to write (.pth).")
-@click.option("--fp16", is_flag=True, help="Store in fp16 (44 MB; cast back to fp32 on load).")
-def export_inception(out, fp16):
+@click.option("--format", "fmt", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp32 (87 MB), fp16 (44 MB) or int8 conv weights with per-channel scales (22 MB; what the "
+                   "GPU bench carries); cast back to fp32 on load.")
+def export_inception(out, fmt):
     """Write the FID Inception weights to one file (e.g. to carry to a GPU machine).
 
     \b
-    dogkit export-inception --fp16 -o .devpack/inception-fp16.pth
+    dogkit export-inception --format int8 -o .devpack/inception-int8.pth
     """
     from dogkit.metrics.inception import InceptionWeightsError, resolve_weights, save_state_dict
 
@@ -213,7 +215,7 @@ def export_inception(out, fp16):
         state, source = resolve_weights(None)
     except InceptionWeightsError as exc:
         _fail(str(exc))
-    save_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, out, fp16=fp16)
+    save_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, out, fmt)
     click.echo(f"wrote {out} from {source}")
 
 
@@ -327,8 +329,9 @@ def train(model, **opts):
         run_train(cfg, entry.cls, resume=opts["resume"], log=lambda m: click.echo(m, err=True), world=world)
     except RankStopped:
         sys.exit(3)  # another rank failed and says why
-    except (ValueError, DataError, RunError) as exc:
-        _fail(str(exc))
+    except (ValueError, DataError, RunError) as exc:  # bad input or settings: exit 2, as the kernels do
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
     except RunFailed as exc:
         kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
         click.echo(f"Error: training failed ({exc.cause}); {kept}", err=True)
@@ -373,9 +376,13 @@ def sample(checkpoint, out, n_images, truncation, seed, grid, device):
     dogkit sample runs/dcgan/checkpoint.pt -o submission/images.zip --truncation 1.0
     """
     from dogkit.checkpoints import load_generator, sample_to_zip
+    from dogkit.core.runtime import RunError
     from dogkit.metrics.submission import SubmissionError, load_submission
 
-    generator = load_generator(checkpoint, _device(device))
+    try:
+        generator = load_generator(checkpoint, _device(device))
+    except RunError as exc:  # missing, truncated, another format, or a pickle with code: refused
+        _fail(str(exc))
     t = generator[1]["truncation"] if truncation is None else truncation
     sample_to_zip(generator, out, t if t and t > 0 else None, seed=seed, n=n_images, grid=grid)
     if n_images == 10_000:

@@ -22,10 +22,10 @@ Contents (line numbers):
     196  Data
     701  Several GPUs
     918  The machine
-   1062  Augmentation
-   1096  Sampling
-   1258  Training
-   2108  Entry point
+   1063  Augmentation
+   1097  Sampling
+   1259  Training
+   2185  Entry point
 """
 import argparse
 import contextlib
@@ -957,8 +957,9 @@ def pick_device(name="auto", require_gpu=False):
         if not torch.cuda.is_available():
             if require_gpu:
                 raise RunError("no GPU: this notebook runs without an accelerator. In the notebook's Settings, "
-                               "Accelerator: pick 'GPU T4 x2' (or 'GPU P100'), then run all again; "
-                               "--device cpu trains on the CPU anyway (far too slow to be worth a submission)")
+                               "Accelerator: pick 'GPU T4 x2' (not 'GPU P100': today's image cannot run it), then "
+                               "run all again; --device cpu trains on the CPU anyway (far too slow to be worth a "
+                               "submission)")
             return torch.device("cpu")
         name = "cuda"
     device = torch.device(name)
@@ -1267,10 +1268,14 @@ def save_grid(images, path, nrow=8):
 # Nothing that goes wrong after the first good step loses the run: the trainer rolls back to the
 # last good state, writes images.zip from it and only then reports the failure (RunFailed).
 
-AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug")
+AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug", "flip+diffaug-t",
+            "flip+diffaug-tc")  # DiffAugment: -t translation, -tc translation + cutout, plain: colour too
 
 
-CHOICES = {"augment": AUGMENTS, "precision": PRECISIONS, "graph": ("auto", "off"),
+MEMORY_FORMATS = ("contiguous", "channels_last")
+
+
+CHOICES = {"augment": AUGMENTS, "precision": PRECISIONS, "graph": ("auto", "off"), "memory_format": MEMORY_FORMATS,
            "loss": ("bce", "hinge"), "strategy": ("box", "square", "aspect", "pad")}
 
 
@@ -1297,13 +1302,14 @@ class TrainConfig:
     batch_size: int = 32
     z_dim: int = 128
     width: int = 64
+    d_width: int = 0  # the discriminator's channel width (biggan; 0: the same as width)
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
     real_label: float = 1.0
     input_noise: float = 0.0
-    d_steps: int = 1  # critic steps per call (wgan-gp)
+    d_steps: int = 1  # critic steps per call (wgan-gp, biggan)
     g_steps: int = 1  # generator steps per call (wgan-gp)
     gp_weight: float = 10.0  # gradient penalty (wgan-gp)
     kl_weight: float = 1.0  # KL term of the VAE loss (cvae)
@@ -1312,12 +1318,15 @@ class TrainConfig:
     loss: str = "bce"
     lecam: float = 0.0  # LeCam regularisation weight (biggan; 0: off; Tseng et al. used 0.3 with DiffAugment)
     lecam_decay: float = 0.99  # decay of LeCam's moving averages of D's outputs
+    lecam_start: int = 1000  # D steps before those averages start (until then: the batch's own means)
     augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan)
     # schedule, as functions of p
     lr_decay_start: float = 0.5
     lr_final: float = 0.1
     ema_start: float = 0.25
     ema_decay: float = 0.999
+    ema_kimg: float = 0.0  # > 0: the EMA's half-life in thousands of images (StyleGAN2-ADA), instead of decay/start
+    ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
     # data cleaning (when --data is not a cache file)
     strategy: str = "pad"
     image_size: int = 64
@@ -1335,6 +1344,7 @@ class TrainConfig:
     reserve: float = -1.0  # seconds kept for sampling and the zip (-1: measured at start)
     graph: str = "auto"  # capture the step in a CUDA graph: auto | off
     precision: str = "fp32"  # fp32 (TF32 where the GPU has it) | bf16 (sm_80+) | fp16 (autocast + loss scaling)
+    memory_format: str = "contiguous"  # channels_last: NHWC weights and batches (tensor cores' layout)
 
 
 def parse_budget(text):
@@ -1383,8 +1393,14 @@ def lr_multiplier(p, cfg):
     return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def ema_weight(p, cfg):
-    """Weight of the new parameters in the EMA update: 1 (a plain copy) until ema_start."""
+def ema_weight(p, cfg, images_seen=0, world_size=1):
+    """Weight of the new parameters in the EMA update. With ema_kimg, StyleGAN2-ADA's rule: a
+    half-life of ema_kimg thousand images, at most ema_rampup of the images seen so far (so a
+    short run averages over its recent past from the start); else 1 (a plain copy) until
+    ema_start, then 1 - ema_decay."""
+    if cfg.ema_kimg > 0:
+        half_life = min(cfg.ema_kimg * 1000.0, cfg.ema_rampup * images_seen)
+        return 1.0 - 0.5 ** (cfg.batch_size * world_size / max(half_life, 1e-8))
     return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay
 
 
@@ -1441,6 +1457,8 @@ def draw_batch(tr):
         x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
     if x.shape[-1] != 64:
         x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    if tr.cfg.memory_format == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     return x, tr.labels[idx]
 
 
@@ -1522,8 +1540,8 @@ def set_schedule(tr, p):
                 group["lr"].fill_(base * scale)
             else:
                 group["lr"] = base * scale
-    w = ema_weight(p, tr.cfg)
-    if w != tr.ema_w_value:  # only at the switch; reading the tensor would sync every step
+    w = ema_weight(p, tr.cfg, tr.images_seen, tr.world.size)
+    if w != tr.ema_w_value:  # at the switch (every step of an ema_kimg ramp-up); never read back: no sync
         tr.ema_w.fill_(w)
         tr.ema_w_value = w
 
@@ -1588,14 +1606,21 @@ def stopped_by(tr, exc):
 
 # ---- checkpoints: everything needed to resume exactly, written atomically ---------------
 
+CHECKPOINT_FORMAT = "dogkit-checkpoint-2"  # -1 kept numpy's random state as an array (a pickle)
+
+
 def rng_state(tr):
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every random stream's state as tensors, numbers, strings and lists (readable as data)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(tr.device) if tr.device.type == "cuda" else None}
 
 
 def set_rng_state(tr, rng):
     torch.set_rng_state(rng["torch"].cpu())
-    np.random.set_state(rng["numpy"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(rng["python"])
     if rng["cuda"] is not None and tr.device.type == "cuda":
         if isinstance(rng["cuda"], list):  # checkpoints before multi-GPU runs: every device's state
@@ -1616,9 +1641,10 @@ def checkpoint_together(tr, name="checkpoint.pt"):
     return save_checkpoint(tr, name, states) if tr.world.main else None
 
 
-def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None):
+def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
+    """Write the whole training state atomically to folder/name (folder: the run's output)."""
     ckpt = {
-        "format": "dogkit-checkpoint-1",
+        "format": CHECKPOINT_FORMAT,
         "config": dataclasses.asdict(tr.cfg),
         "model": tr.cfg.model,
         "step": tr.step,
@@ -1642,17 +1668,35 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None):
         "world_size": tr.world.size,
         "rank_rngs": rank_rngs,  # every rank's random state (multi-GPU, saved together), else None
     }
-    path = os.path.join(tr.cfg.out, name)
+    path = os.path.join(folder or tr.cfg.out, name)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
     return path
 
 
+def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
+    """A checkpoint file read as data only (torch.load with weights_only: tensors, numbers,
+    strings, lists, dicts; a pickle that would run code is refused, never executed). RunError,
+    one line naming the file, for anything else: missing, truncated, another format."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # truncated, corrupted, or a pickle holding more than data
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise RunError(f"{path}: not readable as a dogkit checkpoint (read as data only: {first}); an "
+                       f"interrupted download, another program's file, or one written by dogkit before "
+                       f"{CHECKPOINT_FORMAT}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in formats:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise RunError(f"{path}: format {found!r}, expected {' or '.join(formats)}")
+    return ckpt
+
+
 def load_checkpoint(tr, path):
-    ckpt = torch.load(path, map_location=tr.device, weights_only=False)
-    if ckpt.get("format") != "dogkit-checkpoint-1" or ckpt.get("model") != tr.cfg.model:
-        raise RunError(f"{path}: a {ckpt.get('format')!r} checkpoint of model {ckpt.get('model')!r}; "
-                       f"this run trains {tr.cfg.model!r} (dogkit-checkpoint-1)")
+    ckpt = read_checkpoint(path, tr.device)
+    if ckpt.get("model") != tr.cfg.model:
+        raise RunError(f"{path}: a checkpoint of model {ckpt.get('model')!r}; this run trains {tr.cfg.model!r}")
     tr.model.G.load_state_dict(ckpt["G"])
     if tr.model.D is not None:
         tr.model.D.load_state_dict(ckpt["D"])
@@ -1688,7 +1732,9 @@ def measure_end(tr):
     preparation for sampling (cvae: K-means of the training latents; timed on a subset and
     scaled), the batch-norm refresh and n_samples images in the sampling batch shape (second
     pass: the first pays cuDNN's autotuning), PNG encoding of real training photos (more
-    detail than an untrained generator's flat images, so an upper bound) and a checkpoint.
+    detail than an untrained generator's flat images, so an upper bound) and a checkpoint
+    (written to a scratch folder: a start refused for a short budget leaves the output folder,
+    and any trained checkpoint.pt in it, as they were).
     Returns (seconds x1.25 + 3 s, the parts)."""
     cfg, cuda = tr.cfg, tr.device.type == "cuda"
     G = copy.deepcopy(tr.G_ema)
@@ -1708,9 +1754,10 @@ def measure_end(tr):
     t = time.monotonic()
     encode_pngs(photos)
     parts["png"] = (time.monotonic() - t) / len(photos) * cfg.n_samples
-    t = time.monotonic()
-    save_checkpoint(tr)  # the run's first checkpoint, timed
-    parts["checkpoint"] = time.monotonic() - t
+    with tempfile.TemporaryDirectory() as scratch:  # the output folder stays untouched until the plan holds
+        t = time.monotonic()
+        save_checkpoint(tr, folder=scratch)
+        parts["checkpoint"] = time.monotonic() - t
     return 1.25 * sum(parts.values()) + 3.0, parts
 
 
@@ -1738,6 +1785,24 @@ def planned_seconds(tr):
     tr.log(f"budget     {fmt_time(cfg.budget)}: training until {fmt_time(train_seconds)}, "
            f"{reserve:.0f} s kept for the end ({how})")
     return train_seconds
+
+
+REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
+
+
+def replan(tr):
+    """Time the end again once training is warm and give training what the first timing took
+    too much: at start-up a fresh machine's cold caches can make the end look several times
+    longer than it is (a CPU run measured 200 s for 30 s of sampling), and every second kept
+    for nothing is a second not trained. Rank 0 times it; every rank gets the same plan."""
+    def warm():
+        reserve, parts = measure_end(tr)
+        return max(tr.train_seconds, tr.cfg.budget - reserve), reserve
+
+    before = tr.train_seconds
+    tr.train_seconds, reserve = on_main(warm, tr.world)
+    tr.log(f"re-planned once warm: the end needs {reserve:.0f} s; training until {fmt_time(tr.train_seconds)} "
+           f"(was {fmt_time(before)})")
 
 
 # ---- logs, pictures and interim zips -----------------------------------------------------
@@ -1876,7 +1941,8 @@ def finish(tr, failure=None):
             raise out_of_time(tr, cause, late) from None
         raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
     tr.log(f"wrote {path}: {tr.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
-           f"(step {tr.step}, {tr.rollbacks} rollbacks{f', {world.size} ranks' if world.size > 1 else ''})")
+           f"(step {tr.step}, {tr.rollbacks} rollbacks{f', {world.size} ranks' if world.size > 1 else ''}); "
+           f"trained {fmt_time(tr.elapsed - tr.resumed_elapsed)} of this run's {fmt_time(deadline - tr.t0)}")
     if failure:
         raise RunFailed(failure, path)
     return path
@@ -1905,7 +1971,7 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
     """images.zip beside checkpoint `path`, from its EMA generator rebuilt on `device`, before the
     deadline: the last resort when the training device (or a rank) died. Returns (zip, step)."""
     device = torch.device(device)
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(path, device)
     G, cfg = ema_generator(ckpt, model_cls, device)
     cfg = dataclasses.replace(cfg, out=os.path.dirname(os.path.abspath(path)))
     truncation = cfg.truncation if cfg.truncation > 0 else None
@@ -1943,6 +2009,9 @@ def check_model_options(cfg, model):
         raise ValueError(f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment")
     if cfg.lecam > 0 and not getattr(model, "applies_lecam", False):
         raise ValueError(f"lecam={cfg.lecam:g}: model {model.name} does not apply LeCam (biggan does)")
+    for name, default in (("d_width", 0), ("d_steps", 1)):
+        if getattr(cfg, name) != default and name not in getattr(model, "applies", ()):
+            raise ValueError(f"{name}={getattr(cfg, name)}: model {model.name} does not apply it")
 
 
 def ema_copy(G):
@@ -1973,6 +2042,10 @@ class Trainer:
         self.images, self.labels = resident(data, self.device)
         self.model = model_cls(cfg, self.n_classes, self.device)
         check_model_options(cfg, self.model)
+        if cfg.memory_format == "channels_last":  # before the optimisers' state and the EMA copy exist
+            for net in (self.model.G, self.model.D):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
         self.optimizers = [opt for opt in (self.model.opt_g, self.model.opt_d) if opt is not None]
         for opt in self.optimizers:  # fp16: a loss scaler per optimiser; several ranks: gradients averaged
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
@@ -2033,6 +2106,7 @@ class Trainer:
         use_graph = graph_wanted(self)
         steps_at_log = self.step
         pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
+        replanned = cfg.reserve >= 0 or self.elapsed >= REPLAN_AT * self.train_seconds
         while True:
             now, failed = agree(self.world, self.clock())  # rank 0's clock decides for every rank
             if failed:
@@ -2066,6 +2140,9 @@ class Trainer:
                 last_ckpt = now
             if pending and p >= pending[0]:
                 checkpoint_together(self, f"snapshot-p{pending.pop(0):g}.pt")
+            if not replanned and p >= REPLAN_AT:
+                replan(self)
+                replanned = True
             if now - last_zip >= cfg.zip_every and self.train_seconds - self.elapsed > cfg.zip_every / 4:
                 if main:
                     interim_zip(self)
@@ -2260,15 +2337,22 @@ TRAIN_OPTIONS = (
                                 "visible GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
     ("--log-every", float, None, None, "seconds between log lines (default: 300 on Kaggle, else 30)"),
     ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
+    ("--memory-format", str, "contiguous", MEMORY_FORMATS,
+     "channels_last: NHWC weights and batches, the layout of tensor cores (default contiguous)"),
     ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan only)"),
     ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
                                            "scaling, eager: T4, P100)"),
     ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),
     ("--lecam", float, None, None, "LeCam regularisation weight (biggan; default 0: off)"),
+    ("--d-width", int, None, None, "the discriminator's channel width (biggan; default: the same as --width)"),
+    ("--d-steps", int, None, None, "discriminator steps per generator step (biggan, wgan-gp; default: the model's)"),
+    ("--ema-kimg", float, None, None, "EMA half-life in thousands of images, ramped up over the first images "
+                                      "(StyleGAN2-ADA; default 0: the model's fixed decay and start)"),
 )
 
 
-MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam")
+MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam", "d_width", "d_steps",
+                   "ema_kimg")
 
 
 def parse_args(argv):
@@ -2291,6 +2375,7 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
                  "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
                  "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
                  "device": opts["device"], "graph": opts["graph"], "snapshots": opts["snapshots"],
+                 "memory_format": opts["memory_format"],
                  "log_every": opts["log_every"] if opts["log_every"] is not None else (300.0 if on_kaggle else 30.0)}
     overrides.update({k: opts[k] for k in MODEL_OVERRIDES if opts.get(k) is not None})
     cfg = with_settings(cfg, overrides)
@@ -2433,7 +2518,7 @@ def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, 
     cause = f"rank 0 exited with code {codes[0]} (ranks: {codes})"
     print(f"error: {cause}; going on in one process on {device} from {resume or 'the start'} for the "
           f"{left:.0f} s left", file=sys.stderr, flush=True)
-    done = torch.load(resume, map_location="cpu", weights_only=False)["elapsed"] if resume else 0.0
+    done = read_checkpoint(resume)["elapsed"] if resume else 0.0
     try:
         return run_rank(ALONE, pick_device(device), model_cls, with_settings(cfg, {"budget": done + left}), resume,
                         time.monotonic(), on_kaggle)

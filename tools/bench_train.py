@@ -20,25 +20,35 @@ sys.path.insert(0, str(ROOT))
 
 from dogkit.core import registry  # noqa: E402
 from dogkit.core.data import load_dataset  # noqa: E402
-from dogkit.core.train import TrainConfig, train, with_settings  # noqa: E402
+from dogkit.core.train import Trainer, TrainConfig, with_settings  # noqa: E402
 
 
-def measure(entry, data, mode, seconds, batch_size, device, precision=None):
+def measure(entry, data, mode, seconds, batch_size, device, precision=None, memory_format=None):
+    """Steady-state (steps/s, images/s, batch size, the precision that ran, peak GPU memory in GiB
+    or None) of `seconds` of the model's real training loop; the first log interval (CUDA graph
+    capture, cuDNN autotuning) is left out."""
+    import torch
+
     with tempfile.TemporaryDirectory() as out:
         cfg = with_settings(TrainConfig(model=entry.name), entry.settings)
         overrides = {"out": out, "budget": seconds, "reserve": 0.0, "n_samples": 64, "log_every": seconds / 6,
                      "graph": "auto" if mode == "graph" else "off", "device": device,
                      "grid_every": 1e9, "checkpoint_every": 1e9}
-        if batch_size:
-            overrides["batch_size"] = batch_size
-        if precision:
-            overrides["precision"] = precision
+        overrides.update({k: v for k, v in (("batch_size", batch_size), ("precision", precision),
+                                            ("memory_format", memory_format)) if v})
         cfg = with_settings(cfg, overrides)
-        train(cfg, entry.cls, data=data, log=lambda m: None)
+        cuda = torch.cuda.is_available() and device != "cpu"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        trainer = Trainer(cfg, entry.cls, data=data, log=lambda m: None)
+        trainer.t0 = trainer.clock()  # the clock starts with the loop: building the model is not measured
+        trainer.train_seconds = seconds
+        trainer.train_loop()  # the loop alone: no end (sampling, zip) to wait for
         rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
     steady = rows[1:] or rows
     steps = sum(r["steps_per_s"] for r in steady) / len(steady)
-    return steps, steps * cfg.batch_size, cfg.batch_size, cfg.precision
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return steps, steps * cfg.batch_size, cfg.batch_size, trainer.precision, peak
 
 
 def main(argv=None):
@@ -63,7 +73,7 @@ def main(argv=None):
     for mode in args.modes.split(","):
         for precision in precisions:
             for batch in batches:
-                steps, imgs, bs, prec = measure(entry, data, mode, args.seconds, batch, args.device, precision)
+                steps, imgs, bs, prec, _ = measure(entry, data, mode, args.seconds, batch, args.device, precision)
                 print(f"| {args.model} | {mode} | {prec} | {dev} | {bs} | {steps:.1f} | {imgs:.0f} |", flush=True)
 
 

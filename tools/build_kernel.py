@@ -3,6 +3,7 @@
 
     python tools/build_kernel.py --model dcgan                 # -> kernels/dcgan.py
     python tools/build_kernel.py --model dcgan -o /tmp/k.py
+    python tools/build_kernel.py --model biggan --kaggle push/biggan --user NAME   # a folder `kaggle kernels push` takes
 
 The kernel inlines the model's core modules in dependency order (data cleaning, augmentation,
 sampling, model, training loop, entry point), drops the package-internal imports, gathers the
@@ -15,6 +16,8 @@ import argparse
 import ast
 import importlib
 import inspect
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -254,12 +257,78 @@ def used_imports(nodes: list[ast.stmt], code: str) -> list[ast.stmt]:
     return out
 
 
+COMPETITION = "generative-dog-images"
+MACHINE_SHAPE = "NvidiaTeslaT4"  # "GPU T4 x2"; enable_gpu alone gets a P100, which today's image cannot run
+
+
+def slugify(title: str) -> str:
+    """Kaggle's slug of a title: lower case, runs of anything else than letters and digits -> '-'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in title.lower()).split())
+
+
+def kaggle_user(given: str | None) -> str | None:
+    """--user, else KAGGLE_USERNAME, else the username in ~/.kaggle/kaggle.json (the CLI's own file)."""
+    if given:
+        return given
+    if os.environ.get("KAGGLE_USERNAME"):
+        return os.environ["KAGGLE_USERNAME"]
+    config = Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle")) / "kaggle.json"
+    try:
+        return json.loads(config.read_text()).get("username")
+    except (OSError, ValueError):
+        return None
+
+
+def kernel_metadata(user: str, title: str, code_file: str) -> dict:
+    """kernel-metadata.json for this competition: private, GPU T4 x2, internet off (written out:
+    the CLI turns it on when the key is absent), the competition's data attached."""
+    return {"id": f"{user}/{slugify(title)}", "title": title, "code_file": code_file, "language": "python",
+            "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": False,
+            "machine_shape": MACHINE_SHAPE, "competition_sources": [COMPETITION], "dataset_sources": [],
+            "kernel_sources": []}
+
+
+def write_kaggle_folder(folder: Path, model: str, text: str, user: str, title: str) -> list[str]:
+    """DIR/<slug>.py and DIR/kernel-metadata.json; returns the commands that follow."""
+    slug = slugify(title)
+    if not slug:
+        raise ValueError(f"--title {title!r}: needs letters or digits")
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = kernel_metadata(user, title, f"{slug}.py")
+    for name, content in ((f"{slug}.py", text), ("kernel-metadata.json", json.dumps(meta, indent=2) + "\n")):
+        tmp = folder / (name + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(folder / name)
+    ref = meta["id"]
+    return [f"kaggle kernels push -p {folder} --accelerator {MACHINE_SHAPE}",
+            f"kaggle kernels status {ref}",
+            f"kaggle kernels output {ref} -p {folder}/output"]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, choices=registry.MODEL_NAMES)
     parser.add_argument("--budget", default="9h", help="Kaggle's time limit (default 9h; 15 min are kept)")
     parser.add_argument("-o", "--out", default=None, help="default: kernels/MODEL.py")
+    parser.add_argument("--kaggle", default=None, metavar="DIR",
+                        help="write a folder for `kaggle kernels push`: DIR/<slug>.py and kernel-metadata.json")
+    parser.add_argument("--user", default=None, help="your Kaggle user name (default: KAGGLE_USERNAME or "
+                                                     "~/.kaggle/kaggle.json)")
+    parser.add_argument("--title", default=None, help="the notebook's title (default: 'dogkit MODEL')")
     args = parser.parse_args(argv)
+    if args.kaggle:
+        user = kaggle_user(args.user)
+        if not user:
+            parser.error("--kaggle needs your Kaggle user name: --user NAME (or KAGGLE_USERNAME, or the "
+                         "username in ~/.kaggle/kaggle.json)")
+        try:
+            steps = write_kaggle_folder(Path(args.kaggle), args.model, build(args.model, args.budget), user,
+                                        args.title or f"dogkit {args.model}")
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(f"wrote {args.kaggle}: the kernel and kernel-metadata.json (private, GPU T4 x2, internet off, "
+              f"the competition attached). Then:\n  " + "\n  ".join(steps))
+        return 0
     out = Path(args.out) if args.out else ROOT / "kernels" / f"{args.model}.py"
     text = build(args.model, args.budget)
     compile(text, str(out), "exec")  # never write a kernel that does not parse

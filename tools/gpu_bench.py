@@ -1,275 +1,602 @@
 #!/usr/bin/env python
-"""Train registered models on a lent GPU for the same budget, score them, and print one table.
+"""One command per GPU borrowing: the committed queue of experiments (results/queue.json), trained
+with the kernels' own code on the GPU machine, an FID for every run computed there, the exact
+score here on the CPU where a result decides something. Every figure becomes a ledger row.
 
-The GPU machine takes at most 64 MiB per command: the training cache (28 MB), the FID weights
-(44 MB in fp16) and the reference (12,000 x 2048 features, 98 MB) never fit together. The tool
-splits the work so that every figure is still computed on the GPU, against the real reference:
-
-  here, once:   python tools/gpu_bench.py pack --reference data/ref-crops.npz --out .devref
-                    splits the reference into parts under 25 MiB (features in float16, the mean
-                    and the upper triangle of the covariance in float64: FID stays exact) and
-                    prints which paths to carry in which device command.
-  GPU, each:    python tools/gpu_bench.py train dcgan --data data/dogs64.npz --budget 8m
-                    runs the generated kernel (kernels/dcgan.py, what a user submits) into
-                    .devwork/dcgan and keeps it there between commands of a warm machine.
-  GPU, last:    python tools/gpu_bench.py score --weights .devpack/inception-fp16.pth --out $OUT \\
-                    [--truncations 0.5,0.8,1,1.5,2,0] [--timing]
-                    rebuilds the reference file from its parts, scores each run's images.zip, its
-                    snapshots and a truncation sweep of the final EMA generator, and writes
-                    results.jsonl and one grid per run into OUT (small files: they come back).
-  here:         python tools/gpu_bench.py table runs/gpu/results.jsonl
-                    the markdown table of the README.
-
-d is computed from float16 reference features (measured here: |delta d| < 1e-5 against float32).
+  here, before:  python tools/gpu_bench.py pack --data data/dogs64.npz --reference data/ref.npz
+                   .devpack/: the FID Inception in int8 (22 MB), the reference's mean and covariance
+                   (float64 / float32 upper triangle, 8.4 MB), the commit; checks that the carry
+                   (working tree + data + .devpack) fits 64 MiB and prints the one device call.
+  GPU machine:   python tools/gpu_bench.py run --data data/dogs64.npz --out $OUT
+                   GPU-only tests first (tests/gpu, < 1 minute), then the queue's next entries that
+                   fit in --cap seconds (default 570, its own start-up included; an entry that
+                   cannot finish in time is not started). Each train entry runs the generated
+                   kernel (kernels/MODEL.py) with snapshots; every point's EMA generator is exported
+                   in fp16, sampled (10,000 images) and scored (FID against the carried mean and
+                   covariance; d is left to the CPU). OUT gets results.jsonl (ledger rows),
+                   run.log and returned.tar.NNN (generators, logs, grids: at most 4 parts of 14 MiB).
+  here, after:   python tools/gpu_bench.py ingest RETURNED_DIR
+                   the rows into results/ledger.jsonl, the files into runs/gpu/STAMP/
+                 python tools/gpu_bench.py score runs/gpu/STAMP --reference data/ref.npz
+                   the exact `dogkit score` of each returned generator (10,000 images, full
+                   reference: FID, d, MiFID), a ledger row each, with the GPU FID's error beside it;
+                   resumable (a generator already scored is skipped)
+                 python tools/gpu_bench.py queue
+                   each entry: pending with its estimate, or the ledger rows that measured it
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import io
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+T_START = time.monotonic()  # the cap counts from here: imports, tests and start-up included
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 
-PART_MIB = 24.0
+import ledger  # noqa: E402
+
+QUEUE = ROOT / "results" / "queue.json"
+PACK = ROOT / ".devpack"
 WORK = ROOT / ".devwork"
+RUNS = ROOT / "runs" / "gpu"
+CARRY_LIMIT = 64 * 2**20  # what one device command takes with it: working tree + carried files
+PART_BYTES = 14 * 2**20  # one returned file (the machine brings back 8 files of at most 16 MB)
+RETURN_BYTES = 4 * PART_BYTES  # all the parts (64 MB in all, with results.jsonl and run.log)
+WEIGHTS_FILE, STATS_FILE, PACK_FILE = "inception-int8.pth", "reference-stats.npz", "pack.json"
+# Seconds, for planning what fits: a kernel's start before its own clock (imports; data decoding is
+# inside its budget), a throughput configuration's overhead (model, warm-up, capture), the end of
+# the command (tar, copy), the score timing. Scoring a point (export, sample, features) per image,
+# until this run has measured it: the H100 computed features at 2,370 images/s.
+KERNEL_START_S, PROBE_OVERHEAD_S, RETURN_S, TIMING_S = 10.0, 6.0, 10.0, 60.0
+SCORE_S_PER_IMAGE = {"cuda": 0.001, "cpu": 0.25}  # sampling + features, until one is measured
+FID_ONLY = ledger.FID_ONLY + ": int8 Inception on {device}, {n:,} images, reference mean/covariance (d on the CPU)"
+EXACT = "exact: dogkit score on the CPU, {n:,} images, {reference} ({rows:,} photos)"
 
 
-# ---- pack: the reference in carry-sized parts ------------------------------------------------
-def pack_reference(reference: Path, out: Path, part_mib: float = PART_MIB) -> list[Path]:
+class BenchError(RuntimeError):
+    """One line for the user: what is wrong and what to do."""
+
+
+# ---- the queue ------------------------------------------------------------------------------
+KEYS = {"throughput": {"models", "batch_sizes", "precisions", "memory_formats", "seconds"},
+        "train": {"model", "budget", "snapshots", "options"},
+        "score-timing": set()}
+COMMON = {"id", "kind", "question"}
+TOP_KEYS = {"format", "about", "entries"}
+
+
+def load_queue(path=QUEUE) -> list[dict]:
+    """The queue's entries, in order; BenchError listing every problem (unknown keys, a kind, a
+    model or an option that does not exist, a duplicate id)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{path}: not a readable queue ({exc})") from None
+    entries = doc.get("entries") if isinstance(doc, dict) else None
+    if doc.get("format") != "dogkit-queue-1" or not isinstance(entries, list) or set(doc) - TOP_KEYS:
+        raise BenchError(f"{path}: expected {{\"format\": \"dogkit-queue-1\", \"about\": ..., \"entries\": [...]}}")
+    problems, seen = [], set()
+    for i, e in enumerate(entries):
+        where = f"entry {i} ({e.get('id', '?')})" if isinstance(e, dict) else f"entry {i}"
+        problems += [f"{where}: {p}" for p in entry_problems(e)]
+        if isinstance(e, dict) and e.get("id") in seen:
+            problems.append(f"{where}: id used twice")
+        seen.add(e.get("id") if isinstance(e, dict) else None)
+    if problems:
+        raise BenchError(f"{path}: " + "; ".join(problems))
+    return entries
+
+
+def entry_problems(e) -> list[str]:
+    if not isinstance(e, dict):
+        return ["not an object"]
+    kind = e.get("kind")
+    if kind not in KEYS:
+        return [f"kind {kind!r}: choose from {', '.join(KEYS)}"]
+    allowed = COMMON | KEYS[kind]
+    problems = [f"unknown key {k!r}" for k in e if k not in allowed]
+    problems += [f"{k} is required" for k in sorted(allowed - {"snapshots", "options"}) if k not in e]
+    if problems:
+        return problems
+    try:
+        if kind == "train":
+            train_config(e, data="x", out="x")
+        elif kind == "throughput":
+            probe_configs(e)
+    except (ValueError, KeyError, TypeError) as exc:
+        problems.append(str(exc).strip("'\""))
+    return problems
+
+
+def kernel_flags(options: dict) -> list[str]:
+    """{"batch_size": 128, "precision": "bf16"} -> ["--batch-size", "128", "--precision", "bf16"]."""
+    return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def train_config(e, data, out, device="auto"):
+    """The TrainConfig the kernel will run for a train entry (checks every option)."""
+    from dogkit.core import kernel, registry
+
+    entry = registry.get(e["model"])
+    options = dict(e.get("options") or {})
+    defaults = vars(kernel.parse_args([]))
+    unknown = sorted(set(options) - set(defaults) - {"budget", "snapshots"})
+    if unknown or {"data", "out", "budget", "snapshots", "device", "gpus", "resume"} & set(options):
+        raise ValueError(f"options: {', '.join(unknown) or 'data/out/budget/snapshots/device'} not settable here")
+    opts = dict(defaults, **options, data=data, out=out, budget=e["budget"], device=device,
+                snapshots=",".join(f"{p:g}" for p in e.get("snapshots", [])))
+    return kernel.config_from_options(entry.settings, opts)
+
+
+def probe_configs(e):
+    """[(model, batch size, precision, memory format)] of a throughput entry, checked."""
+    from dogkit.core import registry
+    from dogkit.core.train import MEMORY_FORMATS, PRECISIONS
+
+    bad = [m for m in e["models"] if m not in registry.MODEL_NAMES]
+    bad += [p for p in e["precisions"] if p not in PRECISIONS]
+    bad += [f for f in e["memory_formats"] if f not in MEMORY_FORMATS]
+    bad += [str(b) for b in e["batch_sizes"] if not (isinstance(b, int) and b > 0)]
+    if bad or not e["seconds"] > 0:
+        raise ValueError(f"not a model, precision, memory format or batch size: {', '.join(bad) or 'seconds'}")
+    return [(m, b, p, f) for m in e["models"] for p in e["precisions"] for f in e["memory_formats"]
+            for b in e["batch_sizes"]]
+
+
+def estimate(e, score_s_per_image, n_images) -> float:
+    """Seconds an entry needs on the GPU machine, from its budget and the overheads above."""
+    from dogkit.core.train import parse_budget
+
+    if e["kind"] == "throughput":
+        return len(probe_configs(e)) * (e["seconds"] + PROBE_OVERHEAD_S)
+    if e["kind"] == "score-timing":
+        return TIMING_S
+    points = len(e.get("snapshots", [])) + 1
+    return parse_budget(e["budget"]) + KERNEL_START_S + points * score_s_per_image * n_images
+
+
+def measured_entries(rows) -> dict:
+    """{entry id: [ledger line numbers]} of the rows that measured queue entries."""
+    out = {}
+    for i, r in enumerate(rows, 1):
+        if r.get("entry"):
+            out.setdefault(r["entry"], []).append(i)
+    return out
+
+
+def cmd_queue(args):
+    entries = load_queue(args.queue)
+    done = measured_entries(ledger.load(args.ledger))
+    print("| # | entry | kind | question | state |\n|---|---|---|---|---|")
+    for i, e in enumerate(entries, 1):
+        lines = done.get(e["id"])
+        state = (f"measured: {args.ledger.name} lines {', '.join(map(str, lines))}" if lines else
+                 f"pending (~{estimate(e, SCORE_S_PER_IMAGE['cuda'], 10_000):.0f} s on a GPU)")
+        print(f"| {i} | {e['id']} | {e['kind']} | {e['question']} | {state} |")
+
+
+# ---- pack: what the device command carries ---------------------------------------------------
+def tree_bytes() -> int:
+    """Bytes of the working tree as the device tool copies it: tracked files and untracked ones
+    git does not ignore."""
+    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    return sum((ROOT / n).stat().st_size for n in names if n and (ROOT / n).is_file())
+
+
+def git_state() -> str:
+    commit = ledger.git_commit()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return commit + ("-dirty" if dirty else "")
+
+
+def pack(reference, out, weights=None):
+    """Write the int8 Inception, the reference's mean and covariance and pack.json into out."""
+    from dogkit.metrics.inception import resolve_weights, save_state_dict
     from dogkit.metrics.reference import load_reference
 
     ref = load_reference(reference)
     out.mkdir(parents=True, exist_ok=True)
-    n = ref.mu.shape[0]
-    iu = np.triu_indices(n)
-    files = []
-    np.save(out / "sigma_triu.npy", ref.sigma[iu].astype(np.float64))
-    files.append(out / "sigma_triu.npy")
-    feats = ref.features.astype(np.float16)
-    rows = max(1, int(part_mib * 2**20 // (feats.shape[1] * 2)))
-    for k, start in enumerate(range(0, len(feats), rows)):
-        np.save(out / f"features_{k}.npy", feats[start:start + rows])
-        files.append(out / f"features_{k}.npy")
-    meta = {"source": str(reference), "n": int(len(feats)), "parts": len(files) - 1, "mu": ref.mu.tolist(),
-            "names": list(ref.names), "provenance": ref.provenance}
-    (out / "meta.json").write_text(json.dumps(meta))
-    return files
-
-
-def unpack_reference(folder: Path, out_path: Path) -> Path:
-    """The parts back into a reference file `dogkit score` reads (float32 features)."""
-    meta = json.loads((folder / "meta.json").read_text())
-    missing = [f"features_{k}.npy" for k in range(meta["parts"]) if not (folder / f"features_{k}.npy").exists()]
-    if missing or not (folder / "sigma_triu.npy").exists():
-        raise SystemExit(f"{folder}: reference parts missing ({', '.join(missing) or 'sigma_triu.npy'}); "
-                         "carry them in earlier commands of the same warm machine")
-    mu = np.asarray(meta["mu"], dtype=np.float64)
-    n = mu.shape[0]
-    sigma = np.zeros((n, n))
-    sigma[np.triu_indices(n)] = np.load(folder / "sigma_triu.npy")
-    sigma = sigma + np.triu(sigma, 1).T
-    feats = np.concatenate([np.load(folder / f"features_{k}.npy") for k in range(meta["parts"])]).astype(np.float32)
-    tmp = out_path.with_suffix(".tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, features=feats, names=np.array(meta["names"]),
-             provenance=json.dumps({**meta["provenance"], "packed_from": meta["source"], "features": "float16"}))
-    os.replace(tmp, out_path)
-    return out_path
+    state, source = resolve_weights(weights)
+    save_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")}, out / WEIGHTS_FILE, "int8")
+    iu = np.triu_indices(ref.mu.shape[0])
+    with open(out / (STATS_FILE + ".tmp"), "wb") as fh:
+        np.savez(fh, mu=ref.mu.astype(np.float64), sigma_triu=ref.sigma[iu].astype(np.float32),
+                 rows=np.int64(len(ref.features)))
+    os.replace(out / (STATS_FILE + ".tmp"), out / STATS_FILE)
+    meta = {"commit": git_state(), "reference": str(reference), "reference_rows": int(len(ref.features)),
+            "weights": source, "date": datetime.date.today().isoformat()}
+    (out / PACK_FILE).write_text(json.dumps(meta, indent=1))
+    return meta
 
 
 def cmd_pack(args):
-    files = pack_reference(Path(args.reference), Path(args.out), args.part_mib)
-    mib = {f: f.stat().st_size / 2**20 for f in files}
-    print("| file | MiB |\n|---|---|")
-    for f, m in mib.items():
-        print(f"| {f} | {m:.1f} |")
-    print(f"\ncarry these with the training commands (<= 64 MiB per command with the 28 MB cache), and "
-          f"{args.out}/meta.json with the first; the FID weights go with the score command.")
+    data = Path(args.data)
+    if not data.is_file():
+        raise BenchError(f"{data}: no training cache (dogkit clean-data ../shared/data/stanford-dogs-crops -o {data})")
+    meta = pack(Path(args.reference), Path(args.out), args.inception_weights)
+    sizes = {"working tree": tree_bytes(), str(data): data.stat().st_size,
+             **{f"{args.out}/{f.name}": f.stat().st_size for f in sorted(Path(args.out).iterdir())}}
+    total = sum(sizes.values())
+    print("| carried | MiB |\n|---|---|")
+    for name, size in sizes.items():
+        print(f"| {name} | {size / 2**20:.1f} |")
+    print(f"| **total** (limit {CARRY_LIMIT / 2**20:.0f}) | **{total / 2**20:.1f}** |")
+    if total > CARRY_LIMIT:
+        raise BenchError(f"the carry is {total / 2**20:.1f} MiB, over the device's {CARRY_LIMIT / 2**20:.0f} MiB")
+    if meta["commit"].endswith("-dirty"):
+        print("note: the working tree has uncommitted changes; commit first so the ledger rows name the code")
+    print(f"\nthe device call (one per borrowing):\n  run(command=\"python tools/gpu_bench.py run --data {data} "
+          f"--out $OUT\", carry=[\"{data}\", \"{args.out}\"], timeout_s=600)")
 
 
-# ---- train: the generated kernel, as a user runs it ------------------------------------------
-def cmd_train(args):
-    tag = args.tag or args.model
-    out = WORK / tag
-    kernel = ROOT / "kernels" / f"{args.model}.py"
-    if not kernel.exists():
-        raise SystemExit(f"{kernel}: no generated kernel (python tools/build_kernel.py --model {args.model})")
-    cmd = [sys.executable, str(kernel), "--data", args.data, "--budget", args.budget, "--out", str(out)]
-    if args.snapshots:
-        cmd += ["--snapshots", args.snapshots]
-    if args.augment:
-        cmd += ["--augment", args.augment]
-    if args.precision:
-        cmd += ["--precision", args.precision]
-    if args.lecam is not None:
-        cmd += ["--lecam", str(args.lecam)]
-    cmd += ["--seed", str(args.seed)]
-    if args.resume:
-        cmd += ["--resume", str(out / "checkpoint.pt")]
-    t0 = time.time()
-    proc = subprocess.Popen(cmd)
-    try:
-        proc.wait(timeout=args.stop_after)
-    except subprocess.TimeoutExpired:  # a run longer than one device command: stop it resumably
-        proc.send_signal(signal.SIGTERM)  # the kernel saves checkpoint.pt on SIGTERM
-        proc.wait()
-        print(f"stopped after {args.stop_after} s; continue with the same command and --resume", flush=True)
-        return
-    if proc.returncode:
-        raise SystemExit(f"kernel exited with code {proc.returncode}")
-    info = {"tag": tag, "model": args.model, "budget": args.budget, "augment": args.augment, "precision": args.precision,
-            "lecam": args.lecam,
-            "seed": args.seed, "command": " ".join(["python", f"kernels/{kernel.name}"] + cmd[2:]), "wall_s": round(time.time() - t0, 1)}
-    (out / "bench.json").write_text(json.dumps(info, indent=2))
-    if args.copy_to:
-        dest = Path(args.copy_to)
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in ("log.jsonl", "samples.png", "bench.json"):
-            if (out / name).exists():
-                (dest / f"{tag}_{name}").write_bytes((out / name).read_bytes())
+# ---- run: on the GPU machine ---------------------------------------------------------------------
+class Run:
+    """The state of one `run`: its clock, its log, the rows so far and the files to bring back."""
+
+    def __init__(self, args):
+        self.args, self.out = args, Path(args.out)
+        self.deadline = T_START + args.cap
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(args.work)
+        self.staging = self.work / "returned"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self.logfile = open(self.out / "run.log", "a")
+        self.rows = []
+        self.score_s_per_image = None
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def log(self, message):
+        line = f"[{time.monotonic() - T_START:6.1f} s] {message}"
+        print(line, flush=True)
+        self.logfile.write(line + "\n")
+        self.logfile.flush()
+
+    def emit(self, row):
+        row = ledger.check_row({**self.common, **row})
+        self.rows.append(row)
+        with open(self.out / "results.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.log("row: " + json.dumps({k: v for k, v in row.items() if v is not None and k not in self.common}))
 
 
-# ---- score: every run folder against the rebuilt reference -----------------------------------
-def run_summary(folder: Path) -> dict:
-    """Steps, steps/s and images seen from a run's checkpoint and log."""
+def preflight(run):
+    """Device, pack and data checks, then the GPU-only tests; what they say goes into run.log."""
     import torch
 
-    ckpt = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=False)
-    cfg = ckpt["config"]
-    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
+    from dogkit.core.data import load_dataset
+
+    args = run.args
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    missing = [f for f in (WEIGHTS_FILE, STATS_FILE, PACK_FILE) if not (Path(args.pack) / f).is_file()]
+    if missing:
+        raise BenchError(f"{args.pack}: {', '.join(missing)} missing (python tools/gpu_bench.py pack, then carry it)")
+    meta = json.loads((Path(args.pack) / PACK_FILE).read_text())
+    run.log(f"device {name}; torch {torch.__version__}; python {sys.version.split()[0]}; code {meta['commit']}")
+    run.common = {"device": name, "torch": torch.__version__.split("+")[0], "commit": meta["commit"],
+                  "date": datetime.date.today().isoformat()}
+    run.device = device
+    run.data = load_dataset(args.data, log=run.log)  # the cache decodes here (AVIF needs Pillow >= 11.3)
+    if not args.skip_tests:
+        t = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=max(10.0, min(120.0, run.left())))
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        run.log(f"GPU-only tests (exit {proc.returncode}, {time.monotonic() - t:.0f} s):\n    " + "\n    ".join(tail))
+    return device
+
+
+def run_throughput(run, e):
+    import torch
+
+    import bench_train
+    from dogkit.core import registry
+
+    for model, batch, precision, fmt in probe_configs(e):
+        if run.left() < e["seconds"] + PROBE_OVERHEAD_S + RETURN_S:
+            run.log(f"{e['id']}: out of time before {model} batch {batch} {precision} {fmt}")
+            return
+        try:
+            steps, _, bs, ran, peak = bench_train.measure(registry.get(model), run.data, "graph", e["seconds"], batch,
+                                                          str(run.device), precision, fmt)
+        except Exception as exc:  # an out-of-memory batch, a capture failure: a row that says so
+            run.log(f"{e['id']}: {model} batch {batch} {precision} {fmt} failed ({type(exc).__name__}: {exc})")
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        mode = "CUDA graph" if run.device.type == "cuda" else "eager (no CUDA)"
+        run.emit({"kind": "throughput", "model": model, "settings": f"{mode}, {ran}, {fmt}", "batch_size": bs,
+                  "steps_per_s": round(steps, 2), "entry": e["id"],
+                  "note": f"{e['seconds']:g} s measured" + (f"; peak {peak:.1f} GiB" if peak else ""),
+                  "command": f"python tools/gpu_bench.py run (queue entry {e['id']}: "
+                             f"bench_train.measure {model} {batch} {precision} {fmt})"})
+
+
+def kernel_command(e, data, out, device):
+    snaps = ",".join(f"{p:g}" for p in e.get("snapshots", []))
+    cmd = ["python", f"kernels/{e['model']}.py", "--data", str(data), "--budget", e["budget"], "--out", str(out),
+           "--gpus", "1", "--log-every", "10"] + (["--snapshots", snaps] if snaps else [])
+    return cmd + kernel_flags(e.get("options") or {}) + (["--device", device] if device != "auto" else [])
+
+
+def run_train(run, e):
+    """The generated kernel, as a user runs it; then every point of the run scored."""
+    out = run.work / e["id"]
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = kernel_command(e, run.args.data, out, run.args.device)
+    run.log(f"{e['id']}: {' '.join(cmd)}")
+    with open(run.out / "run.log", "a") as fh:
+        proc = subprocess.Popen([sys.executable] + cmd[1:], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=max(1.0, run.left() - RETURN_S))
+        except subprocess.TimeoutExpired:  # never past the cap: stopped with a checkpoint (SIGTERM)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            run.log(f"{e['id']}: stopped at the cap")
+    run.log(f"{e['id']}: kernel exit {proc.returncode}")
+    points = sorted(out.glob("snapshot-p*.pt"), key=lambda p: float(p.stem.split("-p")[1]))
+    if (out / "checkpoint.pt").exists():  # the end's checkpoint, or the last periodic one of a stopped run
+        points.append(out / "checkpoint.pt")
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if (
+        out / "log.jsonl").exists() else []
     rates = [r["steps_per_s"] for r in log[1:]] or [r["steps_per_s"] for r in log]
-    seen = ckpt["images_seen"]  # counted by the trainer: wgan-gp draws a batch per critic step
-    return {"model": cfg["model"], "steps": ckpt["step"], "steps_per_s": round(float(np.median(rates)), 1),
-            "batch_size": cfg["batch_size"], "images_seen": int(seen), "train_seconds": round(ckpt["train_seconds"], 1),
-            "truncation_default": cfg["truncation"] or None}
+    for name in ("log.jsonl", "samples.png"):
+        if (out / name).exists():
+            shutil.copy(out / name, run.staging / f"{e['id']}-{name}")
+    for path in points:
+        if run.left() < RETURN_S + (run.score_s_per_image or 0) * run.args.n_images:
+            run.log(f"{e['id']}: no time left to score {path.name}")
+            break
+        score_point(run, e, path, statistics.median(rates) if rates else None, " ".join(cmd), proc.returncode)
 
 
-def score_zip(zip_path, ref, model, device):
-    from dogkit.metrics.score import score
-
-    r = score(zip_path, ref, model, device, batch_size=500)
-    return {k: r[k] for k in ("fid", "distance", "distance_thresholded", "mifid", "n_images", "seconds")}
-
-
-def sample_zip(checkpoint: Path, truncation, path: Path, device, grid: Path | None = None) -> Path:
-    from dogkit.checkpoints import load_generator, sample_to_zip
-
-    return sample_to_zip(load_generator(checkpoint, device), path, truncation, seed=0, grid=grid)
+def point_name(path, exit_code):
+    if path.name != "checkpoint.pt":
+        return path.stem.replace("snapshot-", "")
+    return "final" if exit_code == 0 else "stopped"
 
 
-def time_cli(zip_path: Path, ref_path: Path, weights: str) -> dict:
-    """`dogkit score` end to end in a fresh process: start-up, reference file, rules, decode, FID, d."""
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "dogkit", "score", str(zip_path), "--reference", str(ref_path),
-                           "--json", "--inception-weights", weights, "--batch-size", "500"],
-                          capture_output=True, text=True, check=True, cwd=ROOT)
-    result = json.loads(proc.stdout)
-    return {"cli_wall_s": round(time.time() - t0, 2), "cli_seconds": result["seconds"], "cli_mifid": result["mifid"]}
+def score_point(run, e, path, steps_per_s, command, exit_code):
+    """Export the point's EMA generator (fp16), sample it, FID against the carried statistics.
+    The end's checkpoint of a kernel that exited non-zero is scored as "stopped", with its exit."""
+    from dogkit.checkpoints import export_generator, load_generator, sample_images
+    from dogkit.metrics import features as feat
+    from dogkit.metrics.fid import frechet_distance, stats
+
+    t = time.monotonic()
+    point = point_name(path, exit_code)
+    gen_path = run.staging / f"{e['id']}-{point}.pt"
+    gen = export_generator(path, gen_path, str(run.device), entry=e["id"], point=point)
+    cfg = gen["config"]
+    generator = load_generator(gen_path, str(run.device))  # what comes back, fp16 weights and all
+    images = sample_images(generator, cfg["truncation"], seed=0, n=run.args.n_images)
+    feats = feat.extract(run.inception, images, run.device, batch_size=500 if run.device.type == "cuda" else 50)
+    mu, sigma = stats(feats)
+    fid = frechet_distance(mu, sigma, run.ref_mu, run.ref_sigma, device=run.device)
+    run.score_s_per_image = (time.monotonic() - t) / run.args.n_images
+    where = {"final": "", "stopped": f", stopped at {gen['elapsed'] / 60:.1f} min (kernel exit {exit_code})"}.get(
+        point, f", snapshot at p={point[1:]} ({gen['elapsed'] / 60:.1f} min)")
+    run.emit({"kind": "run", "model": e["model"], "budget": e["budget"], "entry": e["id"],
+              "settings": settings_text(e) + where, "steps": gen["step"], "images_seen": gen["images_seen"],
+              "steps_per_s": round(steps_per_s, 2) if steps_per_s else None, "batch_size": cfg["batch_size"],
+              "truncation": cfg["truncation"] or None, "seed": cfg["seed"], "fid": round(float(fid), 3),
+              "scoring": FID_ONLY.format(device=run.common["device"], n=run.args.n_images),
+              "command": command, "note": f"generator {gen_path.name}"})
 
 
-def cmd_score(args):
+def settings_text(e):
+    opts = e.get("options") or {}
+    return ", ".join(f"{k} {v}" for k, v in opts.items()) or "defaults"
+
+
+def run_score_timing(run, e):
+    """`dogkit score` of 10,000 images, end to end in a fresh process, on this machine: the
+    images are training crops, the reference has the real size (12,000 rows) with the carried
+    statistics; only the seconds count."""
+    from dogkit.core.sample import write_zip
+
+    n = min(10_000, len(run.data["images"]))
+    zip_path = write_zip(run.data["images"][:n], run.work / "timing.zip")
+    ref = run.work / "timing-ref.npz"
+    rng = np.random.default_rng(0)
+    np.savez(ref, mu=run.ref_mu, sigma=run.ref_sigma, features=rng.random((run.ref_rows, 2048), dtype=np.float32),
+             names=np.array([f"r{i}" for i in range(run.ref_rows)]), provenance=json.dumps({"source": "timing"}))
+    t = time.monotonic()
+    cmd = [sys.executable, "-m", "dogkit", "score", str(zip_path), "--reference", str(ref), "--json",
+           "--inception-weights", str(Path(run.args.pack) / WEIGHTS_FILE), "--batch-size", "500"]
+    if n < 10_000:
+        cmd.append("--no-strict")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10.0, run.left() - RETURN_S))
+    wall = time.monotonic() - t
+    run.log(f"{e['id']}: dogkit score of {n} images: exit {proc.returncode}, {wall:.1f} s in all "
+            f"(it reports {json.loads(proc.stdout)['seconds'] if proc.returncode == 0 else '?'} s)")
+
+
+def load_scoring(run):
     import torch
 
     from dogkit.metrics.inception import load_inception
-    from dogkit.metrics.reference import load_reference
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ref_path = unpack_reference(Path(args.ref), WORK / "reference.npz")
-    ref = load_reference(ref_path)
-    model, _ = load_inception(args.weights)
-    model = model.to(device)
-    runs = [WORK / t for t in args.runs.split(",")] if args.runs else sorted(
-        p.parent for p in WORK.glob("*/bench.json"))
-    truncations = [float(t) for t in args.truncations.split(",")] if args.truncations else []
-    results = out / "results.jsonl"
-
-    def emit(row):
-        with open(results, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-
-    for run in runs:
-        bench = json.loads((run / "bench.json").read_text())
-        base = {**bench, **run_summary(run), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-        emit({**base, "what": "kernel images.zip", "truncation": base["truncation_default"],
-              **score_zip(run / "images.zip", ref, model, device)})
-        if (run / "samples.png").exists():
-            (out / f"{bench['tag']}_samples.png").write_bytes((run / "samples.png").read_bytes())
-        for snap in sorted(run.glob("snapshot-p*.pt")):
-            p = float(snap.stem.split("-p")[1])
-            ckpt = torch.load(snap, map_location="cpu", weights_only=False)
-            steps, seconds = ckpt["step"], ckpt["elapsed"]
-            z = sample_zip(snap, base["truncation_default"], WORK / "snap.zip", device)
-            emit({**base, "what": f"snapshot at p={p:g}", "p": p, "steps": steps, "elapsed_s": round(seconds, 1),
-                  "images_seen": int(base["images_seen"] * steps / max(base["steps"], 1)),
-                  "truncation": base["truncation_default"],
-                  **score_zip(z, ref, model, device)})
-        for t in truncations if bench["tag"] in (args.sweep or "").split(",") else []:
-            z = sample_zip(run / "checkpoint.pt", t, WORK / "sweep.zip", device,
-                           grid=out / f"{bench['tag']}_t{t:g}.png" if t in (0.5, 1.0) else None)
-            emit({**base, "what": "truncation sweep", "truncation": t or None, **score_zip(z, ref, model, device)})
-    if args.timing and runs:
-        row = time_cli(runs[0] / "images.zip", ref_path, args.weights)
-        emit({"what": "dogkit score timing", "device": str(device), "zip": str(runs[0] / "images.zip"), **row})
+    run.inception, _ = load_inception(Path(run.args.pack) / WEIGHTS_FILE)
+    with np.load(Path(run.args.pack) / STATS_FILE) as z:
+        run.ref_mu = z["mu"]
+        n = run.ref_mu.shape[0]
+        sigma = np.zeros((n, n))
+        sigma[np.triu_indices(n)] = z["sigma_triu"]
+        run.ref_sigma = sigma + np.triu(sigma, 1).T
+        run.ref_rows = int(z["rows"])
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
-# ---- table -------------------------------------------------------------------------------------
-def cmd_table(args):
-    rows = [json.loads(line) for f in args.results for line in Path(f).read_text().splitlines() if line.strip()]
-    print("| model | run | scored | trunc. | steps | steps/s | batch | images seen | FID | d | MiFID |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "fid" not in r:
+def return_files(run):
+    """The staged files into OUT as returned.tar.NNN parts: logs and grids first, then the
+    generators (finals before snapshots) while they fit RETURN_BYTES."""
+    files = sorted(run.staging.iterdir(), key=lambda f: (f.suffix == ".pt", "-p" in f.name, f.name))
+    buf, kept, dropped = io.BytesIO(), [], []
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in files:
+            if buf.tell() + f.stat().st_size + 10_240 > RETURN_BYTES:
+                dropped.append(f.name)
+                continue
+            tar.add(f, arcname=f.name)
+            kept.append(f.name)
+    data = buf.getvalue()
+    for k in range(0, len(data), PART_BYTES):
+        (run.out / f"returned.tar.{k // PART_BYTES:03d}").write_bytes(data[k:k + PART_BYTES])
+    run.log(f"returned: {len(kept)} files in {len(data) / 2**20:.1f} MiB"
+            + (f"; left behind for lack of room: {', '.join(dropped)}" if dropped else ""))
+
+
+def cmd_run(args):
+    run = Run(args)
+    done = measured_entries(ledger.load(args.ledger))
+    wanted = set(args.only.split(",")) if args.only else None  # --only: these, measured or not
+    entries = [e for e in load_queue(args.queue) if (e["id"] in wanted if wanted else e["id"] not in done)]
+    preflight(run)
+    load_scoring(run)
+    runners = {"throughput": run_throughput, "train": run_train, "score-timing": run_score_timing}
+    for e in entries:
+        per_image = run.score_s_per_image or SCORE_S_PER_IMAGE[run.device.type]
+        need = estimate(e, per_image, args.n_images)
+        if need > run.left() - RETURN_S:
+            run.log(f"{e['id']}: not started (needs ~{need:.0f} s, {run.left() - RETURN_S:.0f} s left)")
             continue
-        t = "none" if not r.get("truncation") else f"{r['truncation']:g}"
-        print(f"| {r['model']} | {r['tag']} | {r['what']} | {t} | {r['steps']:,} | {r['steps_per_s']:.1f} | "
-              f"{r['batch_size']} | {r['images_seen'] / 1e6:.2f} M | {r['fid']:.2f} | {r['distance']:.3f} | "
-              f"{r['mifid']:.2f} |")
+        run.log(f"{e['id']}: start ({e['question']}; ~{need:.0f} s)")
+        try:
+            runners[e["kind"]](run, e)
+        except Exception as exc:  # one entry's failure leaves the others their time
+            run.log(f"{e['id']}: failed ({type(exc).__name__}: {exc})")
+    return_files(run)
+    run.log(f"done: {len(run.rows)} rows, {time.monotonic() - T_START:.0f} s of the {args.cap:.0f} s cap")
+
+
+# ---- here, after: the rows into the ledger, the exact scores ----------------------------------------
+def cmd_ingest(args):
+    src = Path(args.returned)
+    rows = [json.loads(line) for line in (src / "results.jsonl").read_text().splitlines() if line.strip()]
+    stamp = args.name or f"{rows[0]['date'] if rows else datetime.date.today()}-{rows[0]['commit'] if rows else 'x'}"
+    dest = Path(args.runs) / stamp
+    dest.mkdir(parents=True, exist_ok=True)
+    parts = sorted(src.glob("returned.tar.*"))
+    if parts:
+        with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+            for member in tar.getmembers():
+                if not member.isfile() or "/" in member.name or member.name.startswith("."):
+                    raise BenchError(f"{src}: returned tar holds {member.name!r}, not a plain file name")
+                (dest / member.name).write_bytes(tar.extractfile(member).read())
+    for name in ("results.jsonl", "run.log"):
+        if (src / name).exists():
+            shutil.copy(src / name, dest / name)
+    have = {json.dumps(r, sort_keys=True) for r in ledger.load(args.ledger)}
+    added = 0
+    for r in rows:
+        r = ledger.check_row(r)
+        if json.dumps(r, sort_keys=True) not in have:
+            ledger.append(r, args.ledger)
+            added += 1
+    print(f"{added} rows added to {args.ledger}; files in {dest}\nnext: python tools/gpu_bench.py score {dest} "
+          f"--reference data/ref.npz")
+
+
+def cmd_score(args):
+    from dogkit.checkpoints import load_generator, sample_to_zip
+    from dogkit.metrics.inception import load_inception
+    from dogkit.metrics.reference import load_reference
+    from dogkit.metrics.score import score
+
+    folder = Path(args.folder)
+    fid_rows = {r["note"]: r for r in ledger.load(args.ledger) if r["entry"] and r["note"]}
+    gens = sorted(folder.glob("*.pt"), key=lambda f: ("-p" in f.name, f.name))
+    if args.only:
+        gens = [g for g in gens if g.stem in args.only.split(",")]
+    ref = load_reference(args.reference)
+    model, _ = load_inception(args.inception_weights)
+    scoring = EXACT.format(n=args.n_images, reference=args.reference, rows=len(ref.features))
+    done = {(r["entry"], r["settings"]) for r in ledger.load(args.ledger) if r["scoring"] == scoring}
+    for gen in gens:
+        gpu = fid_rows.get(f"generator {gen.name}")
+        if gpu is None:
+            print(f"{gen.name}: no GPU row in {args.ledger} (ingest first); skipped")
+            continue
+        if (gpu["entry"], gpu["settings"]) in done:
+            print(f"{gen.name}: already scored exactly; skipped")
+            continue
+        t = time.monotonic()
+        generator = load_generator(gen, "cpu")
+        zip_path = sample_to_zip(generator, folder / f"{gen.stem}.zip", generator[1]["truncation"] or None, seed=0,
+                                 n=args.n_images)
+        r = score(zip_path, ref, model, "cpu", strict=args.n_images == 10_000, batch_size=50)
+        row = {**gpu, "fid": round(r["fid"], 3), "distance": round(r["distance"], 4), "mifid": round(r["mifid"], 3),
+               "scoring": scoring, "date": datetime.date.today().isoformat(), "torch": None,
+               "note": f"{gpu['note']}; the GPU's fid-only score {gpu['fid']:.2f} is off by "
+                       f"{gpu['fid'] - r['fid']:+.2f} ({time.monotonic() - t:.0f} s here)"}
+        print(json.dumps(ledger.append(row, args.ledger)), flush=True)
+        Path(zip_path).unlink()
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ledger", type=Path, default=ledger.LEDGER, help="results ledger (default %(default)s)")
+    parser.add_argument("--queue", type=Path, default=QUEUE, help="experiment queue (default %(default)s)")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("pack", help="split a reference into carry-sized parts")
-    p.add_argument("--reference", required=True)
-    p.add_argument("--out", default=".devref")
-    p.add_argument("--part-mib", type=float, default=PART_MIB)
-    t = sub.add_parser("train", help="run a generated kernel into .devwork/TAG")
-    t.add_argument("model")
-    t.add_argument("--data", required=True)
-    t.add_argument("--budget", default="8m")
-    t.add_argument("--tag", default=None)
-    t.add_argument("--snapshots", default="")
-    t.add_argument("--augment", default=None)
-    t.add_argument("--precision", default=None)
-    t.add_argument("--lecam", type=float, default=None)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue .devwork/TAG/checkpoint.pt")
-    t.add_argument("--stop-after", type=float, default=None,
-                   help="seconds after which the kernel is stopped with a resumable checkpoint (one device command)")
-    t.add_argument("--copy-to", default=None, help="also copy the log and grid here (e.g. $OUT)")
-    s = sub.add_parser("score", help="score every run in .devwork against the packed reference")
-    s.add_argument("--ref", default=".devref")
-    s.add_argument("--weights", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--runs", default=None, help="comma-separated tags (default: all)")
-    s.add_argument("--sweep", default=None, help="comma-separated tags to sweep truncation on")
-    s.add_argument("--truncations", default="0.5,0.8,1,1.5,2,0", help="0 means none")
-    s.add_argument("--timing", action="store_true", help="also time `dogkit score` end to end")
-    b = sub.add_parser("table", help="markdown table of results.jsonl files")
-    b.add_argument("results", nargs="+")
+    p = sub.add_parser("pack", help="here: the Inception in int8 and the reference's statistics, carry size checked")
+    p.add_argument("--data", default="data/dogs64.npz", help="the training cache the device trains on")
+    p.add_argument("--reference", default="data/ref.npz", help="dogkit reference file (default %(default)s)")
+    p.add_argument("--inception-weights", default=None, help="FID weights (default: found offline)")
+    p.add_argument("--out", default=".devpack")
+    r = sub.add_parser("run", help="GPU machine: GPU-only tests, then the queue's next entries within the cap")
+    r.add_argument("--data", default="data/dogs64.npz")
+    r.add_argument("--pack", default=str(PACK.relative_to(ROOT)))
+    r.add_argument("--out", required=True, help="folder whose files come back ($OUT on the device)")
+    r.add_argument("--cap", type=float, default=570.0,
+                   help="seconds for the whole command, start-up included (default 570: an 8-minute run, its "
+                        "three scored points and the GPU tests fit, and the device's 600 s limit keeps 30 s)")
+    r.add_argument("--device", default="auto", help="auto (the GPU) or cpu (the rehearsal)")
+    r.add_argument("--only", default="", help="comma-separated entry ids, measured or not (default: the pending)")
+    r.add_argument("--n-images", type=int, default=10_000, help="images sampled per scored point")
+    r.add_argument("--skip-tests", action="store_true", help="leave out the GPU-only tests")
+    r.add_argument("--work", default=str(WORK), help="scratch folder for the runs (default %(default)s)")
+    i = sub.add_parser("ingest", help="here: a returned folder's rows into the ledger, its files into runs/gpu/")
+    i.add_argument("returned")
+    i.add_argument("--runs", default=str(RUNS))
+    i.add_argument("--name", default=None, help="folder name under --runs (default DATE-COMMIT)")
+    s = sub.add_parser("score", help="here: the exact dogkit score of each returned generator")
+    s.add_argument("folder", help="runs/gpu/STAMP (what ingest wrote)")
+    s.add_argument("--reference", default="data/ref.npz")
+    s.add_argument("--inception-weights", default=None)
+    s.add_argument("--n-images", type=int, default=10_000)
+    s.add_argument("--only", default="", help="comma-separated generator names (e.g. biggan-8m-final)")
+    sub.add_parser("queue", help="each entry of the queue: pending, or the ledger rows that measured it")
     args = parser.parse_args(argv)
-    {"pack": cmd_pack, "train": cmd_train, "score": cmd_score, "table": cmd_table}[args.cmd](args)
+    try:
+        {"pack": cmd_pack, "run": cmd_run, "ingest": cmd_ingest, "score": cmd_score, "queue": cmd_queue}[args.cmd](args)
+    except (BenchError, ledger.LedgerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,7 @@
 """The results ledger: every measured run is one row of results/ledger.jsonl, and the README's
 results tables are generated from it (never typed by hand).
 
-    python tools/ledger.py add-bench runs/gpu/results.jsonl   # rows from `gpu_bench.py score`
+    python tools/gpu_bench.py ingest runs/gpu/DATE         # rows of a GPU borrowing (the bench appends them)
     python tools/ledger.py add --kind run --model biggan --settings "flip+diffaug" --budget 8m \\
         --steps 10941 --fid 80.1 --distance 0.22 --mifid 80.1 --device "NVIDIA H100 80GB HBM3" \\
         --command "python kernels/biggan.py --data data/dogs64.npz --budget 8m --augment flip+diffaug"
@@ -27,11 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LEDGER = ROOT / "results" / "ledger.jsonl"
 README = ROOT / "README.md"
 KEYS = ("kind", "model", "settings", "budget", "steps", "images_seen", "steps_per_s", "batch_size", "truncation",
-        "seed", "fid", "distance", "mifid", "device", "torch", "commit", "date", "command", "note")
+        "seed", "fid", "distance", "mifid", "device", "torch", "commit", "date", "command", "note", "entry",
+        "scoring")
 KINDS = ("run", "sweep", "throughput")
 REQUIRED = {"run": ("model", "budget", "fid", "distance", "mifid", "device", "command"),
             "sweep": ("model", "truncation", "fid", "distance", "mifid", "command"),
             "throughput": ("model", "steps_per_s", "batch_size", "device", "command")}
+# `scoring` says how a row's FID was computed. One computed on the GPU machine with the carried int8
+# Inception against the reference's mean and covariance (no memorization term) starts with FID_ONLY:
+# its distance and MiFID stay empty until the exact score on the CPU adds its own row.
+FID_ONLY = "fid only"
 
 
 class LedgerError(ValueError):
@@ -46,7 +51,9 @@ def check_row(row: dict, where: str = "row") -> dict:
     if kind not in KINDS:
         problems.append(f"kind {kind!r}: choose from {', '.join(KINDS)}")
     else:
-        problems += [f"{k} is required for kind {kind}" for k in REQUIRED[kind] if row.get(k) in (None, "")]
+        fid_only = str(row.get("scoring") or "").startswith(FID_ONLY)
+        problems += [f"{k} is required for kind {kind}" for k in REQUIRED[kind] if row.get(k) in (None, "")
+                     and not (fid_only and k in ("distance", "mifid"))]
     if problems:
         raise LedgerError(f"{where}: " + "; ".join(problems))
     return {k: row.get(k) for k in KEYS}
@@ -84,22 +91,6 @@ def append(row: dict, path: Path = LEDGER) -> dict:
     return row
 
 
-def from_bench(r: dict) -> dict | None:
-    """A `gpu_bench.py score` row as a ledger row (None for rows that are not results)."""
-    if "fid" not in r:
-        return None
-    kind = "sweep" if r.get("what") == "truncation sweep" else "run"
-    budget = r.get("budget") if "snapshot" not in r.get("what", "") else f"{r.get('elapsed_s', 0) / 60:.1f}m"
-    settings = ", ".join(f"{k} {r[k]}" for k in ("augment", "precision", "lecam") if r.get(k)) or "defaults"
-    return {"kind": kind, "model": r["model"], "settings": f"{settings} ({r['what']})", "budget": budget,
-            "steps": r.get("steps"), "images_seen": r.get("images_seen"), "steps_per_s": r.get("steps_per_s"),
-            "batch_size": r.get("batch_size"), "truncation": r.get("truncation"), "seed": r.get("seed", 0),
-            "fid": r["fid"], "distance": r["distance"], "mifid": r["mifid"], "device": r.get("device"),
-            "torch": r.get("torch"), "commit": r.get("commit") or git_commit(),
-            "command": f"python tools/gpu_bench.py train {r['model']} --tag {r.get('tag')} --budget {r.get('budget')}",
-            "note": r.get("tag", "")}
-
-
 # ---- the README's tables ---------------------------------------------------------------------
 def _num(v, fmt="{:,}"):
     return "" if v is None else fmt.format(v)
@@ -110,14 +101,14 @@ def _trunc(t):
 
 
 def table_runs(rows):
-    out = ["| model | settings | budget | steps | images seen | truncation | FID | d | MiFID | device | commit |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | settings | budget | steps | images seen | truncation | FID | d | MiFID | device | scored | "
+           "commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["kind"] == "run":
-            seen = "" if r["images_seen"] is None else f"{r['images_seen'] / 1e6:.1f} M"
+            seen = "" if r["images_seen"] is None else f"{r['images_seen'] / 1e6:.2f} M"
             out.append(f"| {r['model']} | {r['settings']} | {r['budget']} | {_num(r['steps'])} | {seen} | "
-                       f"{_trunc(r['truncation'])} | {r['fid']:.2f} | {r['distance']:.3f} | {r['mifid']:.2f} | "
-                       f"{r['device']} | {r['commit']} |")
+                       f"{_trunc(r['truncation'])} | {r['fid']:.2f} | {_num(r['distance'], '{:.3f}')} | "
+                       f"{_num(r['mifid'], '{:.2f}')} | {r['device']} | {r['scoring'] or ''} | {r['commit']} |")
     return out
 
 
@@ -162,9 +153,9 @@ def plot_scaling(rows, out: Path):
     from dogkit.core.train import parse_budget
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for model in sorted({r["model"] for r in rows if r["kind"] == "run"}):
-        pts = sorted((parse_budget(r["budget"]) / 60, r["mifid"]) for r in rows
-                     if r["kind"] == "run" and r["model"] == model)
+    exact = [r for r in rows if r["kind"] == "run" and r["mifid"] is not None]
+    for model in sorted({r["model"] for r in exact}):
+        pts = sorted((parse_budget(r["budget"]) / 60, r["mifid"]) for r in exact if r["model"] == model)
         ax.plot(*zip(*pts), "o-", label=model)
     ax.set_xlabel("training budget (minutes, whole run)")
     ax.set_ylabel("MiFID (lower is better)")
@@ -184,8 +175,6 @@ def main(argv=None) -> int:
             kind = (float if k in ("fid", "distance", "mifid", "steps_per_s", "truncation") else
                     int if k in ("steps", "images_seen", "batch_size", "seed") else str)
             a.add_argument(f"--{k.replace('_', '-')}", type=kind)
-    b = sub.add_parser("add-bench", help="append the result rows of gpu_bench.py score files")
-    b.add_argument("files", nargs="+")
     r = sub.add_parser("render", help="regenerate the README's tables from the ledger")
     r.add_argument("--check", action="store_true", help="only check: exit 1 when the README is stale")
     p = sub.add_parser("plot-scaling", help="MiFID against the budget (PNG)")
@@ -194,12 +183,6 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "add":
             print(json.dumps(append({k: getattr(args, k) for k in KEYS if getattr(args, k, None) is not None})))
-        elif args.cmd == "add-bench":
-            for f in args.files:
-                for line in Path(f).read_text().splitlines():
-                    row = from_bench(json.loads(line)) if line.strip() else None
-                    if row:
-                        print(json.dumps(append(row)))
         elif args.cmd == "render":
             old = README.read_text()
             new = render(old, load())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """MiFID of one checkpoint's EMA generator at several truncations, on whatever device is here.
 
-    python tools/truncation_sweep.py runs/big/checkpoint.pt --reference data/ref-crops.npz \\
+    python tools/truncation_sweep.py runs/big/checkpoint.pt --reference data/ref.npz \\
         --truncations 0.8,1,1.5,0 --out runs/big/sweep.jsonl --plot runs/big/sweep.png
 
 Each point samples 10,000 images (seed 0, class-balanced breeds for a conditional model),

@@ -37,6 +37,10 @@ def random_resized_crop_flip(x, out_size, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+DIFFAUG_POLICIES = {"diffaug": "color,translation,cutout", "diffaug-tc": "translation,cutout",
+                    "diffaug-t": "translation"}  # the augment setting's DiffAugment part -> its policy
+
+
 def diff_augment(x, policy="color,translation,cutout"):
     """DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike."""
     for p in policy.split(","):

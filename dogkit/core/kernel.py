@@ -13,13 +13,12 @@ import sys
 import time
 import zipfile
 
-import torch
 
 from dogkit.core.data import DataError, PHOTO_EXTS, breed_of, load_dataset, summary_lines
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
 from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, pick_device, writable_dir
-from dogkit.core.train import (AUGMENTS, RunFailed, TrainConfig, parse_budget, parse_snapshots, train, with_settings,
-                               zip_from_checkpoint)
+from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, parse_budget, parse_snapshots,
+                               read_checkpoint, train, with_settings, zip_from_checkpoint)
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -159,13 +158,20 @@ TRAIN_OPTIONS = (
                                 "visible GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
     ("--log-every", float, None, None, "seconds between log lines (default: 300 on Kaggle, else 30)"),
     ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
+    ("--memory-format", str, "contiguous", MEMORY_FORMATS,
+     "channels_last: NHWC weights and batches, the layout of tensor cores (default contiguous)"),
     ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan only)"),
     ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
                                            "scaling, eager: T4, P100)"),
     ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),
     ("--lecam", float, None, None, "LeCam regularisation weight (biggan; default 0: off)"),
+    ("--d-width", int, None, None, "the discriminator's channel width (biggan; default: the same as --width)"),
+    ("--d-steps", int, None, None, "discriminator steps per generator step (biggan, wgan-gp; default: the model's)"),
+    ("--ema-kimg", float, None, None, "EMA half-life in thousands of images, ramped up over the first images "
+                                      "(StyleGAN2-ADA; default 0: the model's fixed decay and start)"),
 )
-MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam")
+MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam", "d_width", "d_steps",
+                   "ema_kimg")
 
 
 def parse_args(argv):
@@ -188,6 +194,7 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
                  "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
                  "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
                  "device": opts["device"], "graph": opts["graph"], "snapshots": opts["snapshots"],
+                 "memory_format": opts["memory_format"],
                  "log_every": opts["log_every"] if opts["log_every"] is not None else (300.0 if on_kaggle else 30.0)}
     overrides.update({k: opts[k] for k in MODEL_OVERRIDES if opts.get(k) is not None})
     cfg = with_settings(cfg, overrides)
@@ -330,7 +337,7 @@ def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, 
     cause = f"rank 0 exited with code {codes[0]} (ranks: {codes})"
     print(f"error: {cause}; going on in one process on {device} from {resume or 'the start'} for the "
           f"{left:.0f} s left", file=sys.stderr, flush=True)
-    done = torch.load(resume, map_location="cpu", weights_only=False)["elapsed"] if resume else 0.0
+    done = read_checkpoint(resume)["elapsed"] if resume else 0.0
     try:
         return run_rank(ALONE, pick_device(device), model_cls, with_settings(cfg, {"budget": done + left}), resume,
                         time.monotonic(), on_kaggle)

@@ -48,8 +48,9 @@ def pick_device(name="auto", require_gpu=False):
         if not torch.cuda.is_available():
             if require_gpu:
                 raise RunError("no GPU: this notebook runs without an accelerator. In the notebook's Settings, "
-                               "Accelerator: pick 'GPU T4 x2' (or 'GPU P100'), then run all again; "
-                               "--device cpu trains on the CPU anyway (far too slow to be worth a submission)")
+                               "Accelerator: pick 'GPU T4 x2' (not 'GPU P100': today's image cannot run it), then "
+                               "run all again; --device cpu trains on the CPU anyway (far too slow to be worth a "
+                               "submission)")
             return torch.device("cpu")
         name = "cuda"
     device = torch.device(name)

@@ -155,10 +155,19 @@ def load_reference(path: str | Path) -> Reference:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: reference file not found (make one with `dogkit reference`)")
-    with np.load(path) as z:
-        missing = {"mu", "sigma", "features"} - set(z.files)
-        if missing:
-            raise ValueError(f"{path}: not a dogkit reference (missing {sorted(missing)})")
-        names = [str(n) for n in z["names"]] if "names" in z.files else []
-        prov = json.loads(str(z["provenance"])) if "provenance" in z.files else {}
-        return Reference(z["mu"], z["sigma"], z["features"].astype(np.float32), names, prov)
+    try:
+        with np.load(path) as z:  # allow_pickle stays off: arrays only
+            missing = {"mu", "sigma", "features"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: not a dogkit reference (missing {sorted(missing)})")
+            names = [str(n) for n in z["names"]] if "names" in z.files else []
+            prov = json.loads(str(z["provenance"])) if "provenance" in z.files else {}
+            return Reference(z["mu"], z["sigma"], z["features"].astype(np.float32), names, prov)
+    except ValueError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: not a readable reference file ({exc}); make it again with "
+                         "`dogkit reference`") from None
+    except Exception as exc:  # truncated (an interrupted copy or download), corrupted, not a zip
+        raise ValueError(f"{path}: not a readable reference file ({type(exc).__name__}: {exc}); make it again "
+                         "with `dogkit reference`") from None

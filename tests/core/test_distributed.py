@@ -63,7 +63,7 @@ def no_hooks(rank):
 
 def test_ranks_keep_identical_parameters_and_draw_their_own_batches(tmp_path, tiny_dataset):
     assert two_ranks(train_ranks, tmp_path, tiny_dataset, 6, None, "run", no_hooks) == [0, 0]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["step"] == r1["step"] == 6
     for name, a in r0["params"].items():  # batch-norm running statistics are each rank's own
         torch.testing.assert_close(a, r1["params"][name], rtol=0, atol=0, msg=name)
@@ -73,7 +73,7 @@ def test_ranks_keep_identical_parameters_and_draw_their_own_batches(tmp_path, ti
     init = DCGAN(tiny_cfg(tmp_path), 0, torch.device("cpu")).G.state_dict()
     assert any(not torch.equal(init[k], v) for k, v in r0["G"].items())  # it trained
     assert len(load_submission(tmp_path / "run" / "images.zip", strict=False).pixels) == 64
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rank_rngs"]) == 2
     assert ckpt["images_seen"] == 6 * 8 * 2  # every rank's batches
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "images.zip", "log.jsonl", "options.json",
@@ -82,10 +82,10 @@ def test_ranks_keep_identical_parameters_and_draw_their_own_batches(tmp_path, ti
 
 def test_a_two_rank_checkpoint_resumes_exactly(tmp_path, tiny_dataset):
     assert two_ranks(train_ranks, tmp_path, tiny_dataset, 8, None, "straight", no_hooks) == [0, 0]
-    straight = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    straight = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert two_ranks(train_ranks, tmp_path, tiny_dataset, 4, None, "half", no_hooks) == [0, 0]
     assert two_ranks(train_ranks, tmp_path, tiny_dataset, 8, "half/checkpoint.pt", "half", no_hooks) == [0, 0]
-    resumed = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert resumed["step"] == 8
     for name, a in straight["G"].items():
         torch.testing.assert_close(a, resumed["G"][name], rtol=0, atol=0, msg=name)
@@ -116,7 +116,7 @@ def test_a_rank_that_fails_or_dies_stops_the_run_and_rank_0_writes_the_zip(tmp_p
     assert r0["zip"] == str(tmp_path / "run" / "images.zip")
     assert "step 3" in r0["cause"] or "step 4" in r0["cause"]
     assert len(load_submission(r0["zip"], strict=False).pixels) == 64
-    assert torch.load(tmp_path / "rank0.pt", weights_only=False)["step"] <= 4
+    assert torch.load(tmp_path / "rank0.pt", weights_only=True)["step"] <= 4
     if code1 == 0:  # a Python error: rank 1 says what, rank 0 that rank 1 stopped
         assert "rank 1 stopped" in r0["cause"]
         assert "RuntimeError at step 3 on rank 1: CUDA error" in json.loads((tmp_path / "rank1.json").read_text())["cause"]
@@ -135,7 +135,7 @@ def test_when_rank_0_dies_the_run_goes_on_in_the_parent_from_the_last_checkpoint
     cfg = T.with_settings(cfg, {"steps": 8})
     path = after_ranks([-6, 3], DCGAN, cfg, time.monotonic(), "cpu", on_kaggle=False, started=0.0)
     assert "rank 0 exited with code -6 (ranks: [-6, 3]); going on in one process on cpu from" in capsys.readouterr().err
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 8  # resumed at 4
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8  # resumed at 4
     assert len(load_submission(path, strict=False).pixels) == 64
     with pytest.raises(SystemExit) as exit_:  # rank 0 ended on its own: its code, nothing redone
         after_ranks([1, 3], DCGAN, cfg, t0=0.0, device_type="cpu", on_kaggle=False)
@@ -176,7 +176,7 @@ def test_the_kernel_forks_two_ranks_on_a_simulated_kaggle(fake_kaggle):  # noqa:
     assert log.count("photos     24") == 1  # cleaned once, by rank 0
     assert log.count("wrote ") == 1 and "2 ranks)" in log
     assert load_submission(fake_kaggle["working"] / "images.zip", strict=True).pixels.shape == (10_000, 64, 64, 3)
-    ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["world_size"] == 2
 
 
@@ -192,7 +192,7 @@ def test_dogkit_train_runs_under_torchrun(tmp_path, tiny_dataset):
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world      2 ranks (gloo)" in proc.stderr
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["world_size"] == 2
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["world_size"] == 2
     assert len(load_submission(tmp_path / "run" / "images.zip", strict=False).pixels) == 64
 
 

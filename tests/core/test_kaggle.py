@@ -102,7 +102,7 @@ def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
     assert len(files) <= 13
     images = load_submission(fake_kaggle["working"] / "images.zip", strict=True)
     assert images.pixels.shape == (10_000, 64, 64, 3)
-    ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 8 and ckpt["breeds"] == BREEDS
 
 
@@ -247,6 +247,6 @@ def test_sigterm_saves_a_resumable_checkpoint_and_leaves_no_temp_file(tmp_path, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1] == "error: interrupted; resume with --resume CHECKPOINT"
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] > 0
     assert not [f for f in os.listdir(out) if "tmp" in f]

@@ -47,19 +47,23 @@ def test_sampling_does_not_depend_on_the_batch_size():
     assert (a != c).mean() > 0.1  # another seed, other images
 
 
-def test_lecam_penalty_closed_form_and_bias_corrected_averages():
+def test_lecam_penalty_closed_form_and_its_averages_start_after_1000_steps():
     from dogkit.core.models.common import lecam_penalty
 
     state = torch.zeros(3)
     d_real, d_fake = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
-    # first update: the bias-corrected averages are the batch means, 1 (real) and 0 (fake)
-    got = lecam_penalty(state, d_real, d_fake, decay=0.99)
+    # before `start`: the averages are the batch means, 1 (real) and 0 (fake)
+    got = lecam_penalty(state, d_real, d_fake, decay=0.99, start=2)
     expected = ((2.0 - 0.0) ** 2 + 0.0) / 2 + ((1.0 - -1.0) ** 2 + (1.0 - 1.0) ** 2) / 2
     assert float(got) == pytest.approx(expected)
-    assert state.tolist() == pytest.approx([0.01, 0.0, 1.0])
+    assert state.tolist() == pytest.approx([1.0, 0.0, 1.0])
+    lecam_penalty(state, torch.tensor([3.0]), torch.tensor([-3.0]), decay=0.99, start=2)
+    assert state.tolist() == pytest.approx([3.0, -3.0, 2.0])  # still the batch's own means
+    lecam_penalty(state, torch.tensor([1.0]), torch.tensor([-1.0]), decay=0.99, start=2)
+    assert state.tolist() == pytest.approx([0.99 * 3 + 0.01, -0.99 * 3 - 0.01, 3.0])  # the EMA from here
     # D outputs on the right side of the other side's average: no penalty
-    state = torch.tensor([0.01, -0.01, 1.0])  # averages 1 (real) and -1 (fake) after one update
-    penalty = lecam_penalty(state, torch.tensor([-2.0]), torch.tensor([2.0]), decay=0.99)
+    state = torch.tensor([1.0, -1.0, 5.0])
+    penalty = lecam_penalty(state, torch.tensor([-2.0]), torch.tensor([2.0]), decay=0.99, start=2)
     assert float(penalty) == 0.0  # D(real) -2 is below the fake average, D(fake) 2 above the real one
 
 
@@ -118,3 +122,26 @@ def test_the_registry_refuses_a_model_that_breaks_the_contract():
         registry.register(Typo, {"lr_gg": 1.0}, "")
     with pytest.raises(TypeError, match="registered twice"):
         registry.register(registry.get("dcgan").cls, {}, "")
+
+
+def test_diffaugment_policies_do_what_they_say():
+    from dogkit.core.augment import diff_augment
+
+    torch.manual_seed(0)
+    ones = torch.ones(16, 3, 64, 64)
+    moved = diff_augment(ones, "translation")  # shifted by up to 8 px, zeros come in at the edges
+    assert set(moved.unique().tolist()) <= {0.0, 1.0}
+    assert bool((moved.mean(dim=(1, 2, 3)) >= (56 / 64) ** 2 - 1e-6).all())
+    holes = (diff_augment(ones, "cutout") == 0).all(dim=1).sum(dim=(1, 2))  # one square of half the side
+    assert bool((holes > 0).all()) and bool((holes <= 32 * 32).all())
+    assert not torch.equal(diff_augment(ones * 0.5, "color"), ones * 0.5)
+
+
+@pytest.mark.parametrize("augment, policy", [("flip+diffaug-t", "translation"),
+                                             ("flip+diffaug-tc", "translation,cutout"),
+                                             ("flip+diffaug", "color,translation,cutout"), ("flip", "")])
+def test_biggan_takes_the_diffaugment_policy_of_its_augment_setting(augment, policy):
+    entry = registry.get("biggan")
+    model = entry.cls(with_settings(with_settings(TrainConfig(), entry.settings),
+                                    dict(width=4, device="cpu", augment=augment)), 3, torch.device("cpu"))
+    assert model.policy == policy and model.diffaug == bool(policy)

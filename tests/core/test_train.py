@@ -55,6 +55,30 @@ def test_schedule_is_a_function_of_progress():
     assert ema_weight(0.3, cfg) == pytest.approx(0.001)
 
 
+def test_ema_half_life_in_images_with_a_ramp_up():
+    """StyleGAN2-ADA's rule: beta = 0.5 ** (batch / half-life), half-life = min(kimg, 5 % seen)."""
+    cfg = with_settings(TrainConfig(), {"ema_kimg": 10.0, "batch_size": 32})
+    assert ema_weight(0.0, cfg, images_seen=0) == 1.0  # nothing seen: a plain copy
+    assert ema_weight(0.1, cfg, images_seen=20_000) == pytest.approx(1 - 0.5 ** (32 / 1_000))
+    assert ema_weight(0.9, cfg, images_seen=10**6) == pytest.approx(1 - 0.5 ** (32 / 10_000))
+    assert ema_weight(0.9, cfg, images_seen=10**6, world_size=2) == pytest.approx(1 - 0.5 ** (64 / 10_000))
+    half = 10_000 / 32  # steps of one half-life: the old weights' share halves
+    assert (1 - ema_weight(0.9, cfg, images_seen=10**6)) ** half == pytest.approx(0.5)
+
+
+def test_d_width_and_d_steps_reach_the_discriminator(tmp_path, tiny_dataset):
+    entry = registry.get("biggan")
+    cfg = with_settings(TrainConfig(), dict(entry.settings, width=4, d_width=8, d_steps=2, batch_size=4, steps=2,
+                                            out=str(tmp_path), device="cpu", budget=1e6, reserve=0.0, n_samples=8,
+                                            log_every=0.0, ema_kimg=1.0))
+    trainer = Trainer(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
+    trainer.run()
+    assert trainer.model.D.linear.weight.shape[1] == 16 * 8 and trainer.model.G.blocks[-1].conv2.weight.shape[0] == 8
+    assert trainer.images_seen == 2 * 2 * 4  # two real batches a step
+    with pytest.raises(ValueError, match="d_width=8: model dcgan does not apply it"):
+        Trainer(tiny_cfg(tmp_path, d_width=8), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+
+
 def test_unknown_setting_is_an_error():
     with pytest.raises(ValueError, match="lr_gg"):
         with_settings(TrainConfig(), {"lr_gg": 1.0})
@@ -131,7 +155,7 @@ def test_interrupt_saves_a_resumable_checkpoint(tmp_path, tiny_dataset):
     cfg = tiny_cfg(tmp_path, steps=10)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None, hooks=[stop])
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert {"G", "D", "G_ema", "opt_g", "opt_d", "rng", "config", "elapsed"} <= set(ckpt)
 
@@ -144,7 +168,7 @@ def test_models_without_an_adversary_train_and_sample(tmp_path, tiny_dataset):
                              device="cpu", steps=4, clusters=10, checkpoint_every=1e9, grid_every=1e9))
     trainer = Trainer(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
     trainer.run()
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["D"] is None and int(ckpt["G_ema"]["n_fitted"]) == 10
     assert (tmp_path / "images.zip").exists()
     resumed = Trainer(with_settings(cfg, {"steps": 6}), entry.cls, data=tiny_dataset, log=lambda m: None)
@@ -160,9 +184,9 @@ def test_snapshots_keep_checkpoints_at_progress_points(tmp_path, tiny_dataset):
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=lambda m: None,
                       hooks=[clock.hook])
     trainer.run()
-    quarter = torch.load(tmp_path / "snapshot-p0.25.pt", weights_only=False)
-    half = torch.load(tmp_path / "snapshot-p0.5.pt", weights_only=False)
-    final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    quarter = torch.load(tmp_path / "snapshot-p0.25.pt", weights_only=True)
+    half = torch.load(tmp_path / "snapshot-p0.5.pt", weights_only=True)
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     # one simulated second per step: the step that starts at p = 0.25 (t = 5 s) is the 6th
     assert quarter["step"] == 6 and half["step"] == 11 and final["step"] == 20
     assert not quarter["bn_refreshed"] and final["bn_refreshed"]
@@ -259,7 +283,41 @@ def test_reserve_is_timed_after_a_warm_up_of_the_same_shape(tmp_path, tiny_datas
     assert parts["generate"] == pytest.approx(0.001 * (10_000 + refresh))
     assert parts["png"] == pytest.approx(0.002 * 10_000)
     assert reserve == pytest.approx(1.25 * (0.001 * (10_000 + refresh) + 0.002 * 10_000) + 3.0)
-    assert (tmp_path / "checkpoint.pt").exists()  # the timed first checkpoint
+    assert not (tmp_path / "checkpoint.pt").exists()  # timed in a scratch folder
+
+
+def test_a_cold_first_timing_of_the_end_is_corrected_once_warm(tmp_path, tiny_dataset, monkeypatch):
+    """The first timing of the end pays a fresh machine's cold caches (here: 2 s a pass, under a
+    fake clock); at p = 0.1 the end is timed again, warm, and training gets the difference."""
+    import dogkit.core.train as T
+
+    now, cold = [0.0], [True]
+
+    def fake_generate(G, n, *args, **kwargs):
+        now[0] += 2.0 if cold[0] else 0.0001 * n
+        return np.zeros((n, 64, 64, 3), np.uint8)
+
+    def fake_encode(images, *args, **kwargs):
+        now[0] += 0.0001 * len(images)
+        return [b""] * len(images)
+
+    def tick(trainer):  # a step takes 2 s; the machine is warm once training runs
+        cold[0] = False
+        now[0] += 2.0
+
+    monkeypatch.setattr(T, "generate", fake_generate)
+    monkeypatch.setattr(T, "encode_pngs", fake_encode)
+    monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
+    logs = []
+    cfg = tiny_cfg(tmp_path, reserve=-1.0, budget=600.0, n_samples=64, log_every=60.0)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=logs.append, clock=lambda: now[0],
+                      hooks=[tick])
+    trainer.run()
+    first = next(m for m in logs if m.startswith("budget"))
+    assert "training until 7m" in first  # the cold timing kept ~150 s of 600 for the end
+    assert any(m.startswith("re-planned once warm") for m in logs)
+    assert trainer.train_seconds > 590 and trainer.elapsed > 590 and now[0] <= 600.0
+    assert "trained 9m5" in logs[-1] and "of this run's 10m00s" in logs[-1]
 
 
 def test_reserve_of_the_vae_times_its_real_sampling_path(tmp_path, tiny_dataset, monkeypatch):
@@ -286,6 +344,31 @@ def test_a_budget_too_short_for_the_end_is_refused_at_start(tmp_path, tiny_datas
     assert trainer.step == 0 and not (tmp_path / "images.zip").exists()
 
 
+def test_a_refused_start_destroys_nothing_and_leaves_nothing(tmp_path, tiny_dataset, monkeypatch):
+    """`dogkit train` into a folder holding a trained run, with a budget too short for the end:
+    exit 2 and one line; checkpoint.pt byte-identical; an empty folder stays empty."""
+    from click.testing import CliRunner
+
+    from dogkit.cli import main
+    from dogkit.core.data import save_cache
+
+    data = tmp_path / "d.npz"
+    save_cache(str(data), dict(tiny_dataset, settings={}, summary={}), codec="webp")
+    fake_end(monkeypatch, [])  # the end takes ~45 s on the fake clock: a 20 s budget is refused
+    trained, empty = tmp_path / "trained", tmp_path / "empty"
+    trained.mkdir()
+    empty.mkdir()
+    (trained / "checkpoint.pt").write_bytes(b"a trained checkpoint")
+    for out in (trained, empty):
+        res = CliRunner().invoke(main, ["train", "--model", "dcgan", "--data", str(data), "--budget", "20s",
+                                        "--out", str(out), "--width", "4", "--device", "cpu"])
+        assert res.exit_code == 2, res.output
+        assert "is too short on this device" in res.output and "Traceback" not in res.output
+    assert (trained / "checkpoint.pt").read_bytes() == b"a trained checkpoint"
+    assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pt"]
+    assert list(empty.iterdir()) == []
+
+
 def test_an_error_mid_run_still_writes_a_valid_zip_then_fails(tmp_path, tiny_dataset):
     from dogkit.core.train import RunFailed
 
@@ -300,7 +383,7 @@ def test_an_error_mid_run_still_writes_a_valid_zip_then_fails(tmp_path, tiny_dat
     assert info.value.zip_path == str(tmp_path / "images.zip")
     assert load_submission(info.value.zip_path, strict=True).pixels.shape == (10_000, 64, 64, 3)
     assert any("Traceback" in m for m in logs)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 5
 
 
 def test_an_error_before_the_first_step_is_not_hidden(tmp_path, tiny_dataset, monkeypatch):
@@ -328,7 +411,7 @@ def test_a_nan_storm_stops_training_and_keeps_the_last_good_generator(tmp_path, 
     with pytest.raises(RunFailed, match="NaN storm: 3 rollbacks") as info:
         train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None, hooks=[poison])
     assert os.path.exists(info.value.zip_path)
-    G_ema = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["G_ema"]
+    G_ema = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["G_ema"]
     assert all(torch.isfinite(v).all() for v in G_ema.values() if v.is_floating_point())
 
 
@@ -413,5 +496,5 @@ def test_the_checkpoint_counts_the_real_images_seen(tmp_path, tiny_dataset):
     entry = registry.get("wgan-gp")
     cfg = with_settings(tiny_cfg(tmp_path, steps=3), dict(entry.settings, width=4, batch_size=8, out=str(tmp_path)))
     train(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert cfg.d_steps > 1 and ckpt["images_seen"] == 3 * cfg.d_steps * 8

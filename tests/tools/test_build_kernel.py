@@ -86,3 +86,27 @@ def test_contents_points_at_every_section_in_order(name):
     titles = [t for _, t in entries]
     assert titles[0] == "Settings" and titles[-1] == "Entry point"
     assert titles.index("Model") < titles.index("Data") < titles.index("Training")
+
+
+def test_a_push_ready_kaggle_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit):  # no user name anywhere: one line that says how
+        build_kernel.main(["--model", "dcgan", "--kaggle", str(tmp_path / "k")])
+    assert "--user NAME" in capsys.readouterr().err
+    assert build_kernel.main(["--model", "dcgan", "--kaggle", str(tmp_path / "k"), "--user", "ann",
+                              "--title", "Dogs: DCGAN (v2)"]) == 0
+    meta = json.loads((tmp_path / "k" / "kernel-metadata.json").read_text())
+    assert meta == {"id": "ann/dogs-dcgan-v2", "title": "Dogs: DCGAN (v2)", "code_file": "dogs-dcgan-v2.py",
+                    "language": "python", "kernel_type": "script", "is_private": True, "enable_gpu": True,
+                    "enable_internet": False, "machine_shape": "NvidiaTeslaT4",
+                    "competition_sources": ["generative-dog-images"], "dataset_sources": [], "kernel_sources": []}
+    assert (tmp_path / "k" / "dogs-dcgan-v2.py").read_text() == build_kernel.build("dcgan")
+    out = capsys.readouterr().out
+    assert f"kaggle kernels push -p {tmp_path / 'k'} --accelerator NvidiaTeslaT4" in out
+    assert "kaggle kernels status ann/dogs-dcgan-v2" in out and "kaggle kernels output ann/dogs-dcgan-v2" in out
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "kaggle.json").write_text(json.dumps({"username": "bob", "key": "x"}))
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "cfg"))
+    assert build_kernel.main(["--model", "biggan", "--kaggle", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "kernel-metadata.json").read_text())["id"] == "bob/dogkit-biggan"

@@ -31,9 +31,9 @@ def test_export_inception_writes_loadable_fp16_weights(tmp_path, inception):
     from dogkit.metrics.inception import load_inception
 
     out = tmp_path / "inception-fp16.pth"
-    res = CliRunner().invoke(main, ["export-inception", "--fp16", "-o", str(out)])
+    res = CliRunner().invoke(main, ["export-inception", "--format", "fp16", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    state = torch.load(out, weights_only=False)
+    state = torch.load(out, weights_only=True)
     tensors = [v for v in (state.values() if isinstance(state, dict) else []) if torch.is_tensor(v)]
     assert tensors and any(v.dtype == torch.float16 for v in tensors)
     import numpy as np

@@ -1,4 +1,6 @@
-"""tools/gpu_bench.py: the reference survives the trip in carry-sized parts; the table reads rows."""
+"""tools/gpu_bench.py: the queue is checked, and the whole borrowing is rehearsed on the CPU
+(pack, run with a tiny queue and budgets of seconds, ingest, the exact score), ending in rows of a
+temporary ledger, so that no GPU minute is lost to a bug a CPU could have found."""
 import json
 import sys
 from pathlib import Path
@@ -6,64 +8,116 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
 import gpu_bench  # noqa: E402
+import ledger  # noqa: E402
 
 from dogkit.metrics import fid as F  # noqa: E402
-from dogkit.metrics.reference import load_reference  # noqa: E402
 
 
 def make_reference(path, n=300, dim=2048):
     rng = np.random.default_rng(0)
-    feats = np.abs(rng.normal(size=(n, dim))).astype(np.float32)
+    feats = np.abs(rng.normal(size=(n, dim))).astype(np.float32) * 0.3
     mu, sigma = F.stats(feats)
     np.savez(path, mu=mu, sigma=sigma, features=feats, names=np.array([f"p{i}.jpg" for i in range(n)]),
              provenance=json.dumps({"source": "synthetic"}))
-    return feats, mu, sigma
+    return mu, sigma
 
 
-def test_pack_and_unpack_round_trip(tmp_path):
-    feats, mu, sigma = make_reference(tmp_path / "ref.npz")
-    files = gpu_bench.pack_reference(tmp_path / "ref.npz", tmp_path / "parts", part_mib=0.5)
-    parts = [f for f in files if f.name.startswith("features_")]
-    assert len(parts) == 3 and all(f.stat().st_size <= 0.5 * 2**20 + 256 for f in parts)
-    ref = load_reference(gpu_bench.unpack_reference(tmp_path / "parts", tmp_path / "back.npz"))
-    np.testing.assert_array_equal(ref.mu, mu)
-    np.testing.assert_array_equal(ref.sigma, sigma)  # float64 upper triangle: FID unchanged
-    np.testing.assert_allclose(ref.features, feats, rtol=1e-3, atol=1e-4)  # float16 features for d
-    assert ref.names == [f"p{i}.jpg" for i in range(300)]
-    gen = feats[:50] * 1.01 + 0.01
-    assert F.memorization_distance(gen, ref.features) == pytest.approx(F.memorization_distance(gen, feats), abs=1e-5)
+def write_queue(path, entries):
+    path.write_text(json.dumps({"format": "dogkit-queue-1", "entries": entries}))
+    return path
 
 
-def test_unpack_names_the_missing_part(tmp_path):
+def test_the_committed_queue_is_valid():
+    entries = gpu_bench.load_queue(gpu_bench.QUEUE)
+    assert [e["kind"] for e in entries[:3]] == ["throughput", "score-timing", "train"]
+    assert entries[2]["model"] == "biggan" and entries[2]["budget"] == "8m"
+    cap = 570.0  # the default: an 8-minute entry with its three points fits beside the GPU tests
+    assert gpu_bench.estimate(entries[2], gpu_bench.SCORE_S_PER_IMAGE["cuda"], 10_000) < cap - 40
+
+
+def test_a_bad_queue_lists_every_problem(tmp_path):
+    q = write_queue(tmp_path / "q.json", [
+        {"id": "a", "kind": "train", "model": "biggan", "budget": "8m", "question": "?",
+         "options": {"precison": "bf16"}},
+        {"id": "b", "kind": "train", "model": "bigan", "budget": "8m", "question": "?"},
+        {"id": "a", "kind": "throughput", "question": "?", "models": ["dcgan"], "batch_sizes": [64],
+         "precisions": ["fp8"], "memory_formats": ["contiguous"], "seconds": 4, "colour": 1},
+        {"id": "c", "kind": "sweep", "question": "?"},
+    ])
+    with pytest.raises(gpu_bench.BenchError) as err:
+        gpu_bench.load_queue(q)
+    text = str(err.value)
+    for needle in ("precison", "bigan", "unknown key 'colour'", "id used twice", "kind 'sweep'"):
+        assert needle in text, text
+
+
+def test_pack_refuses_a_carry_over_the_limit(tmp_path, monkeypatch, inception, capsys):
     make_reference(tmp_path / "ref.npz")
-    gpu_bench.pack_reference(tmp_path / "ref.npz", tmp_path / "parts", part_mib=0.5)
-    (tmp_path / "parts" / "features_1.npy").unlink()
-    with pytest.raises(SystemExit, match="features_1.npy"):
-        gpu_bench.unpack_reference(tmp_path / "parts", tmp_path / "back.npz")
-    assert not (tmp_path / "back.npz").exists()
+    (tmp_path / "data.npz").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(gpu_bench, "CARRY_LIMIT", 2**20)
+    rc = gpu_bench.main(["pack", "--data", str(tmp_path / "data.npz"), "--reference", str(tmp_path / "ref.npz"),
+                         "--out", str(tmp_path / "pack")])
+    assert rc == 2 and "over the device's 1 MiB" in capsys.readouterr().err
+    assert (tmp_path / "pack" / gpu_bench.WEIGHTS_FILE).stat().st_size < 24e6  # int8: a quarter of fp32
 
 
-def test_table_prints_one_row_per_scored_run(tmp_path, capsys):
-    row = {"model": "dcgan", "tag": "dcgan", "what": "kernel images.zip", "truncation": None, "steps": 143479,
-           "steps_per_s": 342.5, "batch_size": 32, "images_seen": 4591328, "fid": 116.598, "distance": 0.2666,
-           "mifid": 116.598}
-    (tmp_path / "r.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({"what": "timing"}) + "\n")
-    gpu_bench.main(["table", str(tmp_path / "r.jsonl")])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 3
-    assert "| dcgan | dcgan | kernel images.zip | none | 143,479 | 342.5 | 32 | 4.59 M | 116.60 | 0.267 | 116.60 |" in lines
+def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, capsys):
+    from dogkit.core.data import save_cache
 
+    data = tmp_path / "dogs.npz"
+    save_cache(str(data), dict(tiny_dataset, settings={}, summary={}), codec="webp")
+    make_reference(tmp_path / "ref.npz")
+    gpu_bench.pack(tmp_path / "ref.npz", tmp_path / "pack")
+    tiny = {"width": 8, "batch_size": 8, "n_samples": 64}
+    queue = write_queue(tmp_path / "queue.json", [
+        {"id": "probe", "kind": "throughput", "question": "speed?", "models": ["dcgan"], "batch_sizes": [8],
+         "precisions": ["fp32"], "memory_formats": ["contiguous", "channels_last"], "seconds": 1.5},
+        {"id": "too-long", "kind": "train", "model": "dcgan", "budget": "2h", "question": "never started"},
+        {"id": "tiny-run", "kind": "train", "model": "dcgan", "budget": "60s", "snapshots": [0.5], "options": tiny,
+         "question": "does the loop work?"},
+    ])
+    book = tmp_path / "ledger.jsonl"
+    book.write_text("")
+    out = tmp_path / "OUT"
+    base = ["--ledger", str(book), "--queue", str(queue)]
+    assert gpu_bench.main(base + ["run", "--data", str(data), "--pack", str(tmp_path / "pack"), "--out", str(out),
+                                  "--device", "cpu", "--cap", "400", "--n-images", "40", "--work", str(tmp_path / "work")]) == 0
+    log = (out / "run.log").read_text()
+    assert "GPU-only tests (exit" in log and "skipped" in log  # run first, skipped without CUDA
+    assert "too-long: not started" in log
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["entry"]) for r in rows] == [("throughput", "probe")] * 2 + [("run", "tiny-run")] * 2
+    assert rows[1]["settings"].endswith("channels_last") and all(r["steps_per_s"] > 0 for r in rows)
+    snap, final = rows[2], rows[3]
+    assert "snapshot at p=0.5" in snap["settings"] and snap["steps"] < final["steps"]
+    assert final["scoring"].startswith(ledger.FID_ONLY) and final["distance"] is None
+    parts = sorted(out.glob("returned.tar.*"))
+    assert parts and all(p.stat().st_size <= gpu_bench.PART_BYTES for p in parts)
 
-def test_run_summary_takes_the_images_seen_from_the_checkpoint(tmp_path, tiny_dataset):
-    """No per-model rule: wgan-gp's 5 real batches per step are counted by the trainer."""
-    from dogkit.core import registry
-    from dogkit.core.train import TrainConfig, train, with_settings
+    assert gpu_bench.main(base + ["ingest", str(out), "--runs", str(tmp_path / "runs"), "--name", "b1"]) == 0
+    assert gpu_bench.main(base + ["ingest", str(out), "--runs", str(tmp_path / "runs"), "--name", "b1"]) == 0
+    assert len(ledger.load(book)) == 4  # ingesting twice adds nothing
+    back = tmp_path / "runs" / "b1"
+    assert {p.name for p in back.glob("*.pt")} == {"tiny-run-final.pt", "tiny-run-p0.5.pt"}
+    assert (back / "tiny-run-log.jsonl").exists()
 
-    entry = registry.get("wgan-gp")
-    cfg = with_settings(TrainConfig(), dict(entry.settings, width=4, batch_size=8, steps=2, out=str(tmp_path),
-                                            device="cpu", budget=1e6, reserve=0.0, log_every=0.0, n_samples=64))
-    train(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
-    summary = gpu_bench.run_summary(tmp_path)
-    assert summary["steps"] == 2 and summary["images_seen"] == 2 * cfg.d_steps * 8
+    assert gpu_bench.main(base + ["score", str(back), "--reference", str(tmp_path / "ref.npz"),
+                                  "--n-images", "40"]) == 0
+    exact = [r for r in ledger.load(book) if (r["scoring"] or "").startswith("exact")]
+    assert len(exact) == 2 and all(r["distance"] is not None and r["mifid"] is not None for r in exact)
+    by_gen = {r["note"].split(";")[0]: r for r in exact}
+    gpu = {r["note"]: r for r in ledger.load(book) if (r["scoring"] or "").startswith(ledger.FID_ONLY)}
+    for note, r in by_gen.items():  # same images, int8 against fp32 weights: the FID barely moves
+        assert r["fid"] == pytest.approx(gpu[note]["fid"], rel=0.03), (r, gpu[note])
+        assert "off by" in r["note"]
+    assert gpu_bench.main(base + ["score", str(back), "--reference", str(tmp_path / "ref.npz"),
+                                  "--n-images", "40"]) == 0
+    assert len(ledger.load(book)) == 6  # resumable: a generator scored once is skipped
+
+    capsys.readouterr()
+    assert gpu_bench.main(base + ["queue"]) == 0
+    table = capsys.readouterr().out
+    assert "| probe | throughput | speed? | measured:" in table and "| too-long | train | never started | pending" in table

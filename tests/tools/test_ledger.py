@@ -38,11 +38,9 @@ def test_rows_append_and_render_into_their_blocks(tmp_path):
         ledger.render("nothing", [])
 
 
-def test_gpu_bench_rows_convert():
-    bench = {"tag": "biggan-diffaug", "model": "biggan", "budget": "8m", "augment": "flip+diffaug",
-             "what": "kernel images.zip", "steps": 10941, "steps_per_s": 30.8, "batch_size": 64,
-             "images_seen": 700224, "truncation": 1.5, "fid": 80.0, "distance": 0.22, "mifid": 80.0,
-             "device": "NVIDIA H100 80GB HBM3"}
-    row = ledger.check_row(ledger.from_bench(bench))
-    assert row["kind"] == "run" and row["settings"].startswith("augment flip+diffaug")
-    assert ledger.from_bench({"what": "dogkit score timing"}) is None
+def test_a_fid_only_row_needs_no_distance_but_says_so():
+    row = {"kind": "run", "model": "biggan", "budget": "8m", "fid": 80.0, "device": "NVIDIA H200",
+           "command": "python tools/gpu_bench.py run", "scoring": "fid only: int8 Inception on NVIDIA H200"}
+    assert ledger.check_row(row)["distance"] is None
+    with pytest.raises(ledger.LedgerError, match="distance is required"):
+        ledger.check_row(dict(row, scoring="exact"))

@@ -6,14 +6,15 @@
 # norm and orthogonal init everywhere. Discriminator: residual down-blocks, self-attention at
 # 32x32, projection of the breed embedding onto the pooled features. Hinge loss (BCE as an
 # option), G lr 1e-4 / D lr 4e-4, Adam betas (0, 0.999). Sampling uses the EMA of G with
-# truncated z and class-balanced breeds. DiffAugment (colour, translation, cutout) can be
-# applied to real and fake images alike: augment="flip+diffaug".
+# truncated z and class-balanced breeds. DiffAugment can be applied to real and fake images
+# alike: augment="flip+diffaug" (colour, translation, cutout), "flip+diffaug-tc" (translation,
+# cutout) or "flip+diffaug-t" (translation: the authors' advice with an EMA on BigGAN).
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from dogkit.core.augment import diff_augment
+from dogkit.core.augment import DIFFAUG_POLICIES, diff_augment
 from dogkit.core.models.common import SelfAttention, adam, backward_step, lecam_penalty, sn_conv, sn_linear
 
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
@@ -148,27 +149,35 @@ def orthogonal_init(module):
 
 
 class BigGAN:
-    """Conditional BigGAN: one D step then one G step per call, hinge (or BCE) loss."""
+    """Conditional BigGAN: d_steps D steps (a fresh real batch each) then one G step per call,
+    hinge (or BCE) loss; D's width is d_width when set (the 5th place used G 32, D 64)."""
 
     name = "biggan"
     conditional = True
     applies_lecam = True  # cfg.lecam > 0 adds LeCam regularisation to D's loss
+    applies = ("d_width", "d_steps")
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg
         self.n_classes = max(n_classes, 1)
         self.G = BigGANGenerator(cfg.z_dim, cfg.width, self.n_classes).to(device)
-        self.D = BigGANDiscriminator(cfg.width, self.n_classes).to(device)
+        self.D = BigGANDiscriminator(cfg.d_width or cfg.width, self.n_classes).to(device)
         self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
         self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
         self.diffaug = "diffaug" in cfg.augment
+        self.policy = DIFFAUG_POLICIES.get(cfg.augment.split("+")[-1], "")
 
     def augment(self, x):
-        return diff_augment(x) if self.diffaug else x
+        return diff_augment(x, self.policy) if self.diffaug else x
 
     def step(self, batch):
+        for _ in range(self.cfg.d_steps - 1):  # extra D steps first, each on a fresh batch
+            self.d_step(*batch())
+        loss_d, fake, fake_labels, losses = self.d_step(*batch())
+        return self.g_step(fake, fake_labels, loss_d, losses)
+
+    def d_step(self, real, labels):
         cfg = self.cfg
-        real, labels = batch()
         n = real.shape[0]
         z = torch.randn(n, cfg.z_dim, device=real.device)
         fake_labels = torch.randint(0, self.n_classes, (n,), device=real.device)
@@ -184,10 +193,13 @@ class BigGAN:
                       F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
         losses = {}
         if cfg.lecam > 0:
-            losses["loss_lecam"] = lecam_penalty(self.D.lecam_ema, d_real, d_fake, cfg.lecam_decay)
+            losses["loss_lecam"] = lecam_penalty(self.D.lecam_ema, d_real, d_fake, cfg.lecam_decay, cfg.lecam_start)
             loss_d = loss_d + cfg.lecam * losses["loss_lecam"]
         backward_step(self.opt_d, loss_d)
+        return loss_d, fake, fake_labels, losses
 
+    def g_step(self, fake, fake_labels, loss_d, losses):
+        cfg = self.cfg
         self.opt_g.zero_grad(set_to_none=False)
         d_gen = self.D(self.augment(fake), fake_labels)
         if cfg.loss == "hinge":

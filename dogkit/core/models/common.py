@@ -104,18 +104,20 @@ def backward_step(opt, loss):
     scaler.update()
 
 
-def lecam_penalty(state, d_real, d_fake, decay=0.99):
-    """LeCam regularisation (Tseng et al. 2021, "Regularizing GANs under limited data"): keeps D's
-    outputs near the moving averages of its outputs on the other side,
+def lecam_penalty(state, d_real, d_fake, decay=0.99, start=1000):
+    """LeCam regularisation as published (Tseng et al. 2021, "Regularizing GANs under limited
+    data"; their code's ema_losses): keeps D's outputs near the moving averages of its outputs on
+    the other side,
         relu(D(real) - ema_fake)^2 + relu(ema_real - D(fake))^2   (means over the batch),
     which bounds how far D can separate a small data set. `state` is a 3-vector buffer
-    [ema of mean D(real), ema of mean D(fake), updates]; it is updated in place (graph-safe) and
-    the averages are bias-corrected like Adam's moments (the authors' zero_debias)."""
+    [average of mean D(real), average of mean D(fake), updates], updated in place (graph-safe):
+    for the first `start` updates the averages are the current batch means (decay 0), then an
+    EMA with `decay` (0.99)."""
     with torch.no_grad():
         state[2] += 1
-        state[:2].mul_(decay).add_(torch.stack([d_real.mean(), d_fake.mean()]).float(), alpha=1 - decay)
-    ema = state[:2] / (1 - decay ** state[2])
-    return F.relu(d_real - ema[1]).pow(2).mean() + F.relu(ema[0] - d_fake).pow(2).mean()
+        d = (state[2] > start).float() * decay
+        state[:2].mul_(d).add_(torch.stack([d_real.mean(), d_fake.mean()]).float() * (1 - d))
+    return F.relu(d_real - state[1]).pow(2).mean() + F.relu(state[0] - d_fake).pow(2).mean()
 
 
 def dcgan_init(m):
