@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import click
@@ -118,8 +120,6 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     from dogkit.metrics.score import score as run_score
     from dogkit.metrics.submission import SubmissionError, load_submission
 
-    import time
-
     t0 = time.time()
     try:
         images = load_submission(submission, strict=strict)  # rules first, before any network
@@ -129,7 +129,9 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
             click.echo(line, err=True)
         if len(exc.violations) > 50:
             click.echo(f"... and {len(exc.violations) - 50} more", err=True)
-        _fail(f"{submission}: {len(exc.violations)} rule violation(s)")
+        hint = ("; Kaggle takes images.zip (10,000 PNGs at its top level): zip them, or score them anyway with "
+                "--no-strict" if Path(submission).is_dir() or not zipfile.is_zipfile(submission) else "")
+        _fail(f"{submission}: {len(exc.violations)} rule violation(s){hint}")
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     _threads()
@@ -259,11 +261,15 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
     if strict and fatal:
         reason = next(iter(fatal))
         _fail(f"{summary['examples'].get(reason, source)}: {reason} (--strict)")
+    click.echo(f"encoding   {len(data['images'])} crops as {codec} into {out} ...", err=True)
+    t = time.monotonic()
     nbytes = save_cache(out, data, workers=workers, codec=codec)
+    encoded = time.monotonic() - t
     for line in summary_lines(summary):
         click.echo(line)
     click.echo(f"settings   strategy {strategy}, {size}px, codec {codec}")
-    click.echo(f"seconds    {summary['seconds']}")
+    click.echo(f"seconds    {summary['seconds'] + encoded:.1f} ({summary['seconds']} cleaning, {encoded:.1f} encoding "
+               f"the cache)")
     click.echo(f"wrote      {out} ({nbytes / 1e6:.1f} MB)")
     if preview:
         _preview(data, preview)
@@ -295,7 +301,7 @@ def train_options(command):
     from dogkit.core.kernel import TRAIN_OPTIONS
 
     for flag, kind, default, choices, text in reversed(TRAIN_OPTIONS):
-        required = flag in ("--data", "--out")  # no Kaggle here to imply them
+        required = flag == "--data"  # no Kaggle here to find it; --out defaults to submission/
         command = click.option(flag, type=click.Choice(choices) if choices else kind, default=default,
                                required=required, help=text + ".")(command)
     return command

@@ -25,7 +25,7 @@ Contents (line numbers):
    1068  Augmentation
    1102  Sampling
    1264  Training
-   2190  Entry point
+   2191  Entry point
 """
 import argparse
 import contextlib
@@ -1353,13 +1353,14 @@ class TrainConfig:
 
 
 def parse_budget(text):
-    """'30s', '8m', '9h', '1h30m' or plain seconds -> seconds."""
+    """'30s', '8m', '9h', '1h30m' -> seconds (a number, not text, is taken as seconds). A bare
+    number as text is refused: '--budget 9' could mean 9 hours as easily as 9 seconds."""
     if isinstance(text, (int, float)):
         return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smh]?)", str(text).strip().lower())
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", str(text).strip().lower())
     if not parts or "".join(a + b for a, b in parts) != str(text).strip().lower():
-        raise ValueError(f"budget {text!r}: use e.g. 30s, 8m, 9h or 1h30m")
-    return sum(float(a) * {"": 1, "s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
+        raise ValueError(f"budget {text!r}: give a number with its unit, e.g. 30s, 8m, 9h or 1h30m")
+    return sum(float(a) * {"s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
 
 
 def with_settings(cfg, settings):
@@ -2398,7 +2399,11 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET):
         signal.signal(signal.SIGTERM, _interrupt)  # a stop from outside saves a checkpoint, like Ctrl-C
     except ValueError:  # not the main thread (some notebook runners): keep the default
         pass
-    return exit_on_error(lambda: run(model_cls, settings, args, t0))
+    path = exit_on_error(lambda: run(model_cls, settings, args, t0))
+    if path:  # rank 0 of a finished run: what to do with it
+        print(f"next       score it with the competition's metric (dogkit's README, \"Score like Kaggle\"): "
+              f"dogkit score {path} --reference data/ref.npz", flush=True)
+    return path
 
 
 def exit_on_error(fn, rank=None):

@@ -212,7 +212,11 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET):
         signal.signal(signal.SIGTERM, _interrupt)  # a stop from outside saves a checkpoint, like Ctrl-C
     except ValueError:  # not the main thread (some notebook runners): keep the default
         pass
-    return exit_on_error(lambda: run(model_cls, settings, args, t0))
+    path = exit_on_error(lambda: run(model_cls, settings, args, t0))
+    if path:  # rank 0 of a finished run: what to do with it
+        print(f"next       score it with the competition's metric (dogkit's README, \"Score like Kaggle\"): "
+              f"dogkit score {path} --reference data/ref.npz", flush=True)
+    return path
 
 
 def exit_on_error(fn, rank=None):

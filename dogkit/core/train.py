@@ -110,13 +110,14 @@ class TrainConfig:
 
 
 def parse_budget(text):
-    """'30s', '8m', '9h', '1h30m' or plain seconds -> seconds."""
+    """'30s', '8m', '9h', '1h30m' -> seconds (a number, not text, is taken as seconds). A bare
+    number as text is refused: '--budget 9' could mean 9 hours as easily as 9 seconds."""
     if isinstance(text, (int, float)):
         return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smh]?)", str(text).strip().lower())
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", str(text).strip().lower())
     if not parts or "".join(a + b for a, b in parts) != str(text).strip().lower():
-        raise ValueError(f"budget {text!r}: use e.g. 30s, 8m, 9h or 1h30m")
-    return sum(float(a) * {"": 1, "s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
+        raise ValueError(f"budget {text!r}: give a number with its unit, e.g. 30s, 8m, 9h or 1h30m")
+    return sum(float(a) * {"s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
 
 
 def with_settings(cfg, settings):

@@ -86,7 +86,7 @@ def nearest_neighbours(generated: np.ndarray, reference: np.ndarray, chunk: int 
     for start in range(0, len(g), chunk):
         sim = (torch.from_numpy(g[start:start + chunk]).to(device) @ r.T).abs_()
         best, arg = sim.max(dim=1)
-        dist[start:start + chunk] = (1.0 - best).cpu().numpy()
+        dist[start:start + chunk] = (1.0 - best).clamp_(min=0.0).cpu().numpy()  # |cos| > 1 by rounding: 0
         index[start:start + chunk] = arg.cpu().numpy()
     return dist, ref_rows[index]
 

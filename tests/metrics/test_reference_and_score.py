@@ -83,7 +83,9 @@ def test_score_cli_end_to_end(tmp_path, inception):
     result = json.loads(res.stdout.strip().splitlines()[-1])
     assert set(result) >= {"fid", "distance", "distance_thresholded", "mifid", "n_images"}
     assert result["n_images"] == 4
-    assert result["distance"] < 1e-5
+    assert 0.0 <= result["distance"] < 1e-5  # never -0.0000: |cos| > 1 by rounding counts as 0
+    assert "fewer than the 2048 feature dimensions" in res.output  # the notes, on stderr
+    assert "sit on the reference photos" in res.output
     assert result["mifid"] > 1e3 * result["fid"]
 
 
@@ -96,3 +98,11 @@ def test_score_cli_rejects_bad_submission_before_any_network(tmp_path, monkeypat
     res = CliRunner().invoke(main, ["score", str(sub), "--reference", str(tmp_path / "none.npz")])
     assert res.exit_code != 0
     assert "not a zip file" in res.output
+
+
+def test_a_folder_refused_in_strict_mode_points_to_images_zip(tmp_path):
+    sub = tmp_path / "pngs"
+    sub.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(sub / "a.png")
+    res = CliRunner().invoke(main, ["score", str(sub), "--reference", str(tmp_path / "none.npz")])
+    assert res.exit_code != 0 and "Kaggle takes images.zip" in res.output and "--no-strict" in res.output

@@ -121,3 +121,19 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
     assert gpu_bench.main(base + ["queue"]) == 0
     table = capsys.readouterr().out
     assert "| probe | throughput | speed? | measured:" in table and "| too-long | train | never started | pending" in table
+
+
+def test_every_queued_kernel_command_parses_as_the_kernel_reads_it():
+    """The flags the bench passes (--memory-format, --ema-kimg, --d-width ...) are the kernel's own."""
+    from dogkit.core import kernel, registry
+
+    for e in gpu_bench.load_queue(gpu_bench.QUEUE):
+        if e["kind"] != "train":
+            continue
+        cmd = gpu_bench.kernel_command(e, "data/dogs64.npz", ".devwork/x", "auto")
+        assert cmd[:2] == ["python", f"kernels/{e['model']}.py"] and (ROOT / cmd[1]).exists()
+        args = kernel.parse_args(cmd[2:])
+        cfg = kernel.config_from_options(registry.get(e["model"]).settings, vars(args))
+        for k, v in (e.get("options") or {}).items():
+            assert getattr(cfg, k) == v, (e["id"], k)
+        assert cfg.budget == 480.0 and args.gpus == 1
