@@ -282,7 +282,7 @@ def preflight(run):
     """Device, pack and data checks, then the GPU-only tests; what they say goes into run.log."""
     import torch
 
-    from dogkit.core.data import load_dataset
+    from dogkit.core.data import DataError, load_dataset
 
     args = run.args
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -295,7 +295,12 @@ def preflight(run):
     run.common = {"device": name, "torch": torch.__version__.split("+")[0], "commit": meta["commit"],
                   "date": datetime.date.today().isoformat()}
     run.device = device
-    run.data = load_dataset(args.data, log=run.log)  # the cache decodes here (AVIF needs Pillow >= 11.3)
+    try:
+        run.data = load_dataset(args.data, log=run.log)  # the cache decodes here (AVIF needs Pillow >= 11.3)
+    except DataError as exc:  # seconds into the borrowing: an AVIF cache this Pillow cannot read
+        fix = ("; run again at once carrying a WebP cache (here: dogkit clean-data ../shared/data/stanford-dogs-crops"
+               " -o data/dogs64-webp.npz --codec webp)" if "cannot decode" in str(exc) else "")
+        raise BenchError(f"{exc}{fix}") from None
     if not args.skip_tests:
         t = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu"],
@@ -596,6 +601,9 @@ def main(argv=None):
         {"pack": cmd_pack, "run": cmd_run, "ingest": cmd_ingest, "score": cmd_score, "queue": cmd_queue}[args.cmd](args)
     except (BenchError, ledger.LedgerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if args.cmd == "run":  # run.log comes back too: the reason must be in it
+            with open(Path(args.out) / "run.log", "a") as fh:
+                fh.write(f"error: {exc}\n")
         return 2
     return 0
 
