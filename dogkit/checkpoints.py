@@ -39,13 +39,13 @@ def load_generator(path, device="auto"):
     return G, ckpt["config"], ckpt["n_classes"]
 
 
-def export_generator(checkpoint, out, device="cpu", **extra):
-    """Write the sampled generator of `checkpoint` (its EMA G, batch-norm statistics re-estimated
-    when it was taken mid-run) as a dogkit-generator-1 file in fp16; `extra` (strings and
-    numbers) is stored beside it. Returns the dict written."""
+def export_generator(checkpoint, out, device="cpu", which=None, **extra):
+    """Write the sampled generator of `checkpoint` (its EMA G, or with `which` its extra EMA copy
+    of that index; batch-norm statistics re-estimated when taken mid-run) as a dogkit-generator-1
+    file in fp16; `extra` (strings and numbers) is stored beside it. Returns the dict written."""
     device = pick_device(device)
     ckpt = read_checkpoint(checkpoint, device)
-    G, _ = ema_generator(ckpt, get(ckpt["model"]).cls, device)
+    G, _ = ema_generator(ckpt, get(ckpt["model"]).cls, device, which)
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in G.state_dict().items()}
     gen = {"format": GENERATOR_FORMAT, "model": ckpt["model"], "config": ckpt["config"],

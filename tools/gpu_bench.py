@@ -164,8 +164,15 @@ def estimate(e, score_s_per_image, n_images) -> float:
         return len(probe_configs(e)) * (e["seconds"] + PROBE_OVERHEAD_S)
     if e["kind"] == "score-timing":
         return TIMING_S
-    points = len(e.get("snapshots", [])) + 1
+    points = len(e.get("snapshots", [])) + 1 + len(extra_emas(e))  # extra EMA copies: at the end only
     return parse_budget(e["budget"]) + KERNEL_START_S + points * score_s_per_image * n_images
+
+
+def extra_emas(e) -> list[float]:
+    """The half-lives (kimg) of a train entry's extra EMA copies (its ema_extra option)."""
+    from dogkit.core.train import parse_ema_extra
+
+    return parse_ema_extra((e.get("options") or {}).get("ema_extra", ""))
 
 
 def measured_entries(rows) -> dict:
@@ -374,7 +381,14 @@ def run_train(run, e):
         if run.left() < RETURN_S + (run.score_s_per_image or 0) * run.args.n_images:
             run.log(f"{e['id']}: no time left to score {path.name}")
             break
-        score_point(run, e, path, statistics.median(rates) if rates else None, " ".join(cmd), proc.returncode)
+        rate = statistics.median(rates) if rates else None
+        score_point(run, e, path, rate, " ".join(cmd), proc.returncode)
+        if path.name == "checkpoint.pt":  # the extra EMA copies (ema_extra), at the end only
+            for i, kimg in enumerate(extra_emas(e)):
+                if run.left() < RETURN_S + (run.score_s_per_image or 0) * run.args.n_images:
+                    run.log(f"{e['id']}: no time left to score the extra EMA copies")
+                    break
+                score_point(run, e, path, rate, " ".join(cmd), proc.returncode, which=(i, kimg))
 
 
 def point_name(path, exit_code):
@@ -383,17 +397,20 @@ def point_name(path, exit_code):
     return "final" if exit_code == 0 else "stopped"
 
 
-def score_point(run, e, path, steps_per_s, command, exit_code):
+def score_point(run, e, path, steps_per_s, command, exit_code, which=None):
     """Export the point's EMA generator (fp16), sample it, FID against the carried statistics.
-    The end's checkpoint of a kernel that exited non-zero is scored as "stopped", with its exit."""
+    The end's checkpoint of a kernel that exited non-zero is scored as "stopped", with its exit.
+    which=(index, kimg): the checkpoint's extra EMA copy of that index instead."""
     from dogkit.checkpoints import export_generator, load_generator, sample_images
     from dogkit.metrics import features as feat
     from dogkit.metrics.fid import frechet_distance, stats
 
     t = time.monotonic()
     point = point_name(path, exit_code)
-    gen_path = run.staging / f"{e['id']}-{point}.pt"
-    gen = export_generator(path, gen_path, str(run.device), entry=e["id"], point=point)
+    copy = "" if which is None else f"-ema{which[1]:g}k"
+    gen_path = run.staging / f"{e['id']}-{point}{copy}.pt"
+    gen = export_generator(path, gen_path, str(run.device), which=None if which is None else which[0],
+                           entry=e["id"], point=point)
     cfg = gen["config"]
     generator = load_generator(gen_path, str(run.device))  # what comes back, fp16 weights and all
     images = sample_images(generator, cfg["truncation"], seed=0, n=run.args.n_images)
@@ -403,6 +420,8 @@ def score_point(run, e, path, steps_per_s, command, exit_code):
     run.score_s_per_image = (time.monotonic() - t) / run.args.n_images
     where = {"final": "", "stopped": f", stopped at {gen['elapsed'] / 60:.1f} min (kernel exit {exit_code})"}.get(
         point, f", snapshot at p={point[1:]} ({gen['elapsed'] / 60:.1f} min)")
+    if which is not None:
+        where += f", extra EMA copy: half-life {which[1]:g}k images"
     run.emit({"kind": "run", "model": e["model"], "budget": e["budget"], "entry": e["id"],
               "settings": settings_text(e) + where, "steps": gen["step"], "images_seen": gen["images_seen"],
               "steps_per_s": round(steps_per_s, 2) if steps_per_s else None, "batch_size": cfg["batch_size"],
@@ -458,7 +477,7 @@ def load_scoring(run):
 def return_files(run):
     """The staged files into OUT as returned.tar.NNN parts: logs and grids first, then the
     generators (finals before snapshots) while they fit RETURN_BYTES."""
-    files = sorted(run.staging.iterdir(), key=lambda f: (f.suffix == ".pt", "-p" in f.name, f.name))
+    files = sorted(run.staging.iterdir(), key=lambda f: (f.suffix == ".pt", "-p" in f.name, "-ema" in f.name, f.name))
     buf, kept, dropped = io.BytesIO(), [], []
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for f in files:
@@ -533,7 +552,7 @@ def cmd_score(args):
 
     folder = Path(args.folder)
     fid_rows = {r["note"]: r for r in ledger.load(args.ledger) if r["entry"] and r["note"]}
-    gens = sorted(folder.glob("*.pt"), key=lambda f: ("-p" in f.name, f.name))
+    gens = sorted(folder.glob("*.pt"), key=lambda f: ("-p" in f.name, "-ema" in f.name, f.name))
     if args.only:
         gens = [g for g in gens if g.stem in args.only.split(",")]
     ref = load_reference(args.reference)

@@ -17,8 +17,8 @@ import zipfile
 from dogkit.core.data import DataError, PHOTO_EXTS, breed_of, load_dataset, summary_lines
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
 from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, pick_device, writable_dir
-from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, parse_budget, parse_snapshots,
-                               read_checkpoint, train, with_settings, zip_from_checkpoint)
+from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, parse_budget, parse_ema_extra,
+                               parse_snapshots, read_checkpoint, train, with_settings, zip_from_checkpoint)
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -169,6 +169,8 @@ TRAIN_OPTIONS = (
     ("--d-steps", int, None, None, "discriminator steps per generator step (biggan, wgan-gp; default: the model's)"),
     ("--ema-kimg", float, None, None, "EMA half-life in thousands of images, ramped up over the first images "
                                       "(StyleGAN2-ADA; default 0: the model's fixed decay and start)"),
+    ("--ema-extra", str, "", None, "half-lives (thousands of images) of extra EMA copies kept in the checkpoints "
+                                   "for evaluation, e.g. 2,10,50 (default none)"),
 )
 MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam", "d_width", "d_steps",
                    "ema_kimg")
@@ -194,11 +196,12 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
                  "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
                  "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
                  "device": opts["device"], "graph": opts["graph"], "snapshots": opts["snapshots"],
-                 "memory_format": opts["memory_format"],
+                 "memory_format": opts["memory_format"], "ema_extra": opts["ema_extra"],
                  "log_every": opts["log_every"] if opts["log_every"] is not None else (300.0 if on_kaggle else 30.0)}
     overrides.update({k: opts[k] for k in MODEL_OVERRIDES if opts.get(k) is not None})
     cfg = with_settings(cfg, overrides)
     parse_snapshots(cfg.snapshots)
+    parse_ema_extra(cfg.ema_extra)
     return cfg
 
 

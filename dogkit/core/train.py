@@ -89,6 +89,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_kimg: float = 0.0  # > 0: the EMA's half-life in thousands of images (StyleGAN2-ADA), instead of decay/start
     ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
+    ema_extra: str = ""  # half-lives (kimg) of extra EMA copies kept beside G_ema for evaluation, e.g. "2,10,50"
     # data cleaning (when --data is not a cache file)
     strategy: str = "pad"
     image_size: int = 64
@@ -156,15 +157,28 @@ def lr_multiplier(p, cfg):
     return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def half_life_weight(kimg, cfg, images_seen, world_size=1):
+    """StyleGAN2-ADA's EMA rule: the new parameters' weight for a half-life of kimg thousand
+    images, at most cfg.ema_rampup of the images seen so far (a short run averages over its
+    recent past from the start)."""
+    half_life = min(kimg * 1000.0, cfg.ema_rampup * images_seen)
+    return 1.0 - 0.5 ** (cfg.batch_size * world_size / max(half_life, 1e-8))
+
+
 def ema_weight(p, cfg, images_seen=0, world_size=1):
-    """Weight of the new parameters in the EMA update. With ema_kimg, StyleGAN2-ADA's rule: a
-    half-life of ema_kimg thousand images, at most ema_rampup of the images seen so far (so a
-    short run averages over its recent past from the start); else 1 (a plain copy) until
-    ema_start, then 1 - ema_decay."""
+    """Weight of the new parameters in the EMA update: with ema_kimg, half_life_weight; else 1
+    (a plain copy) until ema_start, then 1 - ema_decay."""
     if cfg.ema_kimg > 0:
-        half_life = min(cfg.ema_kimg * 1000.0, cfg.ema_rampup * images_seen)
-        return 1.0 - 0.5 ** (cfg.batch_size * world_size / max(half_life, 1e-8))
+        return half_life_weight(cfg.ema_kimg, cfg, images_seen, world_size)
     return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay
+
+
+def parse_ema_extra(text):
+    """'2,10,50' -> [2.0, 10.0, 50.0]: the half-lives (kimg) of the extra EMA copies."""
+    values = [float(t) for t in str(text).replace(" ", "").split(",") if t]
+    if any(v <= 0 for v in values):
+        raise ValueError(f"ema_extra {text!r}: half-lives in thousands of images, each above 0")
+    return values
 
 
 REFRESH_BATCHES = 64
@@ -235,10 +249,11 @@ def train_step(tr):
         losses = tr.model.step(lambda: drawn.append(1) or draw_batch(tr))
     tr.batches_per_step = len(drawn)
     with torch.no_grad():
-        for p_ema, p in zip(tr.G_ema.parameters(), tr.model.G.parameters()):
-            p_ema.lerp_(p, tr.ema_w)  # a tensor weight: no host sync, graph-safe
-        for b_ema, b in zip(tr.G_ema.buffers(), tr.model.G.buffers()):
-            b_ema.copy_(b)
+        for G_ema, w in zip([tr.G_ema] + tr.G_extra, [tr.ema_w] + tr.extra_w):
+            for p_ema, p in zip(G_ema.parameters(), tr.model.G.parameters()):
+                p_ema.lerp_(p, w)  # a tensor weight: no host sync, graph-safe
+            for b_ema, b in zip(G_ema.buffers(), tr.model.G.buffers()):
+                b_ema.copy_(b)
         if tr.loss_sum is None:
             tr.loss_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in losses.items()}
         for k, v in losses.items():
@@ -307,6 +322,11 @@ def set_schedule(tr, p):
     if w != tr.ema_w_value:  # at the switch (every step of an ema_kimg ramp-up); never read back: no sync
         tr.ema_w.fill_(w)
         tr.ema_w_value = w
+    for i, kimg in enumerate(tr.extra_kimg):  # the extra copies: always by half-life
+        w = half_life_weight(kimg, tr.cfg, tr.images_seen, tr.world.size)
+        if w != tr.extra_w_value[i]:
+            tr.extra_w[i].fill_(w)
+            tr.extra_w_value[i] = w
 
 
 # ---- the safety net: the last good state, rollback --------------------------------------
@@ -316,7 +336,8 @@ def state_tensors(tr):
     out = list(tr.model.G.state_dict(keep_vars=True).values())
     if tr.model.D is not None:
         out += list(tr.model.D.state_dict(keep_vars=True).values())
-    out += list(tr.G_ema.state_dict(keep_vars=True).values())
+    for G_ema in [tr.G_ema] + tr.G_extra:
+        out += list(G_ema.state_dict(keep_vars=True).values())
     for opt in tr.optimizers:
         for state in opt.state.values():
             out += [v for v in state.values() if torch.is_tensor(v)]
@@ -421,6 +442,8 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
         "G": tr.model.G.state_dict(),
         "D": tr.model.D.state_dict() if tr.model.D is not None else None,
         "G_ema": tr.G_ema.state_dict(),
+        "G_ema_extra": [G.state_dict() for G in tr.G_extra],  # the ema_extra copies, in its order
+        "ema_extra_w": list(tr.extra_w_value),
         "opt_g": tr.model.opt_g.state_dict(),
         "opt_d": tr.model.opt_d.state_dict() if tr.model.opt_d is not None else None,
         "scalers": [opt.grad_scaler.state_dict() if opt.grad_scaler else None for opt in tr.optimizers],
@@ -464,6 +487,15 @@ def load_checkpoint(tr, path):
     if tr.model.D is not None:
         tr.model.D.load_state_dict(ckpt["D"])
     tr.G_ema.load_state_dict(ckpt["G_ema"])
+    extra = ckpt.get("G_ema_extra") or []
+    if len(extra) == len(tr.G_extra):
+        for G, state in zip(tr.G_extra, extra):
+            G.load_state_dict(state)
+        tr.extra_w_value = list(ckpt.get("ema_extra_w") or tr.extra_w_value)
+        for t, w in zip(tr.extra_w, tr.extra_w_value):
+            t.fill_(w)
+    else:
+        tr.log(f"extra EMA copies start afresh: the checkpoint has {len(extra)}, this run {len(tr.G_extra)}")
     tr.model.opt_g.load_state_dict(ckpt["opt_g"])
     if tr.model.opt_d is not None:
         tr.model.opt_d.load_state_dict(ckpt["opt_d"])
@@ -743,14 +775,15 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
     return zip_images(images, cfg, deadline, clock), ckpt["step"]
 
 
-def ema_generator(ckpt, model_cls, device):
-    """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig).
-    One written mid-run (periodic, snapshot, interrupt) gets its batch-norm statistics
-    re-estimated first, as the run's end would have done."""
+def ema_generator(ckpt, model_cls, device, which=None):
+    """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig);
+    which: the index of an extra EMA copy (ema_extra) instead. One written mid-run (periodic,
+    snapshot, interrupt), and every extra copy, gets its batch-norm statistics re-estimated
+    first, as the run's end does for G_ema."""
     cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), device=str(device))
     G = model_cls(cfg, ckpt["n_classes"], device).G
-    G.load_state_dict(ckpt["G_ema"])
-    if not ckpt.get("bn_refreshed", True):
+    G.load_state_dict(ckpt["G_ema"] if which is None else ckpt["G_ema_extra"][which])
+    if which is not None or not ckpt.get("bn_refreshed", True):
         refresh_batchnorm(G, cfg, ckpt["n_classes"], device)
     return G.eval(), cfg
 
@@ -817,8 +850,13 @@ class Trainer:
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))
         self.G_ema = ema_copy(self.model.G)
+        self.extra_kimg = parse_ema_extra(cfg.ema_extra)  # extra EMA copies, kept for evaluation
+        self.G_extra = [ema_copy(self.model.G) for _ in self.extra_kimg]
+        self.extra_w = [torch.tensor(1.0, device=self.device) for _ in self.extra_kimg]
+        self.extra_w_value = [1.0] * len(self.extra_kimg)
         if world.size > 1:  # one start for all ranks, then each its own batches and noise
-            broadcast_state([m for m in (self.model.G, self.model.D, self.G_ema) if m is not None], world)
+            broadcast_state([m for m in (self.model.G, self.model.D, self.G_ema, *self.G_extra) if m is not None],
+                            world)
             seed_rank(cfg, world)
         self.step = 0
         self.images_seen = 0  # real training images drawn so far (every rank's)

@@ -1,4 +1,5 @@
 """The training machinery on CPU: budget, simulated clock, resume, NaN rollback, interrupt."""
+import dataclasses
 import json
 import math
 import os
@@ -64,6 +65,31 @@ def test_ema_half_life_in_images_with_a_ramp_up():
     assert ema_weight(0.9, cfg, images_seen=10**6, world_size=2) == pytest.approx(1 - 0.5 ** (64 / 10_000))
     half = 10_000 / 32  # steps of one half-life: the old weights' share halves
     assert (1 - ema_weight(0.9, cfg, images_seen=10**6)) ** half == pytest.approx(0.5)
+
+
+def test_extra_ema_copies_average_by_their_half_lives_and_travel_in_the_checkpoint(tmp_path, tiny_dataset):
+    from dogkit.checkpoints import export_generator, load_generator
+    from dogkit.core.train import half_life_weight
+
+    cfg = tiny_cfg(tmp_path, steps=12, ema_extra="0.02,1", ema_rampup=10.0)  # half-lives 20 and 96+ images
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+    trainer.run()
+    assert trainer.extra_w_value == [pytest.approx(half_life_weight(k, cfg, trainer.images_seen - 8))
+                                     for k in (0.02, 1.0)]  # set before the last step's images
+    first = [p.clone() for p in trainer.G_extra[0].parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(first, trainer.G_extra[1].parameters()))
+    again = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "b")), registry.get("dcgan").cls, data=tiny_dataset,
+                    log=lambda m: None)
+    load_checkpoint(again, tmp_path / "checkpoint.pt")
+    for a, b in zip(trainer.G_extra[1].state_dict().values(), again.G_extra[1].state_dict().values()):
+        assert torch.equal(a, b)
+    assert again.extra_w_value == trainer.extra_w_value
+    gen = export_generator(tmp_path / "checkpoint.pt", tmp_path / "g.pt", which=1)
+    G, _, _ = load_generator(tmp_path / "g.pt", "cpu")
+    assert gen["format"] == "dogkit-generator-1" and G(torch.zeros(2, cfg.z_dim), None).shape == (2, 3, 64, 64)
+    with pytest.raises(ValueError, match="ema_extra '0,2'"):
+        Trainer(tiny_cfg(tmp_path, ema_extra="0,2"), registry.get("dcgan").cls, data=tiny_dataset,
+                log=lambda m: None)
 
 
 def test_d_width_and_d_steps_reach_the_discriminator(tmp_path, tiny_dataset):
