@@ -118,7 +118,13 @@ def _curves_plot(run: Path, path) -> bool:
     log = run / "log.jsonl"
     if not log.exists():
         return False
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:  # a run killed mid-write (a Kaggle session's end) can leave a half line: skipped
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
     keys = sorted({k for r in rows for k in r if k.startswith("loss") or k in ("mifid", "fid")})
     if not rows or not keys:
         return False

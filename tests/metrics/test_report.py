@@ -48,7 +48,8 @@ def report_dir(tmp_path_factory, inception):
     run = tmp / "run"
     run.mkdir()
     (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss_d": 1.0 / s, "loss_g": s / 10})
-                                             for s in range(1, 6)))
+                                             for s in range(1, 6)) + '\n{"step": 6, "loss_')  # killed mid-line
+    (run / "dogkit-dcgan.log").write_text('[{"stream_name": "stdout", "time": 1.0, "data": "step 1"}]')  # Kaggle's
     runner = CliRunner()
     res = runner.invoke(main, ["reference", str(tmp / "real"), "-o", str(tmp / "ref.npz")])
     assert res.exit_code == 0, res.output
