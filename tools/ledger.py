@@ -28,11 +28,12 @@ LEDGER = ROOT / "results" / "ledger.jsonl"
 README = ROOT / "README.md"
 KEYS = ("kind", "model", "settings", "budget", "steps", "images_seen", "steps_per_s", "batch_size", "truncation",
         "seed", "fid", "distance", "mifid", "device", "torch", "commit", "date", "command", "note", "entry",
-        "scoring")
-KINDS = ("run", "sweep", "throughput")
+        "scoring", "seconds")
+KINDS = ("run", "sweep", "throughput", "timing")
 REQUIRED = {"run": ("model", "budget", "fid", "distance", "mifid", "device", "command"),
             "sweep": ("model", "truncation", "fid", "distance", "mifid", "command"),
-            "throughput": ("model", "steps_per_s", "batch_size", "device", "command")}
+            "throughput": ("model", "steps_per_s", "batch_size", "device", "command"),
+            "timing": ("settings", "seconds", "device", "command")}  # a tool's wall clock, e.g. dogkit score
 # `scoring` says how a row's FID was computed. One computed on the GPU machine with the carried int8
 # Inception against the reference's mean and covariance (no memorization term) starts with FID_ONLY:
 # its distance and MiFID stay empty until the exact score on the CPU adds its own row.

@@ -76,6 +76,7 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
         {"id": "probe", "kind": "throughput", "question": "speed?", "models": ["dcgan"], "batch_sizes": [8],
          "precisions": ["fp32"], "memory_formats": ["contiguous", "channels_last"], "seconds": 1.5},
         {"id": "too-long", "kind": "train", "model": "dcgan", "budget": "2h", "question": "never started"},
+        {"id": "timing", "kind": "score-timing", "question": "how fast is dogkit score?"},
         {"id": "tiny-run", "kind": "train", "model": "dcgan", "budget": "60s", "snapshots": [0.5], "options": tiny,
          "question": "does the loop work?"},
     ])
@@ -90,7 +91,10 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
     assert "GPU-only tests (exit" in log and "skipped" in log  # run first, skipped without CUDA
     assert "too-long: not started" in log
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["entry"]) for r in rows] == [("throughput", "probe")] * 2 + [("run", "tiny-run")] * 3
+    assert [(r["kind"], r["entry"]) for r in rows] == ([("throughput", "probe")] * 2 + [("timing", "timing")]
+                                                       + [("run", "tiny-run")] * 3)
+    assert rows[2]["seconds"] > 0 and "dogkit score of 300 images" in rows[2]["settings"]
+    rows = [r for r in rows if r["kind"] != "timing"]
     assert rows[1]["settings"].endswith("channels_last") and all(r["steps_per_s"] > 0 for r in rows)
     snap, final, extra = rows[2], rows[3], rows[4]
     assert extra["settings"].endswith("extra EMA copy: half-life 0.5k images")
@@ -102,7 +106,7 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
 
     assert gpu_bench.main(base + ["ingest", str(out), "--runs", str(tmp_path / "runs"), "--name", "b1"]) == 0
     assert gpu_bench.main(base + ["ingest", str(out), "--runs", str(tmp_path / "runs"), "--name", "b1"]) == 0
-    assert len(ledger.load(book)) == 5  # ingesting twice adds nothing
+    assert len(ledger.load(book)) == 6  # ingesting twice adds nothing
     back = tmp_path / "runs" / "b1"
     assert {p.name for p in back.glob("*.pt")} == {"tiny-run-final.pt", "tiny-run-p0.5.pt",
                                                    "tiny-run-final-ema0.5k.pt"}
@@ -120,7 +124,7 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
         assert "off by" in r["note"]
     assert gpu_bench.main(base + ["score", str(back), "--reference", str(tmp_path / "ref.npz"),
                                   "--n-images", "40"]) == 0
-    assert len(ledger.load(book)) == 8  # resumable: the two scored are skipped, the extra copy is scored now
+    assert len(ledger.load(book)) == 9  # resumable: the two scored are skipped, the extra copy is scored now
 
     capsys.readouterr()
     assert gpu_bench.main(base + ["queue"]) == 0
