@@ -14,16 +14,11 @@ import torch
 
 from dogkit.core.registry import get
 from dogkit.core.sample import atomic_path, generate, save_grid, write_zip
-from dogkit.core.train import CHECKPOINT_FORMAT, ema_generator, pick_device
-from dogkit.core.train import read_checkpoint as read_any
+from dogkit.core.train import CHECKPOINT_FORMAT, ema_generator, pick_device, read_checkpoint
 
 GENERATOR_FORMAT = "dogkit-generator-1"
+READABLE = (CHECKPOINT_FORMAT, GENERATOR_FORMAT)  # what load_generator and export_generator take
 RUN_FIELDS = ("step", "images_seen", "elapsed", "train_seconds")
-
-
-def read_checkpoint(path, device="cpu"):
-    """A checkpoint or generator file as a dict, read as data only (RunError: one line)."""
-    return read_any(path, device, formats=(CHECKPOINT_FORMAT, GENERATOR_FORMAT))
 
 
 def load_generator(path, device="auto"):
@@ -32,7 +27,7 @@ def load_generator(path, device="auto"):
     statistics re-estimated first, as the run's end would have done (the VAE's sampling clusters
     need the data: final only)."""
     device = pick_device(device)
-    ckpt = read_checkpoint(path, device)
+    ckpt = read_checkpoint(path, device, READABLE)
     G, _ = ema_generator(ckpt, get(ckpt["model"]).cls, device)
     if device.type == "cpu":  # oneDNN's NHWC convolutions: biggan samples 1.8x faster on 2 cores
         G = G.to(memory_format=torch.channels_last)
@@ -44,7 +39,7 @@ def export_generator(checkpoint, out, device="cpu", which=None, **extra):
     of that index; batch-norm statistics re-estimated when taken mid-run) as a dogkit-generator-1
     file in fp16; `extra` (strings and numbers) is stored beside it. Returns the dict written."""
     device = pick_device(device)
-    ckpt = read_checkpoint(checkpoint, device)
+    ckpt = read_checkpoint(checkpoint, device, READABLE)
     G, _ = ema_generator(ckpt, get(ckpt["model"]).cls, device, which)
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().contiguous()
              for k, v in G.state_dict().items()}

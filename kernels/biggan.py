@@ -20,11 +20,11 @@ Contents (line numbers):
      75  Augmentation
     157  Model building blocks shared by the models
     231  Model
-    431  Data
-    936  Several GPUs
-   1153  The machine
-   1298  Sampling
-   1460  Training
+    430  Data
+    935  Several GPUs
+   1152  The machine
+   1297  Sampling
+   1459  Training
    2425  Entry point
 """
 import argparse
@@ -372,8 +372,7 @@ class BigGAN:
 
     name = "biggan"
     conditional = True
-    applies_lecam = True  # cfg.lecam > 0 adds LeCam regularisation to D's loss
-    applies = ("d_width", "d_steps")
+    applies = ("lecam", "d_width", "d_steps")  # LeCam on D's loss, D's own width, several D steps
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg
@@ -2238,15 +2237,16 @@ def seed_and_tune(cfg, device):
         torch.backends.cudnn.benchmark = True
 
 
+MODEL_SPECIFIC = (("lecam", 0.0, "LeCam (biggan does)"), ("d_width", 0, "it"), ("d_steps", 1, "it"))  # (setting, off)
+
+
 def check_model_options(cfg, model):
     """Options only some models apply: an error rather than silently nothing."""
     if "diffaug" in cfg.augment and not getattr(model, "diffaug", False):
         raise ValueError(f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment")
-    if cfg.lecam > 0 and not getattr(model, "applies_lecam", False):
-        raise ValueError(f"lecam={cfg.lecam:g}: model {model.name} does not apply LeCam (biggan does)")
-    for name, default in (("d_width", 0), ("d_steps", 1)):
-        if getattr(cfg, name) != default and name not in getattr(model, "applies", ()):
-            raise ValueError(f"{name}={getattr(cfg, name)}: model {model.name} does not apply it")
+    for name, off, what in MODEL_SPECIFIC:
+        if getattr(cfg, name) != off and name not in getattr(model, "applies", ()):
+            raise ValueError(f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}")
 
 
 def ema_copy(G):

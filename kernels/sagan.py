@@ -25,7 +25,7 @@ Contents (line numbers):
    1061  Augmentation
    1095  Sampling
    1257  Training
-   2222  Entry point
+   2223  Entry point
 """
 import argparse
 import contextlib
@@ -2035,15 +2035,16 @@ def seed_and_tune(cfg, device):
         torch.backends.cudnn.benchmark = True
 
 
+MODEL_SPECIFIC = (("lecam", 0.0, "LeCam (biggan does)"), ("d_width", 0, "it"), ("d_steps", 1, "it"))  # (setting, off)
+
+
 def check_model_options(cfg, model):
     """Options only some models apply: an error rather than silently nothing."""
     if "diffaug" in cfg.augment and not getattr(model, "diffaug", False):
         raise ValueError(f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment")
-    if cfg.lecam > 0 and not getattr(model, "applies_lecam", False):
-        raise ValueError(f"lecam={cfg.lecam:g}: model {model.name} does not apply LeCam (biggan does)")
-    for name, default in (("d_width", 0), ("d_steps", 1)):
-        if getattr(cfg, name) != default and name not in getattr(model, "applies", ()):
-            raise ValueError(f"{name}={getattr(cfg, name)}: model {model.name} does not apply it")
+    for name, off, what in MODEL_SPECIFIC:
+        if getattr(cfg, name) != off and name not in getattr(model, "applies", ()):
+            raise ValueError(f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}")
 
 
 def ema_copy(G):

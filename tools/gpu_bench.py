@@ -558,14 +558,15 @@ def cmd_score(args):
     from dogkit.metrics.score import score
 
     folder = Path(args.folder)
-    fid_rows = {r["note"]: r for r in ledger.load(args.ledger) if r["entry"] and r["note"]}
+    rows = ledger.load(args.ledger)
+    fid_rows = {r["note"]: r for r in rows if r["entry"] and r["note"]}
     gens = sorted(folder.glob("*.pt"), key=lambda f: ("-p" in f.name, "-ema" in f.name, f.name))
     if args.only:
         gens = [g for g in gens if g.stem in args.only.split(",")]
     ref = load_reference(args.reference)
     model, _ = load_inception(args.inception_weights)
     scoring = EXACT.format(n=args.n_images, reference=args.reference, rows=len(ref.features))
-    done = {(r["entry"], r["settings"]) for r in ledger.load(args.ledger) if r["scoring"] == scoring}
+    done = {(r["entry"], r["settings"]) for r in rows if r["scoring"] == scoring}
     for gen in gens:
         gpu = fid_rows.get(f"generator {gen.name}")
         if gpu is None:

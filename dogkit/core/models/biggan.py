@@ -154,8 +154,7 @@ class BigGAN:
 
     name = "biggan"
     conditional = True
-    applies_lecam = True  # cfg.lecam > 0 adds LeCam regularisation to D's loss
-    applies = ("d_width", "d_steps")
+    applies = ("lecam", "d_width", "d_steps")  # LeCam on D's loss, D's own width, several D steps
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg

@@ -17,7 +17,8 @@ class ModelContract:
         conditional: True when G and D take breed labels (G(z, labels)); the trainer then passes
             the data's breeds and samples them class-balanced.
     Optional class attributes:
-        applies_lecam: True when the step adds LeCam regularisation for cfg.lecam > 0.
+        applies: the model-specific settings its step reads, of "lecam", "d_width", "d_steps"
+            (train.MODEL_SPECIFIC); any of them set for a model that does not list it is an error.
     __init__(cfg, n_classes, device): builds everything on device from a TrainConfig.
     Instance attributes after __init__:
         G: the generator, an nn.Module called as G(z, labels) (labels None when unconditional),
