@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from dogkit.checkpoints import BN_STATS
 from dogkit.core.registry import MODEL_NAMES
 
 
@@ -374,19 +375,23 @@ def _torchrun_world(device, gpus):
               help="Redraw z values beyond +-T (default: the run's setting; 0 = none).")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed: the same seed, the same images.")
 @click.option("--grid", type=click.Path(), default=None, help="Also write a grid of the first 64 (PNG).")
+@click.option("--bn", type=click.Choice(BN_STATS), default="standing", show_default=True,
+              help="Batch-norm statistics: re-estimated after training (what the kernels do), the running averages "
+                   "of training (eval mode), or each batch's own (batches of the training batch size).")
 @device_option
-def sample(checkpoint, out, n_images, truncation, seed, grid, device):
+def sample(checkpoint, out, n_images, truncation, seed, grid, bn, device):
     """Sample a checkpoint's EMA generator into a zip of PNGs, checked with the scorer's rules.
 
     \b
     dogkit sample runs/dcgan/checkpoint.pt -o submission/images.zip --truncation 1.0
+    dogkit sample runs/big/checkpoint.pt -o runs/big/batch-bn.zip --bn batch
     """
     from dogkit.checkpoints import load_generator, sample_to_zip
     from dogkit.core.runtime import RunError
     from dogkit.metrics.submission import SubmissionError, load_submission
 
     try:
-        generator = load_generator(checkpoint, _device(device))
+        generator = load_generator(checkpoint, _device(device), bn=bn)
     except RunError as exc:  # missing, truncated, another format, or a pickle with code: refused
         _fail(str(exc))
     t = generator[1]["truncation"] if truncation is None else truncation

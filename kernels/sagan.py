@@ -17,15 +17,15 @@ change dogkit and rebuild rather than editing this file. Model class: SAGAN.
 
 Contents (line numbers):
      67  Settings
-     74  Model building blocks shared by the models
-    128  Model
-    194  Data
-    699  Several GPUs
-    916  The machine
-   1061  Augmentation
-   1095  Sampling
-   1257  Training
-   2223  Entry point
+     80  Model building blocks shared by the models
+    134  Model
+    200  Data
+    705  Several GPUs
+    922  The machine
+   1067  Augmentation
+   1101  Sampling
+   1263  Training
+   2351  Entry point
 """
 import argparse
 import contextlib
@@ -69,6 +69,12 @@ from torch.nn.utils.parametrizations import spectral_norm
 # ---------------------------------------------------------------------------------------------
 SAGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.9, batch_size=32, z_dim=128, width=64,
                       augment="flip")
+
+# Kaggle sessions this run is planned over, each within the time limit below. 1: the competition's
+# rule, one kernel run. N > 1: the learning rate anneals in the last session; each writes images.zip
+# and checkpoint.pt, and the next one, run with this notebook's own output attached (Add Input ->
+# Your Work), continues from that checkpoint (the same model and settings, or it stops at once).
+KAGGLE_SESSIONS = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1295,6 +1301,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     steps: int = 0  # stop after this many steps as well (0: only the budget decides)
+    sessions: int = 1  # sessions the run is planned over, `budget` each, each continuing the last one's checkpoint
     # model and optimiser (each model's settings override these)
     model: str = "dcgan"
     batch_size: int = 32
@@ -1670,7 +1677,11 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
         "step": tr.step,
         "images_seen": tr.images_seen,  # real images drawn for training, all ranks together
         "elapsed": tr.elapsed,
-        "train_seconds": tr.train_seconds,
+        "train_seconds": tr.train_seconds,  # the whole run's training (every session's)
+        "session": tr.session,  # the session that wrote it (1, 2, ...: cfg.sessions)
+        "session_start": tr.session_start,  # elapsed when that session started
+        "session_end": tr.session_end,  # elapsed when that session stops training
+        "per_session": tr.per_session,  # training seconds a session gets (the plan of the sessions to come)
         "lr_scale": tr.lr_scale,
         "rollbacks": tr.rollbacks,
         "breeds": tr.breeds,
@@ -1715,10 +1726,47 @@ def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
     return ckpt
 
 
-def load_checkpoint(tr, path):
+RUN_SETTINGS = ("data", "out", "budget", "sessions", "device", "steps", "n_samples", "truncation", "log_every",
+                "grid_every", "checkpoint_every", "snapshots", "keep_grids", "zip_every", "reserve", "graph",
+                "memory_format", "ema_extra")  # where and how long a run goes: a continued run may change them
+
+
+def settings_differences(saved, cfg):
+    """The training settings (all but the model and RUN_SETTINGS) in which cfg differs from a
+    checkpoint's saved config, as 'name saved (this run: value)'."""
+    defaults = dataclasses.asdict(TrainConfig())
+    return [f"{k} {saved.get(k, v0)!r} (this run: {getattr(cfg, k)!r})" for k, v0 in defaults.items()
+            if k not in RUN_SETTINGS and k != "model" and saved.get(k, v0) != getattr(cfg, k)]
+
+
+def check_continuation(ckpt, path, cfg, model_name, next_session=True):
+    """A RunError, one line naming the difference, unless checkpoint ckpt (read from path) can be
+    continued by a run of model_name under cfg: the same model, the same training settings and,
+    when the run is planned over sessions, a session still to come. Returns what it continues,
+    for the start block."""
+    if ckpt.get("model") != model_name:
+        raise RunError(f"{path}: a checkpoint of model {ckpt.get('model')!r}; this run trains {model_name!r}")
+    differences = settings_differences(ckpt["config"], cfg)
+    if differences:
+        raise RunError(f"{path}: trained with other settings: {'; '.join(differences)}; continue with the "
+                       f"checkpoint's settings, or start afresh without it")
+    done = ckpt.get("session", 1)
+    if cfg.sessions > 1 and next_session and done >= cfg.sessions:
+        raise RunError(f"{path}: that run has already trained its {done} sessions (step {ckpt['step']}); raise "
+                       f"sessions above {done} to train it longer, or start afresh without it")
+    if cfg.sessions == 1:
+        return f"{path}: step {ckpt['step']}, {fmt_time(ckpt['elapsed'])} done"
+    return (f"session {done + next_session} of {cfg.sessions}, from {path}: step {ckpt['step']}, "
+            f"{fmt_time(ckpt['elapsed'])} done in {done} session{'s' * (done > 1)}")
+
+
+def load_checkpoint(tr, path, same_session=False):
+    """Load the whole training state. With cfg.sessions > 1 the checkpoint's run goes on in the
+    next session (this process's clock, the plan re-timed), unless same_session (a multi-GPU run
+    going on in one process after rank 0 died); with one session, --budget counts the previous
+    runs' time too."""
     ckpt = read_checkpoint(path, tr.device)
-    if ckpt.get("model") != tr.cfg.model:
-        raise RunError(f"{path}: a checkpoint of model {ckpt.get('model')!r}; this run trains {tr.cfg.model!r}")
+    check_continuation(ckpt, path, tr.cfg, tr.cfg.model, next_session=not same_session)
     tr.model.G.load_state_dict(ckpt["G"])
     if tr.model.D is not None:
         tr.model.D.load_state_dict(ckpt["D"])
@@ -1742,9 +1790,17 @@ def load_checkpoint(tr, path):
     tr.resumed_elapsed = tr.elapsed
     tr.lr_scale, tr.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
     tr.grid_every = ckpt.get("grid_every", tr.grid_every)
-    # a new --budget on resume re-plans the end; the same budget keeps the same schedule
-    same_budget = ckpt["config"]["budget"] == tr.cfg.budget
-    tr.train_seconds = ckpt["train_seconds"] if same_budget else None
+    tr.session, tr.session_start = ckpt.get("session", 1), tr.elapsed
+    if same_session:  # the same clock and plan
+        tr.session_start = ckpt.get("session_start", 0.0)
+        tr.train_seconds = ckpt["train_seconds"]
+        tr.session_end, tr.per_session = ckpt.get("session_end") or tr.train_seconds, ckpt.get("per_session") or 0.0
+    elif tr.cfg.sessions > 1:  # the next session: its own clock, the plan re-timed
+        tr.session += 1
+    elif ckpt["config"]["budget"] == tr.cfg.budget:  # one session: the same budget keeps the same schedule
+        tr.train_seconds = tr.session_end = ckpt["train_seconds"]  # (a new --budget re-plans the end)
+        tr.per_session = ckpt.get("per_session") or 0.0
+    tr.continues = os.path.dirname(os.path.abspath(path))  # its log is carried once the plan holds
     tr.ema_w.fill_(ckpt["ema_w"])
     tr.ema_w_value = ckpt["ema_w"]
     size = ckpt.get("world_size", 1)
@@ -1753,7 +1809,25 @@ def load_checkpoint(tr, path):
     else:  # another world size, or saved by rank 0 alone (an interrupt): fresh streams per rank
         seed_rank(tr.cfg, tr.world, tr.step)
         tr.log(f"random streams start afresh: checkpoint of {size} rank(s), run of {tr.world.size}")
-    tr.log(f"resumed {path}: step {tr.step}, {tr.elapsed:.0f} s done")
+    tr.log(f"resumed {path}: step {tr.step}, {tr.elapsed:.0f} s done"
+           + (f"; session {tr.session} of {tr.cfg.sessions}" if tr.cfg.sessions > 1 else ""))
+
+
+def carry_log(folder, out, log=print):
+    """The earlier run's log.jsonl (beside the checkpoint a run continues) copied into the output
+    folder when that is another one (a new Kaggle session writes to an empty /kaggle/working), so
+    the log holds the whole run; an output folder that already has a log keeps its own."""
+    source, target = os.path.join(folder, "log.jsonl"), os.path.join(out, "log.jsonl")
+    if not os.path.isfile(source) or os.path.abspath(folder) == os.path.abspath(out):
+        return
+    if os.path.exists(target):
+        log(f"{target} already exists: the earlier log ({source}) is not copied into it")
+        return
+    with open(source, errors="replace") as fh:
+        lines = [line for line in fh.read().splitlines(keepends=True) if line.endswith("\n")]  # whole lines
+    with atomic_path(target) as tmp, open(tmp, "w") as fh:
+        fh.writelines(lines)
+    log(f"copied the earlier log ({len(lines)} records) from {source}")
 
 
 # ---- the plan: how long the end takes, how long training gets ---------------------------
@@ -1792,30 +1866,50 @@ def measure_end(tr):
     return 1.25 * sum(parts.values()) + 3.0, parts
 
 
+def budget_start(tr):
+    """The elapsed time from which this process's --budget counts: its session's start when the run
+    is planned over sessions, else 0 (a resumed run's budget includes the earlier runs)."""
+    return tr.session_start if tr.cfg.sessions > 1 else 0.0
+
+
+def sessions_plan(tr, reserve):
+    """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds: this
+    session trains until its budget's end minus the reserve; the run's training time counts the
+    sessions still to come as long as this one's training."""
+    session_end = budget_start(tr) + tr.cfg.budget - reserve
+    per_session = session_end - (tr.clock() - tr.t0 + tr.session_start)  # from now: data loading is spent
+    return session_end, session_end + max(0, tr.cfg.sessions - tr.session) * per_session, per_session
+
+
 def plan(tr):
-    """Fix train_seconds (budget minus the end's reserve), timed on rank 0 (sampling all alone: an
-    upper bound when the ranks share it) and the same on every rank."""
-    tr.train_seconds = on_main(lambda: planned_seconds(tr), tr.world)
+    """Fix the plan (sessions_plan: the budget minus the end's reserve), timed on rank 0 (sampling
+    all alone: an upper bound when the ranks share it) and the same on every rank."""
+    tr.session_end, tr.train_seconds, tr.per_session = on_main(lambda: planned_seconds(tr), tr.world)
 
 
 def planned_seconds(tr):
-    """Seconds of training: the budget minus the end's reserve; a budget too short is refused."""
+    """sessions_plan with the end timed on this device; a budget too short is refused."""
     cfg = tr.cfg
     if cfg.reserve >= 0:
         reserve, how = cfg.reserve, "as configured"
     else:
         reserve, parts = measure_end(tr)
         how = "measured: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ", x1.25 + 3 s"
-    train_seconds = max(0.0, cfg.budget - reserve)
-    used = tr.resumed_elapsed + (tr.clock() - tr.t0)  # previous runs (resume), data loading
-    if train_seconds - used < 0.1 * cfg.budget:
+    session_end, train_seconds, per_session = sessions_plan(tr, reserve)
+    if per_session < 0.1 * cfg.budget:
+        used = tr.clock() - tr.t0 + tr.session_start - budget_start(tr)  # earlier runs (resume), data loading
         need = math.ceil((used + reserve) / 0.9 / 60)
         raise RunError(f"budget {fmt_time(cfg.budget)} is too short on this device: {used:.0f} s already "
                        f"spent and the end (sampling {cfg.n_samples} images, the zip) needs {reserve:.0f} s "
                        f"({how}); give --budget {need}m or more")
-    tr.log(f"budget     {fmt_time(cfg.budget)}: training until {fmt_time(train_seconds)}, "
-           f"{reserve:.0f} s kept for the end ({how})")
-    return train_seconds
+    if cfg.sessions > 1:
+        tr.log(f"budget     {fmt_time(cfg.budget)} a session, session {tr.session} of {cfg.sessions}: training "
+               f"until {fmt_time(session_end)} of the run's {fmt_time(train_seconds)} (the sessions to come "
+               f"as long as this one), {reserve:.0f} s kept for the end ({how})")
+    else:
+        tr.log(f"budget     {fmt_time(cfg.budget)}: training until {fmt_time(train_seconds)}, "
+               f"{reserve:.0f} s kept for the end ({how})")
+    return session_end, train_seconds, per_session
 
 
 REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
@@ -1828,11 +1922,14 @@ def replan(tr):
     for nothing is a second not trained. Rank 0 times it; every rank gets the same plan."""
     def warm():
         reserve, parts = measure_end(tr)
-        return max(tr.train_seconds, tr.cfg.budget - reserve), reserve
+        gain = max(0.0, budget_start(tr) + tr.cfg.budget - reserve - tr.session_end)
+        per_session = tr.per_session + gain
+        return (tr.session_end + gain, tr.session_end + gain + max(0, tr.cfg.sessions - tr.session) * per_session,
+                per_session, reserve)
 
-    before = tr.train_seconds
-    tr.train_seconds, reserve = on_main(warm, tr.world)
-    tr.log(f"re-planned once warm: the end needs {reserve:.0f} s; training until {fmt_time(tr.train_seconds)} "
+    before = tr.session_end
+    tr.session_end, tr.train_seconds, tr.per_session, reserve = on_main(warm, tr.world)
+    tr.log(f"re-planned once warm: the end needs {reserve:.0f} s; training until {fmt_time(tr.session_end)} "
            f"(was {fmt_time(before)})")
 
 
@@ -1846,7 +1943,7 @@ def log_interval(tr, p, steps, seconds):
     for v in sums.values():
         v.zero_()
     finite = all(math.isfinite(v) and abs(v) < 1e4 for v in means.values())
-    record = {"step": tr.step, "elapsed": round(tr.elapsed, 3), "p": round(p, 5),
+    record = {"step": tr.step, "session": tr.session, "elapsed": round(tr.elapsed, 3), "p": round(p, 5),
               "lr_g": tr.cfg.lr_g * lr_multiplier(p, tr.cfg) * tr.lr_scale,
               "steps_per_s": round(steps / max(seconds, 1e-9), 2), **means}
     if tr.world.main:
@@ -1945,14 +2042,29 @@ def ready_to_sample(tr):
     tr.bn_refreshed = True
 
 
+END_GRACE = (0.1, 600.0)  # a late end may overrun the budget by this fraction of it, at most these seconds
+
+
+def end_deadline(tr):
+    """(the clock reading the end must finish by, the budget's own end). They are the same when
+    the output folder holds an images.zip: sampling stops rather than overrun and that zip is
+    kept. With no zip to keep, an end slower than planned (a machine that got busy) may overrun
+    by a tenth of the budget, at most 10 minutes (inside a Kaggle kernel's 15-minute margin):
+    a zip a little late beats none after hours of training."""
+    end = tr.t0 - tr.session_start + budget_start(tr) + tr.cfg.budget  # on tr.clock, the zip included
+    if os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
+        return end, end
+    return end + min(END_GRACE[0] * tr.cfg.budget, END_GRACE[1]), end
+
+
 def finish(tr, failure=None):
     """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
-    budget's deadline: sampling stops (keeping any earlier images.zip) rather than overrun.
+    deadline (end_deadline): sampling stops (keeping any earlier images.zip) rather than overrun.
     Several ranks share the sampling when none failed; after a failure rank 0 ends alone."""
-    deadline = tr.t0 - tr.resumed_elapsed + tr.cfg.budget  # on tr.clock, the zip included
+    deadline, budget_end = end_deadline(tr)
     world = tr.world if failure is None else ALONE
     if not world.main:
-        return help_finish(tr, deadline)
+        return help_finish(tr, deadline)  # the same deadline: the same folder, checked before any zip
     path = os.path.join(tr.cfg.out, "images.zip")
     t = time.monotonic()
     try:
@@ -1973,7 +2085,16 @@ def finish(tr, failure=None):
         raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
     tr.log(f"wrote {path}: {tr.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
            f"(step {tr.step}, {tr.rollbacks} rollbacks{f', {world.size} ranks' if world.size > 1 else ''}); "
-           f"trained {fmt_time(tr.elapsed - tr.resumed_elapsed)} of this run's {fmt_time(deadline - tr.t0)}")
+           f"trained {fmt_time(tr.elapsed - tr.resumed_elapsed)} of this run's {fmt_time(budget_end - tr.t0)}")
+    late = tr.clock() - budget_end
+    if late > 0:
+        tr.log(f"WARNING    the end took {late:.0f} s longer than the budget left it (the machine was slower than "
+               f"when the end was timed); with no earlier images.zip to keep, it was let run over")
+    if tr.session < tr.cfg.sessions:
+        tr.log(f"session {tr.session} of {tr.cfg.sessions} ends at step {tr.step} "
+               f"({100 * tr.elapsed / max(tr.train_seconds, 1e-9):.0f}% of the run's training): continue it in "
+               f"the next session (Kaggle: run this notebook again with this version's output attached; "
+               f"locally: --resume {os.path.join(tr.cfg.out, 'checkpoint.pt')} --sessions {tr.cfg.sessions})")
     if failure:
         raise RunFailed(failure, path)
     return path
@@ -2100,12 +2221,15 @@ class Trainer:
         self.batches_per_step = 1  # real batches one step draws (measured by train_step)
         self.elapsed = 0.0  # seconds of the run so far (previous runs included when resumed)
         self.resumed_elapsed = 0.0  # what a resumed checkpoint had done before this process
-        self.train_seconds = None
+        self.train_seconds = None  # the whole run's training (every session's); p = elapsed / train_seconds
+        self.session, self.session_start = 1, 0.0  # this session (cfg.sessions), the elapsed it started at
+        self.session_end = self.per_session = None  # the elapsed at which it stops training; a session's share
         self.lr_scale, self.rollbacks = 1.0, 0
         self.ema_w, self.ema_w_value = torch.tensor(1.0, device=self.device), 1.0
         self.loss_sum = self.graph = None
         self.good = None  # in-memory copy of the last good training state (rollback target)
         self.bn_refreshed = False
+        self.continues = None  # the folder of the checkpoint this run continues (load_checkpoint)
         self.grid_every = cfg.grid_every
         self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(self.device)
         self.fixed_y = (torch.arange(64) % max(self.n_classes, 1)).to(self.device) if self.n_classes else None
@@ -2120,6 +2244,8 @@ class Trainer:
         if self.train_seconds is None:
             plan(self)
         if self.world.main:
+            if self.continues:
+                carry_log(self.continues, self.cfg.out, self.log)
             with open(os.path.join(self.cfg.out, "options.json"), "w") as fh:
                 json.dump(dict(dataclasses.asdict(self.cfg), world_size=self.world.size), fh, indent=2)
         try:
@@ -2138,19 +2264,20 @@ class Trainer:
     def train_loop(self):
         """The loop. Returns None, or the cause when it had to stop early (a NaN storm)."""
         cfg, main = self.cfg, self.world.main
-        start = self.t0 - self.resumed_elapsed
+        start = self.t0 - self.session_start  # elapsed counts every session's time
         now, _ = agree(self.world, self.clock())
         last_log = last_grid = last_ckpt = last_zip = now
         use_graph = graph_wanted(self)
         steps_at_log = self.step
         pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
-        replanned = cfg.reserve >= 0 or self.elapsed >= REPLAN_AT * self.train_seconds
+        first = budget_start(self)
+        replanned = cfg.reserve >= 0 or self.elapsed - first >= REPLAN_AT * (self.session_end - first)
         while True:
             now, failed = agree(self.world, self.clock())  # rank 0's clock decides for every rank
             if failed:
                 return f"rank {failed - 1} stopped at step {self.step} (its error is above)"
             self.elapsed = now - start
-            if self.elapsed >= self.train_seconds or (cfg.steps and self.step >= cfg.steps):
+            if self.elapsed >= self.session_end or (cfg.steps and self.step >= cfg.steps):
                 break
             p = self.elapsed / max(self.train_seconds, 1e-9)
             set_schedule(self, p)
@@ -2178,10 +2305,10 @@ class Trainer:
                 last_ckpt = now
             if pending and p >= pending[0]:
                 checkpoint_together(self, f"snapshot-p{pending.pop(0):g}.pt")
-            if not replanned and p >= REPLAN_AT:
+            if not replanned and self.elapsed - first >= REPLAN_AT * (self.session_end - first):
                 replan(self)
                 replanned = True
-            if now - last_zip >= cfg.zip_every and self.train_seconds - self.elapsed > cfg.zip_every / 4:
+            if now - last_zip >= cfg.zip_every and self.session_end - self.elapsed > cfg.zip_every / 4:
                 if main:
                     interim_zip(self)
                 last_zip = now
@@ -2209,14 +2336,15 @@ def fmt_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None, world=ALONE):
-    """Train model_cls under cfg (resuming from a checkpoint if given); returns the zip path (None
-    on ranks other than 0). Raises RunFailed (after writing the zip from the last good state)
-    when training broke off. world: this process's rank (distributed.join_world); data is only
-    needed on rank 0."""
+def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None, world=ALONE,
+          same_session=False):
+    """Train model_cls under cfg (resuming from a checkpoint if given: load_checkpoint); returns the
+    zip path (None on ranks other than 0). Raises RunFailed (after writing the zip from the last
+    good state) when training broke off. world: this process's rank (distributed.join_world);
+    data is only needed on rank 0."""
     trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks, t0=t0, world=world)
     if resume:
-        load_checkpoint(trainer, resume)
+        load_checkpoint(trainer, resume, same_session)
     return trainer.run()
 
 
@@ -2362,7 +2490,11 @@ TRAIN_OPTIONS = (
                                   f"(default: {KAGGLE_BUDGET} on Kaggle, else 8m)"),
     ("--out", str, None, None, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: "
                                "/kaggle/working on Kaggle, else submission)"),
-    ("--resume", str, None, None, "checkpoint.pt to continue from (same model; a new --budget re-plans the end)"),
+    ("--resume", str, None, None, "checkpoint.pt to continue from (same model and settings; a new --budget "
+                                  "re-plans the end)"),
+    ("--sessions", int, None, None, "sessions the run is planned over, --budget each, the learning rate annealed "
+                                    "in the last; each continues the one before (--resume; on Kaggle its output "
+                                    "attached) (default 1; on Kaggle the kernel's KAGGLE_SESSIONS)"),
     ("--seed", int, 0, None, "random seed (default 0)"),
     ("--steps", int, 0, None, "also stop after this many steps (default 0: the budget alone decides)"),
     ("--width", int, None, None, "channel width (default: the model's)"),
@@ -2406,11 +2538,15 @@ def parse_args(argv):
     return args
 
 
-def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET):
+def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET,
+                        kaggle_sessions=1):
     """TrainConfig from a model's settings and the options of TRAIN_OPTIONS (a dict by dest name),
     checked; the defaults that depend on where the run starts are filled in here, once."""
     cfg = with_settings(TrainConfig(), settings)
-    overrides = {"data": opts["data"] or "",
+    sessions = opts.get("sessions") or (kaggle_sessions if on_kaggle else 1)
+    if sessions < 1:
+        raise ValueError(f"sessions {sessions}: give 1 or more")
+    overrides = {"data": opts["data"] or "", "sessions": sessions,
                  "out": opts["out"] or (working if on_kaggle else "submission"),
                  "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
                  "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
@@ -2424,12 +2560,13 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
     return cfg
 
 
-def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET):
+def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1):
     """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure.
-    kaggle_budget: the whole run's wall clock on Kaggle (no --budget there)."""
+    kaggle_budget: a session's wall clock on Kaggle (no --budget there); kaggle_sessions: the
+    sessions a run on Kaggle is planned over (no --sessions there)."""
     t0 = time.monotonic()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    args.kaggle_budget = kaggle_budget
+    args.kaggle_budget, args.kaggle_sessions = kaggle_budget, kaggle_sessions
     try:
         signal.signal(signal.SIGTERM, _interrupt)  # a stop from outside saves a checkpoint, like Ctrl-C
     except ValueError:  # not the main thread (some notebook runners): keep the default
@@ -2492,14 +2629,41 @@ def run(model_cls, settings, args, t0):
     on_kaggle = args.data is None and os.path.isdir(input_root)
     if args.data is None and not on_kaggle:
         raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
-    cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget)
+    cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget, args.kaggle_sessions)
     size, device_type = world_size(args.gpus, args.device)
+    resume = args.resume
+    if on_kaggle and cfg.sessions > 1 and resume is None:
+        resume = earlier_session(input_root, cfg.out)
+    if resume:  # refused in seconds, before any cleaning, when it cannot be continued
+        print(f"continues  {check_continuation(read_checkpoint(resume), resume, cfg, model_cls.name)}", flush=True)
     if size == 1:
         device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
-        return run_rank(ALONE, device, model_cls, cfg, args.resume, t0, on_kaggle)
+        return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
     started = time.time()
-    codes = launch(rank_main, size, device_type, (model_cls, cfg, args.resume, t0, on_kaggle))
-    return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, args.resume, started)
+    codes = launch(rank_main, size, device_type, (model_cls, cfg, resume, t0, on_kaggle))
+    return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume, started)
+
+
+def earlier_session(input_root, working):
+    """The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
+    earlier output attached under input_root (any depth up to 4), or left in the working folder by
+    Kaggle's "Files only" persistence; the one furthest on when there are several; None for the
+    first session. A file that is not a readable checkpoint is an error, not a fresh start."""
+    found = [os.path.join(working, "checkpoint.pt")] if os.path.isfile(os.path.join(working, "checkpoint.pt")) else []
+    found += [e.path for _, entries in _walk(input_root, depth=4) for e in entries
+              if e.name == "checkpoint.pt" and e.is_file()]
+    if not found:
+        print(f"continues  nothing yet: no checkpoint.pt under {input_root} or in {working}, so this is the first "
+              f"session (from the next one on, attach this notebook's output: Add Input -> Your Work)", flush=True)
+        return None
+    progress = {path: (ckpt.get("session", 1), ckpt["step"]) for path in found
+                for ckpt in [read_checkpoint(path)]}
+    best = max(found, key=progress.get)
+    for path in found:
+        if path != best:
+            print(f"ignored    {path} (session {progress[path][0]}, step {progress[path][1]}): {best} is further "
+                  f"on", flush=True)
+    return best
 
 
 def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
@@ -2508,8 +2672,9 @@ def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
     return 0
 
 
-def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle):
-    """Check the device(s), print the start block, clean the data (rank 0), train, zip."""
+def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=False):
+    """Check the device(s), print the start block, clean the data (rank 0), train, zip (same_session:
+    train.load_checkpoint)."""
     if world.size > 1:
         device = check_devices(world, device, on_kaggle)
     if world.main:
@@ -2528,7 +2693,7 @@ def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle):
 
     data = on_main(load, world)  # cleaning runs once; every rank gets the result
     cfg = with_settings(cfg, {"data": data.pop("source")})
-    return train(cfg, model_cls, resume=resume, data=data, t0=t0, world=world)
+    return train(cfg, model_cls, resume=resume, data=data, t0=t0, world=world, same_session=same_session)
 
 
 def check_devices(world, device, on_kaggle):
@@ -2556,17 +2721,21 @@ def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, 
     if codes[0] == 0:
         return os.path.join(cfg.out, "images.zip")
     checkpoint = os.path.join(cfg.out, "checkpoint.pt")
-    if os.path.exists(checkpoint) and os.path.getmtime(checkpoint) >= started:
-        resume = checkpoint
+    ours = os.path.exists(checkpoint) and os.path.getmtime(checkpoint) >= started
+    resume = checkpoint if ours else resume
     device = "cuda:0" if device_type == "cuda" else "cpu"
     left = t0 + cfg.budget - time.monotonic()
     cause = f"rank 0 exited with code {codes[0]} (ranks: {codes})"
     print(f"error: {cause}; going on in one process on {device} from {resume or 'the start'} for the "
           f"{left:.0f} s left", file=sys.stderr, flush=True)
-    done = read_checkpoint(resume)["elapsed"] if resume else 0.0
+    if cfg.sessions > 1:  # this session's clock and plan go on (or it starts again from the last session's)
+        clock, cfg_left = t0, cfg
+    else:  # one session: the budget counts the checkpoint's time
+        done = read_checkpoint(resume)["elapsed"] if resume else 0.0
+        clock, cfg_left = time.monotonic(), with_settings(cfg, {"budget": done + left})
     try:
-        return run_rank(ALONE, pick_device(device), model_cls, with_settings(cfg, {"budget": done + left}), resume,
-                        time.monotonic(), on_kaggle)
+        return run_rank(ALONE, pick_device(device), model_cls, cfg_left, resume, clock, on_kaggle,
+                        same_session=ours and cfg.sessions > 1)
     except RunError as exc:  # too little time left to train, or the device cannot run
         if resume is None:
             raise
@@ -2576,4 +2745,4 @@ def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, 
 
 
 if __name__ == "__main__":
-    main(SAGAN, SAGAN_SETTINGS, kaggle_budget="8h45m")  # Kaggle allows 9h: 15 minutes to spare
+    main(SAGAN, SAGAN_SETTINGS, kaggle_budget="8h45m", kaggle_sessions=KAGGLE_SESSIONS)  # Kaggle allows 9h a session: 15 minutes to spare

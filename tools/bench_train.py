@@ -4,8 +4,10 @@
     python tools/bench_train.py --data data/dogs64.npz --seconds 30              # GPU if present
     python tools/bench_train.py --data data/dogs64.npz --model dcgan --modes eager,graph
     python tools/bench_train.py --data data/dogs64.npz --model biggan --modes graph --precision fp32,bf16 --batch-size 32,64
+    python tools/bench_train.py --data data/dogs64.npz --model biggan --profile 20   # the step's top kernels
 
-Prints one table row per mode: steady-state steps/s (first log interval dropped) and images/s.
+Prints one table row per mode: steady-state steps/s (first log interval dropped) and images/s;
+with --profile N, torch.profiler's table of N eager training steps instead.
 """
 from __future__ import annotations
 
@@ -30,25 +32,55 @@ def measure(entry, data, mode, seconds, batch_size, device, precision=None, memo
     import torch
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = with_settings(TrainConfig(model=entry.name), entry.settings)
-        overrides = {"out": out, "budget": seconds, "reserve": 0.0, "n_samples": 64, "log_every": seconds / 6,
-                     "graph": "auto" if mode == "graph" else "off", "device": device,
-                     "grid_every": 1e9, "checkpoint_every": 1e9}
-        overrides.update({k: v for k, v in (("batch_size", batch_size), ("precision", precision),
-                                            ("memory_format", memory_format)) if v})
-        cfg = with_settings(cfg, overrides)
+        cfg = bench_config(entry, out, seconds, device, graph="auto" if mode == "graph" else "off",
+                           batch_size=batch_size, precision=precision, memory_format=memory_format)
         cuda = torch.cuda.is_available() and device != "cpu"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(cfg, entry.cls, data=data, log=lambda m: None)
         trainer.t0 = trainer.clock()  # the clock starts with the loop: building the model is not measured
-        trainer.train_seconds = seconds
+        trainer.train_seconds = trainer.session_end = seconds
         trainer.train_loop()  # the loop alone: no end (sampling, zip) to wait for
         rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
     steady = rows[1:] or rows
     steps = sum(r["steps_per_s"] for r in steady) / len(steady)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return steps, steps * cfg.batch_size, cfg.batch_size, trainer.precision, peak
+
+
+def bench_config(entry, out, seconds, device, **overrides):
+    """The model's TrainConfig for a measurement: no reserve, no grids or checkpoints, 64 samples."""
+    cfg = with_settings(TrainConfig(model=entry.name), entry.settings)
+    base = {"out": out, "budget": seconds, "reserve": 0.0, "n_samples": 64, "log_every": seconds / 6,
+            "device": device, "grid_every": 1e9, "checkpoint_every": 1e9}
+    return with_settings(cfg, dict(base, **{k: v for k, v in overrides.items() if v is not None}))
+
+
+def profile(entry, data, device, steps=20, warmup=5, rows=15):
+    """torch.profiler's table (top `rows` operators and kernels by device time, CPU time on the
+    CPU) of `steps` eager training steps of the model's defaults, after `warmup` steps: where a
+    step's time goes, kernel by kernel (a CUDA graph replay would hide them)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = torch.device(device).type == "cuda"
+    prof = torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+
+    def window(tr):  # runs after each step
+        if tr.step == warmup:
+            torch.cuda.synchronize() if cuda else None
+            prof.start()
+        elif tr.step == warmup + steps:
+            torch.cuda.synchronize() if cuda else None
+            prof.stop()
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = bench_config(entry, out, 1e6, device, graph="off", steps=warmup + steps, log_every=1e9)
+        trainer = Trainer(cfg, entry.cls, data=data, log=lambda m: None, hooks=[window])
+        trainer.train_seconds = trainer.session_end = 1e6
+        trainer.train_loop()
+    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
 
 
 def main(argv=None):
@@ -60,11 +92,16 @@ def main(argv=None):
     parser.add_argument("--batch-size", default=None, help="one or more, e.g. 32,64 (default: the model's)")
     parser.add_argument("--precision", default=None, help="one or more of fp32,bf16 (default: the model's)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N eager steps instead")
     args = parser.parse_args(argv)
     import torch
 
     data = load_dataset(args.data, log=lambda m: None)
     entry = registry.get(args.model)
+    if args.profile:
+        print(profile(entry, data, "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
+                      steps=args.profile))
+        return 0
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     print("| model | mode | precision | device | batch | steps/s | images/s |")
     print("|---|---|---|---|---|---|---|")

@@ -4,6 +4,8 @@
     python tools/build_kernel.py --model dcgan                 # -> kernels/dcgan.py
     python tools/build_kernel.py --model dcgan -o /tmp/k.py
     python tools/build_kernel.py --model biggan --kaggle push/biggan --user NAME   # a folder `kaggle kernels push` takes
+    python tools/build_kernel.py --model biggan --kaggle push/biggan --user NAME --sessions 3   # one run, 3 sessions
+    python tools/build_kernel.py --model biggan --kaggle push/biggan --user NAME --sessions 3 --continue  # 2nd, 3rd
 
 The kernel inlines the model's core modules in dependency order (data cleaning, augmentation,
 sampling, model, training loop, entry point), drops the package-internal imports, gathers the
@@ -192,8 +194,18 @@ def hours_minutes(seconds: float) -> str:
     return (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not (h or m) else "")
 
 
-def build(name: str, budget: str = "9h") -> str:
-    """The kernel's text. budget: Kaggle's limit; the kernel plans for it minus 15 minutes."""
+def sessions_block(sessions: int) -> str:
+    """The settings block's KAGGLE_SESSIONS, with what it means for a reader on Kaggle."""
+    return ("\n\n# Kaggle sessions this run is planned over, each within the time limit below. 1: the competition's\n"
+            "# rule, one kernel run. N > 1: the learning rate anneals in the last session; each writes images.zip\n"
+            "# and checkpoint.pt, and the next one, run with this notebook's own output attached (Add Input ->\n"
+            "# Your Work), continues from that checkpoint (the same model and settings, or it stops at once).\n"
+            f"KAGGLE_SESSIONS = {sessions}")
+
+
+def build(name: str, budget: str = "9h", sessions: int = 1) -> str:
+    """The kernel's text. budget: Kaggle's limit; the kernel plans for it minus 15 minutes.
+    sessions: the Kaggle sessions a run is planned over (KAGGLE_SESSIONS)."""
     from dogkit.core.train import parse_budget
 
     seconds = parse_budget(budget) - SAFETY_MARGIN_S
@@ -203,7 +215,10 @@ def build(name: str, budget: str = "9h") -> str:
     settings_name = next(k for k, v in vars(inspect.getmodule(entry.cls)).items() if v is entry.settings)
     modules = module_order([entry.cls.__module__, ENTRY_MODULE])
     sources = {m: inspect.getsource(importlib.import_module(m)) for m in modules}
+    if sessions < 1:
+        raise SystemExit(f"build_kernel: --sessions {sessions}: give 1 or more")
     settings_code, sources[entry.cls.__module__] = lift_settings(sources[entry.cls.__module__], settings_name)
+    settings_code += sessions_block(sessions)
     trees = {m: ast.parse(src) for m, src in sources.items()}
     keep = reachable(trees, {entry.cls.__name__, "main"} | used_names(ast.parse(settings_code)))
     all_imports, sections = [], []
@@ -221,8 +236,8 @@ def build(name: str, budget: str = "9h") -> str:
     )
     run = (
         "\n\n\nif __name__ == \"__main__\":\n"
-        f"    main({entry.cls.__name__}, {settings_name}, kaggle_budget=\"{hours_minutes(seconds)}\")"
-        f"  # Kaggle allows {budget}: 15 minutes to spare\n"
+        f"    main({entry.cls.__name__}, {settings_name}, kaggle_budget=\"{hours_minutes(seconds)}\", "
+        f"kaggle_sessions=KAGGLE_SESSIONS)  # Kaggle allows {budget} a session: 15 minutes to spare\n"
     )
     imports = render_imports(used_imports(all_imports, "\n".join(sections) + "\n" + settings_code))
     parts = [imports, settings_block, *sections]
@@ -279,22 +294,25 @@ def kaggle_user(given: str | None) -> str | None:
         return None
 
 
-def kernel_metadata(user: str, title: str, code_file: str) -> dict:
+def kernel_metadata(user: str, title: str, code_file: str, continues: bool = False) -> dict:
     """kernel-metadata.json for this competition: private, GPU T4 x2, internet off (written out:
-    the CLI turns it on when the key is absent), the competition's data attached."""
-    return {"id": f"{user}/{slugify(title)}", "title": title, "code_file": code_file, "language": "python",
+    the CLI turns it on when the key is absent), the competition's data attached; continues: the
+    notebook's own output attached too (a run's second and later sessions)."""
+    ref = f"{user}/{slugify(title)}"
+    return {"id": ref, "title": title, "code_file": code_file, "language": "python",
             "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": False,
             "machine_shape": MACHINE_SHAPE, "competition_sources": [COMPETITION], "dataset_sources": [],
-            "kernel_sources": []}
+            "kernel_sources": [ref] if continues else []}
 
 
-def write_kaggle_folder(folder: Path, model: str, text: str, user: str, title: str) -> list[str]:
+def write_kaggle_folder(folder: Path, model: str, text: str, user: str, title: str, continues: bool = False
+                        ) -> list[str]:
     """DIR/<slug>.py and DIR/kernel-metadata.json; returns the commands that follow."""
     slug = slugify(title)
     if not slug:
         raise ValueError(f"--title {title!r}: needs letters or digits")
     folder.mkdir(parents=True, exist_ok=True)
-    meta = kernel_metadata(user, title, f"{slug}.py")
+    meta = kernel_metadata(user, title, f"{slug}.py", continues)
     for name, content in ((f"{slug}.py", text), ("kernel-metadata.json", json.dumps(meta, indent=2) + "\n")):
         tmp = folder / (name + ".tmp")
         tmp.write_text(content)
@@ -315,22 +333,32 @@ def main(argv=None) -> int:
     parser.add_argument("--user", default=None, help="your Kaggle user name (default: KAGGLE_USERNAME or "
                                                      "~/.kaggle/kaggle.json)")
     parser.add_argument("--title", default=None, help="the notebook's title (default: 'dogkit MODEL')")
+    parser.add_argument("--sessions", type=int, default=1, help="Kaggle sessions a run is planned over, each "
+                        "continuing the last (default 1: the competition's rule)")
+    parser.add_argument("--continue", dest="continues", action="store_true", help="with --kaggle: attach the "
+                        "notebook's own output (kernel_sources), for the second and later sessions")
     args = parser.parse_args(argv)
+    if args.continues and not (args.kaggle and args.sessions > 1):
+        parser.error("--continue goes with --kaggle DIR and --sessions 2 or more")
     if args.kaggle:
         user = kaggle_user(args.user)
         if not user:
             parser.error("--kaggle needs your Kaggle user name: --user NAME (or KAGGLE_USERNAME, or the "
                          "username in ~/.kaggle/kaggle.json)")
         try:
-            steps = write_kaggle_folder(Path(args.kaggle), args.model, build(args.model, args.budget), user,
-                                        args.title or f"dogkit {args.model}")
+            steps = write_kaggle_folder(Path(args.kaggle), args.model, build(args.model, args.budget, args.sessions),
+                                        user, args.title or f"dogkit {args.model}", args.continues)
         except ValueError as exc:
             parser.error(str(exc))
+        attached = "the competition and this notebook's output attached" if args.continues else "the competition attached"
         print(f"wrote {args.kaggle}: the kernel and kernel-metadata.json (private, GPU T4 x2, internet off, "
-              f"the competition attached). Then:\n  " + "\n  ".join(steps))
+              f"{attached}). Then:\n  " + "\n  ".join(steps))
+        if args.sessions > 1 and not args.continues:
+            print(f"For sessions 2 to {args.sessions}, once the first has finished: the same command with --continue "
+                  f"(attaches this notebook's output), then the same push.")
         return 0
     out = Path(args.out) if args.out else ROOT / "kernels" / f"{args.model}.py"
-    text = build(args.model, args.budget)
+    text = build(args.model, args.budget, args.sessions)
     compile(text, str(out), "exec")  # never write a kernel that does not parse
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

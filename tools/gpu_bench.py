@@ -60,7 +60,7 @@ WEIGHTS_FILE, STATS_FILE, PACK_FILE = "inception-int8.pth", "reference-stats.npz
 # inside its budget), a throughput configuration's overhead (model, warm-up, capture), the end of
 # the command (tar, copy), the score timing. Scoring a point (export, sample, features) per image,
 # until this run has measured it: the H100 computed features at 2,370 images/s.
-KERNEL_START_S, PROBE_OVERHEAD_S, RETURN_S, TIMING_S = 10.0, 6.0, 10.0, 60.0
+KERNEL_START_S, PROBE_OVERHEAD_S, RETURN_S, TIMING_S, PROFILE_S = 10.0, 6.0, 10.0, 60.0, 20.0
 SCORE_S_PER_IMAGE = {"cuda": 0.001, "cpu": 0.25}  # sampling + features, until one is measured
 FID_ONLY = ledger.FID_ONLY + ": int8 Inception on {device}, {n:,} images, reference mean/covariance (d on the CPU)"
 EXACT = "exact: dogkit score on the CPU, {n:,} images, {reference} ({rows:,} photos)"
@@ -71,8 +71,8 @@ class BenchError(RuntimeError):
 
 
 # ---- the queue ------------------------------------------------------------------------------
-KEYS = {"throughput": {"models", "batch_sizes", "precisions", "memory_formats", "seconds"},
-        "train": {"model", "budget", "snapshots", "options"},
+KEYS = {"throughput": {"models", "batch_sizes", "precisions", "memory_formats", "seconds", "profile"},
+        "train": {"model", "budget", "snapshots", "options", "bn"},  # bn: the final point also with these
         "score-timing": set()}
 COMMON = {"id", "kind", "question"}
 TOP_KEYS = {"format", "about", "entries"}
@@ -108,7 +108,11 @@ def entry_problems(e) -> list[str]:
         return [f"kind {kind!r}: choose from {', '.join(KEYS)}"]
     allowed = COMMON | KEYS[kind]
     problems = [f"unknown key {k!r}" for k in e if k not in allowed]
-    problems += [f"{k} is required" for k in sorted(allowed - {"snapshots", "options"}) if k not in e]
+    problems += [f"{k} is required" for k in sorted(allowed - {"snapshots", "options", "bn", "profile"}) if k not in e]
+    from dogkit.checkpoints import BN_STATS
+
+    problems += [f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
+                 for b in e.get("bn", []) if b not in BN_STATS[1:]]
     if problems:
         return problems
     try:
@@ -146,7 +150,7 @@ def probe_configs(e):
     from dogkit.core import registry
     from dogkit.core.train import MEMORY_FORMATS, PRECISIONS
 
-    bad = [m for m in e["models"] if m not in registry.MODEL_NAMES]
+    bad = [m for m in e["models"] + e.get("profile", []) if m not in registry.MODEL_NAMES]
     bad += [p for p in e["precisions"] if p not in PRECISIONS]
     bad += [f for f in e["memory_formats"] if f not in MEMORY_FORMATS]
     bad += [str(b) for b in e["batch_sizes"] if not (isinstance(b, int) and b > 0)]
@@ -161,10 +165,10 @@ def estimate(e, score_s_per_image, n_images) -> float:
     from dogkit.core.train import parse_budget
 
     if e["kind"] == "throughput":
-        return len(probe_configs(e)) * (e["seconds"] + PROBE_OVERHEAD_S)
+        return len(probe_configs(e)) * (e["seconds"] + PROBE_OVERHEAD_S) + len(e.get("profile", [])) * PROFILE_S
     if e["kind"] == "score-timing":
         return TIMING_S
-    points = len(e.get("snapshots", [])) + 1 + len(extra_emas(e))  # extra EMA copies: at the end only
+    points = len(e.get("snapshots", [])) + 1 + len(extra_emas(e)) + len(e.get("bn", []))  # the last two: at the end
     return parse_budget(e["budget"]) + KERNEL_START_S + points * score_s_per_image * n_images
 
 
@@ -341,6 +345,16 @@ def run_throughput(run, e):
                   "note": f"{e['seconds']:g} s measured" + (f"; peak {peak:.1f} GiB" if peak else ""),
                   "command": f"python tools/gpu_bench.py run (queue entry {e['id']}: "
                              f"bench_train.measure {model} {batch} {precision} {fmt})"})
+    for model in e.get("profile", []):  # where a step's time goes: a table among the returned files
+        if run.left() < PROFILE_S + RETURN_S:
+            run.log(f"{e['id']}: out of time before profiling {model}")
+            return
+        t = time.monotonic()
+        table = bench_train.profile(registry.get(model), run.data, str(run.device))
+        name = f"{e['id']}-profile-{model}.txt"
+        (run.staging / name).write_text(f"{model}, its defaults, 20 eager steps after 5, on {run.common['device']} "
+                                        f"(torch.profiler; code {run.common['commit']})\n{table}\n")
+        run.log(f"{e['id']}: profiled {model} in {time.monotonic() - t:.0f} s: {name}")
 
 
 def kernel_command(e, data, out, device):
@@ -383,12 +397,15 @@ def run_train(run, e):
             break
         rate = statistics.median(rates) if rates else None
         score_point(run, e, path, rate, " ".join(cmd), proc.returncode)
-        if path.name == "checkpoint.pt":  # the extra EMA copies (ema_extra), at the end only
-            for i, kimg in enumerate(extra_emas(e)):
-                if run.left() < RETURN_S + (run.score_s_per_image or 0) * run.args.n_images:
-                    run.log(f"{e['id']}: no time left to score the extra EMA copies")
-                    break
-                score_point(run, e, path, rate, " ".join(cmd), proc.returncode, which=(i, kimg))
+        if path.name != "checkpoint.pt":
+            continue
+        # at the end only: the extra EMA copies (ema_extra), then other batch-norm statistics (bn)
+        variants = [dict(which=(i, kimg)) for i, kimg in enumerate(extra_emas(e))] + [dict(bn=b) for b in e.get("bn", [])]
+        for variant in variants:
+            if run.left() < RETURN_S + (run.score_s_per_image or 0) * run.args.n_images:
+                run.log(f"{e['id']}: no time left to score {len(variants)} variants of the end's generator")
+                break
+            score_point(run, e, path, rate, " ".join(cmd), proc.returncode, **variant)
 
 
 def point_name(path, exit_code):
@@ -397,19 +414,20 @@ def point_name(path, exit_code):
     return "final" if exit_code == 0 else "stopped"
 
 
-def score_point(run, e, path, steps_per_s, command, exit_code, which=None):
+def score_point(run, e, path, steps_per_s, command, exit_code, which=None, bn="standing"):
     """Export the point's EMA generator (fp16), sample it, FID against the carried statistics.
     The end's checkpoint of a kernel that exited non-zero is scored as "stopped", with its exit.
-    which=(index, kimg): the checkpoint's extra EMA copy of that index instead."""
+    which=(index, kimg): the checkpoint's extra EMA copy of that index instead; bn: its batch-norm
+    statistics (dogkit.checkpoints.BN_STATS)."""
     from dogkit.checkpoints import export_generator, load_generator, sample_images
     from dogkit.metrics import features as feat
     from dogkit.metrics.fid import frechet_distance, stats
 
     t = time.monotonic()
     point = point_name(path, exit_code)
-    copy = "" if which is None else f"-ema{which[1]:g}k"
+    copy = ("" if which is None else f"-ema{which[1]:g}k") + ("" if bn == "standing" else f"-bn{bn}")
     gen_path = run.staging / f"{e['id']}-{point}{copy}.pt"
-    gen = export_generator(path, gen_path, str(run.device), which=None if which is None else which[0],
+    gen = export_generator(path, gen_path, str(run.device), which=None if which is None else which[0], bn=bn,
                            entry=e["id"], point=point)
     cfg = gen["config"]
     generator = load_generator(gen_path, str(run.device))  # what comes back, fp16 weights and all
@@ -422,6 +440,8 @@ def score_point(run, e, path, steps_per_s, command, exit_code, which=None):
         point, f", snapshot at p={point[1:]} ({gen['elapsed'] / 60:.1f} min)")
     if which is not None:
         where += f", extra EMA copy: half-life {which[1]:g}k images"
+    if bn != "standing":
+        where += f", batch-norm statistics: {bn}"
     run.emit({"kind": "run", "model": e["model"], "budget": e["budget"], "entry": e["id"],
               "settings": settings_text(e) + where, "steps": gen["step"], "images_seen": gen["images_seen"],
               "steps_per_s": round(steps_per_s, 2) if steps_per_s else None, "batch_size": cfg["batch_size"],

@@ -17,8 +17,9 @@ import zipfile
 from dogkit.core.data import DataError, PHOTO_EXTS, breed_of, load_dataset, summary_lines
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
 from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, pick_device, writable_dir
-from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, parse_budget, parse_ema_extra,
-                               parse_snapshots, read_checkpoint, train, with_settings, zip_from_checkpoint)
+from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, check_continuation, parse_budget,
+                               parse_ema_extra, parse_snapshots, read_checkpoint, train, with_settings,
+                               zip_from_checkpoint)
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -145,7 +146,11 @@ TRAIN_OPTIONS = (
                                   f"(default: {KAGGLE_BUDGET} on Kaggle, else 8m)"),
     ("--out", str, None, None, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: "
                                "/kaggle/working on Kaggle, else submission)"),
-    ("--resume", str, None, None, "checkpoint.pt to continue from (same model; a new --budget re-plans the end)"),
+    ("--resume", str, None, None, "checkpoint.pt to continue from (same model and settings; a new --budget "
+                                  "re-plans the end)"),
+    ("--sessions", int, None, None, "sessions the run is planned over, --budget each, the learning rate annealed "
+                                    "in the last; each continues the one before (--resume; on Kaggle its output "
+                                    "attached) (default 1; on Kaggle the kernel's KAGGLE_SESSIONS)"),
     ("--seed", int, 0, None, "random seed (default 0)"),
     ("--steps", int, 0, None, "also stop after this many steps (default 0: the budget alone decides)"),
     ("--width", int, None, None, "channel width (default: the model's)"),
@@ -187,11 +192,15 @@ def parse_args(argv):
     return args
 
 
-def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET):
+def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET,
+                        kaggle_sessions=1):
     """TrainConfig from a model's settings and the options of TRAIN_OPTIONS (a dict by dest name),
     checked; the defaults that depend on where the run starts are filled in here, once."""
     cfg = with_settings(TrainConfig(), settings)
-    overrides = {"data": opts["data"] or "",
+    sessions = opts.get("sessions") or (kaggle_sessions if on_kaggle else 1)
+    if sessions < 1:
+        raise ValueError(f"sessions {sessions}: give 1 or more")
+    overrides = {"data": opts["data"] or "", "sessions": sessions,
                  "out": opts["out"] or (working if on_kaggle else "submission"),
                  "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
                  "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
@@ -205,12 +214,13 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
     return cfg
 
 
-def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET):
+def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1):
     """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure.
-    kaggle_budget: the whole run's wall clock on Kaggle (no --budget there)."""
+    kaggle_budget: a session's wall clock on Kaggle (no --budget there); kaggle_sessions: the
+    sessions a run on Kaggle is planned over (no --sessions there)."""
     t0 = time.monotonic()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    args.kaggle_budget = kaggle_budget
+    args.kaggle_budget, args.kaggle_sessions = kaggle_budget, kaggle_sessions
     try:
         signal.signal(signal.SIGTERM, _interrupt)  # a stop from outside saves a checkpoint, like Ctrl-C
     except ValueError:  # not the main thread (some notebook runners): keep the default
@@ -273,14 +283,41 @@ def run(model_cls, settings, args, t0):
     on_kaggle = args.data is None and os.path.isdir(input_root)
     if args.data is None and not on_kaggle:
         raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
-    cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget)
+    cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget, args.kaggle_sessions)
     size, device_type = world_size(args.gpus, args.device)
+    resume = args.resume
+    if on_kaggle and cfg.sessions > 1 and resume is None:
+        resume = earlier_session(input_root, cfg.out)
+    if resume:  # refused in seconds, before any cleaning, when it cannot be continued
+        print(f"continues  {check_continuation(read_checkpoint(resume), resume, cfg, model_cls.name)}", flush=True)
     if size == 1:
         device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
-        return run_rank(ALONE, device, model_cls, cfg, args.resume, t0, on_kaggle)
+        return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
     started = time.time()
-    codes = launch(rank_main, size, device_type, (model_cls, cfg, args.resume, t0, on_kaggle))
-    return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, args.resume, started)
+    codes = launch(rank_main, size, device_type, (model_cls, cfg, resume, t0, on_kaggle))
+    return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume, started)
+
+
+def earlier_session(input_root, working):
+    """The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
+    earlier output attached under input_root (any depth up to 4), or left in the working folder by
+    Kaggle's "Files only" persistence; the one furthest on when there are several; None for the
+    first session. A file that is not a readable checkpoint is an error, not a fresh start."""
+    found = [os.path.join(working, "checkpoint.pt")] if os.path.isfile(os.path.join(working, "checkpoint.pt")) else []
+    found += [e.path for _, entries in _walk(input_root, depth=4) for e in entries
+              if e.name == "checkpoint.pt" and e.is_file()]
+    if not found:
+        print(f"continues  nothing yet: no checkpoint.pt under {input_root} or in {working}, so this is the first "
+              f"session (from the next one on, attach this notebook's output: Add Input -> Your Work)", flush=True)
+        return None
+    progress = {path: (ckpt.get("session", 1), ckpt["step"]) for path in found
+                for ckpt in [read_checkpoint(path)]}
+    best = max(found, key=progress.get)
+    for path in found:
+        if path != best:
+            print(f"ignored    {path} (session {progress[path][0]}, step {progress[path][1]}): {best} is further "
+                  f"on", flush=True)
+    return best
 
 
 def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
@@ -289,8 +326,9 @@ def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
     return 0
 
 
-def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle):
-    """Check the device(s), print the start block, clean the data (rank 0), train, zip."""
+def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=False):
+    """Check the device(s), print the start block, clean the data (rank 0), train, zip (same_session:
+    train.load_checkpoint)."""
     if world.size > 1:
         device = check_devices(world, device, on_kaggle)
     if world.main:
@@ -309,7 +347,7 @@ def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle):
 
     data = on_main(load, world)  # cleaning runs once; every rank gets the result
     cfg = with_settings(cfg, {"data": data.pop("source")})
-    return train(cfg, model_cls, resume=resume, data=data, t0=t0, world=world)
+    return train(cfg, model_cls, resume=resume, data=data, t0=t0, world=world, same_session=same_session)
 
 
 def check_devices(world, device, on_kaggle):
@@ -337,17 +375,21 @@ def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, 
     if codes[0] == 0:
         return os.path.join(cfg.out, "images.zip")
     checkpoint = os.path.join(cfg.out, "checkpoint.pt")
-    if os.path.exists(checkpoint) and os.path.getmtime(checkpoint) >= started:
-        resume = checkpoint
+    ours = os.path.exists(checkpoint) and os.path.getmtime(checkpoint) >= started
+    resume = checkpoint if ours else resume
     device = "cuda:0" if device_type == "cuda" else "cpu"
     left = t0 + cfg.budget - time.monotonic()
     cause = f"rank 0 exited with code {codes[0]} (ranks: {codes})"
     print(f"error: {cause}; going on in one process on {device} from {resume or 'the start'} for the "
           f"{left:.0f} s left", file=sys.stderr, flush=True)
-    done = read_checkpoint(resume)["elapsed"] if resume else 0.0
+    if cfg.sessions > 1:  # this session's clock and plan go on (or it starts again from the last session's)
+        clock, cfg_left = t0, cfg
+    else:  # one session: the budget counts the checkpoint's time
+        done = read_checkpoint(resume)["elapsed"] if resume else 0.0
+        clock, cfg_left = time.monotonic(), with_settings(cfg, {"budget": done + left})
     try:
-        return run_rank(ALONE, pick_device(device), model_cls, with_settings(cfg, {"budget": done + left}), resume,
-                        time.monotonic(), on_kaggle)
+        return run_rank(ALONE, pick_device(device), model_cls, cfg_left, resume, clock, on_kaggle,
+                        same_session=ours and cfg.sessions > 1)
     except RunError as exc:  # too little time left to train, or the device cannot run
         if resume is None:
             raise

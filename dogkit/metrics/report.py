@@ -114,20 +114,40 @@ def _breed_plot(breeds, path):
     plt.close(fig)
 
 
-def _curves_plot(run: Path, path) -> bool:
+def read_log(run: Path) -> list[dict]:
+    """The records of run/log.jsonl that have a step; [] when there is none. A run killed mid-write
+    (a Kaggle session's end) can leave a half line: skipped."""
     log = run / "log.jsonl"
     if not log.exists():
-        return False
+        return []
     rows = []
     for line in log.read_text(errors="replace").splitlines():
-        try:  # a run killed mid-write (a Kaggle session's end) can leave a half line: skipped
+        try:
             rows.append(json.loads(line))
         except ValueError:
             continue
-    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
+
+
+def session_starts(rows: list[dict]) -> list[tuple[int, float]]:
+    """(session, its first logged step) for every session after the first of a run continued
+    over several (the records' "session"; logs without it are one session)."""
+    starts, last = [], None
+    for r in rows:
+        session = r.get("session", 1)
+        if last is not None and session != last:
+            starts.append((session, r["step"]))
+        last = session
+    return starts
+
+
+def _curves_plot(run: Path, path) -> str | None:
+    """curves.png from run/log.jsonl, a dashed line where each later session took over; its
+    caption, or None when the log has no curves."""
+    rows = read_log(run)
     keys = sorted({k for r in rows for k in r if k.startswith("loss") or k in ("mifid", "fid")})
     if not rows or not keys:
-        return False
+        return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -136,12 +156,21 @@ def _curves_plot(run: Path, path) -> bool:
     for k in keys:
         pts = [(r["step"], r[k]) for r in rows if k in r]
         ax.plot(*zip(*pts), label=k)
+    starts = session_starts(rows)
+    for session, step in starts:
+        ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
+        ax.annotate(f"session {session}", (step, 1.0), xycoords=("data", "axes fraction"), fontsize=8,
+                    ha="left", va="top")
     ax.set_xlabel("step")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return True
+    caption = f"From {run}/log.jsonl."
+    if starts:
+        caption += (f" One run over {len(starts) + 1} sessions, continued at step "
+                    + ", ".join(f"{step:g} (session {session})" for session, step in starts) + ".")
+    return caption
 
 
 def _pairs_image(pixels, ref_images, order, nearest, index, path, n=8):
@@ -181,7 +210,7 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
         _breed_plot(breeds, out / "breeds.png")
         numbers.update({k: breeds[k] for k in ("breed_accuracy", "breed_entropy", "mean_top1_confidence")})
         numbers["top5"] = breeds["top5"]
-    has_curves = bool(run) and _curves_plot(run, out / "curves.png")
+    curves = _curves_plot(run, out / "curves.png") if run else None
 
     (out / "report.json").write_text(json.dumps(numbers, indent=2))
     sections = [("Samples", "grid.png", "The first 100 images of the submission, in file order."),
@@ -193,8 +222,8 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
     else:
         labels, breed_names = breed_labels(reference.names)
         sections.append(("Breeds", None, NO_BREEDS.format(labelled=int((labels >= 0).sum()), n=len(breed_names))))
-    if has_curves:
-        sections.append(("Training curves", "curves.png", f"From {run}/log.jsonl."))
+    if curves:
+        sections.append(("Training curves", "curves.png", curves))
     rows = "".join(f"<tr><td>{k}</td><td>{numbers[k]:.4f}</td><td>{html.escape(MEANINGS.get(k, ''))}</td></tr>"
                    for k in ("fid", "distance", "mifid", "kid", "precision", "recall", "density", "coverage",
                              "breed_accuracy", "breed_entropy", "mean_top1_confidence") if k in numbers)

@@ -142,6 +142,26 @@ def test_when_rank_0_dies_the_run_goes_on_in_the_parent_from_the_last_checkpoint
     assert exit_.value.code == 1
 
 
+def test_when_rank_0_dies_in_a_session_the_parent_goes_on_in_the_same_session(tmp_path, tiny_dataset):
+    """A run over sessions: the parent continues this session's own checkpoint with its clock and
+    plan (the same session number, the same start), not as the next session."""
+    import time
+
+    from dogkit.core.data import save_cache
+
+    cache = tmp_path / "tiny.npz"
+    save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
+    cfg = tiny_cfg(tmp_path / "run", steps=4, data=str(cache), budget=600.0, sessions=2)
+    t0 = time.monotonic()
+    T.train(cfg, DCGAN, data=tiny_dataset, log=lambda m: None, t0=t0)  # what the ranks had done
+    planned = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    os.remove(tmp_path / "run" / "images.zip")
+    after_ranks([-6, 3], DCGAN, T.with_settings(cfg, {"steps": 8}), t0, "cpu", on_kaggle=False, started=0.0)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["session"], ckpt["session_start"]) == (8, 1, 0.0)
+    assert (ckpt["train_seconds"], ckpt["session_end"]) == (planned["train_seconds"], planned["session_end"])
+
+
 def test_with_too_little_time_left_the_parent_samples_the_checkpoint(tmp_path, tiny_dataset):
     import time
 

@@ -1,6 +1,7 @@
 """The kernel where users run it: a simulated /kaggle/input with the competition's data and
 an unrelated dataset beside it, no arguments but the CPU switch, nobody watching."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -104,6 +105,43 @@ def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
     assert images.pixels.shape == (10_000, 64, 64, 3)
     ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 8 and ckpt["breeds"] == BREEDS
+
+
+def test_a_run_continues_in_the_next_kaggle_session_from_its_attached_output(fake_kaggle):
+    """--sessions 2 (KAGGLE_SESSIONS in the kernel): the first session finds nothing to continue
+    and says so; the second, with the first one's output attached under /kaggle/input and a fresh
+    /kaggle/working, continues its checkpoint (steps, log) and says from where; a third, and a
+    checkpoint of other settings, are refused with one line before any cleaning."""
+    import shutil
+
+    env, working, root = fake_kaggle["env"], fake_kaggle["working"], fake_kaggle["root"]
+    args = ("--device", "cpu", "--budget", "10m", "--width", "4", "--batch-size", "8", "--n-samples", "100",
+            "--log-every", "0", "--sessions", "2")
+    first = run_kernel(env, *args, "--steps", "6")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "continues  nothing yet: no checkpoint.pt under" in first.stdout
+    assert "session 1 of 2 ends at step 6" in first.stdout
+    shutil.copytree(working, root / "dogkit-dcgan")  # Add Input -> Your Work: this notebook's output
+    shutil.rmtree(working)
+    working.mkdir()
+    second = run_kernel(env, *args, "--steps", "10")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.startswith(f"continues  session 2 of 2, from {root / 'dogkit-dcgan' / 'checkpoint.pt'}: "
+                                    f"step 6, ")
+    ckpt = torch.load(working / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["session"]) == (10, 2)
+    log = [json.loads(line) for line in (working / "log.jsonl").read_text().splitlines()]
+    assert [r["session"] for r in log] == [1] * 6 + [2] * 4 and [r["step"] for r in log] == list(range(1, 11))
+    assert load_submission(working / "images.zip", strict=False).pixels.shape[0] == 100
+    shutil.rmtree(root / "dogkit-dcgan")
+    shutil.copytree(working, root / "dogkit-dcgan")
+    for extra, message in ((("--steps", "12"), "that run has already trained its 2 sessions (step 10)"),
+                           (("--width", "8"), "trained with other settings: width 4 (this run: 8)")):
+        shutil.rmtree(fake_kaggle["tmp"] / "scratch", ignore_errors=True)
+        refused = run_kernel(env, *args, *extra)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+        assert not (fake_kaggle["tmp"] / "scratch").exists()  # refused before any cleaning
 
 
 def test_no_gpu_on_kaggle_stops_at_once_before_cleaning(fake_kaggle):

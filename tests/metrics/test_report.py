@@ -47,7 +47,8 @@ def report_dir(tmp_path_factory, inception):
         Image.fromarray(px).save(sub / f"{i}.png")
     run = tmp / "run"
     run.mkdir()
-    (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "loss_d": 1.0 / s, "loss_g": s / 10})
+    (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "session": 1 + (s > 3), "loss_d": 1.0 / s,
+                                                         "loss_g": s / 10})  # continued in a second session
                                              for s in range(1, 6)) + '\n{"step": 6, "loss_')  # killed mid-line
     (run / "dogkit-dcgan.log").write_text('[{"stream_name": "stdout", "time": 1.0, "data": "step 1"}]')  # Kaggle's
     runner = CliRunner()
@@ -61,6 +62,7 @@ def report_dir(tmp_path_factory, inception):
 
 def test_report_holds_every_section_and_the_numbers(report_dir):
     page = (report_dir / "report.html").read_text()
+    assert "One run over 2 sessions, continued at step 4 (session 2)." in page
     for section in SECTIONS:
         assert f"<h2>{section}</h2>" in page, section
     assert page.count("data:image/png;base64,") == 5  # images are embedded: the page opens offline
@@ -113,3 +115,11 @@ def test_a_report_without_breed_folders_says_why_and_how(report_dir, tmp_path):
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<h2>Breeds</h2><p>Not drawn: the reference holds 0 photos in 0 breed folder(s)" in page
     assert "dogkit reference ../shared/data/stanford-dogs-crops" in page
+
+
+def test_session_starts_are_where_the_session_changes():
+    from dogkit.metrics.report import session_starts
+
+    assert session_starts([{"step": 1}, {"step": 2}]) == []  # logs from before sessions: one
+    rows = [{"step": s, "session": k} for s, k in ((10, 1), (20, 1), (30, 2), (40, 2), (50, 3))]
+    assert session_starts(rows) == [(2, 30), (3, 50)]

@@ -39,7 +39,7 @@ def test_kernel_imports_only_the_allowed_set(name):
 
 
 def test_budget_option_sets_the_kaggle_budget():
-    assert ", kaggle_budget=\"5h45m\")" in build_kernel.build("dcgan", "6h")
+    assert ", kaggle_budget=\"5h45m\", kaggle_sessions=KAGGLE_SESSIONS)" in build_kernel.build("dcgan", "6h")
     with pytest.raises(SystemExit):
         build_kernel.build("dcgan", "10m")
 
@@ -110,3 +110,21 @@ def test_a_push_ready_kaggle_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "cfg"))
     assert build_kernel.main(["--model", "biggan", "--kaggle", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "kernel-metadata.json").read_text())["id"] == "bob/dogkit-biggan"
+
+
+def test_a_kaggle_folder_for_a_run_over_several_sessions(tmp_path, capsys):
+    """--sessions 3 writes KAGGLE_SESSIONS = 3 into the kernel's settings; the first push attaches
+    only the competition, --continue also the notebook's own output (the later sessions)."""
+    folder = tmp_path / "k"
+    assert build_kernel.main(["--model", "dcgan", "--kaggle", str(folder), "--user", "ann", "--sessions", "3"]) == 0
+    assert "\nKAGGLE_SESSIONS = 3\n" in (folder / "dogkit-dcgan.py").read_text()
+    assert json.loads((folder / "kernel-metadata.json").read_text())["kernel_sources"] == []
+    assert "For sessions 2 to 3, once the first has finished: the same command with --continue" in capsys.readouterr().out
+    assert build_kernel.main(["--model", "dcgan", "--kaggle", str(folder), "--user", "ann", "--sessions", "3",
+                              "--continue"]) == 0
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    assert meta["kernel_sources"] == ["ann/dogkit-dcgan"] and meta["competition_sources"] == ["generative-dog-images"]
+    assert "this notebook's output attached" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # --continue means nothing for a one-session kernel
+        build_kernel.main(["--model", "dcgan", "--kaggle", str(folder), "--user", "ann", "--continue"])
+    assert "--continue goes with --kaggle DIR and --sessions 2 or more" in capsys.readouterr().err

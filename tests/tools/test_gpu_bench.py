@@ -74,11 +74,12 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
     tiny = {"width": 8, "batch_size": 8, "n_samples": 64, "ema_extra": "0.5"}
     queue = write_queue(tmp_path / "queue.json", [
         {"id": "probe", "kind": "throughput", "question": "speed?", "models": ["dcgan"], "batch_sizes": [8],
-         "precisions": ["fp32"], "memory_formats": ["contiguous", "channels_last"], "seconds": 1.5},
+         "precisions": ["fp32"], "memory_formats": ["contiguous", "channels_last"], "seconds": 1.5,
+         "profile": ["dcgan"]},
         {"id": "too-long", "kind": "train", "model": "dcgan", "budget": "2h", "question": "never started"},
         {"id": "timing", "kind": "score-timing", "question": "how fast is dogkit score?"},
         {"id": "tiny-run", "kind": "train", "model": "dcgan", "budget": "60s", "snapshots": [0.5], "options": tiny,
-         "question": "does the loop work?"},
+         "bn": ["batch"], "question": "does the loop work?"},
     ])
     book = tmp_path / "ledger.jsonl"
     book.write_text("")
@@ -92,13 +93,15 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
     assert "too-long: not started" in log
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["entry"]) for r in rows] == ([("throughput", "probe")] * 2 + [("timing", "timing")]
-                                                       + [("run", "tiny-run")] * 3)
+                                                       + [("run", "tiny-run")] * 4)
     assert rows[2]["seconds"] > 0 and "dogkit score of 300 images" in rows[2]["settings"]
     rows = [r for r in rows if r["kind"] != "timing"]
     assert rows[1]["settings"].endswith("channels_last") and all(r["steps_per_s"] > 0 for r in rows)
-    snap, final, extra = rows[2], rows[3], rows[4]
+    snap, final, extra, batch_bn = rows[2], rows[3], rows[4], rows[5]
     assert extra["settings"].endswith("extra EMA copy: half-life 0.5k images")
-    assert extra["steps"] == final["steps"]
+    assert batch_bn["settings"].endswith("batch-norm statistics: batch") and batch_bn["fid"] != final["fid"]
+    assert extra["steps"] == final["steps"] == batch_bn["steps"]
+    assert "probe: profiled dcgan" in log
     assert "snapshot at p=0.5" in snap["settings"] and snap["steps"] < final["steps"]
     assert final["scoring"].startswith(ledger.FID_ONLY) and final["distance"] is None
     parts = sorted(out.glob("returned.tar.*"))
@@ -106,11 +109,12 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
 
     assert gpu_bench.main(base + ["ingest", str(out), "--runs", str(tmp_path / "runs"), "--name", "b1"]) == 0
     assert gpu_bench.main(base + ["ingest", str(out), "--runs", str(tmp_path / "runs"), "--name", "b1"]) == 0
-    assert len(ledger.load(book)) == 6  # ingesting twice adds nothing
+    assert len(ledger.load(book)) == 7  # ingesting twice adds nothing
     back = tmp_path / "runs" / "b1"
     assert {p.name for p in back.glob("*.pt")} == {"tiny-run-final.pt", "tiny-run-p0.5.pt",
-                                                   "tiny-run-final-ema0.5k.pt"}
+                                                   "tiny-run-final-ema0.5k.pt", "tiny-run-final-bnbatch.pt"}
     assert (back / "tiny-run-log.jsonl").exists()
+    assert "Self CPU" in (back / "probe-profile-dcgan.txt").read_text()  # torch.profiler's table
 
     assert gpu_bench.main(base + ["score", str(back), "--reference", str(tmp_path / "ref.npz"),
                                   "--n-images", "40", "--only", "tiny-run-final,tiny-run-p0.5"]) == 0
@@ -124,7 +128,7 @@ def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, 
         assert "off by" in r["note"]
     assert gpu_bench.main(base + ["score", str(back), "--reference", str(tmp_path / "ref.npz"),
                                   "--n-images", "40"]) == 0
-    assert len(ledger.load(book)) == 9  # resumable: the two scored are skipped, the extra copy is scored now
+    assert len(ledger.load(book)) == 11  # resumable: the two scored are skipped, the extra copy and batch BN now
 
     capsys.readouterr()
     assert gpu_bench.main(base + ["queue"]) == 0
