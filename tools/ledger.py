@@ -44,10 +44,16 @@ class LedgerError(ValueError):
     pass
 
 
+FLOATS = ("fid", "distance", "mifid", "steps_per_s", "truncation", "seconds")
+INTS = ("steps", "images_seen", "batch_size", "seed")
+
+
 def check_row(row: dict, where: str = "row") -> dict:
     """The row with every key present (missing optional ones as None); LedgerError listing every
-    problem: unknown keys, an unknown kind, a missing required value."""
+    problem: unknown keys, an unknown kind, a missing required value, a number that is not one."""
     problems = [f"unknown key {k!r}" for k in row if k not in KEYS]
+    problems += [f"{k} {row[k]!r}: must be a number" for k in FLOATS + INTS if row.get(k) is not None
+                 and (isinstance(row[k], bool) or not isinstance(row[k], (int, float) if k in FLOATS else int))]
     kind = row.get("kind")
     if kind not in KINDS:
         problems.append(f"kind {kind!r}: choose from {', '.join(KINDS)}")
@@ -131,7 +137,15 @@ def table_throughput(rows):
     return out
 
 
-TABLES = {"runs": table_runs, "sweep": table_sweep, "throughput": table_throughput}
+def table_timing(rows):
+    out = ["| what | seconds | device | date | commit |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["kind"] == "timing":
+            out.append(f"| {r['settings']} | {r['seconds']:.1f} | {r['device']} | {r['date']} | {r['commit']} |")
+    return out
+
+
+TABLES = {"runs": table_runs, "sweep": table_sweep, "throughput": table_throughput, "timing": table_timing}
 
 
 def render(text: str, rows: list[dict]) -> str:
@@ -173,8 +187,7 @@ def main(argv=None) -> int:
     a = sub.add_parser("add", help="append one measured row")
     for k in KEYS:
         if k not in ("commit", "date"):
-            kind = (float if k in ("fid", "distance", "mifid", "steps_per_s", "truncation") else
-                    int if k in ("steps", "images_seen", "batch_size", "seed") else str)
+            kind = float if k in FLOATS else int if k in INTS else str
             a.add_argument(f"--{k.replace('_', '-')}", type=kind)
     r = sub.add_parser("render", help="regenerate the README's tables from the ledger")
     r.add_argument("--check", action="store_true", help="only check: exit 1 when the README is stale")

@@ -22,6 +22,17 @@ def test_a_bad_row_lists_every_problem():
                           "command": "c", "mifd": 1.0})
     with pytest.raises(ledger.LedgerError, match="kind 'score': choose from run, sweep, throughput"):
         ledger.check_row({"kind": "score"})
+    with pytest.raises(ledger.LedgerError, match=r"seconds '554': must be a number; steps 1.5: must be a number"):
+        ledger.check_row({"kind": "timing", "settings": "s", "seconds": "554", "steps": 1.5, "device": "x",
+                          "command": "c"})
+
+
+def test_add_stores_numbers_as_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(ledger, "LEDGER", tmp_path / "ledger.jsonl")
+    monkeypatch.setattr(ledger.append, "__defaults__", (tmp_path / "ledger.jsonl",))
+    assert ledger.main(["add", "--kind", "timing", "--settings", "s", "--seconds", "554", "--device", "x",
+                        "--command", "c"]) in (0, None)
+    assert ledger.load(tmp_path / "ledger.jsonl")[0]["seconds"] == 554.0
 
 
 def test_rows_append_and_render_into_their_blocks(tmp_path):
@@ -32,6 +43,7 @@ def test_rows_append_and_render_into_their_blocks(tmp_path):
     assert set(row) == set(ledger.KEYS) and row["commit"] and row["date"]
     text = "a\n<!-- ledger:runs -->\nold\n<!-- /ledger:runs -->\nb\n"
     text += "<!-- ledger:sweep -->\n<!-- /ledger:sweep -->\n<!-- ledger:throughput -->\n<!-- /ledger:throughput -->\n"
+    text += "<!-- ledger:timing -->\n<!-- /ledger:timing -->\n"
     out = ledger.render(text, ledger.load(path))
     assert "old" not in out and "| biggan | flip+diffaug | 8m | 10 |" in out and "| 70.12 | 0.200 | 70.12 |" in out
     with pytest.raises(ledger.LedgerError, match="no <!-- ledger:runs --> block"):
