@@ -101,6 +101,8 @@ def load_queue(path=QUEUE) -> list[dict]:
 
 
 def entry_problems(e) -> list[str]:
+    from dogkit.checkpoints import BN_STATS
+
     if not isinstance(e, dict):
         return ["not an object"]
     kind = e.get("kind")
@@ -109,10 +111,6 @@ def entry_problems(e) -> list[str]:
     allowed = COMMON | KEYS[kind]
     problems = [f"unknown key {k!r}" for k in e if k not in allowed]
     problems += [f"{k} is required" for k in sorted(allowed - {"snapshots", "options", "bn", "profile"}) if k not in e]
-    from dogkit.checkpoints import BN_STATS
-
-    problems += [f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
-                 for b in e.get("bn", []) if b not in BN_STATS[1:]]
     if problems:
         return problems
     try:
@@ -122,6 +120,8 @@ def entry_problems(e) -> list[str]:
             probe_configs(e)
     except (ValueError, KeyError, TypeError) as exc:
         problems.append(str(exc).strip("'\""))
+    problems += [f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
+                 for b in e.get("bn", []) if b not in BN_STATS[1:]]
     return problems
 
 
@@ -138,8 +138,10 @@ def train_config(e, data, out, device="auto"):
     options = dict(e.get("options") or {})
     defaults = vars(kernel.parse_args([]))
     unknown = sorted(set(options) - set(defaults) - {"budget", "snapshots"})
-    if unknown or {"data", "out", "budget", "snapshots", "device", "gpus", "resume"} & set(options):
-        raise ValueError(f"options: {', '.join(unknown) or 'data/out/budget/snapshots/device'} not settable here")
+    fixed = {"data", "out", "budget", "snapshots", "device", "gpus", "resume", "sessions"} & set(options)
+    if unknown or fixed:
+        raise ValueError(f"options: {', '.join(unknown + sorted(fixed))} not settable here (the bench sets "
+                         f"data, out, budget, snapshots, device; one GPU, one session, no resume)")
     opts = dict(defaults, **options, data=data, out=out, budget=e["budget"], device=device,
                 snapshots=",".join(f"{p:g}" for p in e.get("snapshots", [])))
     return kernel.config_from_options(entry.settings, opts)

@@ -46,11 +46,17 @@ def test_a_bad_queue_lists_every_problem(tmp_path):
         {"id": "a", "kind": "throughput", "question": "?", "models": ["dcgan"], "batch_sizes": [64],
          "precisions": ["fp8"], "memory_formats": ["contiguous"], "seconds": 4, "colour": 1},
         {"id": "c", "kind": "sweep", "question": "?"},
+        {"id": "d", "kind": "train", "model": "biggan", "budget": "8m", "question": "?", "options": {"sessions": 2},
+         "bn": ["eval"]},
+        {"id": "e", "kind": "throughput", "question": "?", "models": ["dcgan"], "batch_sizes": [64],
+         "precisions": ["fp32"], "memory_formats": ["contiguous"], "seconds": 4, "profile": ["bigan"]},
     ])
     with pytest.raises(gpu_bench.BenchError) as err:
         gpu_bench.load_queue(q)
     text = str(err.value)
-    for needle in ("precison", "bigan", "unknown key 'colour'", "id used twice", "kind 'sweep'"):
+    for needle in ("precison", "bigan", "unknown key 'colour'", "id used twice", "kind 'sweep'",
+                   "entry 4 (d): options: sessions not settable here", "bn 'eval': choose from running, batch",
+                   "entry 5 (e): not a model, precision, memory format or batch size: bigan"):
         assert needle in text, text
 
 
