@@ -188,8 +188,13 @@ def test_the_ranks_slices_of_the_samples_are_the_whole_sample(tmp_path):
 
 
 def test_the_kernel_forks_two_ranks_on_a_simulated_kaggle(fake_kaggle):  # noqa: F811
+    """Kaggle's T4 x2 as two CPU ranks; the run planned over two sessions, the second one
+    continuing the first's output with every rank's own random stream."""
+    import shutil
+
     env = dict(fake_kaggle["env"], DOGKIT_CPU_RANKS="2")
-    proc = run_kernel(env, "--device", "cpu", "--budget", "10m", "--steps", "6", "--width", "4", "--batch-size", "8")
+    args = ("--device", "cpu", "--budget", "10m", "--width", "4", "--batch-size", "8", "--sessions", "2")
+    proc = run_kernel(env, *args, "--steps", "6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout
     assert "world      2 ranks (gloo), one process each: rank 0 cpu, rank 1 cpu; global batch 2 x 8 = 16" in log
@@ -197,7 +202,15 @@ def test_the_kernel_forks_two_ranks_on_a_simulated_kaggle(fake_kaggle):  # noqa:
     assert log.count("wrote ") == 1 and "2 ranks)" in log
     assert load_submission(fake_kaggle["working"] / "images.zip", strict=True).pixels.shape == (10_000, 64, 64, 3)
     ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 6 and ckpt["world_size"] == 2
+    assert ckpt["step"] == 6 and ckpt["world_size"] == 2 and ckpt["session"] == 1 and len(ckpt["rank_rngs"]) == 2
+    shutil.copytree(fake_kaggle["working"], fake_kaggle["root"] / "dogkit-dcgan")  # the output, attached
+    shutil.rmtree(fake_kaggle["working"])
+    fake_kaggle["working"].mkdir()
+    proc = run_kernel(env, *args, "--steps", "9", "--log-every", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("continues  session 2 of 2, from ") and "random streams start afresh" not in proc.stdout
+    ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["session"], ckpt["world_size"]) == (9, 2, 2)
 
 
 def test_dogkit_train_runs_under_torchrun(tmp_path, tiny_dataset):
