@@ -51,16 +51,14 @@ def checkpoint_generator(ckpt, device, which=None, bn="standing"):
     """The EMA generator of a loaded checkpoint (or its extra EMA copy `which`) with the batch-norm
     statistics bn (BN_STATS): "standing" as the kernel's end makes them; "running" and "batch"
     with the running averages of training (G's buffers: G_ema's copy G's at every step)."""
-    if bn not in BN_STATS:
-        raise ValueError(f"bn {bn!r}: choose from {', '.join(BN_STATS)}")
     cls = get(ckpt["model"]).cls
     if bn == "standing":
         G, _ = ema_generator(ckpt, cls, device, which)
-        return G
-    weights = ckpt["G_ema"] if which is None else ckpt["G_ema_extra"][which]
-    G, _ = ema_generator(dict(ckpt, G_ema=weights, bn_refreshed=True), cls, device)  # as trained: no refresh
-    G.load_state_dict({**G.state_dict(), **{name: ckpt["G"][name] for name, _ in G.named_buffers()}})
-    return with_bn_stats(G, bn)
+    else:
+        weights = ckpt["G_ema"] if which is None else ckpt["G_ema_extra"][which]
+        G, _ = ema_generator(dict(ckpt, G_ema=weights, bn_refreshed=True), cls, device)  # as trained: no refresh
+        G.load_state_dict({**G.state_dict(), **{name: ckpt["G"][name] for name, _ in G.named_buffers()}})
+    return with_bn_stats(G, bn)  # checks bn
 
 
 def with_bn_stats(G, bn):

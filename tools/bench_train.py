@@ -68,11 +68,11 @@ def profile(entry, data, device, steps=20, warmup=5, rows=15):
     prof = torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
 
     def window(tr):  # runs after each step
+        if tr.step in (warmup, warmup + steps) and cuda:
+            torch.cuda.synchronize()  # the window holds whole steps
         if tr.step == warmup:
-            torch.cuda.synchronize() if cuda else None
             prof.start()
         elif tr.step == warmup + steps:
-            torch.cuda.synchronize() if cuda else None
             prof.stop()
 
     with tempfile.TemporaryDirectory() as out:
