@@ -70,6 +70,19 @@ def test_pack_refuses_a_carry_over_the_limit(tmp_path, monkeypatch, inception, c
     assert (tmp_path / "pack" / gpu_bench.WEIGHTS_FILE).stat().st_size < 24e6  # int8: a quarter of fp32
 
 
+def test_the_packed_covariance_moves_the_fid_by_less_than_a_thousandth(tmp_path, inception):
+    mu, sigma = make_reference(tmp_path / "ref.npz", n=3000, dim=256)
+    gpu_bench.pack(tmp_path / "ref.npz", tmp_path / "pack")
+    p_mu, p_sigma, rows = gpu_bench.packed_stats(tmp_path / "pack" / gpu_bench.STATS_FILE)
+    assert rows == 3000 and np.array_equal(p_mu, mu) and np.array_equal(p_sigma, p_sigma.T)
+    assert np.abs(p_sigma - sigma).max() <= np.abs(sigma).max() * 2**-11  # float16's rounding, no more
+    rng = np.random.default_rng(1)
+    for scale in (1.0, 1.5, 3.0):  # from near the reference to far from it
+        g_mu, g_sigma = F.stats(np.abs(rng.normal(size=(3000, 256))).astype(np.float32) * 0.3 * scale)
+        exact = F.frechet_distance(g_mu, g_sigma, mu, sigma)
+        assert abs(F.frechet_distance(g_mu, g_sigma, p_mu, p_sigma) - exact) < 1e-3, (scale, exact)
+
+
 def test_rehearsal_of_a_borrowing_on_the_cpu(tmp_path, tiny_dataset, inception, capsys):
     from dogkit.core.data import save_cache
 
