@@ -21,11 +21,11 @@ Contents (line numbers):
     163  Model building blocks shared by the models
     237  Model
     436  Data
-    941  Several GPUs
-   1158  The machine
-   1303  Sampling
-   1465  Training
-   2553  Entry point
+    942  Several GPUs
+   1159  The machine
+   1304  Sampling
+   1468  Training
+   2556  Entry point
 """
 import argparse
 import contextlib
@@ -889,7 +889,8 @@ def _progress(total, enabled, every=0.1):
 def codec_available(codec):
     from PIL import features
 
-    return codec != "avif" or features.check("avif")
+    # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
+    return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 
 
 def is_cache(path):
@@ -1401,8 +1402,10 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 
 
 def encode_png(pixels):
+    """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
+    deprecated from Pillow 11.3)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG")
+    Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 

@@ -20,12 +20,12 @@ Contents (line numbers):
      79  Model building blocks shared by the models
     107  Model
     207  Data
-    712  Several GPUs
-    929  The machine
-   1074  Augmentation
-   1108  Sampling
-   1270  Training
-   2358  Entry point
+    713  Several GPUs
+    930  The machine
+   1075  Augmentation
+   1109  Sampling
+   1273  Training
+   2361  Entry point
 """
 import argparse
 import contextlib
@@ -660,7 +660,8 @@ def _progress(total, enabled, every=0.1):
 def codec_available(codec):
     from PIL import features
 
-    return codec != "avif" or features.check("avif")
+    # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
+    return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 
 
 def is_cache(path):
@@ -1206,8 +1207,10 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 
 
 def encode_png(pixels):
+    """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
+    deprecated from Pillow 11.3)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG")
+    Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 

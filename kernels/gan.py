@@ -20,12 +20,12 @@ Contents (line numbers):
      79  Model building blocks shared by the models
     107  Model
     169  Data
-    674  Several GPUs
-    891  The machine
-   1036  Augmentation
-   1070  Sampling
-   1232  Training
-   2320  Entry point
+    675  Several GPUs
+    892  The machine
+   1037  Augmentation
+   1071  Sampling
+   1235  Training
+   2323  Entry point
 """
 import argparse
 import contextlib
@@ -622,7 +622,8 @@ def _progress(total, enabled, every=0.1):
 def codec_available(codec):
     from PIL import features
 
-    return codec != "avif" or features.check("avif")
+    # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
+    return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 
 
 def is_cache(path):
@@ -1168,8 +1169,10 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 
 
 def encode_png(pixels):
+    """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
+    deprecated from Pillow 11.3)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG")
+    Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 

@@ -20,12 +20,12 @@ Contents (line numbers):
      79  Model building blocks shared by the models
     118  Model
     192  Data
-    697  Several GPUs
-    914  The machine
-   1059  Augmentation
-   1093  Sampling
-   1255  Training
-   2343  Entry point
+    698  Several GPUs
+    915  The machine
+   1060  Augmentation
+   1094  Sampling
+   1258  Training
+   2346  Entry point
 """
 import argparse
 import contextlib
@@ -645,7 +645,8 @@ def _progress(total, enabled, every=0.1):
 def codec_available(codec):
     from PIL import features
 
-    return codec != "avif" or features.check("avif")
+    # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
+    return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 
 
 def is_cache(path):
@@ -1191,8 +1192,10 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 
 
 def encode_png(pixels):
+    """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
+    deprecated from Pillow 11.3)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG")
+    Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 

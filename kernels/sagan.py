@@ -20,12 +20,12 @@ Contents (line numbers):
      80  Model building blocks shared by the models
     134  Model
     200  Data
-    705  Several GPUs
-    922  The machine
-   1067  Augmentation
-   1101  Sampling
-   1263  Training
-   2351  Entry point
+    706  Several GPUs
+    923  The machine
+   1068  Augmentation
+   1102  Sampling
+   1266  Training
+   2354  Entry point
 """
 import argparse
 import contextlib
@@ -653,7 +653,8 @@ def _progress(total, enabled, every=0.1):
 def codec_available(codec):
     from PIL import features
 
-    return codec != "avif" or features.check("avif")
+    # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
+    return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 
 
 def is_cache(path):
@@ -1199,8 +1200,10 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 
 
 def encode_png(pixels):
+    """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
+    deprecated from Pillow 11.3)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG")
+    Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 

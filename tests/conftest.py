@@ -34,9 +34,9 @@ def crops_dir() -> Path:
     return need(CROPS)
 
 
-def png_bytes(pixels: np.ndarray, mode: str | None = None) -> bytes:
+def png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode).save(buf, "PNG")
+    Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 

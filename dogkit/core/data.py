@@ -483,7 +483,8 @@ def _encode_many(args):
 def codec_available(codec):
     from PIL import features
 
-    return codec != "avif" or features.check("avif")
+    # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
+    return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 
 
 def save_cache(path, dataset, workers=None, codec=DEFAULT_CODEC):

@@ -106,8 +106,10 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 
 
 def encode_png(pixels):
+    """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
+    deprecated from Pillow 11.3)."""
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "PNG")
+    Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 

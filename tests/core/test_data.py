@@ -12,6 +12,11 @@ from PIL import Image
 from dogkit.cli import main
 from dogkit.core import data as D
 
+# The cache's default codec; Pillow before 11.3 (older Kaggle images, tools/check_stacks.py) cannot
+# write it, and dogkit says so in one line (test_cache_without_avif_support_names_the_fix)
+needs_avif = pytest.mark.skipif(not D.codec_available("avif"),
+                                reason="this Pillow has no AVIF (Pillow >= 11.3 writes the default cache)")
+
 
 def xml_files(annotation_dir):
     return sorted(p for p in Path(annotation_dir).rglob("*") if p.is_file())
@@ -155,9 +160,9 @@ def bad_inputs(root):
     xml("n02000001_3", [(10, 10, 90, 90)])
     Image.fromarray(good[..., 0] + 1).convert("CMYK").save(photos / "n02000001_4.jpg")
     xml("n02000001_4", [(10, 10, 90, 90)])
-    Image.fromarray(good[..., 0] + 2, "L").save(photos / "n02000001_5.jpg")
+    Image.fromarray(good[..., 0] + 2).save(photos / "n02000001_5.jpg")
     xml("n02000001_5", [(10, 10, 90, 90)])
-    Image.fromarray(np.dstack([good + 3, np.full((100, 120), 128, np.uint8)]), "RGBA").save(photos / "n02000001_6.png")
+    Image.fromarray(np.dstack([good + 3, np.full((100, 120), 128, np.uint8)])).save(photos / "n02000001_6.png")
     xml("n02000001_6", [(10, 10, 90, 90)])
     Image.fromarray(good + 4).save(photos / "n02000001_7.jpg")  # no annotation
     xml("n02000001_8", [(10, 10, 90, 90)])  # annotation, no photo
@@ -189,6 +194,7 @@ def test_bad_input_is_counted_not_fatal(tmp_path):
     assert len(data["images"]) == 9  # 11 photos, 2 unreadable; _11 keeps its one real box
 
 
+@needs_avif
 def test_strict_makes_bad_input_fatal_with_the_file_named(tmp_path):
     root = bad_inputs(tmp_path / "bad")
     out = tmp_path / "cache.npz"
@@ -213,6 +219,7 @@ def test_exact_duplicates_are_removed(tmp_path):
     assert data["summary"]["events"]["exact duplicate removed"] == 1
 
 
+@needs_avif
 def test_cache_round_trip(tmp_path, tiny_dataset):
     ds = dict(tiny_dataset, settings={"strategy": "box"}, summary={})
     D.save_cache(tmp_path / "exact.npz", ds, workers=1, codec="webp-lossless")
@@ -229,6 +236,7 @@ def test_cache_round_trip(tmp_path, tiny_dataset):
         assert 0 < err < 20  # noisy test images are the worst case for a lossy codec
 
 
+@needs_avif
 def test_cache_without_avif_support_names_the_fix(tmp_path, tiny_dataset, monkeypatch):
     ds = dict(tiny_dataset, settings={}, summary={})
     D.save_cache(tmp_path / "c.npz", ds, workers=1, codec="avif")
@@ -254,6 +262,7 @@ def test_cache_of_an_older_release_still_loads(tmp_path, tiny_dataset):
     np.testing.assert_array_equal(back["images"], ds["images"])
 
 
+@needs_avif
 def test_interrupted_cache_write_leaves_nothing_behind(tmp_path, tiny_dataset, monkeypatch):
     ds = dict(tiny_dataset, settings={}, summary={})
     out = tmp_path / "cache.npz"

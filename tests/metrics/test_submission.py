@@ -31,9 +31,9 @@ def violations(path, strict=True):
     return "\n".join(err.value.violations)
 
 
-def encode(pixels, fmt="PNG", mode=None):
+def encode(pixels, fmt="PNG"):
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode).save(buf, fmt)
+    Image.fromarray(pixels).save(buf, fmt)  # the mode follows from the array's shape (HW: L, HW4: RGBA)
     return buf.getvalue()
 
 
@@ -58,12 +58,12 @@ def test_wrong_size(tmp_path):
 
 
 def test_rgba(tmp_path):
-    rgba = encode(np.zeros((64, 64, 4), np.uint8), mode="RGBA")
+    rgba = encode(np.zeros((64, 64, 4), np.uint8))
     assert "colour type RGBA, must be RGB" in violations(make_zip(tmp_path / "a.zip", {"00002.png": rgba}))
 
 
 def test_grayscale(tmp_path):
-    gray = encode(np.zeros((64, 64), np.uint8), mode="L")
+    gray = encode(np.zeros((64, 64), np.uint8))
     assert "colour type grayscale, must be RGB" in violations(make_zip(tmp_path / "g.zip", {"00003.png": gray}))
 
 

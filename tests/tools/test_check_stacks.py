@@ -1,0 +1,30 @@
+"""tools/check_stacks.py on the interpreter at hand (no new environment): a kernel that trains is
+counted, one that fails is named and makes the exit code 1."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+import check_stacks  # noqa: E402
+
+
+def rows(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_a_kernel_run_on_this_interpreter_counts(capsys):
+    assert check_stacks.main(["--python", sys.executable, "--no-tests", "--kernels", "dcgan"]) == 0
+    out = capsys.readouterr().out
+    (row,) = rows(out)
+    assert row["kernels"] == "1 of 1 wrote images.zip" and row["failed"] == {} and row["ok"]
+    assert f"torch {__import__('torch').__version__}" in row["versions"]
+    assert "| given | python " in out and "| not run | 1 of 1 wrote images.zip |" in out
+
+
+def test_a_failing_kernel_is_named_and_fails_the_check(capsys, monkeypatch):
+    monkeypatch.setattr(check_stacks, "KERNEL_ARGS", check_stacks.KERNEL_ARGS + ["--widht", "8"])  # a typo
+    assert check_stacks.main(["--python", sys.executable, "--no-tests", "--kernels", "gan"]) == 1
+    (row,) = rows(capsys.readouterr().out)
+    assert row["kernels"] == "0 of 1 wrote images.zip" and "exit 2" in row["failed"]["gan"]
+    assert check_stacks.main(["--python", sys.executable, "--kernels", "nosuch"]) == 2
