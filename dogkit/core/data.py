@@ -11,6 +11,7 @@
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import time
@@ -358,10 +359,13 @@ def process_photo(item, strategy, size, min_side, margin):
 
 def map_chunks(fn, jobs, workers, done=lambda result: None):
     """[fn(job) for job in jobs], in worker processes when there are several of both; done(result)
-    as each arrives (in order)."""
+    as each arrives (in order). The workers are forked, whatever Python's default start method
+    (forkserver from Python 3.14) where the system has fork: a kernel's fn lives in a notebook's
+    __main__, which a fresh interpreter could not import."""
     results = []
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        fork = "fork" in multiprocessing.get_all_start_methods()
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork") if fork else None) as pool:
             for r in pool.map(fn, jobs):
                 results.append(r)
                 done(r)

@@ -285,3 +285,23 @@ def test_not_a_cache(tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(D.DataError, match="not a dogkit cache"):
         D.load_cache(str(bad))
+
+
+def test_workers_run_a_function_only_the_parent_can_import():
+    """In a Kaggle notebook the cleaning function lives in __main__, which a spawned or
+    forkserver worker (Python 3.14's default) cannot import: map_chunks forks whatever the
+    default start method."""
+    import multiprocessing
+    import sys
+    import types
+
+    notebook = types.ModuleType("a_notebook_cell")  # in sys.modules only, like a notebook's __main__
+    exec("def double(x):\n    return 2 * x\n", notebook.__dict__)
+    sys.modules["a_notebook_cell"] = notebook
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        assert D.map_chunks(notebook.double, [1, 2, 3], workers=2) == [2, 4, 6]
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+        del sys.modules["a_notebook_cell"]
