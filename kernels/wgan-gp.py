@@ -545,9 +545,9 @@ def process_photo(item, strategy, size, min_side, margin):
 
 def map_chunks(fn, jobs, workers, done=lambda result: None):
     """[fn(job) for job in jobs], in worker processes when there are several of both; done(result)
-    as each arrives (in order). The workers are forked, whatever Python's default start method
-    (forkserver from Python 3.14) where the system has fork: a kernel's fn lives in a notebook's
-    __main__, which a fresh interpreter could not import."""
+    as each arrives (in order). Where the system has fork the workers are forked, whatever Python's
+    default start method (forkserver from 3.14): a kernel's fn lives in a notebook's __main__,
+    which a fresh interpreter could not import."""
     results = []
     if workers > 1 and len(jobs) > 1:
         fork = "fork" in multiprocessing.get_all_start_methods()

@@ -65,6 +65,10 @@ KERNEL_ARGS = ["--budget", "60s", "--steps", "6", "--width", "8", "--batch-size"
 N_PHOTOS = 200
 
 
+class StackError(RuntimeError):
+    """A stack's environment could not be made (its row says why)."""
+
+
 def base_python(version):
     """An interpreter of this Python version (python3.12 on the PATH, else pyenv's), or None."""
     candidates = [shutil.which(f"python{version}")] + sorted(glob.glob(os.path.expanduser(
@@ -87,9 +91,11 @@ def venv_python(stack, venvs):
         base = base_python(spec["python"])
         if base is None:
             return None
-        subprocess.run([base, "-m", "venv", "--clear", str(folder)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *wanted], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)], check=True)
+        for cmd in ([base, "-m", "venv", "--clear", str(folder)], [str(python), "-m", "pip", "install", "-q", *wanted],
+                    [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(ROOT)]):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:  # no such release on this index, no network: said in the stack's row
+                raise StackError(f"{' '.join(cmd[:4])} ... failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         stamp.write_text(json.dumps(wanted))
     return python
 
@@ -160,7 +166,7 @@ def main(argv=None):
     ap.add_argument("--python", help="check this interpreter instead (dogkit importable there)")
     ap.add_argument("--venvs", default=str(ROOT / ".stacks"), help="where the environments go (default .stacks/)")
     ap.add_argument("--kernels", default="", help="comma-separated models (default: every kernel in kernels/)")
-    ap.add_argument("--no-tests", action="store_true", help="the kernels only, not tests/core")
+    ap.add_argument("--no-tests", action="store_true", help="the kernels only, not the stack's tests")
     args = ap.parse_args(argv)
     models = [m for m in args.kernels.split(",") if m]
     kernels = [ROOT / "kernels" / f"{m}.py" for m in models] or sorted((ROOT / "kernels").glob("*.py"))
@@ -170,10 +176,14 @@ def main(argv=None):
         return 2
     rows = []
     for name in ["given"] if args.python else (args.stack or list(STACKS)):
-        python = Path(args.python) if args.python else venv_python(name, args.venvs)
-        if python is None:
-            rows.append({"stack": name, "ok": False, "versions": f"no Python {STACKS[name]['python']} on this machine",
-                         "tests": "", "kernels": "not run", "seconds": 0})
+        try:
+            python = Path(args.python) if args.python else venv_python(name, args.venvs)
+            problem = None if python else f"no Python {STACKS[name]['python']} on this machine"
+        except StackError as exc:
+            problem = str(exc)
+        if problem:
+            rows.append({"stack": name, "ok": False, "versions": problem, "tests": "", "kernels": "not run",
+                         "seconds": 0})
         else:
             tests = [] if args.no_tests else CORE_TESTS if args.python else STACKS[name]["tests"]
             with tempfile.TemporaryDirectory() as where:

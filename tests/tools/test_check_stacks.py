@@ -28,3 +28,16 @@ def test_a_failing_kernel_is_named_and_fails_the_check(capsys, monkeypatch):
     (row,) = rows(capsys.readouterr().out)
     assert row["kernels"] == "0 of 1 wrote images.zip" and "exit 2" in row["failed"]["gan"]
     assert check_stacks.main(["--python", sys.executable, "--kernels", "nosuch"]) == 2
+
+
+def test_a_stack_that_cannot_be_made_is_a_failed_row_not_a_traceback(capsys, monkeypatch, tmp_path):
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    monkeypatch.setattr(check_stacks, "STACKS", {
+        "no-python": {"python": "2.1", "tests": [], "packages": []},
+        "bad-pin": {"python": here, "tests": [], "packages": ["torch=2.4"]},  # pip refuses the line itself
+    })
+    assert check_stacks.main(["--venvs", str(tmp_path), "--kernels", "gan"]) == 1
+    by_name = {r["stack"]: r for r in rows(capsys.readouterr().out)}
+    assert by_name["no-python"]["versions"] == "no Python 2.1 on this machine"
+    assert "pip install" in by_name["bad-pin"]["versions"] and "failed" in by_name["bad-pin"]["versions"]
+    assert not any(r["ok"] for r in by_name.values())
