@@ -285,11 +285,13 @@ def run(model_cls, settings, args, t0):
         raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
     cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget, args.kaggle_sessions)
     size, device_type = world_size(args.gpus, args.device)
-    resume = args.resume
+    resume, ckpt = args.resume, None
     if on_kaggle and cfg.sessions > 1 and resume is None:
-        resume = earlier_session(input_root, cfg.out)
+        resume, ckpt = earlier_session(input_root, cfg.out)
     if resume:  # refused in seconds, before any cleaning, when it cannot be continued
-        print(f"continues  {check_continuation(read_checkpoint(resume), resume, cfg, model_cls.name)}", flush=True)
+        ckpt = read_checkpoint(resume) if ckpt is None else ckpt
+        print(f"continues  {check_continuation(ckpt, resume, cfg, model_cls.name)}", flush=True)
+        del ckpt  # training loads it again, onto its device
     if size == 1:
         device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
         return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
@@ -301,23 +303,27 @@ def run(model_cls, settings, args, t0):
 def earlier_session(input_root, working):
     """The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
     earlier output attached under input_root (any depth up to 4), or left in the working folder by
-    Kaggle's "Files only" persistence; the one furthest on when there are several; None for the
-    first session. A file that is not a readable checkpoint is an error, not a fresh start."""
+    Kaggle's "Files only" persistence; the one furthest on when there are several, as (path, the
+    checkpoint read); (None, None) for the first session. A file that is not a readable checkpoint
+    is an error, not a fresh start."""
     found = [os.path.join(working, "checkpoint.pt")] if os.path.isfile(os.path.join(working, "checkpoint.pt")) else []
     found += [e.path for _, entries in _walk(input_root, depth=4) for e in entries
               if e.name == "checkpoint.pt" and e.is_file()]
     if not found:
         print(f"continues  nothing yet: no checkpoint.pt under {input_root} or in {working}, so this is the first "
               f"session (from the next one on, attach this notebook's output: Add Input -> Your Work)", flush=True)
-        return None
-    progress = {path: (ckpt.get("session", 1), ckpt["step"]) for path in found
-                for ckpt in [read_checkpoint(path)]}
-    best = max(found, key=progress.get)
+        return None, None
+    progress, best, kept = {}, None, None
+    for path in found:  # each read once; only the furthest on is kept in memory
+        ckpt = read_checkpoint(path)
+        progress[path] = (ckpt.get("session", 1), ckpt["step"])
+        if best is None or progress[path] > progress[best]:
+            best, kept = path, ckpt
     for path in found:
         if path != best:
             print(f"ignored    {path} (session {progress[path][0]}, step {progress[path][1]}): {best} is further "
                   f"on", flush=True)
-    return best
+    return best, kept
 
 
 def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):

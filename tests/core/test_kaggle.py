@@ -288,3 +288,19 @@ def test_sigterm_saves_a_resumable_checkpoint_and_leaves_no_temp_file(tmp_path, 
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] > 0
     assert not [f for f in os.listdir(out) if "tmp" in f]
+
+
+def test_the_checkpoint_furthest_on_is_continued_and_the_others_named(tmp_path, capsys):
+    from dogkit.core.train import CHECKPOINT_FORMAT
+
+    working, inputs = tmp_path / "working", tmp_path / "input"
+    places = {working: (1, 900), inputs / "run-a": (2, 300), inputs / "deep" / "run-b" / "output": (2, 500)}
+    for folder, (session, step) in places.items():
+        folder.mkdir(parents=True)
+        torch.save({"format": CHECKPOINT_FORMAT, "session": session, "step": step}, folder / "checkpoint.pt")
+    path, ckpt = K.earlier_session(str(inputs), str(working))
+    assert path == str(inputs / "deep" / "run-b" / "output" / "checkpoint.pt") and ckpt["step"] == 500
+    out = capsys.readouterr().out
+    assert f"ignored    {working / 'checkpoint.pt'} (session 1, step 900)" in out
+    assert f"ignored    {inputs / 'run-a' / 'checkpoint.pt'} (session 2, step 300)" in out
+    assert K.earlier_session(str(tmp_path / "empty"), str(tmp_path / "none")) == (None, None)
