@@ -21,6 +21,7 @@ import torch
 
 from dogkit.core.registry import get
 from dogkit.core.sample import atomic_path, generate, save_grid, write_zip
+from dogkit.core.runtime import RunError
 from dogkit.core.train import CHECKPOINT_FORMAT, batchnorms, ema_generator, pick_device, read_checkpoint
 
 GENERATOR_FORMAT = "dogkit-generator-1"
@@ -37,14 +38,19 @@ def load_generator(path, device="auto", bn="standing"):
     need the data: final only)."""
     device = pick_device(device)
     ckpt = read_checkpoint(path, device, READABLE)
-    if ckpt["format"] == GENERATOR_FORMAT:
-        G, _ = ema_generator(ckpt, get(ckpt["model"]).cls, device)
-        G = with_bn_stats(G, ckpt.get("bn_stats", "standing"))
-    else:
-        G = checkpoint_generator(ckpt, device, bn=bn)
+    try:  # a file in the format whose contents do not fit its model: one line naming it
+        if ckpt["format"] == GENERATOR_FORMAT:
+            G, _ = ema_generator(ckpt, get(ckpt["model"]).cls, device)
+            G = with_bn_stats(G, ckpt.get("bn_stats", "standing"))
+        else:
+            G = checkpoint_generator(ckpt, device, bn=bn)
+        config, n_classes = dict(ckpt["config"]), int(ckpt["n_classes"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        raise RunError(f"{path}: a {ckpt['format']} file whose contents do not fit its model "
+                       f"({type(exc).__name__}: {str(exc).strip()[:160]})") from None
     if device.type == "cpu":  # oneDNN's NHWC convolutions: biggan samples 1.8x faster on 2 cores
         G = G.to(memory_format=torch.channels_last)
-    return G, ckpt["config"], ckpt["n_classes"]
+    return G, config, n_classes
 
 
 def checkpoint_generator(ckpt, device, which=None, bn="standing"):

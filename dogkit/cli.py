@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import tempfile
 import time
+import traceback
 import zipfile
 from pathlib import Path
 
@@ -44,6 +47,58 @@ def _device(name: str | None):
         _fail(str(exc))
 
 
+def _writable(path, folder=False) -> None:
+    """An output path checked before any work (dogkit.core.runtime.output_problem): one line."""
+    from dogkit.core.runtime import output_problem
+
+    problem = output_problem(path, folder)
+    if problem:
+        _fail(problem)
+
+
+EXPECTED = (ValueError, OSError, MemoryError)  # bad input, a disk or the machine: one line, exit 1
+BUG_EXIT = 70  # an exception nobody expected: one line saying it is a bug, the traceback in a file
+TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
+
+
+def _one_line(exc) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return lines[0] + (f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else "")
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM: unwind like Ctrl-C, so temporary files are removed
+
+
+class Boundary(click.Group):
+    """Every dogkit command runs inside one error boundary: any exception that escapes a command is
+    one line on stderr with a documented exit code (1 bad input, 130 interrupted, 70 a bug, its
+    traceback written to TRACEBACK_FILE; `dogkit --debug ...` shows it instead)."""
+
+    def invoke(self, ctx):
+        try:
+            signal.signal(signal.SIGTERM, _terminated)
+        except ValueError:  # not the main thread
+            pass
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted (nothing half-written is left behind)", err=True)
+            raise click.exceptions.Exit(130)
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            if isinstance(exc, EXPECTED):
+                _fail(_one_line(exc))
+            with open(TRACEBACK_FILE, "w") as fh:
+                traceback.print_exc(file=fh)
+            click.echo(f"Error: internal error, a bug in dogkit ({type(exc).__name__}: {_one_line(exc)}); the "
+                       f"traceback is in {TRACEBACK_FILE} (or run again with dogkit --debug ...)", err=True)
+            raise click.exceptions.Exit(BUG_EXIT)
+
+
 def _threads() -> None:
     import os
 
@@ -52,9 +107,10 @@ def _threads() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
-@click.group()
+@click.group(cls=Boundary)
 @click.version_option(package_name="dogkit")
-def main():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error.")
+def main(debug):
     """dogkit: clean Stanford Dogs, train a generator, write images.zip, score it like Kaggle.
 
     \b
@@ -70,9 +126,10 @@ def main():
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Reference .npz to write.")
 @click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
-@click.option("--batch-size", default=50, show_default=True, help="Photos per Inception batch.")
+@click.option("--batch-size", default=50, show_default=True, type=click.IntRange(1, 10_000),
+              help="Photos per Inception batch.")
 @device_option
-@click.option("--limit", type=int, default=None, help="Use only the first N photos (sorted).")
+@click.option("--limit", type=click.IntRange(2, None), default=None, help="Use only the first N photos (sorted).")
 def reference(source, out, inception_weights, batch_size, device, limit):
     """Reference statistics of real photos (folder, recursive, or zip).
 
@@ -85,6 +142,7 @@ def reference(source, out, inception_weights, batch_size, device, limit):
     """
     from dogkit.metrics.reference import build_reference
 
+    _writable(out)
     _threads()
     model, info = _load_network(inception_weights)
     click.echo(f"inception weights: {info['source']}", err=True)
@@ -104,7 +162,8 @@ def reference(source, out, inception_weights, batch_size, device, limit):
               help="Enforce the competition's rules (10,000 64x64 RGB PNGs in a flat zip).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
-@click.option("--batch-size", default=100, show_default=True, help="Images per Inception batch (500 on a GPU is faster).")
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1, 10_000),
+              help="Images per Inception batch (500 on a GPU is faster).")
 @device_option
 @click.option("--sqrtm", type=click.Choice(["auto", "scipy", "eigh"]), default="auto", show_default=True,
               help="FID's matrix square root: scipy (the competition's code), eigh (symmetric "
@@ -139,13 +198,16 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     model, info = _load_network(inception_weights)
     if ref.provenance.get("weights", {}).get("digest") not in (None, info["digest"]):
         click.echo("warning: reference was made with other Inception weights", err=True)
-    result = run_score(images, ref, model, _device(device), strict=strict,
-                       batch_size=batch_size, progress=not as_json, sqrtm=sqrtm)
+    try:
+        result = run_score(images, ref, model, _device(device), strict=strict,
+                           batch_size=batch_size, progress=not as_json, sqrtm=sqrtm)
+    except ValueError as exc:  # a number that cannot be computed is an error, never a printed NaN
+        _fail(f"{reference_path}: {exc}")
     result["seconds"] = round(time.time() - t0, 2)  # decoding and rules included
     for note in result.pop("notes"):
         click.echo(f"note: {note}", err=True)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(result, allow_nan=False))
         return
     click.echo(f"images     {result['n_images']}")
     click.echo(f"FID        {result['fid']:.4f}")
@@ -175,12 +237,15 @@ def report(submission, reference_path, run_dir, out, strict, inception_weights, 
     """
     from dogkit.metrics.features import extract
     from dogkit.metrics.reference import load_photos, load_reference
-    from dogkit.metrics.report import build_report
+    from dogkit.metrics.report import build_report, read_log
     from dogkit.metrics.submission import SubmissionError, load_submission
 
+    _writable(out, folder=True)
     try:
         images = load_submission(submission, strict=strict)
         ref = load_reference(reference_path)
+        if run_dir:
+            read_log(run_dir)  # a log that cannot be read is refused now, not after the features
     except SubmissionError as exc:
         _fail(str(exc).splitlines()[0] + ": " + "; ".join(exc.violations[:3]))
     except (FileNotFoundError, ValueError) as exc:
@@ -231,11 +296,13 @@ def export_inception(out, fmt):
               help="Crop side in pixels (above 64: for random-crop augmentation).")
 @click.option("--strategy", type=click.Choice(["box", "square", "aspect", "pad"]), default="pad",
               show_default=True, help="How each dog's box becomes a square crop (see README).")
-@click.option("--min-side", default=32, show_default=True, help="Drop boxes whose shorter side is smaller.")
-@click.option("--margin", default=0.1, show_default=True, help="'pad': grow the box by this fraction.")
+@click.option("--min-side", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Drop boxes whose shorter side is smaller.")
+@click.option("--margin", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="'pad': grow the box by this fraction (0 to 1).")
 @click.option("--preview", type=click.Path(), default=None, help="Write a grid of random crops (PNG).")
 @click.option("--strict", is_flag=True, help="Any bad input is fatal, with the file named.")
-@click.option("--workers", type=int, default=None, help="Decoding processes (default: all cores).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None, help="Decoding processes (default: all cores).")
 @click.option("--codec", type=click.Choice(["avif", "webp", "webp-lossless"]), default="avif", show_default=True,
               help="Image storage in the cache (avif: 4:4:4 quality 91, about 56 MB for 22,000 crops; "
                    "webp: quality 92, 4:2:0, smaller and less faithful; webp-lossless: about 150 MB).")
@@ -250,6 +317,8 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
 
     if not out.endswith(".npz"):
         _fail(f"{out}: the cache file must end in .npz")
+    for path in (out, preview) if preview else (out,):
+        _writable(path)
     try:
         data = clean(source, annotations, int(size), strategy, min_side, margin, workers=workers,
                      progress=True, log=lambda m: click.echo(m, err=True))
@@ -370,10 +439,12 @@ def _torchrun_world(device, gpus):
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("-o", "--out", default="submission/images.zip", show_default=True, type=click.Path(),
               help="The zip to write (atomically: an existing one is replaced only when it is complete).")
-@click.option("-n", "n_images", default=10_000, show_default=True, help="Images to write (10,000 for a submission).")
-@click.option("--truncation", type=float, default=None,
-              help="Redraw z values beyond +-T (default: the run's setting; 0 = none).")
-@click.option("--seed", default=0, show_default=True, help="Sampling seed: the same seed, the same images.")
+@click.option("-n", "n_images", default=10_000, show_default=True, type=click.IntRange(1, 100_000),
+              help="Images to write (10,000 for a submission).")
+@click.option("--truncation", type=click.FloatRange(0.0, 100.0), default=None,
+              help="Redraw z values beyond +-T, T >= 0.04 (default: the run's setting; 0 = none).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2 ** 63 - 1),
+              help="Sampling seed: the same seed, the same images.")
 @click.option("--grid", type=click.Path(), default=None, help="Also write a grid of the first 64 (PNG).")
 @click.option("--bn", type=click.Choice(BN_STATS), default="standing", show_default=True,
               help="Batch-norm statistics: re-estimated after training (what the kernels do), the running averages "
@@ -388,13 +459,21 @@ def sample(checkpoint, out, n_images, truncation, seed, grid, bn, device):
     """
     from dogkit.checkpoints import load_generator, sample_to_zip
     from dogkit.core.runtime import RunError
+    from dogkit.core.sample import TRUNCATION_MIN
     from dogkit.metrics.submission import SubmissionError, load_submission
 
+    if truncation is not None and 0 < truncation < TRUNCATION_MIN:
+        _fail(f"--truncation {truncation}: give 0 (none) or {TRUNCATION_MIN} or more (a smaller one keeps almost "
+              "no z value and would never finish redrawing)")
+    for path in (out, grid) if grid else (out,):
+        _writable(path)
     try:
         generator = load_generator(checkpoint, _device(device), bn=bn)
     except RunError as exc:  # missing, truncated, another format, or a pickle with code: refused
         _fail(str(exc))
-    t = generator[1]["truncation"] if truncation is None else truncation
+    t = generator[1].get("truncation") if truncation is None else truncation
+    if not isinstance(t, (int, float, type(None))) or isinstance(t, bool):
+        _fail(f"{checkpoint}: its truncation {t!r} is not a number; give --truncation")
     sample_to_zip(generator, out, t if t and t > 0 else None, seed=seed, n=n_images, grid=grid)
     if n_images == 10_000:
         try:

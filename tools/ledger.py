@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import re
 import subprocess
 import sys
@@ -53,7 +54,8 @@ def check_row(row: dict, where: str = "row") -> dict:
     problem: unknown keys, an unknown kind, a missing required value, a number that is not one."""
     problems = [f"unknown key {k!r}" for k in row if k not in KEYS]
     problems += [f"{k} {row[k]!r}: must be a number" for k in FLOATS + INTS if row.get(k) is not None
-                 and (isinstance(row[k], bool) or not isinstance(row[k], (int, float) if k in FLOATS else int))]
+                 and (isinstance(row[k], bool) or not isinstance(row[k], (int, float) if k in FLOATS else int)
+                      or not math.isfinite(row[k]))]
     kind = row.get("kind")
     if kind not in KINDS:
         problems.append(f"kind {kind!r}: choose from {', '.join(KINDS)}")
@@ -68,9 +70,16 @@ def check_row(row: dict, where: str = "row") -> dict:
 
 def load(path: Path = LEDGER) -> list[dict]:
     rows = []
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            rows.append(check_row(json.loads(line), f"{path}:{i}"))
+    for i, line in enumerate(Path(path).read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise LedgerError(f"{path}:{i}: not a JSON line ({exc})") from None
+        if not isinstance(row, dict):
+            raise LedgerError(f"{path}:{i}: a row must be a JSON object, not {type(row).__name__}")
+        rows.append(check_row(row, f"{path}:{i}"))
     return rows
 
 

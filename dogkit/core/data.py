@@ -11,9 +11,11 @@
 import hashlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import re
+import stat
 import time
 import warnings
 import xml.etree.ElementTree as ET
@@ -25,6 +27,8 @@ import numpy as np
 from PIL import Image, ImageFile
 
 STRATEGIES = ("box", "square", "aspect", "pad")
+CROP_SIZES = (64, 80, 96, 128)
+MAX_MARGIN = 1.0  # 'pad' grows a box by at most its own size
 DEFAULT_STRATEGY = "pad"
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SYNSET = re.compile(r"^(n\d{8})")
@@ -45,11 +49,12 @@ class DataError(ValueError):
 
 
 def _number(text):
-    """'500', '500.0' or ' 500 ' -> 500; None when missing or not a number."""
+    """'500', '500.0' or ' 500 ' -> 500; None when missing, not a number or not finite ('inf')."""
     try:
-        return int(float(text))
+        value = float(text)
     except (TypeError, ValueError):
         return None
+    return int(value) if math.isfinite(value) and abs(value) < 1e9 else None
 
 
 def parse_annotation(xml_bytes, name="annotation"):
@@ -131,6 +136,51 @@ def resize(pixels, size):
     return np.asarray(Image.fromarray(pixels).resize((size, size), Image.LANCZOS))
 
 
+# ---- reading files: one way in ----------------------------------------------------------------
+
+def shown_name(name):
+    """A file name that prints and stores one per line whatever its bytes (\\xNN, control escapes)."""
+    text = os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, str) else str(name)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def read_file(path, cap, name=None):
+    """The bytes of a regular file of at most cap bytes; a FIFO, a device, a broken or looping link
+    or a larger file is a DataError naming it (never a hang, never unbounded memory)."""
+    name = shown_name(name or path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting
+    except OSError as exc:
+        raise DataError(f"{name}: cannot be opened ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > cap:
+            raise DataError(f"{name}: " + (f"{info.st_size} bytes (limit {cap})" if stat.S_ISREG(info.st_mode)
+                                           else "not a regular file (a FIFO, device or socket is never read)"))
+        data = fh.read(cap + 1)
+    if len(data) > cap:
+        raise DataError(f"{name}: grew past {cap} bytes while read")
+    return data
+
+
+_OPEN_ZIPS = {}
+
+
+def open_zip(path):
+    """The zip at path, opened once per process and version of the file (a 20,579-entry zip's
+    directory is read once, not per photo; forked workers never share a file offset)."""
+    try:
+        st = os.stat(path)
+        key = (os.getpid(), os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _OPEN_ZIPS:
+            if len(_OPEN_ZIPS) >= 4:
+                _OPEN_ZIPS.clear()
+            _OPEN_ZIPS[key] = zipfile.ZipFile(path)
+        return _OPEN_ZIPS[key]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{shown_name(path)}: not a readable zip ({exc})") from None
+
+
 # ---- finding the inputs ----------------------------------------------------------------------
 
 def breed_of(folder_name):
@@ -147,13 +197,9 @@ def _find_dir(root, name):
 
 
 def _zip_items(source):
-    try:
-        zf = zipfile.ZipFile(source)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise DataError(f"{source}: not a readable zip ({exc})") from None
-    with zf:
-        members = sorted(n for n in zf.namelist() if n.lower().endswith(PHOTO_EXTS) and not n.startswith("__MACOSX"))
-    return [{"name": m, "zip": source, "member": m, "synset": _synset(m), "xml": None} for m in members]
+    members = sorted(n for n in open_zip(source).namelist()
+                     if n.lower().endswith(PHOTO_EXTS) and not n.startswith("__MACOSX"))
+    return [{"name": shown_name(m), "zip": source, "member": m, "synset": _synset(m), "xml": None} for m in members]
 
 
 def _folder_items(source, ann_dir):
@@ -174,7 +220,7 @@ def _folder_items(source, ann_dir):
     items = []
     for p in photos:
         folder = breed_of(os.path.basename(os.path.dirname(p)))
-        items.append({"name": os.path.relpath(p, source), "path": p,
+        items.append({"name": shown_name(os.path.relpath(p, source)), "path": p,
                       "synset": folder[0] if folder else _synset(os.path.basename(p)), "xml": None})
     return layout, items
 
@@ -266,27 +312,27 @@ def read_zip_entry(zf, info, cap):
     naming the entry and the rule for an unsafe, corrupt (CRC) or truncated entry."""
     problem = zip_entry_problem(info, cap)
     if problem:
-        raise DataError(f"{info.filename}: {problem}")
+        raise DataError(f"{shown_name(info.filename)}: {problem}")
     try:
         with zf.open(info) as fh:
             data = fh.read(cap + 1)
     except zipfile.BadZipFile as exc:  # a CRC error, a bad local header
-        raise DataError(f"{info.filename}: corrupt entry ({exc})") from None
+        raise DataError(f"{shown_name(info.filename)}: corrupt entry ({exc})") from None
     except Exception as exc:  # a truncated or damaged stream (EOFError, zlib.error, OSError, ...)
-        raise DataError(f"{info.filename}: unreadable entry ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{shown_name(info.filename)}: unreadable entry ({type(exc).__name__}: {exc})") from None
     if len(data) > cap:
-        raise DataError(f"{info.filename}: inflates past {cap} bytes (its header says {info.file_size})")
+        raise DataError(f"{shown_name(info.filename)}: inflates past {cap} bytes (its header says {info.file_size})")
     return data
+
+
+MAX_XML_BYTES = 1 << 20  # an annotation file larger than this is refused (Stanford's: under 1 KB)
 
 
 def _read_photo(item):
     if item.get("zip"):
-        with zipfile.ZipFile(item["zip"]) as zf:
-            return read_zip_entry(zf, zf.getinfo(item["member"]), MAX_PHOTO_BYTES)
-    if os.path.getsize(item["path"]) > MAX_PHOTO_BYTES:
-        raise DataError(f"{item['name']}: {os.path.getsize(item['path'])} bytes (limit {MAX_PHOTO_BYTES})")
-    with open(item["path"], "rb") as fh:
-        return fh.read()
+        zf = open_zip(item["zip"])
+        return read_zip_entry(zf, zf.getinfo(item["member"]), MAX_PHOTO_BYTES)
+    return read_file(item["path"], MAX_PHOTO_BYTES, item["name"])
 
 
 def decode_rgb(data, name, events):
@@ -314,8 +360,8 @@ def process_photo(item, strategy, size, min_side, margin):
     name = item["name"]
     try:
         data = _read_photo(item)
-    except DataError as exc:
-        return [], [("unreadable zip entry or oversized file", str(exc))], 0
+    except DataError as exc:  # a FIFO, a device, a broken link, an oversized file or zip entry
+        return [], [("unreadable file or zip entry", str(exc))], 0
     try:
         pixels = decode_rgb(data, name, events)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -327,13 +373,12 @@ def process_photo(item, strategy, size, min_side, margin):
     boxes, n_boxes = [(0, 0, width, height)], 0
     if item["xml"]:
         try:
-            with open(item["xml"], "rb") as fh:
-                _, _, found = parse_annotation(fh.read(), item["xml"])
+            _, _, found = parse_annotation(read_file(item["xml"], MAX_XML_BYTES), shown_name(item["xml"]))
             if found:
                 boxes, n_boxes = found, len(found)
             else:
                 events.append(("annotation without box: whole photo used", name))
-        except (DataError, OSError) as exc:
+        except Exception as exc:  # any bad XML costs this photo its boxes, never the run
             events.append(("malformed annotation: whole photo used", f"{name} ({exc})"))
     elif "annotations" in item:
         events.append(("photo without annotation: whole photo used", name))
@@ -384,8 +429,12 @@ def _process_chunk(args):
 def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side=32, margin=0.1,
           workers=None, progress=False, log=print):
     """Clean a source into a dataset dict {images, labels, names, breeds, summary, settings}."""
-    if strategy not in STRATEGIES:
-        raise DataError(f"unknown crop strategy {strategy!r}; choose from {STRATEGIES}")
+    problems = [f"unknown crop strategy {strategy!r}; choose from {STRATEGIES}"] if strategy not in STRATEGIES else []
+    problems += [f"size {size}: choose from {CROP_SIZES}"] if size not in CROP_SIZES else []
+    problems += [f"margin {margin}: give a fraction from 0 to {MAX_MARGIN}"] if not 0 <= margin <= MAX_MARGIN else []
+    problems += [f"min_side {min_side}: give 1 or more pixels"] if not 1 <= min_side < 1 << 20 else []
+    if problems:
+        raise DataError("; ".join(problems))
     t0 = time.time()
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     layout, items, breeds, notes = discover(source, annotations)
@@ -450,7 +499,10 @@ def fingerprint(items):
     """Input fingerprint: names and sizes of every photo (fast, no hashing of contents)."""
     h = hashlib.sha256()
     for it in items:
-        size = os.path.getsize(it["path"]) if it.get("path") else 0
+        try:
+            size = os.stat(it["path"]).st_size if it.get("path") else 0
+        except OSError:  # a broken link: skipped by cleaning, counted here as size -1
+            size = -1
         h.update(f"{it['name']}:{size};".encode())
     return h.hexdigest()[:16]
 
@@ -513,7 +565,7 @@ def save_cache(path, dataset, workers=None, codec=DEFAULT_CODEC):
     try:
         np.savez(tmp, blob=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets,
                  labels=dataset["labels"], meta=json.dumps(meta),
-                 names_utf8=np.frombuffer("\n".join(dataset["names"]).encode(), dtype=np.uint8))
+                 names_utf8=np.frombuffer("\n".join(map(shown_name, dataset["names"])).encode(), dtype=np.uint8))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -525,33 +577,62 @@ def is_cache(path):
     return os.path.isfile(path) and path.endswith(".npz")
 
 
+def cache_problems(z, meta):
+    """Every way a cache's arrays and metadata break what save_cache writes, before any decoding."""
+    offsets, labels, breeds, shape = z["offsets"], z["labels"], meta.get("breeds"), meta.get("shape")
+    ok_breeds = isinstance(breeds, list) and breeds and all(isinstance(b, str) for b in breeds)
+    ok_offsets = offsets.ndim == 1 and offsets.dtype.kind in "iu" and len(offsets) >= 2
+    checks = [(ok_breeds, "breeds must be a non-empty list of names"),
+              (shape in [[n, n, 3] for n in CROP_SIZES], f"image shape {shape!r}: must be [S, S, 3], S in {CROP_SIZES}"),
+              (ok_offsets, "offsets must be at least 2 integers (one image or more)"),
+              (not ok_offsets or offsets[0] == 0 and (np.diff(offsets) > 0).all() and offsets[-1] == z["blob"].size,
+               "offsets must rise from 0 to the blob's length"),
+              (labels.ndim == 1 and labels.dtype.kind in "iu" and len(labels) == len(offsets) - 1,
+               "labels must be one integer per image"),
+              (not ok_breeds or not len(labels) or 0 <= labels.min() and labels.max() < len(breeds),
+               "labels must each name a breed")]
+    return [message for ok, message in checks if not ok]
+
+
 def load_cache(path):
-    """Read a cache file back into {images, labels, names, breeds, meta}."""
+    """Read a cache file back into {images, labels, names, breeds, meta}; DataError naming the file
+    and every rule a corrupt, truncated or hand-made one breaks."""
+    name = shown_name(path)
     try:
         z = np.load(path)
         meta = json.loads(str(z["meta"]))
+        arrays = {k: z[k] for k in ("blob", "offsets", "labels")}
+        names = (z["names_utf8"].tobytes().decode("utf-8", "replace").split("\n") if "names_utf8" in z.files
+                 else [str(n) for n in z["names"]] if "names" in z.files else [])
     except Exception as exc:
-        raise DataError(f"{path}: not a dogkit cache file ({exc})") from None
-    if meta.get("format") != CACHE_FORMAT:
-        raise DataError(f"{path}: cache format {meta.get('format')!r}, expected {CACHE_FORMAT}")
+        raise DataError(f"{name}: not a dogkit cache file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        raise DataError(f"{name}: cache format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                        f"expected {CACHE_FORMAT}")
+    problems = cache_problems(arrays, meta)
+    if problems:
+        raise DataError(f"{name}: not a valid dogkit cache: " + "; ".join(problems))
     codec = str(meta.get("codec", "webp")).split()[0]
     if not codec_available(codec):
-        raise DataError(f"{path}: images stored as {codec}, which this Pillow cannot decode "
+        raise DataError(f"{name}: images stored as {codec}, which this Pillow cannot decode "
                         "(Pillow >= 11.3 reads AVIF; or rebuild the cache with --codec webp)")
-    blob, offsets = z["blob"].tobytes(), z["offsets"]
-    images = np.empty((len(offsets) - 1, *meta["shape"]), dtype=np.uint8)
+    blob, offsets, shape = arrays["blob"].tobytes(), arrays["offsets"], tuple(meta["shape"])
+    images = np.empty((len(offsets) - 1, *shape), dtype=np.uint8)
 
     def decode(i):
-        with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as img:
-            images[i] = np.asarray(img.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(blob[offsets[i]:offsets[i + 1]])) as img:
+                if img.size != shape[:2][::-1]:
+                    raise ValueError(f"{img.size[0]}x{img.size[1]}, the cache says {shape[1]}x{shape[0]}")
+                images[i] = np.asarray(img.convert("RGB"))
+        except Exception as exc:
+            raise DataError(f"{name}: image {i} of the cache is corrupt ({type(exc).__name__}: {exc})") from None
 
     with ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:  # decoders release the GIL
         list(pool.map(decode, range(len(images))))
-    if "names_utf8" in z.files:  # one UTF-8 string: a quarter of a numpy unicode array's size
-        names = z["names_utf8"].tobytes().decode().split("\n") if len(images) else []
-    else:
-        names = [str(n) for n in z["names"]]
-    return {"images": images, "labels": z["labels"].astype(np.int64), "names": names,
+    if len(names) != len(images):  # names are never needed to train: a mismatch forgets them
+        names = [f"#{i}" for i in range(len(images))]
+    return {"images": images, "labels": arrays["labels"].astype(np.int64), "names": names,
             "breeds": meta["breeds"], "meta": meta}
 
 

@@ -14,9 +14,10 @@ import time
 import zipfile
 
 
-from dogkit.core.data import DataError, PHOTO_EXTS, breed_of, load_dataset, summary_lines
+from dogkit.core.data import (MAX_PHOTO_BYTES, DataError, PHOTO_EXTS, breed_of, load_dataset, shown_name, summary_lines,
+                              zip_entry_problem)
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
-from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, pick_device, writable_dir
+from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, output_problem, pick_device, writable_dir
 from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, check_continuation, parse_budget,
                                parse_ema_extra, parse_snapshots, read_checkpoint, train, with_settings,
                                zip_from_checkpoint)
@@ -103,14 +104,36 @@ def ignored_inputs(root, dataset):
     return out
 
 
-def unzip(path, scratch):
-    """Extract a zip into scratch/<its name>/ (zipfile drops absolute and '..' parts of names)."""
+MAX_UNZIPPED_BYTES = 8 << 30  # all-dogs.zip holds 0.8 GB of photos
+
+
+def unzip(path, scratch, log=print):
+    """Extract a zip into scratch/<its name>/ (zipfile drops absolute and '..' parts of names). An
+    entry past the photo cap, encrypted, in another method or corrupt is skipped and counted; more
+    than MAX_UNZIPPED_BYTES in all is refused."""
     target = os.path.join(scratch, os.path.splitext(os.path.basename(path))[0])
-    if not os.path.isdir(target):
-        partial = target + ".partial"
+    if os.path.isdir(target):
+        return target
+    partial, skipped = target + ".partial", []
+    try:
         with zipfile.ZipFile(path) as zf:
-            zf.extractall(partial)
-        os.replace(partial, target)
+            infos = zf.infolist()
+            if sum(i.file_size for i in infos) > MAX_UNZIPPED_BYTES:
+                raise RunError(f"{path}: claims more than {MAX_UNZIPPED_BYTES} bytes unzipped; not the competition's")
+            for info in infos:
+                problem = zip_entry_problem(info, MAX_PHOTO_BYTES)
+                try:
+                    if problem is None:
+                        zf.extract(info, partial)  # reads at most the size the entry declares, checks the CRC
+                except Exception as exc:
+                    problem = f"corrupt entry ({type(exc).__name__}: {exc})"
+                if problem:
+                    skipped.append(f"{shown_name(info.filename)}: {problem}")
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise RunError(f"{path}: not a readable zip ({exc})") from None
+    if skipped:
+        log(f"skipped    {len(skipped)} entries of {path}, e.g. {skipped[0]}")
+    os.replace(partial, target)
     return target
 
 
@@ -128,8 +151,8 @@ def kaggle_data(root, scratch_candidates, log=print):
     if photos.endswith(".zip") or (annotations or "").endswith(".zip"):
         scratch = writable_dir(scratch_candidates)
         log(f"scratch    {scratch} (zips extracted here)")
-        photos = unzip(photos, scratch) if photos.endswith(".zip") else photos
-        annotations = unzip(annotations, scratch) if (annotations or "").endswith(".zip") else annotations
+        photos = unzip(photos, scratch, log) if photos.endswith(".zip") else photos
+        annotations = unzip(annotations, scratch, log) if (annotations or "").endswith(".zip") else annotations
     if annotations is None:
         log("WARNING    no Annotation/ found: whole photos are used, not the dogs' boxes "
             "(attach the competition's Annotation.zip for far better crops)")
@@ -209,6 +232,8 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
                  "log_every": opts["log_every"] if opts["log_every"] is not None else (300.0 if on_kaggle else 30.0)}
     overrides.update({k: opts[k] for k in MODEL_OVERRIDES if opts.get(k) is not None})
     cfg = with_settings(cfg, overrides)
+    if output_problem(cfg.out, folder=True):
+        raise RunError(f"--out {output_problem(cfg.out, folder=True)}")
     parse_snapshots(cfg.snapshots)
     parse_ema_extra(cfg.ema_extra)
     return cfg

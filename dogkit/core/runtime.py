@@ -149,3 +149,17 @@ def writable_dir(candidates):
         except OSError:
             continue
     raise RunError(f"no writable scratch folder among {', '.join(p for p in candidates if p)}")
+
+
+def output_problem(path, folder=False):
+    """Why path cannot be written as an output file (folder=True: folder), or None; checked before
+    any work: a folder (file) in its place, a file above it, a folder above it not writable."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        return f"{path}: is a {'file (give a folder)' if folder else 'folder (give a file name)'}"
+    above = path if folder and os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK):
+        return f"{path}: {above} is {'not writable' if os.path.isdir(above) else 'a file, not a folder'}"
+    return None

@@ -15,6 +15,7 @@ from PIL import Image
 
 N_SUBMISSION = 10_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TRUNCATION_MIN = 0.04  # the smallest truncation BigGAN's sweep used; redrawing for a smaller one would not end
 TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
 
 
@@ -57,8 +58,8 @@ def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
     trick' of BigGAN: resampling, not clipping). threshold None: the plain normal."""
     z = torch.randn(shape, generator=generator)
     if threshold is not None:
-        if threshold <= 0:
-            raise ValueError(f"truncation threshold must be positive, got {threshold}")
+        if not TRUNCATION_MIN <= threshold < float("inf"):
+            raise ValueError(f"truncation {threshold}: give {TRUNCATION_MIN} or more (or none)")
         bad = z.abs() > threshold
         while bad.any():
             z[bad] = torch.randn(int(bad.sum()), generator=generator)

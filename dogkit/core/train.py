@@ -30,8 +30,8 @@ from dogkit.core.data import load_dataset
 from dogkit.core.distributed import (ALONE, RankStopped, agree, all_mean, all_objects, broadcast_state, gather_objects,
                                      on_main)
 from dogkit.core.runtime import PRECISIONS, RunError, make_grad_scaler, pick_device, resolve_precision
-from dogkit.core.sample import (OutOfTime, atomic_path, encode_pngs, generate, remove_stale_temps, save_grid,
-                                to_uint8, verify_zip, write_zip)
+from dogkit.core.sample import (TRUNCATION_MIN, OutOfTime, atomic_path, encode_pngs, generate, remove_stale_temps,
+                                save_grid, to_uint8, verify_zip, write_zip)
 
 
 AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug", "flip+diffaug-t",
@@ -39,6 +39,13 @@ AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+d
 MEMORY_FORMATS = ("contiguous", "channels_last")
 CHOICES = {"augment": AUGMENTS, "precision": PRECISIONS, "graph": ("auto", "off"), "memory_format": MEMORY_FORMATS,
            "loss": ("bce", "hinge"), "strategy": ("box", "square", "aspect", "pad")}
+# The ranges numeric settings must lie in, [low, high] (None: no bound); a value outside is an error.
+RANGES = {"budget": (1.0, 30 * 24 * 3600.0), "seed": (0, 2 ** 63 - 1), "steps": (0, None), "sessions": (1, 1000),
+          "batch_size": (1, 1 << 16), "z_dim": (1, 1 << 12), "width": (1, 1 << 12), "d_width": (0, 1 << 12),
+          "d_steps": (1, 100), "g_steps": (1, 100), "n_samples": (1, 1_000_000), "truncation": (0.0, 100.0),
+          "log_every": (0.0, None), "grid_every": (0.0, None), "checkpoint_every": (0.0, None),
+          "zip_every": (0.0, None), "lecam": (0.0, 100.0), "ema_kimg": (0.0, 1e6), "image_size": (8, 512),
+          "lr_g": (0.0, 1.0), "lr_d": (0.0, 1.0), "ema_decay": (0.0, 1.0), "keep_grids": (0, 10_000)}
 
 
 class RunFailed(RuntimeError):
@@ -122,6 +129,15 @@ def parse_budget(text):
     return sum(float(a) * {"s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
 
 
+def range_problem(name, value):
+    """Why a numeric setting's value is out of RANGES (or not finite), or None."""
+    low, high = RANGES.get(name, (None, None))
+    if (isinstance(value, int) or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high):
+        return None
+    bounds = (f" from {low}" if low is not None else "") + (f" to {high}" if high is not None else "")
+    return f"{name}={value!r}: must be a finite number{bounds}"
+
+
 def with_settings(cfg, settings):
     """A copy of cfg with settings applied; an unknown name, a wrong type or a value outside its
     choices is an error listing every such setting, not a no-op."""
@@ -138,6 +154,10 @@ def with_settings(cfg, settings):
             problems.append(f"{k}={v!r}: must be {kind.__name__}")
         elif k in CHOICES and v not in CHOICES[k]:
             problems.append(f"{k}={v!r}: choose from {', '.join(CHOICES[k])}")
+        elif kind in (int, float) and range_problem(k, v):
+            problems.append(range_problem(k, v))
+        elif k == "truncation" and 0 < v < TRUNCATION_MIN:
+            problems.append(f"truncation={v!r}: give 0 (none) or {TRUNCATION_MIN} or more")
     if problems:
         raise ValueError("; ".join(problems))
     return dataclasses.replace(cfg, **{k: float(v) if types[k] is float else v for k, v in settings.items()})

@@ -88,6 +88,8 @@ def extract(model: torch.nn.Module, images: np.ndarray, device: torch.device | s
     """pool_3 features of an (N, H, W, 3) uint8 array, in batches."""
     from tqdm import tqdm
 
+    if batch_size < 1:  # a batch of 0 or fewer would leave rows of uninitialised memory
+        raise ValueError(f"batch size {batch_size}: give 1 or more")
     model = to_device(model, device)
     out = np.empty((len(images), FEATURE_DIM), dtype=np.float32)
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)

@@ -50,6 +50,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"shape mismatch: {mu1.shape} vs {mu2.shape}, {sigma1.shape} vs {sigma2.shape}")
     if method not in SQRTM_METHODS:
         raise ValueError(f"sqrtm method {method!r}: use one of {SQRTM_METHODS}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):  # sqrtm of a NaN never returns
+        raise ValueError("a mean or covariance holds values that are not finite: no FID can be computed")
     if method == "auto":
         method = "eigh" if torch.device(device).type == "cuda" else "scipy"
     diff = mu1 - mu2
@@ -119,6 +121,8 @@ def score_features(generated: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndar
     fid = frechet_distance(mu, sigma, ref_mu, ref_sigma, method=sqrtm, device=device)
     d = memorization_distance(generated, ref_features, device=device)
     d_thr = threshold_distance(d)
+    if not (np.isfinite(fid) and np.isfinite(d)):
+        raise ValueError(f"the score is not a number (FID {fid}, d {d}): the features are degenerate")
     return {
         "fid": fid,
         "distance": d,

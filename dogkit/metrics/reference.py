@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dogkit.core.data import MAX_PHOTO_BYTES, read_zip_entry
+from dogkit.core.data import MAX_PHOTO_BYTES, DataError, open_zip, read_file, read_zip_entry, shown_name
 from dogkit.metrics import features as feat
 from dogkit.metrics.fid import stats
 
@@ -38,13 +38,15 @@ class Reference:
 
 def list_photos(source: Path) -> list[str]:
     """Sorted relative names of the photos in a folder (recursive) or a zip."""
-    if source.is_dir():
+    if source.is_dir():  # regular files only (is_file: no FIFO, device, broken or looping link)
         return sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
-                      if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS)
-    if zipfile.is_zipfile(source):
-        with zipfile.ZipFile(source) as zf:
-            return sorted(n for n in zf.namelist()
+                      if p.suffix.lower() in PHOTO_EXTENSIONS and p.is_file())
+    if source.is_file() and zipfile.is_zipfile(source):
+        try:
+            return sorted(n for n in open_zip(source).namelist()
                           if n.lower().endswith(PHOTO_EXTENSIONS) and not n.startswith("__MACOSX"))
+        except DataError as exc:
+            raise ValueError(str(exc)) from None
     raise ValueError(f"{source}: not a folder or zip of photos")
 
 
@@ -57,22 +59,15 @@ def load_photos(source: Path, names: list[str]) -> tuple[np.ndarray, list[int]]:
     """(pixels, indices of the photos that could not be read: their rows are left zero)."""
     out = np.zeros((len(names), REFERENCE_SIZE, REFERENCE_SIZE, 3), dtype=np.uint8)
     bad = []
-    zf = None if source.is_dir() else zipfile.ZipFile(source)
-    try:
-        for i, n in enumerate(names):
-            try:
-                if zf is None:
-                    with Image.open(source / n) as img:
-                        out[i] = to_reference_pixels(img)
-                else:
-                    data = read_zip_entry(zf, zf.getinfo(n), MAX_PHOTO_BYTES)
-                    with Image.open(io.BytesIO(data)) as img:
-                        out[i] = to_reference_pixels(img)
-            except Exception:  # unreadable, truncated, a bomb: counted and named, never a crash
-                bad.append(i)
-    finally:
-        if zf is not None:
-            zf.close()
+    zf = None if source.is_dir() else open_zip(source)  # opened once per process, not per batch
+    for i, n in enumerate(names):
+        try:
+            data = (read_file(source / n, MAX_PHOTO_BYTES, n) if zf is None
+                    else read_zip_entry(zf, zf.getinfo(n), MAX_PHOTO_BYTES))
+            with Image.open(io.BytesIO(data)) as img:
+                out[i] = to_reference_pixels(img)
+        except Exception:  # unreadable, truncated, a bomb, a FIFO: counted and named, never a crash
+            bad.append(i)
     return out, bad
 
 
@@ -81,9 +76,33 @@ def _fingerprint(names: list[str]) -> str:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
+    """Write to a temporary name and rename: an interrupt (Ctrl-C, SIGTERM) leaves no half file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _resume_point(partial: Path, fingerprint: str, digest: str, n: int, log) -> tuple[int, np.ndarray, np.ndarray]:
+    """(photos done, their features, their unreadable flags) from a partial file of the same photos
+    and weights; (0, ...) for another one, or for one that is unreadable or inconsistent (named)."""
+    try:
+        with np.load(partial) as p:
+            if str(p["fingerprint"]) != fingerprint or str(p["digest"]) != digest:
+                log(f"ignoring {partial}: made from other photos or weights")
+                return 0, None, None
+            done, feats = int(p["done"]), p["features"]
+            bad = p["bad"] if "bad" in p.files else np.zeros(done, dtype=bool)
+            if (not 0 < done <= n or feats.shape != (done, feat.FEATURE_DIM) or bad.shape != (done,)
+                    or not np.isfinite(feats).all()):
+                raise ValueError("its arrays disagree with its count")
+            return done, feats.astype(np.float32), bad.astype(bool)
+    except Exception as exc:
+        log(f"ignoring {partial}: unreadable ({type(exc).__name__}: {exc}); starting over")
+        return 0, None, None
 
 
 def build_reference(source: str | Path, out: str | Path, model, model_info: dict, device,
@@ -93,6 +112,8 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
     from tqdm import tqdm
 
     source, out = Path(source), Path(out)
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size}: give 1 or more")
     names = list_photos(source)
     if limit:
         names = names[:limit]
@@ -103,16 +124,11 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
     feats = np.zeros((len(names), feat.FEATURE_DIM), dtype=np.float32)
     bad = np.zeros(len(names), dtype=bool)  # photos that could not be read: dropped at the end
     done = 0
-    if partial.exists():
-        with np.load(partial) as p:
-            if str(p["fingerprint"]) == fingerprint and str(p["digest"]) == model_info["digest"]:
-                done = int(p["done"])
-                feats[:done] = p["features"][:done]
-                if "bad" in p.files:
-                    bad[:done] = p["bad"][:done]
-                log(f"resuming {out}: {done}/{len(names)} photos already done")
-            else:
-                log(f"ignoring {partial}: made from other photos or weights")
+    if partial.is_file():
+        done, old_feats, old_bad = _resume_point(partial, fingerprint, model_info["digest"], len(names), log)
+        if done:
+            feats[:done], bad[:done] = old_feats, old_bad
+            log(f"resuming {out}: {done}/{len(names)} photos already done")
     t0 = time.time()
     model = feat.to_device(model, device)
     bar = tqdm(total=len(names), initial=done, desc="reference", unit="img", disable=not progress)
@@ -131,7 +147,7 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
     bar.close()
     skipped = [n for n, b in zip(names, bad) if b]
     if skipped:
-        log(f"{len(skipped)} unreadable photo(s) skipped (not in the reference), e.g. {', '.join(skipped[:5])}")
+        log(f"{len(skipped)} unreadable photo(s) skipped (not in the reference), e.g. {', '.join(map(shown_name, skipped[:5]))}")
         feats, names = feats[~bad], [n for n, b in zip(names, bad) if not b]
     if len(names) < 2:
         raise ValueError(f"{source}: {len(names)} readable photo(s), at least 2 needed")
@@ -151,7 +167,29 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
     return Reference(mu, sigma, feats, names, provenance)
 
 
+def reference_problems(mu, sigma, features, names, provenance) -> list[str]:
+    """Every way a reference's arrays break what `dogkit reference` writes: shapes, types, values
+    that are not finite (a NaN would print as a score, or hang the matrix square root)."""
+    d = feat.FEATURE_DIM
+    problems = [f"{what} has shape {a.shape}, must be {want}" for what, a, want in
+                (("mu", mu, (d,)), ("sigma", sigma, (d, d))) if a.shape != want]
+    if features.ndim != 2 or features.shape[1:] != (d,) or len(features) < 2:
+        problems.append(f"features have shape {features.shape}, must be (N >= 2, {d})")
+    problems += [f"{what} is not a float array ({a.dtype})" for what, a in
+                 (("mu", mu), ("sigma", sigma), ("features", features)) if a.dtype.kind != "f"]
+    if not problems:
+        problems += [f"{what} holds values that are not finite (NaN or inf)" for what, a in
+                     (("mu", mu), ("sigma", sigma), ("features", features)) if not np.isfinite(a).all()]
+    if names and len(names) != len(features):
+        problems.append(f"{len(names)} names for {len(features)} feature rows")
+    if not isinstance(provenance, dict):
+        problems.append("provenance is not a JSON object")
+    return problems
+
+
 def load_reference(path: str | Path) -> Reference:
+    """A reference file, checked (reference_problems); ValueError naming the file and every rule
+    it breaks, or FileNotFoundError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: reference file not found (make one with `dogkit reference`)")
@@ -160,9 +198,9 @@ def load_reference(path: str | Path) -> Reference:
             missing = {"mu", "sigma", "features"} - set(z.files)
             if missing:
                 raise ValueError(f"{path}: not a dogkit reference (missing {sorted(missing)})")
-            names = [str(n) for n in z["names"]] if "names" in z.files else []
+            names = [str(n) for n in z["names"].reshape(-1)] if "names" in z.files else []
             prov = json.loads(str(z["provenance"])) if "provenance" in z.files else {}
-            return Reference(z["mu"], z["sigma"], z["features"].astype(np.float32), names, prov)
+            mu, sigma, features = z["mu"], z["sigma"], z["features"]
     except ValueError as exc:
         if str(exc).startswith(str(path)):
             raise
@@ -171,3 +209,7 @@ def load_reference(path: str | Path) -> Reference:
     except Exception as exc:  # truncated (an interrupted copy or download), corrupted, not a zip
         raise ValueError(f"{path}: not a readable reference file ({type(exc).__name__}: {exc}); make it again "
                          "with `dogkit reference`") from None
+    problems = reference_problems(mu, sigma, features, names, prov)
+    if problems:
+        raise ValueError(f"{path}: not a valid reference ({'; '.join(problems)}); make it again with `dogkit reference`")
+    return Reference(mu.astype(np.float64), sigma.astype(np.float64), features.astype(np.float32), names, prov)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from dogkit.core.data import read_file
 from dogkit.core.sample import save_grid
 from dogkit.metrics import fid as F
 from dogkit.metrics import fidelity
@@ -114,19 +116,30 @@ def _breed_plot(breeds, path):
     plt.close(fig)
 
 
+MAX_LOG_BYTES = 256 << 20
+
+
+def _plain(value) -> bool:
+    """A log value a report can show: text, or a finite number (never a list, an object, NaN)."""
+    return isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and math.isfinite(value))
+
+
 def read_log(run: Path) -> list[dict]:
-    """The records of run/log.jsonl that have a step; [] when there is none. A run killed mid-write
-    (a Kaggle session's end) can leave a half line: skipped."""
+    """The records of run/log.jsonl with a finite numeric step, each keeping only its plain values
+    (_plain); [] when there is none. A run killed mid-write (a Kaggle session's end) can leave a
+    half line: skipped. A log that is not a regular file of at most MAX_LOG_BYTES: DataError."""
     log = run / "log.jsonl"
     if not log.exists():
         return []
     rows = []
-    for line in log.read_text(errors="replace").splitlines():
+    for line in read_file(log, MAX_LOG_BYTES).decode("utf-8", "replace").splitlines():
         try:
             rows.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):  # a half line; a nesting too deep to parse
             continue
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
+    rows = [{k: v for k, v in r.items() if _plain(v)} for r in rows if isinstance(r, dict)]
+    return [r for r in rows if isinstance(r.get("step"), (int, float))]
 
 
 def session_starts(rows: list[dict]) -> list[tuple[int, float]]:

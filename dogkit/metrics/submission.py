@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import io
 import os
+import stat
+import struct
 import zipfile
+import zlib
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
-from dogkit.core.data import DataError, read_zip_entry, zip_entry_problem  # clean-data reads zips the same way
-from dogkit.core.sample import png_header  # the kernel's self-check reads the same header
+from dogkit.core.data import DataError, read_file, read_zip_entry, shown_name, zip_entry_problem  # clean-data reads zips the same way
+from dogkit.core.sample import PNG_SIGNATURE, png_header  # the kernel's self-check reads the same header
 
 N_IMAGES = 10_000
 IMAGE_SIZE = 64
@@ -55,12 +58,50 @@ class Images:
     notes: list[str] = field(default_factory=list)
 
 
-def check_png(name: str, data: bytes) -> tuple[list[str], np.ndarray | None]:
-    """(rule violations, decoded pixels) of one strict-mode entry; decoded once, used for scoring."""
+CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_data_problem(data: bytes) -> str | None:
+    """Why a PNG's image data is not whole, or None: its IDAT chunks must inflate to exactly the
+    rows its IHDR declares, in one complete zlib stream (a PNG holding fewer rows than it says
+    decodes in PIL with the rest black; Kaggle's decoder refuses it)."""
+    chunks, pos, idat = {}, 8, []
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if len(body) < length or data[pos + 8 + length:pos + 12 + length] != struct.pack(">I", zlib.crc32(kind + body)):
+            return f"chunk {kind!r} is cut short or fails its CRC"
+        (idat.append(body) if kind == b"IDAT" else chunks.setdefault(kind, body))
+        pos += 12 + length
+        if kind == b"IEND":
+            break
+    if b"IHDR" not in chunks or len(chunks[b"IHDR"]) != 13 or b"IEND" not in chunks or not idat:
+        return "IHDR, IDAT or IEND missing"
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    if color not in CHANNELS or width * height > 1 << 26:
+        return f"colour type {color} or {width}x{height} pixels not readable"
+    bits = CHANNELS[color] * depth
+    passes = ADAM7 if interlace else ((0, 0, 1, 1),)
+    sizes = [(-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in passes]
+    expected = sum(h * (1 + -(-w * bits // 8)) for w, h in sizes if w > 0 and h > 0)
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(b"".join(idat), expected + 1)
+    except zlib.error as exc:
+        return f"image data does not inflate ({exc})"
+    if len(raw) != expected or not inflater.eof:
+        return f"image data holds {len(raw)} bytes, its header declares {expected}"
+    return None
+
+
+def check_png(name: str, data: bytes) -> tuple[list[str], np.ndarray | None, bool]:
+    """(rule violations, decoded pixels, False: never resized) of one strict-mode entry; decoded
+    once, used for scoring."""
     header = png_header(data)
     if header is None:
         kind = "a JPEG" if data[:3] == b"\xff\xd8\xff" else "not a PNG"
-        return [f"{name}: not a PNG by content ({kind})"], None
+        return [f"{name}: not a PNG by content ({kind})"], None, False
     width, height, depth, color = header
     problems = []
     if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
@@ -69,20 +110,26 @@ def check_png(name: str, data: bytes) -> tuple[list[str], np.ndarray | None]:
         problems.append(f"{name}: colour type {COLOR_TYPES.get(color, color)}, must be RGB")
     if depth != 8:
         problems.append(f"{name}: {depth}-bit channels, must be 8-bit")
-    if problems:
-        return problems, None
+    incomplete = None if problems else png_data_problem(data)
+    if problems or incomplete:
+        return problems or [f"{name}: corrupt PNG ({incomplete})"], None, False
     try:
-        return [], decode(data)
+        return [], decode(data), False
     except Exception as exc:
-        return [f"{name}: corrupt PNG ({exc})"], None
+        return [f"{name}: corrupt PNG ({exc})"], None, False
 
 
 def decode(data: bytes, convert: bool = False) -> np.ndarray:
-    """Decode image bytes fully to an HWC uint8 array (RGB if convert)."""
+    """Decode image bytes fully to an HWC uint8 array (RGB if convert; --no-strict: resized to
+    64x64 as it is read, so what is held is 12 KB an image whatever its size). An image that does
+    not decode whole is an error, never padded."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         if convert:
             img = img.convert("RGB")
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)
         arr = np.asarray(img, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"decoded to shape {arr.shape}, expected HxWx3")
@@ -90,9 +137,9 @@ def decode(data: bytes, convert: bool = False) -> np.ndarray:
 
 
 def _entry_problems(info: zipfile.ZipInfo, strict: bool = True) -> str | None:
-    name = info.filename
-    parts = PurePosixPath(name).parts
-    if name.startswith("/") or ".." in parts or "\\" in name:
+    name = shown_name(info.filename)
+    parts = PurePosixPath(info.filename).parts
+    if info.filename.startswith("/") or ".." in parts or "\\" in info.filename:
         return f"{name}: unsafe path (absolute, '..' or backslash)"
     if not strict:
         return None
@@ -135,8 +182,8 @@ def _zip_entries(path: Path, strict: bool, n_images: int):
         if not strict:
             infos = [i for i in infos if not i.is_dir() and _is_image(i.filename) or _entry_problems(i, False)]
         problems = [p for p in (_entry_problems(i, strict) for i in infos) if p]
-        problems += _duplicates([i.filename for i in infos])
-        problems += [f"{i.filename}: {p}" for i in infos for p in [zip_entry_problem(i, MAX_ENTRY_BYTES)] if p]
+        problems += _duplicates([shown_name(i.filename) for i in infos])
+        problems += [f"{shown_name(i.filename)}: {p}" for i in infos for p in [zip_entry_problem(i, MAX_ENTRY_BYTES)] if p]
         if strict and len(infos) != n_images:
             problems.insert(0, f"{path}: {len(infos)} entries, must be exactly {n_images}")
         if sum(i.file_size for i in infos) > MAX_TOTAL_BYTES:
@@ -149,12 +196,12 @@ def _zip_entries(path: Path, strict: bool, n_images: int):
             try:
                 data = read_zip_entry(zf, info, MAX_ENTRY_BYTES)
             except DataError as exc:
-                yield info.filename, None, str(exc)
+                yield shown_name(info.filename), None, str(exc)
                 continue
             total += len(data)
             if total > MAX_TOTAL_BYTES:
                 raise SubmissionError(str(path), [f"{path}: entries inflate past {MAX_TOTAL_BYTES} bytes in all"])
-            yield info.filename, data, None
+            yield shown_name(info.filename), data, None
 
 
 def _folder_entries(path: Path, strict: bool, n_images: int):
@@ -180,24 +227,34 @@ def _folder_entries(path: Path, strict: bool, n_images: int):
                 problems.append(f"{rel(p)}: not a .png file")
         if len(files) != n_images:
             problems.insert(0, f"{path}: {len(files)} files, must be exactly {n_images}")
-    problems += [f"{rel(p)}: {os.path.getsize(p)} bytes (limit {MAX_ENTRY_BYTES})" for p in files
-                 if os.path.getsize(p) > MAX_ENTRY_BYTES]
+    sizes = {p: os.lstat(p) for p in files}
+    problems += [f"{shown_name(rel(p))}: not a regular file (a FIFO, device or socket is never read)"
+                 for p in files if not stat.S_ISREG(sizes[p].st_mode)]
+    problems += [f"{shown_name(rel(p))}: {sizes[p].st_size} bytes (limit {MAX_ENTRY_BYTES})" for p in files
+                 if stat.S_ISREG(sizes[p].st_mode) and sizes[p].st_size > MAX_ENTRY_BYTES]
     if problems:
         raise SubmissionError(str(path), problems)
     for p in files:
-        with open(p, "rb") as fh:
-            yield rel(p), fh.read(MAX_ENTRY_BYTES + 1)[:MAX_ENTRY_BYTES], None
+        try:
+            yield shown_name(rel(p)), read_file(p, MAX_ENTRY_BYTES, rel(p)), None
+        except DataError as exc:  # changed since it was listed
+            yield shown_name(rel(p)), None, str(exc)
 
 
-def decode_any(name: str, data: bytes) -> tuple[list[str], np.ndarray | None]:
-    """--no-strict: any image PIL reads, converted to RGB, refused past MAX_PIXELS."""
+def decode_any(name: str, data: bytes) -> tuple[list[str], np.ndarray | None, bool]:
+    """--no-strict: (problems, pixels, resized) of any image PIL reads whole, converted to RGB and
+    resized to 64x64, refused past MAX_PIXELS before it is decoded."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             if img.width * img.height > MAX_PIXELS:
-                return [f"{name}: {img.width}x{img.height} pixels (limit {MAX_PIXELS})"], None
-        return [], decode(data, convert=True)
+                return [f"{name}: {img.width}x{img.height} pixels (limit {MAX_PIXELS})"], None, False
+            resized = img.size != (IMAGE_SIZE, IMAGE_SIZE)
+        incomplete = png_data_problem(data) if data[:8] == PNG_SIGNATURE else None
+        if incomplete:
+            return [f"{name}: corrupt PNG ({incomplete})"], None, False
+        return [], decode(data, convert=True), resized
     except Exception as exc:
-        return [f"{name}: unreadable image ({exc})"], None
+        return [f"{name}: unreadable image ({exc})"], None, False
 
 
 def load_submission(source: str | Path, strict: bool = True, workers: int | None = None,
@@ -218,36 +275,38 @@ def load_submission(source: str | Path, strict: bool = True, workers: int | None
     elif source.is_file():
         notes = []
         entries = _zip_entries(source, strict, n_images)
+    elif source.exists():
+        raise SubmissionError(str(source), [f"{source}: not a regular file or folder (a FIFO or device is never read)"])
     else:
         raise SubmissionError(str(source), [f"{source}: no such file or folder"])
     check = check_png if strict else decode_any
-    names, arrays, problems = [], [], []
+    names, arrays, problems, resized = [], [], [], 0
+
+    def take(i, future):
+        nonlocal problems, resized
+        found, arrays[i], was_resized = future.result()
+        problems += found
+        resized += was_resized
+
     with ThreadPoolExecutor(workers) as pool:
         pending = deque()
         for name, data, problem in entries:
             names.append(name)
+            arrays.append(None)
             if problem:
                 problems.append(problem)
-                arrays.append(None)
                 continue
-            pending.append((len(arrays), pool.submit(check, name, data)))
-            arrays.append(None)
+            pending.append((len(arrays) - 1, pool.submit(check, name, data)))
             del data
             while len(pending) > 4 * workers or (pending and pending[0][1].done()):
-                i, future = pending.popleft()
-                found, arrays[i] = future.result()
-                problems += found
+                take(*pending.popleft())
         for i, future in pending:
-            found, arrays[i] = future.result()
-            problems += found
+            take(i, future)
     if problems:
         raise SubmissionError(str(source), problems)
     if not strict and len(names) < 2:
         raise SubmissionError(str(source), [f"{source}: {len(names)} image(s), at least 2 needed"])
-    off_size = sum(a.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE) for a in arrays)
-    if off_size:  # --no-strict: every image that is not 64x64 is resized, the same way
-        notes.append(f"{off_size} image(s) not {IMAGE_SIZE}x{IMAGE_SIZE}: each resized to "
+    if resized:  # --no-strict: every image that is not 64x64 was resized as it was read, the same way
+        notes.append(f"{resized} image(s) not {IMAGE_SIZE}x{IMAGE_SIZE}: each resized to "
                      f"{IMAGE_SIZE}x{IMAGE_SIZE} with PIL LANCZOS")
-        arrays = [a if a.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE) else
-                  np.asarray(Image.fromarray(a).resize((IMAGE_SIZE, IMAGE_SIZE), Image.LANCZOS)) for a in arrays]
     return Images(names=names, pixels=np.stack(arrays), source=str(source), notes=notes)

@@ -229,7 +229,7 @@ def test_clean_data_counts_hostile_zip_entries(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90 * 90)  # so a 100x100 test image is a pixel bomb
     data = D.clean(str(hostile_photo_zip(tmp_path)), workers=1, log=lambda m: None)
     events, examples = data["summary"]["events"], data["summary"]["examples"]
-    assert events["unreadable zip entry or oversized file"] == 3  # encrypted, bzip2, over the size cap
+    assert events["unreadable file or zip entry"] == 3  # encrypted, bzip2, over the size cap
     assert events["image over PIL's 8100 pixel limit (decompression bomb)"] == 1
     assert examples["image over PIL's 8100 pixel limit (decompression bomb)"].startswith("pixels.png")
     assert data["summary"]["crops"] == 1 and events["exact duplicate removed"] == 4  # the 5 readable copies
