@@ -45,7 +45,7 @@ def load_generator(path, device="auto", bn="standing"):
         else:
             G = checkpoint_generator(ckpt, device, bn=bn)
         config, n_classes = dict(ckpt["config"]), int(ckpt["n_classes"])
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+    except (KeyError, TypeError, RuntimeError, AttributeError, IndexError) as exc:  # a bad bn stays a ValueError
         raise RunError(f"{path}: a {ckpt['format']} file whose contents do not fit its model "
                        f"({type(exc).__name__}: {str(exc).strip()[:160]})") from None
     if device.type == "cpu":  # oneDNN's NHWC convolutions: biggan samples 1.8x faster on 2 cores

@@ -20,12 +20,12 @@ Contents (line numbers):
      81  Model building blocks shared by the models
     109  Model
     171  Data
-    762  Several GPUs
-    979  The machine
-   1138  Augmentation
-   1172  Sampling
-   1339  Training
-   2449  Entry point
+    763  Several GPUs
+    980  The machine
+   1139  Augmentation
+   1173  Sampling
+   1340  Training
+   2450  Entry point
 """
 import argparse
 import contextlib
@@ -329,7 +329,8 @@ def open_zip(path):
         st = os.stat(path)
         key = (os.getpid(), os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in _OPEN_ZIPS:
-            _OPEN_ZIPS.clear() if len(_OPEN_ZIPS) >= 4 else None
+            if len(_OPEN_ZIPS) >= 4:
+                _OPEN_ZIPS.clear()
             _OPEN_ZIPS[key] = zipfile.ZipFile(path)
         return _OPEN_ZIPS[key]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
@@ -2722,6 +2723,16 @@ def exit_on_error(fn, rank=None):
         print(f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"), file=sys.stderr,
               flush=True)
         sys.exit(1)
+    except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
+        print(f"{who}error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
+        path = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
+        with open(path, "w") as fh:
+            traceback.print_exc(file=fh)
+        print(f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in {path}",
+              file=sys.stderr, flush=True)
+        sys.exit(70)
 
 
 def _interrupt(signum, frame):

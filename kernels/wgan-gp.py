@@ -20,12 +20,12 @@ Contents (line numbers):
      81  Model building blocks shared by the models
     109  Model
     202  Data
-    793  Several GPUs
-   1010  The machine
-   1169  Augmentation
-   1203  Sampling
-   1370  Training
-   2480  Entry point
+    794  Several GPUs
+   1011  The machine
+   1170  Augmentation
+   1204  Sampling
+   1371  Training
+   2481  Entry point
 """
 import argparse
 import contextlib
@@ -360,7 +360,8 @@ def open_zip(path):
         st = os.stat(path)
         key = (os.getpid(), os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in _OPEN_ZIPS:
-            _OPEN_ZIPS.clear() if len(_OPEN_ZIPS) >= 4 else None
+            if len(_OPEN_ZIPS) >= 4:
+                _OPEN_ZIPS.clear()
             _OPEN_ZIPS[key] = zipfile.ZipFile(path)
         return _OPEN_ZIPS[key]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
@@ -2753,6 +2754,16 @@ def exit_on_error(fn, rank=None):
         print(f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"), file=sys.stderr,
               flush=True)
         sys.exit(1)
+    except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
+        print(f"{who}error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
+        path = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
+        with open(path, "w") as fh:
+            traceback.print_exc(file=fh)
+        print(f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in {path}",
+              file=sys.stderr, flush=True)
+        sys.exit(70)
 
 
 def _interrupt(signum, frame):

@@ -146,15 +146,27 @@ def table_throughput(rows):
     return out
 
 
-def table_timing(rows):
+CLEANING = "clean-data's cleaning"  # timing rows of tools/bench_clean.py: their own table
+
+
+def _timings(rows, cleaning):
     out = ["| what | seconds | device | date | commit |", "|---|---|---|---|---|"]
     for r in rows:
-        if r["kind"] == "timing":
+        if r["kind"] == "timing" and r["settings"].startswith(CLEANING) == cleaning:
             out.append(f"| {r['settings']} | {r['seconds']:.1f} | {r['device']} | {r['date']} | {r['commit']} |")
     return out
 
 
-TABLES = {"runs": table_runs, "sweep": table_sweep, "throughput": table_throughput, "timing": table_timing}
+def table_cleaning(rows):
+    return _timings(rows, cleaning=True)
+
+
+def table_timing(rows):
+    return _timings(rows, cleaning=False)
+
+
+TABLES = {"runs": table_runs, "sweep": table_sweep, "throughput": table_throughput, "timing": table_timing,
+          "cleaning": table_cleaning}
 
 
 def render(text: str, rows: list[dict]) -> str:

@@ -10,7 +10,9 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import time
+import traceback
 import zipfile
 
 
@@ -279,6 +281,16 @@ def exit_on_error(fn, rank=None):
         print(f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"), file=sys.stderr,
               flush=True)
         sys.exit(1)
+    except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
+        print(f"{who}error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
+        path = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
+        with open(path, "w") as fh:
+            traceback.print_exc(file=fh)
+        print(f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in {path}",
+              file=sys.stderr, flush=True)
+        sys.exit(70)
 
 
 def _interrupt(signum, frame):

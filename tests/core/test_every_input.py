@@ -506,3 +506,67 @@ def test_fuzz_option_values_are_one_line_or_accepted(tmp_path_factory, flag, val
                "--workers": ["clean-data", str(tmp), "-o", str(tmp / "c.npz")]}[flag]
     code, lines = invoke(command + [flag, value])
     assert code in (1, 2) and sum("Error" in ln for ln in lines) == 1, (flag, value, code, lines)
+
+
+def test_the_kaggle_unzip_skips_oversized_and_corrupt_entries_and_caps_the_whole(tmp_path):
+    import dogkit.core.kernel as K
+
+    path = tmp_path / "all-dogs.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("all-dogs/n02085620_1.jpg", photo())
+        zf.writestr("all-dogs/big.jpg", b"\0" * (D.MAX_PHOTO_BYTES + 1))  # a 64 MB entry from a small zip
+    logs = []
+    target = K.unzip(str(path), str(tmp_path / "scratch"), logs.append)
+    assert os.listdir(os.path.join(target, "all-dogs")) == ["n02085620_1.jpg"]
+    assert "skipped    1 entries" in logs[0] and "big.jpg" in logs[0]
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(RunError, match="not a readable zip"):
+        K.unzip(str(tmp_path / "bad.zip"), str(tmp_path / "scratch"), logs.append)
+
+
+@pytest.mark.parametrize("error, code, text", [(TypeError("nobody expected"), 70, "a bug in dogkit"),
+                                                (OSError(28, "No space left on device"), 2, "No space left"),
+                                                (D.DataError("x.npz: not a cache"), 2, "x.npz")])
+def test_the_kernels_error_boundary_is_one_line_with_its_exit_code(capsys, error, code, text):
+    from dogkit.core.kernel import exit_on_error
+
+    def fail():
+        raise error
+
+    with pytest.raises(SystemExit) as info:
+        exit_on_error(fail)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == code and len(err) == 1 and text in err[0] and "Traceback" not in err[0]
+
+
+def test_a_sigterm_during_a_cache_write_leaves_no_temporary_file(tmp_path, tiny_dataset):
+    """A real process, killed by SIGTERM while np.savez is writing the cache's temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import signal, time, numpy as np
+from dogkit import cli
+from dogkit.core import data as D
+signal.signal(signal.SIGTERM, cli._terminated)
+def slow(path, **arrays):
+    open(path, "wb").write(b"half")
+    time.sleep(60)
+D.np.savez = slow
+ds = {{"images": np.zeros((4, 64, 64, 3), np.uint8), "labels": np.zeros(4, np.int16), "names": list("abcd"),
+      "breeds": ["n0-a"], "settings": {{}}, "summary": {{}}}}
+try:
+    D.save_cache({str(tmp_path / 'c.npz')!r}, ds, workers=1, codec="webp")
+except KeyboardInterrupt:
+    raise SystemExit(130)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not any(".tmp" in n for n in os.listdir(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(".tmp" in n for n in os.listdir(tmp_path)), "the write never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 130
+    assert os.listdir(tmp_path) == []
