@@ -170,11 +170,11 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
 def reference_problems(mu, sigma, features, names, provenance) -> list[str]:
     """Every way a reference's arrays break what `dogkit reference` writes: shapes, types, values
     that are not finite (a NaN would print as a score, or hang the matrix square root)."""
-    d = feat.FEATURE_DIM
+    d = features.shape[1] if features.ndim == 2 else feat.FEATURE_DIM  # 2048 from `dogkit reference`
     problems = [f"{what} has shape {a.shape}, must be {want}" for what, a, want in
                 (("mu", mu, (d,)), ("sigma", sigma, (d, d))) if a.shape != want]
-    if features.ndim != 2 or features.shape[1:] != (d,) or len(features) < 2:
-        problems.append(f"features have shape {features.shape}, must be (N >= 2, {d})")
+    if features.ndim != 2 or len(features) < 2 or d < 1:
+        problems.append(f"features have shape {features.shape}, must be (N >= 2, {feat.FEATURE_DIM})")
     problems += [f"{what} is not a float array ({a.dtype})" for what, a in
                  (("mu", mu), ("sigma", sigma), ("features", features)) if a.dtype.kind != "f"]
     if not problems:

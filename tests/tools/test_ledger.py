@@ -43,7 +43,7 @@ def test_rows_append_and_render_into_their_blocks(tmp_path):
     assert set(row) == set(ledger.KEYS) and row["commit"] and row["date"]
     text = "a\n<!-- ledger:runs -->\nold\n<!-- /ledger:runs -->\nb\n"
     text += "<!-- ledger:sweep -->\n<!-- /ledger:sweep -->\n<!-- ledger:throughput -->\n<!-- /ledger:throughput -->\n"
-    text += "<!-- ledger:timing -->\n<!-- /ledger:timing -->\n"
+    text += "<!-- ledger:timing -->\n<!-- /ledger:timing -->\n<!-- ledger:cleaning -->\n<!-- /ledger:cleaning -->\n"
     out = ledger.render(text, ledger.load(path))
     assert "old" not in out and "| biggan | flip+diffaug | 8m | 10 |" in out and "| 70.12 | 0.200 | 70.12 |" in out
     with pytest.raises(ledger.LedgerError, match="no <!-- ledger:runs --> block"):
