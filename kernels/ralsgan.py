@@ -2581,21 +2581,24 @@ def unzip(path, scratch, log=print):
         return target
     partial, skipped = target + ".partial", []
     try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-            if sum(i.file_size for i in infos) > MAX_UNZIPPED_BYTES:
-                raise RunError(f"{path}: claims more than {MAX_UNZIPPED_BYTES} bytes unzipped; not the competition's")
-            for info in infos:
-                problem = zip_entry_problem(info, MAX_PHOTO_BYTES)
-                try:
-                    if problem is None:
-                        zf.extract(info, partial)  # reads at most the size the entry declares, checks the CRC
-                except Exception as exc:
-                    problem = f"corrupt entry ({type(exc).__name__}: {exc})"
-                if problem:
-                    skipped.append(f"{shown_name(info.filename)}: {problem}")
+        zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise RunError(f"{path}: not a readable zip ({exc})") from None
+    with zf:
+        infos = zf.infolist()
+        if sum(i.file_size for i in infos) > MAX_UNZIPPED_BYTES:
+            raise RunError(f"{path}: claims more than {MAX_UNZIPPED_BYTES} bytes unzipped; not the competition's")
+        for info in infos:
+            problem = zip_entry_problem(info, MAX_PHOTO_BYTES)
+            try:
+                if problem is None:
+                    zf.extract(info, partial)  # reads at most the size the entry declares, checks the CRC
+            except OSError:  # the disk (full, read-only): the run's error, not this entry's
+                raise
+            except Exception as exc:
+                problem = f"corrupt entry ({type(exc).__name__}: {exc})"
+            if problem:
+                skipped.append(f"{shown_name(info.filename)}: {problem}")
     if skipped:
         log(f"skipped    {len(skipped)} entries of {path}, e.g. {skipped[0]}")
     os.replace(partial, target)
