@@ -272,6 +272,62 @@ def used_imports(nodes: list[ast.stmt], code: str) -> list[ast.stmt]:
     return out
 
 
+def notebook_intro(name: str, budget: str, sessions: int) -> str:
+    """The notebook's first cell: what it does, what to attach, where the result is, how to score it."""
+    from dogkit.core.train import parse_budget
+
+    train = hours_minutes(parse_budget(budget) - SAFETY_MARGIN_S)
+    several = (f"\n\nThis run is planned over **{sessions} sessions** (`KAGGLE_SESSIONS` below): from the second "
+               "on, attach this notebook's own output (Add Input > Your Work) and run it again; it continues "
+               "from its `checkpoint.pt`.") if sessions > 1 else ""
+    return f"""# Generative Dog Images: {name}, trained by dogkit
+
+One notebook, nothing to install: it cleans the competition's photos (one crop per annotated dog), trains
+the **{name}** generator for **{train}** (Kaggle allows {budget}: 15 minutes are kept for the end), samples
+10,000 dogs and writes **`/kaggle/working/images.zip`** (the Output tab, once the version has run).
+
+1. **Add data**: the competition *Generative Dog Images* (or the Stanford Dogs dataset). Anything else
+   attached is ignored, and the log says so.
+2. **Accelerator**: *GPU T4 x2* (it trains on both). Not *P100*: today's Kaggle image cannot run it, and the
+   notebook stops at once with a line saying so. Internet can stay off.
+3. **Save Version > Save & Run All**. The first lines say what was found (software, GPU, data, plan), then
+   a line every 5 minutes with a grid of samples; the final samples and the loss curves come last.
+
+To run it elsewhere, set `sys.argv` in a cell above the last one, e.g.
+`sys.argv = ["kernel", "--data", "photos/", "--budget", "8m", "--out", "submission/"]`.
+Score the zip at home with the competition's metric: `dogkit score images.zip --reference ref.npz`
+(see dogkit's README).{several}"""
+
+
+def notebook(text: str, intro: str) -> dict:
+    """The kernel as a notebook (nbformat 4.5): the intro, then the settings cell (header, imports,
+    settings), then per section of the contents a heading and its code, then the cell that runs it.
+    The code cells joined are exactly `text`."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i in range(1, len(lines) - 2) if lines[i].rstrip("\n") == RULE
+              and lines[i + 2].rstrip("\n") == RULE and lines[i + 1].rstrip("\n") != RULE]
+    run_at = max(i for i, line in enumerate(lines) if line.startswith("if __name__ == "))
+    bounds = [0] + starts[1:] + [run_at, len(lines)]  # the first section (Settings) stays with the imports
+    cells = [("markdown", intro)]
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if k == len(bounds) - 2:
+            cells.append(("markdown", "## Run\nEverything above only defines; this cell trains and writes images.zip."))
+        elif k:
+            title, _, what = lines[a + 1][2:].strip().partition(": ")
+            cells.append(("markdown", f"## {k}. {title}\n{what[:1].upper() + what[1:] if what else ''}".rstrip()))
+        cells.append(("code", "".join(lines[a:b])))
+    return {"cells": [dict({"cell_type": kind, "id": f"cell-{i:02d}", "metadata": {}, "source": source},
+                           **({"execution_count": None, "outputs": []} if kind == "code" else {}))
+                      for i, (kind, source) in enumerate(cells)],
+            "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+                         "language_info": {"name": "python"}},
+            "nbformat": 4, "nbformat_minor": 5}
+
+
+def notebook_text(text: str, name: str, budget: str = "9h", sessions: int = 1) -> str:
+    return json.dumps(notebook(text, notebook_intro(name, budget, sessions)), indent=1, ensure_ascii=False) + "\n"
+
+
 COMPETITION = "generative-dog-images"
 MACHINE_SHAPE = "NvidiaTeslaT4"  # "GPU T4 x2"; enable_gpu alone gets a P100, which today's image cannot run
 
@@ -294,29 +350,35 @@ def kaggle_user(given: str | None) -> str | None:
         return None
 
 
-def kernel_metadata(user: str, title: str, code_file: str, continues: bool = False) -> dict:
+def kernel_metadata(user: str, title: str, code_file: str, continues: bool = False, kind: str = "script") -> dict:
     """kernel-metadata.json for this competition: private, GPU T4 x2, internet off (written out:
     the CLI turns it on when the key is absent), the competition's data attached; continues: the
     notebook's own output attached too (a run's second and later sessions)."""
     ref = f"{user}/{slugify(title)}"
     return {"id": ref, "title": title, "code_file": code_file, "language": "python",
-            "kernel_type": "script", "is_private": True, "enable_gpu": True, "enable_internet": False,
+            "kernel_type": kind, "is_private": True, "enable_gpu": True, "enable_internet": False,
             "machine_shape": MACHINE_SHAPE, "competition_sources": [COMPETITION], "dataset_sources": [],
             "kernel_sources": [ref] if continues else []}
 
 
-def write_kaggle_folder(folder: Path, model: str, text: str, user: str, title: str, continues: bool = False
-                        ) -> list[str]:
-    """DIR/<slug>.py and DIR/kernel-metadata.json; returns the commands that follow."""
+def write_atomically(path: Path, content: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(content)
+    tmp.replace(path)
+
+
+def write_kaggle_folder(folder: Path, model: str, text: str, user: str, title: str, continues: bool = False,
+                        notebook_json: str | None = None) -> list[str]:
+    """DIR/<slug>.py (or, given notebook_json, DIR/<slug>.ipynb) and DIR/kernel-metadata.json;
+    returns the commands that follow."""
     slug = slugify(title)
     if not slug:
         raise ValueError(f"--title {title!r}: needs letters or digits")
     folder.mkdir(parents=True, exist_ok=True)
-    meta = kernel_metadata(user, title, f"{slug}.py", continues)
-    for name, content in ((f"{slug}.py", text), ("kernel-metadata.json", json.dumps(meta, indent=2) + "\n")):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(folder / name)
+    code_file, kind = (f"{slug}.ipynb", "notebook") if notebook_json else (f"{slug}.py", "script")
+    meta = kernel_metadata(user, title, code_file, continues, kind)
+    for name, content in ((code_file, notebook_json or text), ("kernel-metadata.json", json.dumps(meta, indent=2) + "\n")):
+        write_atomically(folder / name, content)
     ref = meta["id"]
     return [f"kaggle kernels push -p {folder} --accelerator {MACHINE_SHAPE}",
             f"kaggle kernels status {ref}",
@@ -337,7 +399,11 @@ def main(argv=None) -> int:
                         "continuing the last (default 1: the competition's rule)")
     parser.add_argument("--continue", dest="continues", action="store_true", help="with --kaggle: attach the "
                         "notebook's own output (kernel_sources), for the second and later sessions")
+    parser.add_argument("--notebook", action="store_true", help="with --kaggle: push the .ipynb (kernel_type "
+                        "notebook: sections, pictures in the output) instead of the .py script")
     args = parser.parse_args(argv)
+    if args.notebook and not args.kaggle:
+        parser.error("--notebook goes with --kaggle DIR (kernels/MODEL.ipynb is always written beside the .py)")
     if args.continues and not (args.kaggle and args.sessions > 1):
         parser.error("--continue goes with --kaggle DIR and --sessions 2 or more")
     if args.kaggle:
@@ -345,9 +411,11 @@ def main(argv=None) -> int:
         if not user:
             parser.error("--kaggle needs your Kaggle user name: --user NAME (or KAGGLE_USERNAME, or the "
                          "username in ~/.kaggle/kaggle.json)")
+        text = build(args.model, args.budget, args.sessions)
+        nb = notebook_text(text, args.model, args.budget, args.sessions) if args.notebook else None
         try:
-            steps = write_kaggle_folder(Path(args.kaggle), args.model, build(args.model, args.budget, args.sessions),
-                                        user, args.title or f"dogkit {args.model}", args.continues)
+            steps = write_kaggle_folder(Path(args.kaggle), args.model, text, user, args.title or f"dogkit {args.model}",
+                                        args.continues, nb)
         except ValueError as exc:
             parser.error(str(exc))
         attached = "the competition and this notebook's output attached" if args.continues else "the competition attached"
@@ -361,10 +429,9 @@ def main(argv=None) -> int:
     text = build(args.model, args.budget, args.sessions)
     compile(text, str(out), "exec")  # never write a kernel that does not parse
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    print(f"wrote {out} ({len(text.splitlines())} lines)")
+    write_atomically(out, text)
+    write_atomically(out.with_suffix(".ipynb"), notebook_text(text, args.model, args.budget, args.sessions))
+    print(f"wrote {out} ({len(text.splitlines())} lines) and {out.with_suffix('.ipynb')} (the same code as a notebook)")
     return 0
 
 

@@ -12,6 +12,7 @@
 # any rank's failure. Rank 0 cleans the data, writes every file and the zip. Uses torch <= 2.2
 # APIs only.
 import datetime
+import io
 import os
 import socket
 import sys
@@ -189,13 +190,13 @@ def launch(target, size, device_type, args):
 
 
 def plain_streams():
-    """In a notebook sys.stdout is the kernel's message channel, which a forked process must not
-    use: write to the file descriptors instead (ipykernel forwards those to the cell)."""
+    """In a notebook sys.stdout is the kernel's message channel (ipykernel's OutStream), which a
+    forked process must not use, and whose fileno() is a copy of the terminal's, not the cell's:
+    write to the file descriptors 1 and 2 instead (ipykernel forwards those to the cell). Not
+    open(): in a notebook's namespace it is IPython's, which refuses them."""
     for name, fd in (("stdout", 1), ("stderr", 2)):
-        try:
-            getattr(sys, name).fileno()
-        except (AttributeError, OSError, ValueError):
-            setattr(sys, name, open(fd, "w", buffering=1, closefd=False))
+        if not isinstance(getattr(sys, name), io.TextIOWrapper):
+            setattr(sys, name, os.fdopen(fd, "w", buffering=1, closefd=False))
 
 
 def stop_processes(procs, grace=60):

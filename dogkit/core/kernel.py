@@ -7,6 +7,9 @@
 # names the software, the device, the data found and the plan; a GPU this torch cannot run, or a
 # missing GPU, stops the run in seconds, before any cleaning.
 import argparse
+import contextlib
+import difflib
+import json
 import os
 import signal
 import sys
@@ -20,6 +23,7 @@ from dogkit.core.data import (MAX_PHOTO_BYTES, DataError, PHOTO_EXTS, breed_of, 
                               zip_entry_problem)
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
 from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, output_problem, pick_device, writable_dir
+from dogkit.core.sample import curve_png, notebook_shell, show_png
 from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, check_continuation, parse_budget,
                                parse_ema_extra, parse_snapshots, read_checkpoint, train, with_settings,
                                zip_from_checkpoint)
@@ -211,12 +215,16 @@ MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="Train a dog generator and write images.zip.")
+    parser.error = lambda message: stop(2, f"error: {message} (--help lists the options)")  # one line
     for flag, kind, default, choices, text in TRAIN_OPTIONS:
         parser.add_argument(flag, type=kind, default=default, choices=choices, help=text)
     args, unknown = parser.parse_known_args(argv)
     stray = [a for a in unknown if a.startswith("-") and a not in NOTEBOOK_ARGS and not a.endswith(".json")]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        flags = [option[0] for option in TRAIN_OPTIONS]
+        hints = [a + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(a.split("=")[0], flags, 1))
+                 for a in stray]
+        parser.error(f"unrecognized arguments: {' '.join(hints)}")
     return args
 
 
@@ -247,9 +255,12 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
 def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1):
     """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure.
     kaggle_budget: a session's wall clock on Kaggle (no --budget there); kaggle_sessions: the
-    sessions a run on Kaggle is planned over (no --sessions there)."""
+    sessions a run on Kaggle is planned over (no --sessions there). In a notebook, sys.argv is the
+    Jupyter kernel's own (-f kernel.json ...): no arguments, unless a cell set sys.argv."""
     t0 = time.monotonic()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        argv = [] if os.path.basename(sys.argv[0]).startswith("ipykernel") else sys.argv[1:]
+    args = exit_on_error(lambda: parse_args(argv))
     args.kaggle_budget, args.kaggle_sessions = kaggle_budget, kaggle_sessions
     try:
         signal.signal(signal.SIGTERM, _interrupt)  # a stop from outside saves a checkpoint, like Ctrl-C
@@ -257,43 +268,81 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_ses
         pass
     path = exit_on_error(lambda: run(model_cls, settings, args, t0))
     if path:  # rank 0 of a finished run: what to do with it
+        show_results(os.path.dirname(path))
         print(f"next       score it with the competition's metric (dogkit's README, \"Score like Kaggle\"): "
               f"dogkit score {path} --reference data/ref.npz", flush=True)
     return path
 
 
+def show_results(out):
+    """In a notebook: the final samples and the loss curves under the cell (files stay as they are)."""
+    if notebook_shell() is None:
+        return
+    if os.path.exists(os.path.join(out, "samples.png")):
+        show_png(os.path.join(out, "samples.png"))
+    records = []
+    with contextlib.suppress(OSError):
+        with open(os.path.join(out, "log.jsonl")) as fh:
+            for line in fh:
+                with contextlib.suppress(ValueError):
+                    records.append(json.loads(line))
+    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
+    curves = curve_png(records, sorted({k for r in records for k in r if k.startswith("loss")}))
+    if curves:
+        show_png(curves)
+
+
+class KernelStopped(Exception):
+    """The run stopping in a notebook: the cell's error is its one line, nothing more."""
+
+
+def _one_line(shell, etype, value, tb, tb_offset=None):
+    shell._showtraceback(etype, value, [str(value)])  # the error IPython shows: the line alone
+
+
+def stop(code, message=None):
+    """End the run with an exit code and its one line. A script (or a forked rank): the line on
+    stderr and sys.exit. In the notebook: an error whose text is the line alone (a SystemExit
+    would add IPython's 'An exception has occurred' and a warning); the cell still fails."""
+    shell = notebook_shell()
+    if shell is None:
+        if message:
+            print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
+    shell.set_custom_exc((KernelStopped,), _one_line)
+    raise KernelStopped(message or f"stopped with exit code {code} (the line above says why)")
+
+
 def exit_on_error(fn, rank=None):
     """fn()'s result, or one line on stderr and an exit code: 2 bad input or a device that cannot
     run, 1 training failed (images.zip still written when it could be), 130 interrupted, 3 this
-    rank stopped because another one failed (that one says why). rank: a forked rank's number
-    (its parent says the interrupt and the zip)."""
+    rank stopped because another one failed (that one says why), 70 a bug (its traceback in a
+    file). rank: a forked rank's number (its parent says the interrupt and the zip)."""
     who = f"rank {rank}: " if rank else ""
     try:
         return fn()
+    except KernelStopped:  # stopped already, with its line
+        raise
     except RankStopped:
-        sys.exit(3)
+        stop(3)
+    except SystemExit as exc:  # argparse's usage error, a rank's exit code passed on: said already
+        if exc.code:
+            stop(exc.code if isinstance(exc.code, int) else 2)
+        raise
     except (RunError, DataError, ValueError) as exc:
-        print(f"{who}error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        stop(2, f"{who}error: {exc}")
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trainer saved checkpoint.pt and said how to resume
-        if rank is None:
-            print("error: interrupted; resume with --resume CHECKPOINT", file=sys.stderr, flush=True)
-        sys.exit(130)
+        stop(130, None if rank else "error: interrupted; resume with --resume CHECKPOINT")
     except RunFailed as exc:
         kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
-        print(f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"), file=sys.stderr,
-              flush=True)
-        sys.exit(1)
+        stop(1, f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"))
     except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
-        print(f"{who}error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        stop(2, f"{who}error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
         path = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
         with open(path, "w") as fh:
             traceback.print_exc(file=fh)
-        print(f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in {path}",
-              file=sys.stderr, flush=True)
-        sys.exit(70)
+        stop(70, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in {path}")
 
 
 def _interrupt(signum, frame):

@@ -5,6 +5,7 @@ import contextlib
 import io
 import os
 import struct
+import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -155,6 +156,53 @@ def verify_zip(path, n=N_SUBMISSION, size=64):
             if "/" in info.filename or png_header(head) != (size, size, 8, 2):
                 raise RuntimeError(f"{path}: {info.filename} is not a flat {size}x{size} RGB 8-bit PNG")
     return True
+
+
+NOTEBOOK_PID = os.getpid()  # the process that ran this code: in a notebook, the Jupyter kernel itself
+
+
+def notebook_shell():
+    """The Jupyter kernel's IPython shell when this process is the notebook's own (Kaggle runs
+    kernels so), else None: a script, a terminal IPython or a forked rank (whose messages would
+    corrupt the kernel's channel) shows no pictures."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and os.getpid() == NOTEBOOK_PID else None
+    return shell if getattr(shell, "kernel", None) is not None else None
+
+
+def show_png(png):
+    """Show a PNG (bytes or a file) in the notebook's output; a script run does nothing and never
+    imports IPython."""
+    if notebook_shell() is not None:
+        from IPython.display import Image as Picture, display
+        display(Picture(data=png) if isinstance(png, bytes) else Picture(filename=png))
+
+
+def curve_png(records, keys, size=(720, 260)):
+    """PNG bytes of a line chart of the records' keys against their step (PIL only: the kernels
+    import no plotting library), each line with its name at its end."""
+    from PIL import ImageDraw
+
+    width, height, pad = size[0], size[1], 36
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if len(v) > 1}
+    values = [y for v in series.values() for _, y in v]
+    steps = [x for v in series.values() for x, _ in v]
+    if not values:
+        return None
+    x0, x1, y0, y1 = min(steps), max(steps), min(values), max(values)
+    xy = lambda x, y: (pad + (width - 3 * pad) * (x - x0) / max(x1 - x0, 1e-9),  # noqa: E731
+                       height - pad - (height - 2 * pad) * (y - y0) / max(y1 - y0, 1e-9))
+    draw.rectangle((pad, pad, width - 2 * pad, height - pad), outline="grey")
+    draw.text((pad, height - pad + 6), f"step {x0:g} to {x1:g}; {y0:.3g} to {y1:.3g}", fill="black")
+    for k, colour in zip(series, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")):
+        draw.line([xy(x, y) for x, y in series[k]], fill=colour, width=2)
+        draw.text((xy(*series[k][-1])[0] + 4, xy(*series[k][-1])[1] - 6), k.replace("loss_", ""), fill=colour)
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
 
 
 def save_grid(images, path, nrow=8):

@@ -31,7 +31,7 @@ from dogkit.core.distributed import (ALONE, RankStopped, agree, all_mean, all_ob
                                      on_main)
 from dogkit.core.runtime import PRECISIONS, RunError, make_grad_scaler, pick_device, resolve_precision
 from dogkit.core.sample import (TRUNCATION_MIN, OutOfTime, atomic_path, encode_pngs, generate, remove_stale_temps,
-                                save_grid, to_uint8, verify_zip, write_zip)
+                                save_grid, show_png, to_uint8, verify_zip, write_zip)
 
 
 AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug", "flip+diffaug-t",
@@ -746,8 +746,10 @@ def save_fixed_grid(tr, name):
 
 def progress_grid(tr):
     """grid-STEP.png; past keep_grids files every other older one goes and the interval doubles,
-    so a 9-hour run keeps a few evenly spaced grids, never hundreds."""
+    so a 9-hour run keeps a few evenly spaced grids, never hundreds. In a notebook it shows in the
+    cell's output too."""
     save_fixed_grid(tr, f"grid-{tr.step:07d}.png")
+    show_png(os.path.join(tr.cfg.out, f"grid-{tr.step:07d}.png"))
     grids = sorted(f for f in os.listdir(tr.cfg.out) if re.fullmatch(r"grid-\d{7}\.png", f))
     if len(grids) > max(2, tr.cfg.keep_grids):
         for name in grids[1:-1:2]:

@@ -238,4 +238,4 @@ def test_a_forked_rank_in_a_notebook_writes_to_the_file_descriptors(monkeypatch)
     real_err = sys.stderr
     plain_streams()
     assert sys.stdout.fileno() == 1
-    assert sys.stderr is real_err  # a stream with a descriptor is kept
+    assert sys.stderr is real_err  # a plain text stream (a file, a terminal) is kept

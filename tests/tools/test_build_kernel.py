@@ -22,6 +22,30 @@ def test_committed_kernel_is_what_the_builder_writes(name):
     committed = ROOT / "kernels" / f"{name}.py"
     assert committed.exists(), f"run: python tools/build_kernel.py --model {name}"
     assert committed.read_text() == build_kernel.build(name), f"stale: python tools/build_kernel.py --model {name}"
+    notebook = committed.with_suffix(".ipynb")
+    assert notebook.read_text() == build_kernel.notebook_text(committed.read_text(), name), \
+        f"stale: python tools/build_kernel.py --model {name}"
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_the_notebook_is_the_kernel_in_sections(name):
+    """nbformat 4, valid; a markdown cell first, the settings cell, a heading and a code cell per
+    section of the contents, the run cell last; the code cells joined are the .py, exactly."""
+    nbformat = pytest.importorskip("nbformat")
+    text = build_kernel.build(name)
+    nb = nbformat.reads(build_kernel.notebook_text(text, name), as_version=4)
+    nbformat.validate(nb)
+    kinds = [c.cell_type for c in nb.cells]
+    assert kinds[:2] == ["markdown", "code"] and kinds[2:] == ["markdown", "code"] * ((len(kinds) - 2) // 2)
+    assert "".join(c.source for c in nb.cells if c.cell_type == "code") == text
+    contents = text.split("Contents (line numbers):\n")[1].split('"""')[0]
+    titles = [ln.split(None, 1)[1] for ln in contents.splitlines() if ln.strip()]
+    headings = [c.source.splitlines()[0] for c in nb.cells[2:] if c.cell_type == "markdown"]
+    assert headings == [f"## {k}. {t}" for k, t in enumerate(titles[1:], 1)] + ["## Run"]
+    assert "_SETTINGS = dict(" in nb.cells[1].source and nb.cells[-1].source.startswith("if __name__ == ")
+    intro = nb.cells[0].source
+    assert all(w in intro for w in ("Generative Dog Images", "GPU T4 x2", "8h45m", "/kaggle/working/images.zip",
+                                    "dogkit score"))
 
 
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
@@ -34,6 +58,12 @@ def test_kernel_imports_only_the_allowed_set(name):
         elif isinstance(node, ast.ImportFrom):
             found.add(node.module.split(".")[0])
     assert found, "no imports parsed"
+    # IPython: imported only inside show_png, once notebook_shell() found the notebook's shell
+    lazy = {n.module for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "show_png"
+            for n in ast.walk(f) if isinstance(n, ast.ImportFrom)}
+    assert lazy == {"IPython.display"} and "IPython" not in {n.names[0].name for n in tree.body
+                                                               if isinstance(n, ast.Import)}
+    found.discard("IPython")
     assert found <= ALLOWED, f"not allowed in a kernel: {sorted(found - ALLOWED)}"
     assert "dogkit" not in found
 
@@ -110,6 +140,12 @@ def test_a_push_ready_kaggle_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "cfg"))
     assert build_kernel.main(["--model", "biggan", "--kaggle", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "kernel-metadata.json").read_text())["id"] == "bob/dogkit-biggan"
+    assert build_kernel.main(["--model", "biggan", "--kaggle", str(tmp_path / "n"), "--notebook"]) == 0
+    meta = json.loads((tmp_path / "n" / "kernel-metadata.json").read_text())
+    assert (meta["kernel_type"], meta["code_file"]) == ("notebook", "dogkit-biggan.ipynb")
+    assert (tmp_path / "n" / "dogkit-biggan.ipynb").read_text() == build_kernel.notebook_text(
+        build_kernel.build("biggan"), "biggan")
+    assert not (tmp_path / "n" / "dogkit-biggan.py").exists()
 
 
 def test_a_kaggle_folder_for_a_run_over_several_sessions(tmp_path, capsys):
