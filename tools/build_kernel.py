@@ -283,15 +283,16 @@ def notebook_intro(name: str, budget: str, sessions: int) -> str:
     return f"""# Generative Dog Images: {name}, trained by dogkit
 
 One notebook, nothing to install: it cleans the competition's photos (one crop per annotated dog), trains
-the **{name}** generator for **{train}** (Kaggle allows {budget}: 15 minutes are kept for the end), samples
-10,000 dogs and writes **`/kaggle/working/images.zip`** (the Output tab, once the version has run).
+the **{name}** generator, samples 10,000 dogs and writes **`/kaggle/working/images.zip`** (the Output tab,
+once the version has run), all within **{train}** (Kaggle allows {budget}: 15 minutes to spare).
 
 1. **Add data**: the competition *Generative Dog Images* (or the Stanford Dogs dataset). Anything else
    attached is ignored, and the log says so.
 2. **Accelerator**: *GPU T4 x2* (it trains on both). Not *P100*: today's Kaggle image cannot run it, and the
    notebook stops at once with a line saying so. Internet can stay off.
 3. **Save Version > Save & Run All**. The first lines say what was found (software, GPU, data, plan), then
-   a line every 5 minutes with a grid of samples; the final samples and the loss curves come last.
+   a line every 5 minutes and, now and then, a grid of samples; the final samples and the loss curves
+   come last.
 
 To run it elsewhere, set `sys.argv` in a cell above the last one, e.g.
 `sys.argv = ["kernel", "--data", "photos/", "--budget", "8m", "--out", "submission/"]`.
