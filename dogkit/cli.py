@@ -5,15 +5,14 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
-import traceback
 import zipfile
 from pathlib import Path
 
 import click
 
 from dogkit.checkpoints import BN_STATS
+from dogkit.core.runtime import BUG_EXIT, TRACEBACK_FILE, save_traceback
 from dogkit.core.registry import MODEL_NAMES
 
 
@@ -57,8 +56,6 @@ def _writable(path, folder=False) -> None:
 
 
 EXPECTED = (ValueError, OSError, MemoryError)  # bad input, a disk or the machine: one line, exit 1
-BUG_EXIT = 70  # an exception nobody expected: one line saying it is a bug, the traceback in a file
-TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
 
 
 def _one_line(exc) -> str:
@@ -92,10 +89,9 @@ class Boundary(click.Group):
                 raise
             if isinstance(exc, EXPECTED):
                 _fail(_one_line(exc))
-            with open(TRACEBACK_FILE, "w") as fh:
-                traceback.print_exc(file=fh)
+            path = save_traceback(TRACEBACK_FILE)
             click.echo(f"Error: internal error, a bug in dogkit ({type(exc).__name__}: {_one_line(exc)}); the "
-                       f"traceback is in {TRACEBACK_FILE} (or run again with dogkit --debug ...)", err=True)
+                       f"traceback is in {path} (or run again with dogkit --debug ...)", err=True)
             raise click.exceptions.Exit(BUG_EXIT)
 
 

@@ -22,10 +22,10 @@ Contents (line numbers):
     172  Data
     764  Several GPUs
     981  The machine
-   1140  Sampling
-   1354  Augmentation
-   1388  Training
-   2500  Entry point
+   1156  Sampling
+   1370  Augmentation
+   1404  Training
+   2516  Entry point
 """
 import argparse
 import contextlib
@@ -1135,6 +1135,22 @@ def output_problem(path, folder=False):
     if not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK):
         return f"{path}: {above} is {'not writable' if os.path.isdir(above) else 'a file, not a folder'}"
     return None
+
+
+BUG_EXIT = 70  # the exit code of an exception nobody expected (the CLI's and the kernels')
+
+
+TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
+
+
+def save_traceback(path=TRACEBACK_FILE):
+    """The exception being handled, its whole traceback written to path (a bug's, for its report,
+    while the user sees one line); returns path."""
+    import traceback
+
+    with open(path, "w") as fh:
+        traceback.print_exc(file=fh)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2827,10 +2843,8 @@ def exit_on_error(fn, rank=None):
     except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
         stop(2, f"{who}error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
-        path = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
-        with open(path, "w") as fh:
-            traceback.print_exc(file=fh)
-        stop(70, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in {path}")
+        stop(BUG_EXIT, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in "
+                       f"{save_traceback()}")
 
 
 def _interrupt(signum, frame):

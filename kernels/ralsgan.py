@@ -22,10 +22,10 @@ Contents (line numbers):
     195  Data
     787  Several GPUs
    1004  The machine
-   1163  Sampling
-   1377  Augmentation
-   1411  Training
-   2523  Entry point
+   1179  Sampling
+   1393  Augmentation
+   1427  Training
+   2539  Entry point
 """
 import argparse
 import contextlib
@@ -1158,6 +1158,22 @@ def output_problem(path, folder=False):
     if not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK):
         return f"{path}: {above} is {'not writable' if os.path.isdir(above) else 'a file, not a folder'}"
     return None
+
+
+BUG_EXIT = 70  # the exit code of an exception nobody expected (the CLI's and the kernels')
+
+
+TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
+
+
+def save_traceback(path=TRACEBACK_FILE):
+    """The exception being handled, its whole traceback written to path (a bug's, for its report,
+    while the user sees one line); returns path."""
+    import traceback
+
+    with open(path, "w") as fh:
+        traceback.print_exc(file=fh)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2850,10 +2866,8 @@ def exit_on_error(fn, rank=None):
     except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
         stop(2, f"{who}error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
-        path = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
-        with open(path, "w") as fh:
-            traceback.print_exc(file=fh)
-        stop(70, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in {path}")
+        stop(BUG_EXIT, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in "
+                       f"{save_traceback()}")
 
 
 def _interrupt(signum, frame):

@@ -13,16 +13,15 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
-import traceback
 import zipfile
 
 
 from dogkit.core.data import (MAX_PHOTO_BYTES, DataError, PHOTO_EXTS, breed_of, load_dataset, shown_name, summary_lines,
                               zip_entry_problem)
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
-from dogkit.core.runtime import PRECISIONS, RunError, machine_lines, output_problem, pick_device, writable_dir
+from dogkit.core.runtime import (BUG_EXIT, PRECISIONS, RunError, machine_lines, output_problem, pick_device,
+                                 save_traceback, writable_dir)
 from dogkit.core.sample import curve_png, notebook_shell, show_png
 from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, check_continuation, parse_budget,
                                parse_ema_extra, parse_snapshots, read_checkpoint, train, with_settings,
@@ -339,10 +338,8 @@ def exit_on_error(fn, rank=None):
     except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
         stop(2, f"{who}error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
-        path = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
-        with open(path, "w") as fh:
-            traceback.print_exc(file=fh)
-        stop(70, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in {path}")
+        stop(BUG_EXIT, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in "
+                       f"{save_traceback()}")
 
 
 def _interrupt(signum, frame):

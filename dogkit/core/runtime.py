@@ -163,3 +163,17 @@ def output_problem(path, folder=False):
     if not os.path.isdir(above) or not os.access(above, os.W_OK | os.X_OK):
         return f"{path}: {above} is {'not writable' if os.path.isdir(above) else 'a file, not a folder'}"
     return None
+
+
+BUG_EXIT = 70  # the exit code of an exception nobody expected (the CLI's and the kernels')
+TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
+
+
+def save_traceback(path=TRACEBACK_FILE):
+    """The exception being handled, its whole traceback written to path (a bug's, for its report,
+    while the user sees one line); returns path."""
+    import traceback
+
+    with open(path, "w") as fh:
+        traceback.print_exc(file=fh)
+    return path
