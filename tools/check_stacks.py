@@ -2,19 +2,19 @@
 """dogkit.core, the generated kernels and the GPU loop on the library stacks they actually meet.
 
 Kaggle's default image now carries torch 2.10 (CUDA 12.8) with numpy 2 and Pillow 11.3; a notebook
-pinned to an older image has torch 2.4 with numpy 1.26 and Pillow 10.4; the borrowed GPU machine
-runs Python 3.12 with torch 2.11. dogkit's own environment has Python 3.11 and torch 2.14.1. For
+pinned to an older image has torch 2.4 with numpy 1.26 and Pillow 10.4; a current GPU image (a
+rented GPU, a cloud notebook) has Python 3.12 with torch 2.11. dogkit's own environment has Python 3.11 and torch 2.14.1. For
 each stack in STACKS this makes a virtual environment in .stacks/ (once, then reused; about 4 GB
 and 1-2 minutes from PyPI each) and runs in it, with every DeprecationWarning an error:
 
   - the stack's tests: tests/core (training, resuming bit for bit, several ranks over gloo, the
-    simulated Kaggle, untrusted files; about 2 minutes on 2 cores), and on gpu-machine also the
-    borrowing's CPU rehearsal (tests/tools/test_gpu_bench.py, 3-4 minutes) and tests/gpu;
+    simulated Kaggle, untrusted files; about 2 minutes on 2 cores), and on py3.12-torch2.11 also the
+    GPU queue's CPU rehearsal (tests/tools/test_gpu_bench.py, 3-4 minutes) and tests/gpu;
   - every kernel in kernels/ for 6 steps on 200 real crops (synthetic photos when
     ../shared/data is absent), writing a 64-image images.zip.
 
     python tools/check_stacks.py                                   # every stack
-    python tools/check_stacks.py --stack torch-2.4                 # one
+    python tools/check_stacks.py --stack kaggle-pinned-2.4         # one
     python tools/check_stacks.py --python /path/to/python --no-tests   # an interpreter you have
 
 Prints one table row per stack; exits 1 when anything failed or a stack's Python is missing. Not
@@ -43,17 +43,17 @@ CROPS = ROOT.parent / "shared" / "data" / "stanford-dogs-crops"
 # numpy) and the tests run there.
 CORE_TESTS = ["tests/core"]
 STACKS = {
-    "torch-2.10": {"why": "Kaggle's default image", "python": "3.11", "tests": CORE_TESTS,
+    "kaggle-default": {"why": "Kaggle's default image", "python": "3.11", "tests": CORE_TESTS,
                    "packages": ["torch==2.10.0", "torchvision==0.25.0", "numpy==2.3.5", "pillow==11.3.0",
                                 "scipy==1.17.1", "opencv-python==5.0.0.93", "matplotlib==3.11.2",
                                 "scikit-learn==1.9.1"]},
-    "torch-2.4": {"why": "an older pinned Kaggle image", "python": "3.11", "tests": CORE_TESTS,
+    "kaggle-pinned-2.4": {"why": "an older pinned Kaggle image", "python": "3.11", "tests": CORE_TESTS,
                   "packages": ["torch==2.4.1", "torchvision==0.19.1", "numpy==1.26.4", "pillow==10.4.0",
                                "scipy==1.14.1", "opencv-python==4.10.0.84", "matplotlib==3.9.2",
                                "scikit-learn==1.5.2"]},
-    # the borrowed GPU machine's Python and torch (KINDS.md); its numpy and Pillow are not written
-    # down anywhere we can read: the newest, as a fresh image would have them
-    "gpu-machine": {"why": "the borrowed H200's Python 3.12 and torch 2.11", "python": "3.12",
+    # a current GPU image's Python and torch, where tools/gpu_bench.py runs; numpy and Pillow the
+    # newest, as a fresh image would have them
+    "py3.12-torch2.11": {"why": "a Python 3.12 / torch 2.11 GPU image", "python": "3.12",
                     "tests": CORE_TESTS + ["tests/tools/test_gpu_bench.py", "tests/gpu"],
                     "packages": ["torch==2.11.0", "torchvision==0.26.0", "numpy==2.5.5", "pillow==13.0.0",
                                  "scipy==1.18.1", "opencv-python-headless==5.0.0.93", "matplotlib==3.11.2",

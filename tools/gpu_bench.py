@@ -1,28 +1,29 @@
 #!/usr/bin/env python
-"""One command per GPU borrowing: the committed queue of experiments (results/queue.json), trained
-with the kernels' own code on the GPU machine, an FID for every run computed there, the exact
-score here on the CPU where a result decides something. Every figure becomes a ledger row.
+"""An experiment queue for a short-lived GPU (a rented hour, a notebook session): the committed
+queue (results/queue.json) trained with the kernels' own code on the GPU, an FID for every run
+computed there, the exact score at home on the CPU where a result decides something. Every
+figure becomes a ledger row. Three steps:
 
-  here, before:  python tools/gpu_bench.py pack --data data/dogs64.npz --reference data/ref.npz
-                   .devpack/: the FID Inception in int8 (22 MB), the reference's mean and covariance
-                   (float64 / float16 upper triangle, 4.2 MB; FID moves by < 0.001), the commit; checks that the carry
-                   (working tree + data + .devpack) fits 64 MiB and prints the one device call.
-  GPU machine:   python tools/gpu_bench.py run --data data/dogs64.npz --out $OUT
-                   GPU-only tests first (tests/gpu, < 1 minute), then the queue's next entries that
-                   fit in --cap seconds (default 570, its own start-up included; an entry that
-                   cannot finish in time is not started). Each train entry runs the generated
-                   kernel (kernels/MODEL.py) with snapshots; every point's EMA generator is exported
-                   in fp16, sampled (10,000 images) and scored (FID against the carried mean and
-                   covariance; d is left to the CPU). OUT gets results.jsonl (ledger rows),
-                   run.log and returned.tar.NNN (generators, logs, grids: at most 4 parts of 14 MiB).
-  here, after:   python tools/gpu_bench.py ingest RETURNED_DIR
-                   the rows into results/ledger.jsonl, the files into runs/gpu/STAMP/
-                 python tools/gpu_bench.py score runs/gpu/STAMP --reference data/ref.npz
-                   the exact `dogkit score` of each returned generator (10,000 images, full
-                   reference: FID, d, MiFID), a ledger row each, with the GPU FID's error beside it;
-                   resumable (a generator already scored is skipped)
-                 python tools/gpu_bench.py queue
-                   each entry: pending with its estimate, or the ledger rows that measured it
+  at home, before:  python tools/gpu_bench.py pack --data data/dogs64.npz --reference data/ref.npz
+                      .devpack/: the FID Inception in int8 (22 MB), the reference's mean and covariance
+                      (float64 / float16 upper triangle, 4.2 MB; FID moves by < 0.001), the commit;
+                      with --carry-limit MiB, checks that what goes to the GPU fits.
+  on the GPU:       python tools/gpu_bench.py run --data data/dogs64.npz --out OUT [--cap SECONDS]
+                      GPU-only tests first (tests/gpu, < 1 minute), then the queue's next entries that
+                      fit in --cap seconds (its own start-up included; an entry that cannot finish in
+                      time is not started; no cap: every pending entry). Each train entry runs the
+                      generated kernel (kernels/MODEL.py) with snapshots; every point's EMA generator
+                      is exported in fp16, sampled (10,000 images) and scored (FID against the carried
+                      mean and covariance; d is left to the CPU). OUT gets results.jsonl (ledger rows),
+                      run.log and returned.tar.NNN (generators, logs, grids; --part-mib, --return-mib).
+  at home, after:   python tools/gpu_bench.py ingest RETURNED_DIR
+                      the rows into results/ledger.jsonl, the files into runs/gpu/STAMP/
+                    python tools/gpu_bench.py score runs/gpu/STAMP --reference data/ref.npz
+                      the exact `dogkit score` of each returned generator (10,000 images, full
+                      reference: FID, d, MiFID), a ledger row each, with the GPU FID's error beside it;
+                      resumable (a generator already scored is skipped)
+                    python tools/gpu_bench.py queue
+                      each entry: pending with its estimate, or the ledger rows that measured it
 """
 from __future__ import annotations
 
@@ -52,9 +53,7 @@ QUEUE = ROOT / "results" / "queue.json"
 PACK = ROOT / ".devpack"
 WORK = ROOT / ".devwork"
 RUNS = ROOT / "runs" / "gpu"
-CARRY_LIMIT = 64 * 2**20  # what one device command takes with it: working tree + carried files
-PART_BYTES = 14 * 2**20  # one returned file (the machine brings back 8 files of at most 16 MB)
-RETURN_BYTES = 4 * PART_BYTES  # all the parts (64 MB in all, with results.jsonl and run.log)
+MIB = 2**20
 WEIGHTS_FILE, STATS_FILE, PACK_FILE = "inception-int8.pth", "reference-stats.npz", "pack.json"
 # Seconds, for planning what fits: a kernel's start before its own clock (imports; data decoding is
 # inside its budget), a throughput configuration's overhead (model, warm-up, capture), the end of
@@ -71,27 +70,47 @@ class BenchError(RuntimeError):
 
 
 # ---- the queue ------------------------------------------------------------------------------
-KEYS = {"throughput": {"models", "batch_sizes", "precisions", "memory_formats", "seconds", "profile"},
-        "train": {"model", "budget", "snapshots", "options", "bn"},  # bn: the final point also with these
-        "score-timing": set()}
+# A queue file holds entries of the kinds its tool runs; each kind: (allowed keys, optional keys,
+# a check that raises ValueError/KeyError/TypeError naming what is wrong). tools/cpu_proxy.py
+# reads the same format with its own kind (PROXY_KINDS there).
 COMMON = {"id", "kind", "question"}
 TOP_KEYS = {"format", "about", "entries"}
 
 
-def load_queue(path=QUEUE) -> list[dict]:
+def check_train(e):
+    from dogkit.checkpoints import BN_STATS
+
+    train_config(e, data="x", out="x")
+    bad = [b for b in e.get("bn", []) if b not in BN_STATS[1:]]
+    if bad:
+        raise ValueError("; ".join(f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
+                                   for b in bad))
+
+
+KINDS = {"throughput": ({"models", "batch_sizes", "precisions", "memory_formats", "seconds", "profile"}, {"profile"},
+                        lambda e: probe_configs(e)),
+         "train": ({"model", "budget", "snapshots", "options", "bn"}, {"snapshots", "options", "bn"},  # bn: the
+                   check_train),  # final point also with these
+         "score-timing": (set(), set(), lambda e: None)}
+
+
+def load_queue(path=QUEUE, kinds=None) -> list[dict]:
     """The queue's entries, in order; BenchError listing every problem (unknown keys, a kind, a
-    model or an option that does not exist, a duplicate id)."""
+    model or an option that does not exist, a duplicate id). kinds: the kinds this tool runs
+    (default KINDS, the GPU's)."""
+    kinds = KINDS if kinds is None else kinds
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise BenchError(f"{path}: not a readable queue ({exc})") from None
     entries = doc.get("entries") if isinstance(doc, dict) else None
-    if doc.get("format") != "dogkit-queue-1" or not isinstance(entries, list) or set(doc) - TOP_KEYS:
+    if not isinstance(doc, dict) or doc.get("format") != "dogkit-queue-1" or not isinstance(entries, list) \
+            or set(doc) - TOP_KEYS:
         raise BenchError(f"{path}: expected {{\"format\": \"dogkit-queue-1\", \"about\": ..., \"entries\": [...]}}")
     problems, seen = [], set()
     for i, e in enumerate(entries):
         where = f"entry {i} ({e.get('id', '?')})" if isinstance(e, dict) else f"entry {i}"
-        problems += [f"{where}: {p}" for p in entry_problems(e)]
+        problems += [f"{where}: {p}" for p in entry_problems(e, kinds)]
         if isinstance(e, dict) and e.get("id") in seen:
             problems.append(f"{where}: id used twice")
         seen.add(e.get("id") if isinstance(e, dict) else None)
@@ -100,28 +119,23 @@ def load_queue(path=QUEUE) -> list[dict]:
     return entries
 
 
-def entry_problems(e) -> list[str]:
-    from dogkit.checkpoints import BN_STATS
-
+def entry_problems(e, kinds=None) -> list[str]:
+    kinds = KINDS if kinds is None else kinds
     if not isinstance(e, dict):
         return ["not an object"]
     kind = e.get("kind")
-    if kind not in KEYS:
-        return [f"kind {kind!r}: choose from {', '.join(KEYS)}"]
-    allowed = COMMON | KEYS[kind]
+    if kind not in kinds:
+        return [f"kind {kind!r}: choose from {', '.join(kinds)}"]
+    keys, optional, check = kinds[kind]
+    allowed = COMMON | keys
     problems = [f"unknown key {k!r}" for k in e if k not in allowed]
-    problems += [f"{k} is required" for k in sorted(allowed - {"snapshots", "options", "bn", "profile"}) if k not in e]
+    problems += [f"{k} is required" for k in sorted(allowed - optional) if k not in e]
     if problems:
         return problems
     try:
-        if kind == "train":
-            train_config(e, data="x", out="x")
-        elif kind == "throughput":
-            probe_configs(e)
+        check(e)
     except (ValueError, KeyError, TypeError) as exc:
         problems.append(str(exc).strip("'\""))
-    problems += [f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
-                 for b in e.get("bn", []) if b not in BN_STATS[1:]]
     return problems
 
 
@@ -163,7 +177,7 @@ def probe_configs(e):
 
 
 def estimate(e, score_s_per_image, n_images) -> float:
-    """Seconds an entry needs on the GPU machine, from its budget and the overheads above."""
+    """Seconds an entry needs on the GPU, from its budget and the overheads above."""
     from dogkit.core.train import parse_budget
 
     if e["kind"] == "throughput":
@@ -201,9 +215,9 @@ def cmd_queue(args):
         print(f"| {i} | {e['id']} | {e['kind']} | {e['question']} | {state} |")
 
 
-# ---- pack: what the device command carries ---------------------------------------------------
+# ---- pack: what goes to the GPU ---------------------------------------------------------------
 def tree_bytes() -> int:
-    """Bytes of the working tree as the device tool copies it: tracked files and untracked ones
+    """Bytes of the working tree as a copy to the GPU takes it: tracked files and untracked ones
     git does not ignore."""
     names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
                            check=True).stdout.decode().split("\0")
@@ -247,26 +261,27 @@ def cmd_pack(args):
     sizes = {"working tree": tree_bytes(), str(data): data.stat().st_size,
              **{f"{args.out}/{f.name}": f.stat().st_size for f in sorted(Path(args.out).iterdir())}}
     total = sum(sizes.values())
-    print("| carried | MiB |\n|---|---|")
+    limit = f" (limit {args.carry_limit:g})" if args.carry_limit else ""
+    print("| goes to the GPU | MiB |\n|---|---|")
     for name, size in sizes.items():
-        print(f"| {name} | {size / 2**20:.1f} |")
-    print(f"| **total** (limit {CARRY_LIMIT / 2**20:.0f}) | **{total / 2**20:.1f}** |")
-    if total > CARRY_LIMIT:
-        raise BenchError(f"the carry is {total / 2**20:.1f} MiB, over the device's {CARRY_LIMIT / 2**20:.0f} MiB")
+        print(f"| {name} | {size / MIB:.1f} |")
+    print(f"| **total**{limit} | **{total / MIB:.1f}** |")
+    if args.carry_limit and total > args.carry_limit * MIB:
+        raise BenchError(f"what goes to the GPU is {total / MIB:.1f} MiB, over --carry-limit {args.carry_limit:g} MiB")
     if meta["commit"].endswith("-dirty"):
         print("note: the working tree has uncommitted changes; commit first so the ledger rows name the code")
-    print(f"\nthe device call (one per borrowing):\n  run(command=\"python tools/gpu_bench.py run --data {data} "
-          f"--out $OUT\", carry=[\"{data}\", \"{args.out}\"], timeout_s=600)")
+    print(f"\non the GPU, with the working tree, {data} and {args.out}/ copied there:\n"
+          f"  python tools/gpu_bench.py run --data {data} --out OUT --cap SECONDS")
 
 
-# ---- run: on the GPU machine ---------------------------------------------------------------------
+# ---- run: on the GPU -------------------------------------------------------------------------------
 class Run:
     """The state of one `run`: its clock, its log, the rows so far and the files to bring back."""
 
     def __init__(self, args):
         self.args, self.out = args, Path(args.out)
         self.t0 = args.t0  # main() was called: torch's import, the tests and the start-up all count
-        self.deadline = self.t0 + args.cap
+        self.deadline = self.t0 + (args.cap or float("inf"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.work = Path(args.work)
         self.staging = self.work / "returned"
@@ -312,7 +327,7 @@ def preflight(run):
     run.device = device
     try:
         run.data = load_dataset(args.data, log=run.log)  # the cache decodes here (AVIF needs Pillow >= 11.3)
-    except DataError as exc:  # seconds into the borrowing: an AVIF cache this Pillow cannot read
+    except DataError as exc:  # seconds into the run: an AVIF cache this Pillow cannot read
         fix = ("; run again at once carrying a WebP cache (here: dogkit clean-data ../shared/data/stanford-dogs-crops"
                " -o data/dogs64-webp.npz --codec webp)" if "cannot decode" in str(exc) else "")
         raise BenchError(f"{exc}{fix}") from None
@@ -512,19 +527,22 @@ def packed_stats(path):
 
 def return_files(run):
     """The staged files into OUT as returned.tar.NNN parts: logs and grids first, then the
-    generators (finals before snapshots) while they fit RETURN_BYTES."""
+    generators (finals before snapshots) while they fit --return-mib (0: all of them), in parts of
+    --part-mib."""
+    limit = run.args.return_mib * MIB if run.args.return_mib else float("inf")
+    part = int(run.args.part_mib * MIB)
     files = sorted(run.staging.iterdir(), key=lambda f: (f.suffix == ".pt", "-p" in f.name, "-ema" in f.name, f.name))
     buf, kept, dropped = io.BytesIO(), [], []
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for f in files:
-            if buf.tell() + f.stat().st_size + 10_240 > RETURN_BYTES:
+            if buf.tell() + f.stat().st_size + 10_240 > limit:
                 dropped.append(f.name)
                 continue
             tar.add(f, arcname=f.name)
             kept.append(f.name)
     data = buf.getvalue()
-    for k in range(0, len(data), PART_BYTES):
-        (run.out / f"returned.tar.{k // PART_BYTES:03d}").write_bytes(data[k:k + PART_BYTES])
+    for k in range(0, len(data), part):
+        (run.out / f"returned.tar.{k // part:03d}").write_bytes(data[k:k + part])
     run.log(f"returned: {len(kept)} files in {len(data) / 2**20:.1f} MiB"
             + (f"; left behind for lack of room: {', '.join(dropped)}" if dropped else ""))
 
@@ -549,7 +567,8 @@ def cmd_run(args):
         except Exception as exc:  # one entry's failure leaves the others their time
             run.log(f"{e['id']}: failed ({type(exc).__name__}: {exc})")
     return_files(run)
-    run.log(f"done: {len(run.rows)} rows, {time.monotonic() - run.t0:.0f} s of the {args.cap:.0f} s cap")
+    cap = f" of the {args.cap:.0f} s cap" if args.cap else ""
+    run.log(f"done: {len(run.rows)} rows, {time.monotonic() - run.t0:.0f} s{cap}")
 
 
 # ---- here, after: the rows into the ledger, the exact scores ----------------------------------------
@@ -628,13 +647,18 @@ def main(argv=None):
     p.add_argument("--reference", default="data/ref.npz", help="dogkit reference file (default %(default)s)")
     p.add_argument("--inception-weights", default=None, help="FID weights (default: found offline)")
     p.add_argument("--out", default=".devpack")
-    r = sub.add_parser("run", help="GPU machine: GPU-only tests, then the queue's next entries within the cap")
+    p.add_argument("--carry-limit", type=float, default=0.0,
+                   help="MiB that may go to the GPU (working tree + data + pack); 0: no check (default)")
+    r = sub.add_parser("run", help="on the GPU: GPU-only tests, then the queue's next entries within the cap")
     r.add_argument("--data", default="data/dogs64.npz")
     r.add_argument("--pack", default=str(PACK.relative_to(ROOT)))
-    r.add_argument("--out", required=True, help="folder whose files come back ($OUT on the device)")
-    r.add_argument("--cap", type=float, default=570.0,
-                   help="seconds for the whole command, start-up included (default 570: an 8-minute run, its "
-                        "three scored points and the GPU tests fit, and the device's 600 s limit keeps 30 s)")
+    r.add_argument("--out", required=True, help="folder whose files come back home")
+    r.add_argument("--cap", type=float, default=0.0,
+                   help="seconds for the whole command, start-up included (0, the default: no cap); an 8-minute "
+                        "entry with its three scored points and the GPU tests need about 550")
+    r.add_argument("--part-mib", type=float, default=100.0, help="size of each returned.tar.NNN part (default 100)")
+    r.add_argument("--return-mib", type=float, default=0.0,
+                   help="MiB of files to bring back in all; past it the largest are left (0, the default: all)")
     r.add_argument("--device", default="auto", help="auto (the GPU) or cpu (the rehearsal)")
     r.add_argument("--only", default="", help="comma-separated entry ids, measured or not (default: the pending)")
     r.add_argument("--n-images", type=int, default=10_000, help="images sampled per scored point")

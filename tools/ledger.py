@@ -1,17 +1,17 @@
 #!/usr/bin/env python
-"""The results ledger: every measured run is one row of results/ledger.jsonl, and the README's
-results tables are generated from it (never typed by hand).
+"""The results ledger: every measured run is one row of results/ledger.jsonl, and the results
+tables of the README and docs/ are generated from it (never typed by hand).
 
-    python tools/gpu_bench.py ingest runs/gpu/DATE         # rows of a GPU borrowing (the bench appends them)
+    python tools/gpu_bench.py ingest RETURNED_DIR          # the rows of a GPU session (the bench appends them)
     python tools/ledger.py add --kind run --model biggan --settings "flip+diffaug" --budget 8m \\
         --steps 10941 --fid 80.1 --distance 0.22 --mifid 80.1 --device "NVIDIA H100 80GB HBM3" \\
         --command "python kernels/biggan.py --data data/dogs64.npz --budget 8m --augment flip+diffaug"
-    python tools/ledger.py render            # rewrite the README's generated tables
-    python tools/ledger.py render --check    # exit 1 if the README is stale (a test runs this)
+    python tools/ledger.py render            # rewrite the generated tables (README.md, docs/*.md)
+    python tools/ledger.py render --check    # exit 1 if a table is stale (a test runs this)
     python tools/ledger.py plot-scaling docs/scaling.png   # MiFID against the budget, per model
 
-A row has exactly the keys in KEYS; `kind` is one of KINDS. The README holds each table between
-`<!-- ledger:NAME -->` and `<!-- /ledger:NAME -->`.
+A row has exactly the keys in KEYS; `kind` is one of KINDS. Exactly one page holds each table
+between `<!-- ledger:NAME -->` and `<!-- /ledger:NAME -->`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -27,14 +28,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LEDGER = ROOT / "results" / "ledger.jsonl"
 README = ROOT / "README.md"
+
+
+def PAGES():  # noqa: N802 (the pages the tables may live in, read when called)
+    return [README] + sorted((ROOT / "docs").glob("*.md"))
 KEYS = ("kind", "model", "settings", "budget", "steps", "images_seen", "steps_per_s", "batch_size", "truncation",
         "seed", "fid", "distance", "mifid", "device", "torch", "commit", "date", "command", "note", "entry",
-        "scoring", "seconds")
-KINDS = ("run", "sweep", "throughput", "timing")
+        "scoring", "seconds", "subset", "passes", "kid", "kid_se")
+KINDS = ("run", "sweep", "throughput", "timing", "proxy")
 REQUIRED = {"run": ("model", "budget", "fid", "distance", "mifid", "device", "command"),
             "sweep": ("model", "truncation", "fid", "distance", "mifid", "command"),
             "throughput": ("model", "steps_per_s", "batch_size", "device", "command"),
-            "timing": ("settings", "seconds", "device", "command")}  # a tool's wall clock, e.g. dogkit score
+            "timing": ("settings", "seconds", "device", "command"),  # a tool's wall clock, e.g. dogkit score
+            # a CPU proxy of the many-passes regime (tools/cpu_proxy.py): a point of one run's learning curve
+            "proxy": ("model", "entry", "seed", "subset", "images_seen", "passes", "fid", "distance", "kid", "kid_se",
+                      "device", "command", "scoring")}
 # `scoring` says how a row's FID was computed. One computed on the GPU machine with the carried int8
 # Inception against the reference's mean and covariance (no memorization term) starts with FID_ONLY:
 # its distance and MiFID stay empty until the exact score on the CPU adds its own row.
@@ -45,8 +53,8 @@ class LedgerError(ValueError):
     pass
 
 
-FLOATS = ("fid", "distance", "mifid", "steps_per_s", "truncation", "seconds")
-INTS = ("steps", "images_seen", "batch_size", "seed")
+FLOATS = ("fid", "distance", "mifid", "steps_per_s", "truncation", "seconds", "passes", "kid", "kid_se")
+INTS = ("steps", "images_seen", "batch_size", "seed", "subset")
 
 
 def check_row(row: dict, where: str = "row") -> dict:
@@ -102,12 +110,15 @@ def append(row: dict, path: Path = LEDGER) -> dict:
         row["torch"] = torch.__version__.split("+")[0]
     row = check_row(row)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # the whole line in one write: a process killed here leaves the row whole or absent
+        os.write(fd, (json.dumps(row, allow_nan=False) + "\n").encode())
+    finally:
+        os.close(fd)
     return row
 
 
-# ---- the README's tables ---------------------------------------------------------------------
+# ---- the generated tables ---------------------------------------------------------------------
 def _num(v, fmt="{:,}"):
     return "" if v is None else fmt.format(v)
 
@@ -125,6 +136,18 @@ def table_runs(rows):
             out.append(f"| {r['model']} | {r['settings']} | {r['budget']} | {_num(r['steps'])} | {seen} | "
                        f"{_trunc(r['truncation'])} | {r['fid']:.2f} | {_num(r['distance'], '{:.3f}')} | "
                        f"{_num(r['mifid'], '{:.2f}')} | {r['device']} | {r['scoring'] or ''} | {r['commit']} |")
+    return out
+
+
+def table_best(rows, top=5):
+    """The exact scores (runs and sweep points with a MiFID), best first, at most `top`."""
+    scored = sorted((r for r in rows if r["kind"] in ("run", "sweep") and r["mifid"] is not None),
+                    key=lambda r: r["mifid"])[:top]
+    out = ["| MiFID | FID | d | model | training | truncation | device | date |", "|---|---|---|---|---|---|---|---|"]
+    for r in scored:
+        what = f"{r['budget'] or ''}, {r['settings']}".strip(", ")
+        out.append(f"| **{r['mifid']:.2f}** | {r['fid']:.2f} | {r['distance']:.3f} | {r['model']} | {what} | "
+                   f"{_trunc(r['truncation'])} | {r['device']} | {r['date']} |")
     return out
 
 
@@ -165,18 +188,83 @@ def table_timing(rows):
     return _timings(rows, cleaning=False)
 
 
-TABLES = {"runs": table_runs, "sweep": table_sweep, "throughput": table_throughput, "timing": table_timing,
-          "cleaning": table_cleaning}
+def proxy_arms(rows):
+    """The CPU proxies' arms at their last point: {(model, subset, images shown): [arm, ...]}, an arm
+    a dict of its entry, settings, the EMA copy scored (note), passes, seeds and KID/FID/d means
+    with standard errors over seeds (one seed: its KID's own jackknife error, FID's unknown). Only
+    seeds that reached the arm's last point count, so every arm compares like with like."""
+    last = {}
+    for r in rows:
+        if r["kind"] == "proxy":
+            key = (r["entry"], r["note"])
+            last[key] = max(last.get(key, 0), r["images_seen"])
+    groups = {}
+    for (entry, note), seen in last.items():
+        pts = [r for r in rows if r["kind"] == "proxy" and (r["entry"], r["note"], r["images_seen"]) == (entry, note, seen)]
+        arm = {"entry": entry, "note": note, "settings": pts[0]["settings"], "passes": pts[0]["passes"],
+               "seeds": len(pts)}
+        for k in ("kid", "fid", "distance"):
+            values = [r[k] for r in pts]
+            arm[k] = sum(values) / len(values)
+            arm[k + "_err"] = (math.sqrt(sum((v - arm[k]) ** 2 for v in values) / (len(values) - 1) / len(values))
+                               if len(values) > 1 else (pts[0]["kid_se"] if k == "kid" else None))
+        groups.setdefault((pts[0]["model"], pts[0]["subset"], seen), []).append(arm)
+    return groups
+
+
+def verdict(arm, best):
+    """The arm against its group's best (lowest KID): a tie when the difference is under two
+    standard errors of the difference."""
+    if arm is best:
+        return "best"
+    gap = arm["kid"] - best["kid"]
+    err = math.sqrt((arm["kid_err"] or 0) ** 2 + (best["kid_err"] or 0) ** 2)
+    return f"tie with best ({gap / err:.1f} SE)" if err and gap < 2 * err else (
+        f"worse by {gap / err:.1f} SE" if err else "worse")
+
+
+def table_proxy(rows):
+    out = ["| model | crops | images shown (passes) | arm | settings | EMA scored | seeds | KID x1e3 | FID | d | "
+           "against the group's best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, subset, seen), arms in sorted(proxy_arms(rows).items()):
+        arms.sort(key=lambda a: a["kid"])
+        for a in arms:
+            fid = f"{a['fid']:.1f}" + (f" ± {a['fid_err']:.1f}" if a["fid_err"] is not None else "")
+            out.append(f"| {model} | {subset:,} | {seen:,} ({a['passes']:.0f}) | {a['entry']} | {a['settings']} | "
+                       f"{a['note']} | {a['seeds']} | {1e3 * a['kid']:.2f} ± {1e3 * a['kid_err']:.2f} | {fid} | "
+                       f"{a['distance']:.3f} | {verdict(a, arms[0])} |")
+    return out
+
+
+TABLES = {"best": table_best, "runs": table_runs, "sweep": table_sweep, "throughput": table_throughput, "timing": table_timing,
+          "cleaning": table_cleaning, "proxy": table_proxy}
+
+
+def block(name):
+    return re.compile(rf"(<!-- ledger:{name} -->\n).*?(<!-- /ledger:{name} -->)", re.S)
 
 
 def render(text: str, rows: list[dict]) -> str:
-    """The README text with every ledger block regenerated."""
+    """The text with every ledger block it holds regenerated."""
     for name, make in TABLES.items():
-        pattern = re.compile(rf"(<!-- ledger:{name} -->\n).*?(<!-- /ledger:{name} -->)", re.S)
-        if not pattern.search(text):
-            raise LedgerError(f"README has no <!-- ledger:{name} --> block")
-        text = pattern.sub(lambda m: m.group(1) + "\n".join(make(rows)) + "\n" + m.group(2), text)
+        text = block(name).sub(lambda m: m.group(1) + "\n".join(make(rows)) + "\n" + m.group(2), text)
     return text
+
+
+def render_pages(rows: list[dict], pages=None) -> dict:
+    """{page: its text regenerated} for the README and docs/*.md; LedgerError unless every table
+    has exactly one block across them."""
+    pages = PAGES() if pages is None else pages
+    texts = {p: Path(p).read_text() for p in pages}
+    problems = []
+    for name in TABLES:
+        where = [p for p, t in texts.items() if block(name).search(t)]
+        if len(where) != 1:
+            problems.append(f"<!-- ledger:{name} --> is in {len(where)} pages ({', '.join(map(str, where)) or 'none'})"
+                            ", not one")
+    if problems:
+        raise LedgerError("; ".join(problems))
+    return {p: render(t, rows) for p, t in texts.items()}
 
 
 def plot_scaling(rows, out: Path):
@@ -210,8 +298,8 @@ def main(argv=None) -> int:
         if k not in ("commit", "date"):
             kind = float if k in FLOATS else int if k in INTS else str
             a.add_argument(f"--{k.replace('_', '-')}", type=kind)
-    r = sub.add_parser("render", help="regenerate the README's tables from the ledger")
-    r.add_argument("--check", action="store_true", help="only check: exit 1 when the README is stale")
+    r = sub.add_parser("render", help="regenerate the tables of README.md and docs/*.md from the ledger")
+    r.add_argument("--check", action="store_true", help="only check: exit 1 when a table is stale")
     p = sub.add_parser("plot-scaling", help="MiFID against the budget (PNG)")
     p.add_argument("out")
     args = parser.parse_args(argv)
@@ -219,15 +307,17 @@ def main(argv=None) -> int:
         if args.cmd == "add":
             print(json.dumps(append({k: getattr(args, k) for k in KEYS if getattr(args, k, None) is not None})))
         elif args.cmd == "render":
-            old = README.read_text()
-            new = render(old, load())
+            new = render_pages(load())
+            stale = [p for p, t in new.items() if Path(p).read_text() != t]
             if args.check:
-                if new != old:
-                    print("README.md results tables are stale: python tools/ledger.py render", file=sys.stderr)
+                if stale:
+                    print(f"stale results tables in {', '.join(map(str, stale))}: python tools/ledger.py render",
+                          file=sys.stderr)
                     return 1
                 return 0
-            README.write_text(new)
-            print("README.md tables regenerated from results/ledger.jsonl")
+            for p in stale:
+                Path(p).write_text(new[p])
+            print(f"tables regenerated from results/ledger.jsonl ({len(stale)} pages changed)")
         else:
             plot_scaling(load(), Path(args.out))
     except LedgerError as exc:

@@ -29,21 +29,30 @@ def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, device: torch.device | str = "cpu") -> float:
-    """Tr sqrtm(S1 S2) for covariance matrices through two symmetric eigensolves (float64)."""
-    s1 = torch.as_tensor(np.asarray(sigma1), dtype=torch.float64, device=device)
+def psd_sqrt(sigma: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The symmetric square root of a covariance matrix (float64, one eigensolve)."""
+    s = torch.as_tensor(np.asarray(sigma), dtype=torch.float64, device=device)
+    w, v = torch.linalg.eigh((s + s.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, device: torch.device | str = "cpu",
+                       root1: torch.Tensor | None = None) -> float:
+    """Tr sqrtm(S1 S2) for covariance matrices through two symmetric eigensolves (float64); one,
+    when root1 = psd_sqrt(S1) is known (a reference scored against many times)."""
+    root = psd_sqrt(sigma1, device) if root1 is None else root1.to(device)
     s2 = torch.as_tensor(np.asarray(sigma2), dtype=torch.float64, device=device)
-    w, v = torch.linalg.eigh((s1 + s1.T) / 2)
-    root = (v * w.clamp(min=0).sqrt()) @ v.T
     m = root @ s2 @ root
     lam = torch.linalg.eigvalsh((m + m.T) / 2)
     return float(lam.clamp(min=0).sqrt().sum())
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6, method: str = "scipy", device: torch.device | str = "cpu") -> float:
+                     eps: float = 1e-6, method: str = "scipy", device: torch.device | str = "cpu",
+                     root1: torch.Tensor | None = None) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)). method "scipy": TTUR's recipe (sqrtm, retry
-    with eps*I, real part); "eigh": symmetric eigensolves on `device`; "auto": eigh on CUDA."""
+    with eps*I, real part); "eigh": symmetric eigensolves on `device` (root1: psd_sqrt(S1), when
+    known); "auto": eigh on CUDA."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -56,7 +65,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         method = "eigh" if torch.device(device).type == "cuda" else "scipy"
     diff = mu1 - mu2
     if method == "eigh":
-        tr_covmean = trace_sqrt_product(sigma1, sigma2, device)
+        tr_covmean = trace_sqrt_product(sigma1, sigma2, device, root1)
     else:
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
         if not np.isfinite(covmean).all():

@@ -47,20 +47,22 @@ def test_sampling_does_not_depend_on_the_batch_size():
     assert (a != c).mean() > 0.1  # another seed, other images
 
 
-def test_lecam_penalty_closed_form_and_its_averages_start_after_1000_steps():
+def test_lecam_penalty_closed_form_gated_until_its_start_step():
     from dogkit.core.models.common import lecam_penalty
 
     state = torch.zeros(3)
     d_real, d_fake = torch.tensor([2.0, 0.0]), torch.tensor([-1.0, 1.0])
-    # before `start`: the averages are the batch means, 1 (real) and 0 (fake)
-    got = lecam_penalty(state, d_real, d_fake, decay=0.99, start=2)
-    expected = ((2.0 - 0.0) ** 2 + 0.0) / 2 + ((1.0 - -1.0) ** 2 + (1.0 - 1.0) ** 2) / 2
-    assert float(got) == pytest.approx(expected)
+    # before `start`: the averages are the batch means, 1 (real) and 0 (fake), and no penalty
+    assert float(lecam_penalty(state, d_real, d_fake, decay=0.99, start=2)) == 0.0
     assert state.tolist() == pytest.approx([1.0, 0.0, 1.0])
-    lecam_penalty(state, torch.tensor([3.0]), torch.tensor([-3.0]), decay=0.99, start=2)
+    assert float(lecam_penalty(state, torch.tensor([3.0]), torch.tensor([-3.0]), decay=0.99, start=2)) == 0.0
     assert state.tolist() == pytest.approx([3.0, -3.0, 2.0])  # still the batch's own means
-    lecam_penalty(state, torch.tensor([1.0]), torch.tensor([-1.0]), decay=0.99, start=2)
-    assert state.tolist() == pytest.approx([0.99 * 3 + 0.01, -0.99 * 3 - 0.01, 3.0])  # the EMA from here
+    # from the start step on: the EMA, and the penalty against it
+    got = lecam_penalty(state, d_real, d_fake, decay=0.99, start=2)
+    real_avg, fake_avg = 0.99 * 3 + 0.01 * 1.0, -0.99 * 3 + 0.01 * 0.0
+    assert state.tolist() == pytest.approx([real_avg, fake_avg, 3.0])
+    expected = ((2.0 - fake_avg) ** 2 + (0.0 - fake_avg) ** 2) / 2 + ((real_avg + 1.0) ** 2 + (real_avg - 1.0) ** 2) / 2
+    assert float(got) == pytest.approx(expected)
     # D outputs on the right side of the other side's average: no penalty
     state = torch.tensor([1.0, -1.0, 5.0])
     penalty = lecam_penalty(state, torch.tensor([-2.0]), torch.tensor([2.0]), decay=0.99, start=2)

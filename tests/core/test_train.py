@@ -3,6 +3,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -375,6 +376,36 @@ def test_a_cold_first_timing_of_the_end_is_corrected_once_warm(tmp_path, tiny_da
     assert any(m.startswith("re-planned once warm") for m in logs)
     assert trainer.train_seconds > 590 and trainer.elapsed > 590 and now[0] <= 600.0
     assert "trained 9m5" in logs[-1] and "of this run's 10m00s" in logs[-1]
+
+
+def test_an_end_timed_slower_once_warm_moves_the_end_of_training_earlier(tmp_path, tiny_dataset, monkeypatch):
+    """The machine got busier after the start: the warm timing at p = 0.1 finds the end slower
+    than planned, and training stops earlier so that the whole run still ends within the budget."""
+    import dogkit.core.train as T
+
+    now, busy = [0.0], [False]
+
+    def fake_generate(G, n, *args, **kwargs):
+        now[0] += (0.004 if busy[0] else 0.001) * n
+        return np.zeros((n, 64, 64, 3), np.uint8)
+
+    def tick(trainer):  # a step takes 5 s; other jobs arrive once training runs
+        busy[0] = True
+        now[0] += 5.0
+
+    monkeypatch.setattr(T, "generate", fake_generate)
+    monkeypatch.setattr(T, "encode_pngs", lambda images, *a, **k: [b""] * len(images))
+    monkeypatch.setattr(T.time, "monotonic", lambda: now[0])
+    logs = []
+    cfg = tiny_cfg(tmp_path, reserve=-1.0, budget=600.0, n_samples=10_000, log_every=60.0)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=logs.append, clock=lambda: now[0],
+                      hooks=[tick])
+    trainer.run()
+    replanned = next(m for m in logs if m.startswith("re-planned once warm"))
+    m = re.search(r"training until (\d+)m(\d+)s \(was (\d+)m(\d+)s\)", replanned)
+    after, before = int(m[1]) * 60 + int(m[2]), int(m[3]) * 60 + int(m[4])
+    assert after < before  # training stops earlier than first planned
+    assert now[0] <= 600.0  # the whole run, the slower end included, within its budget
 
 
 def test_reserve_of_the_vae_times_its_real_sampling_path(tmp_path, tiny_dataset, monkeypatch):

@@ -1,4 +1,4 @@
-"""GPU-only checks, run first by `tools/gpu_bench.py run` on a borrowed GPU (well under a minute)
+"""GPU-only checks, run first by `tools/gpu_bench.py run` on the GPU (well under a minute)
 so that a failure only a GPU can show is in the log before any training starts. Skipped without
 CUDA (CI, the developers' machines)."""
 import dataclasses

@@ -43,6 +43,9 @@ def test_eigh_square_root_matches_scipy(n):
     fast = F.frechet_distance(*s1, *s2, method="eigh")
     assert fast == pytest.approx(literal, rel=1e-7)  # far below the 1e-4 device tolerance
     assert F.frechet_distance(*s1, *s1, method="eigh") == pytest.approx(0.0, abs=1e-6 * np.trace(s1[1]))
+    # a reference's square root computed once gives the same distance (FID is symmetric)
+    root = F.psd_sqrt(s2[1])
+    assert F.frechet_distance(*s2, *s1, method="eigh", root1=root) == pytest.approx(literal, rel=1e-7)
 
 
 def test_closed_forms_hold_for_both_square_roots():

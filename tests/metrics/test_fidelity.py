@@ -46,3 +46,27 @@ def test_kid_near_zero_for_one_distribution_and_grows_with_a_shift():
     assert abs(same["kid"]) < 3 * same["kid_std"] + 1e-3
     assert abs(itself["kid"]) < 0.05 * shifted["kid"]
     assert shifted["kid"] > 10 * (abs(same["kid"]) + same["kid_std"])
+
+
+def test_kid_all_pairs_equals_the_subset_estimate_on_whole_sets_and_its_jackknife_by_brute_force():
+    rng = np.random.default_rng(3)
+    real, fake = np.abs(rng.normal(size=(40, 6))), np.abs(rng.normal(size=(40, 6))) + 0.2
+    whole = fidelity.kid(real, fake, subsets=1, subset_size=40)  # one subset = all of both sets
+    got = fidelity.kid_all_pairs(real, fake)
+    assert got["kid"] == pytest.approx(whole["kid"], rel=1e-12)
+    assert fidelity.kid_all_pairs(real, fake, fidelity.kid_real_term(real))["kid"] == pytest.approx(got["kid"])
+    # the closed-form jackknife against leaving each fake out by hand (sizes may differ: 40 real, 15 fake)
+    fake = fake[:15]
+    loo = np.array([fidelity.kid_all_pairs(real, np.delete(fake, i, axis=0))["kid"] for i in range(15)])
+    expected = np.sqrt(14 / 15 * ((loo - loo.mean()) ** 2).sum())
+    assert fidelity.kid_all_pairs(real, fake)["kid_se"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_kid_all_pairs_refuses_what_it_cannot_compute():
+    real = np.ones((10, 4))
+    with pytest.raises(ValueError, match="at least 3"):
+        fidelity.kid_all_pairs(real, np.ones((2, 4)))
+    bad = np.ones((5, 4))
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        fidelity.kid_all_pairs(real, bad)

@@ -1,10 +1,10 @@
-"""The README as a newcomer meets it. Every command in its bash blocks parses with the options
-the code has today (dogkit's click commands, file existence not checked; the kernels' argparse;
-each tool's argparse), and every command that needs neither a GPU nor Kaggle RUNS, in README
-order, in a temporary folder laid out as the README assumes (../shared/data/stanford-dogs-crops
+"""The README and docs/ as a newcomer meets them. Every command in their bash blocks parses with
+the options the code has today (dogkit's click commands, file existence not checked; the kernels'
+argparse; each tool's argparse), and every command that needs neither a GPU nor Kaggle RUNS, in
+PAGES order, in a temporary folder laid out as the README assumes (../shared/data/stanford-dogs-crops
 beside it), on tiny data, models and budgets: so an example cannot drift from the code unnoticed.
-A block the README marks `<!-- not run by the README test: WHY -->`, and a command on a
-/kaggle/ path, is only parsed."""
+A block a page marks `<!-- not run by the README test: WHY -->`, and a command on a /kaggle/
+path, is only parsed."""
 import argparse
 import importlib
 import re
@@ -22,9 +22,15 @@ sys.path.insert(0, str(ROOT / "tools"))
 OURS = re.compile(r"(dogkit |python (kernels|tools)/\S+\.py|torchrun .*-m dogkit )")
 
 
+# The order a reader takes: the README, then the pages that make the files the later ones use
+# (the cache, the reference, checkpoints). Every page in docs/ is in it (a test checks).
+PAGES = ("README.md", "docs/cleaning.md", "docs/scoring.md", "docs/training.md", "docs/kaggle.md", "docs/results.md",
+         "docs/gpu-research.md", "docs/developing.md")
+
+
 def readme_commands(runnable_only=False):
-    """The README's own commands in its order; runnable_only: those the walkthrough runs."""
-    text = (ROOT / "README.md").read_text()
+    """The commands of the README and docs/ in PAGES order; runnable_only: those the walkthrough runs."""
+    text = "\n".join((ROOT / page).read_text() for page in PAGES)
     out = []
     for match in re.finditer(r"(<!-- not run by the README test: .+? -->\n)?```bash\n(.*?)```", text, re.S):
         if runnable_only and match.group(1):
@@ -43,6 +49,21 @@ class Parsed(Exception):
 
 def test_the_readme_has_commands_to_check():
     assert len(readme_commands()) >= 25
+    assert sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")) == sorted(PAGES[1:])
+
+
+def test_the_readme_is_a_front_page_and_every_page_starts_with_what_it_is_for():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for page in PAGES[1:]:
+        head = (ROOT / page).read_text().split("\n## ")[0]
+        assert head.startswith("# ") and "What this page is for:" in head and "```bash" in head, page
+        assert f"]({page}" in readme, f"the README does not link {page}"
+    # nothing that only this project's own research conditions explain
+    for page in PAGES:
+        text = (ROOT / page).read_text().lower()
+        for word in ("borrow", "gpu machine", "gpu-machine", "15 minutes of", "lent to us"):
+            assert word not in text, f"{page}: {word!r}"
 
 
 @pytest.mark.parametrize("command", readme_commands())

@@ -112,13 +112,15 @@ def lecam_penalty(state, d_real, d_fake, decay=0.99, start=1000):
         relu(D(real) - ema_fake)^2 + relu(ema_real - D(fake))^2   (means over the batch),
     which bounds how far D can separate a small data set. `state` is a 3-vector buffer
     [average of mean D(real), average of mean D(fake), updates], updated in place (graph-safe):
-    for the first `start` updates the averages are the current batch means (decay 0), then an
-    EMA with `decay` (0.99)."""
+    for the first `start` updates the averages are the current batch means (decay 0) and the
+    penalty is 0, as in the published code (StudioGAN's lecam_ema_start_iter); from then on an
+    EMA with `decay` (0.99) and the penalty."""
     with torch.no_grad():
         state[2] += 1
-        d = (state[2] > start).float() * decay
+        on = (state[2] > start).float()
+        d = on * decay
         state[:2].mul_(d).add_(torch.stack([d_real.mean(), d_fake.mean()]).float() * (1 - d))
-    return F.relu(d_real - state[1]).pow(2).mean() + F.relu(state[0] - d_fake).pow(2).mean()
+    return on * (F.relu(d_real - state[1]).pow(2).mean() + F.relu(state[0] - d_fake).pow(2).mean())
 
 
 def dcgan_init(m):
