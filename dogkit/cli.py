@@ -291,7 +291,7 @@ def export_inception(out, fmt):
 @click.option("--size", type=click.Choice(["64", "80", "96", "128"]), default="64", show_default=True,
               help="Crop side in pixels (above 64: for random-crop augmentation).")
 @click.option("--strategy", type=click.Choice(["box", "square", "aspect", "pad"]), default="pad",
-              show_default=True, help="How each dog's box becomes a square crop (see README).")
+              show_default=True, help="How each dog's box becomes a square crop (see docs/cleaning.md).")
 @click.option("--min-side", default=32, show_default=True, type=click.IntRange(1, 4096),
               help="Drop boxes whose shorter side is smaller.")
 @click.option("--margin", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0),

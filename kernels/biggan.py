@@ -19,13 +19,13 @@ Contents (line numbers):
      70  Settings
      84  Augmentation
     166  Model building blocks shared by the models
-    240  Model
-    439  Data
-   1031  Several GPUs
-   1248  The machine
-   1423  Sampling
-   1637  Training
-   2749  Entry point
+    242  Model
+    441  Data
+   1033  Several GPUs
+   1250  The machine
+   1425  Sampling
+   1639  Training
+   2756  Entry point
 """
 import argparse
 import contextlib
@@ -198,13 +198,15 @@ def lecam_penalty(state, d_real, d_fake, decay=0.99, start=1000):
         relu(D(real) - ema_fake)^2 + relu(ema_real - D(fake))^2   (means over the batch),
     which bounds how far D can separate a small data set. `state` is a 3-vector buffer
     [average of mean D(real), average of mean D(fake), updates], updated in place (graph-safe):
-    for the first `start` updates the averages are the current batch means (decay 0), then an
-    EMA with `decay` (0.99)."""
+    for the first `start` updates the averages are the current batch means (decay 0) and the
+    penalty is 0, as in the published code (StudioGAN's lecam_ema_start_iter); from then on an
+    EMA with `decay` (0.99) and the penalty."""
     with torch.no_grad():
         state[2] += 1
-        d = (state[2] > start).float() * decay
+        on = (state[2] > start).float()
+        d = on * decay
         state[:2].mul_(d).add_(torch.stack([d_real.mean(), d_fake.mean()]).float() * (1 - d))
-    return F.relu(d_real - state[1]).pow(2).mean() + F.relu(state[0] - d_fake).pow(2).mean()
+    return on * (F.relu(d_real - state[1]).pow(2).mean() + F.relu(state[0] - d_fake).pow(2).mean())
 
 
 def sn_conv(cin, cout, k=3):
@@ -2294,10 +2296,11 @@ def planned_seconds(tr):
     session_end, train_seconds, per_session = sessions_plan(tr, reserve)
     if per_session < 0.1 * cfg.budget:
         used = tr.clock() - tr.t0 + tr.session_start - budget_start(tr)  # earlier runs (resume), data loading
-        need = math.ceil((used + reserve) / 0.9 / 60)
+        need = math.ceil(1.5 * (used + reserve) / 0.9 / 60)  # half again: a busy machine times its end slower
         raise RunError(f"budget {fmt_time(cfg.budget)} is too short on this device: {used:.0f} s already "
                        f"spent and the end (sampling {cfg.n_samples} images, the zip) needs {reserve:.0f} s "
-                       f"({how}); give --budget {need}m or more")
+                       f"({how}); give --budget {need}m or more (half again as margin: a busy machine is "
+                       f"slower when it times the end)")
     if cfg.sessions > 1:
         tr.log(f"budget     {fmt_time(cfg.budget)} a session, session {tr.session} of {cfg.sessions}: training "
                f"until {fmt_time(session_end)} of the run's {fmt_time(train_seconds)} (the sessions to come "
@@ -2312,21 +2315,25 @@ REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
 
 def replan(tr):
-    """Time the end again once training is warm and give training what the first timing took
-    too much: at start-up a fresh machine's cold caches can make the end look several times
-    longer than it is (a CPU run measured 200 s for 30 s of sampling), and every second kept
-    for nothing is a second not trained. Rank 0 times it; every rank gets the same plan."""
+    """Time the end again once training is warm and move the end of training to fit it: later
+    when the first timing took too much (at start-up a fresh machine's cold caches can make the end
+    look several times longer than it is: a CPU run measured 200 s for 30 s of sampling, and every
+    second kept for nothing is a second not trained), earlier when the machine got busier and the
+    end is now slower, but never before now. Rank 0 times it; every rank gets the same plan."""
     def warm():
         reserve, parts = measure_end(tr)
-        gain = max(0.0, budget_start(tr) + tr.cfg.budget - reserve - tr.session_end)
+        end = max(tr.elapsed, budget_start(tr) + tr.cfg.budget - reserve)
+        gain = end - tr.session_end
         per_session = tr.per_session + gain
-        return (tr.session_end + gain, tr.session_end + gain + max(0, tr.cfg.sessions - tr.session) * per_session,
-                per_session, reserve)
+        return end, end + max(0, tr.cfg.sessions - tr.session) * per_session, per_session, reserve
 
     before = tr.session_end
     tr.session_end, tr.train_seconds, tr.per_session, reserve = on_main(warm, tr.world)
+    left = budget_start(tr) + tr.cfg.budget - tr.elapsed
+    why = (f"; it needs more than the {left:.0f} s left, so training stops now and the end may run over"
+           if reserve > left else "")
     tr.log(f"re-planned once warm: the end needs {reserve:.0f} s; training until {fmt_time(tr.session_end)} "
-           f"(was {fmt_time(before)})")
+           f"(was {fmt_time(before)}){why}")
 
 
 # ---- logs, pictures and interim zips -----------------------------------------------------
@@ -3006,8 +3013,8 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_ses
     path = exit_on_error(lambda: run(model_cls, settings, args, t0))
     if path:  # rank 0 of a finished run: what to do with it
         show_results(os.path.dirname(path))
-        print(f"next       score it with the competition's metric (dogkit's README, \"Score like Kaggle\"): "
-              f"dogkit score {path} --reference data/ref.npz", flush=True)
+        print(f"next       score it with the competition's metric (dogkit's docs/scoring.md): dogkit score {path} "
+              f"--reference data/ref.npz (made once by: dogkit reference PHOTOS -o data/ref.npz)", flush=True)
     return path
 
 

@@ -25,7 +25,7 @@ Contents (line numbers):
    1179  Sampling
    1393  Augmentation
    1427  Training
-   2539  Entry point
+   2544  Entry point
 """
 import argparse
 import contextlib
@@ -2084,10 +2084,11 @@ def planned_seconds(tr):
     session_end, train_seconds, per_session = sessions_plan(tr, reserve)
     if per_session < 0.1 * cfg.budget:
         used = tr.clock() - tr.t0 + tr.session_start - budget_start(tr)  # earlier runs (resume), data loading
-        need = math.ceil((used + reserve) / 0.9 / 60)
+        need = math.ceil(1.5 * (used + reserve) / 0.9 / 60)  # half again: a busy machine times its end slower
         raise RunError(f"budget {fmt_time(cfg.budget)} is too short on this device: {used:.0f} s already "
                        f"spent and the end (sampling {cfg.n_samples} images, the zip) needs {reserve:.0f} s "
-                       f"({how}); give --budget {need}m or more")
+                       f"({how}); give --budget {need}m or more (half again as margin: a busy machine is "
+                       f"slower when it times the end)")
     if cfg.sessions > 1:
         tr.log(f"budget     {fmt_time(cfg.budget)} a session, session {tr.session} of {cfg.sessions}: training "
                f"until {fmt_time(session_end)} of the run's {fmt_time(train_seconds)} (the sessions to come "
@@ -2102,21 +2103,25 @@ REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
 
 def replan(tr):
-    """Time the end again once training is warm and give training what the first timing took
-    too much: at start-up a fresh machine's cold caches can make the end look several times
-    longer than it is (a CPU run measured 200 s for 30 s of sampling), and every second kept
-    for nothing is a second not trained. Rank 0 times it; every rank gets the same plan."""
+    """Time the end again once training is warm and move the end of training to fit it: later
+    when the first timing took too much (at start-up a fresh machine's cold caches can make the end
+    look several times longer than it is: a CPU run measured 200 s for 30 s of sampling, and every
+    second kept for nothing is a second not trained), earlier when the machine got busier and the
+    end is now slower, but never before now. Rank 0 times it; every rank gets the same plan."""
     def warm():
         reserve, parts = measure_end(tr)
-        gain = max(0.0, budget_start(tr) + tr.cfg.budget - reserve - tr.session_end)
+        end = max(tr.elapsed, budget_start(tr) + tr.cfg.budget - reserve)
+        gain = end - tr.session_end
         per_session = tr.per_session + gain
-        return (tr.session_end + gain, tr.session_end + gain + max(0, tr.cfg.sessions - tr.session) * per_session,
-                per_session, reserve)
+        return end, end + max(0, tr.cfg.sessions - tr.session) * per_session, per_session, reserve
 
     before = tr.session_end
     tr.session_end, tr.train_seconds, tr.per_session, reserve = on_main(warm, tr.world)
+    left = budget_start(tr) + tr.cfg.budget - tr.elapsed
+    why = (f"; it needs more than the {left:.0f} s left, so training stops now and the end may run over"
+           if reserve > left else "")
     tr.log(f"re-planned once warm: the end needs {reserve:.0f} s; training until {fmt_time(tr.session_end)} "
-           f"(was {fmt_time(before)})")
+           f"(was {fmt_time(before)}){why}")
 
 
 # ---- logs, pictures and interim zips -----------------------------------------------------
@@ -2796,8 +2801,8 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_ses
     path = exit_on_error(lambda: run(model_cls, settings, args, t0))
     if path:  # rank 0 of a finished run: what to do with it
         show_results(os.path.dirname(path))
-        print(f"next       score it with the competition's metric (dogkit's README, \"Score like Kaggle\"): "
-              f"dogkit score {path} --reference data/ref.npz", flush=True)
+        print(f"next       score it with the competition's metric (dogkit's docs/scoring.md): dogkit score {path} "
+              f"--reference data/ref.npz (made once by: dogkit reference PHOTOS -o data/ref.npz)", flush=True)
     return path
 
 

@@ -255,7 +255,7 @@ def run_one(e, seed, args, scorer, data, done, say):
     targets = point_images(e)
     common = {"kind": "proxy", "model": e["model"], "entry": e["id"], "seed": seed, "subset": size,
               "settings": settings_text(e), "batch_size": cfg.batch_size, "truncation": cfg.truncation or None,
-              "device": args.device_name, "scoring": scorer.scoring,
+              "device": args.device_name, "scoring": scorer.scoring, "commit": args.commit,
               "command": f"python tools/cpu_proxy.py run --only {e['id']} --seeds {seed}"}
     t_last, last_log, steps_at_log, seen_at_log = time.monotonic(), time.monotonic(), tr.step, tr.images_seen
     points_done = 0
@@ -381,6 +381,7 @@ def cmd_run(args):
         print("nothing pending")
         return
     torch.set_num_threads(args.threads or os.cpu_count())
+    args.commit = gpu_bench.git_state()  # the code this process runs, whatever is committed while it does
     from dogkit.core.data import load_dataset
 
     data = load_dataset(args.data, log=lambda m: None)

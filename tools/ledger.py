@@ -140,9 +140,15 @@ def table_runs(rows):
 
 
 def table_best(rows, top=5):
-    """The exact scores (runs and sweep points with a MiFID), best first, at most `top`."""
-    scored = sorted((r for r in rows if r["kind"] in ("run", "sweep") and r["mifid"] is not None),
-                    key=lambda r: r["mifid"])[:top]
+    """The exact scores (runs and sweep points with a MiFID), best first, one row per generator
+    (its best truncation: a run and its sweep share model, steps and images seen), at most `top`."""
+    best = {}
+    for r in rows:
+        if r["kind"] in ("run", "sweep") and r["mifid"] is not None:
+            key = (r["model"], r["steps"], r["images_seen"], r["budget"])
+            if key not in best or r["mifid"] < best[key]["mifid"]:
+                best[key] = r
+    scored = sorted(best.values(), key=lambda r: r["mifid"])[:top]
     out = ["| MiFID | FID | d | model | training | truncation | device | date |", "|---|---|---|---|---|---|---|---|"]
     for r in scored:
         what = f"{r['budget'] or ''}, {r['settings']}".strip(", ")

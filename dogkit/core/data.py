@@ -35,7 +35,7 @@ SYNSET = re.compile(r"^(n\d{8})")
 CACHE_FORMAT = "dogkit-cache-1"
 # Cache codecs: AVIF 4:4:4 quality 91 (default: no chroma subsampling, about 2.5 KB a 64x64 crop,
 # 22,000 crops in about 56 MB), WebP quality 92 (4:2:0, about 2.1 KB, for a Pillow without AVIF)
-# or lossless WebP (about 6.8 KB). FID of each against the lossless pixels: README, "clean-data".
+# or lossless WebP (about 6.8 KB). FID of each against the lossless pixels: docs/cleaning.md.
 CODEC_SETTINGS = {
     "avif": ("AVIF", dict(quality=91, subsampling="4:4:4", speed=6)),
     "webp": ("WEBP", dict(quality=92, method=6)),

@@ -268,8 +268,8 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_ses
     path = exit_on_error(lambda: run(model_cls, settings, args, t0))
     if path:  # rank 0 of a finished run: what to do with it
         show_results(os.path.dirname(path))
-        print(f"next       score it with the competition's metric (dogkit's README, \"Score like Kaggle\"): "
-              f"dogkit score {path} --reference data/ref.npz", flush=True)
+        print(f"next       score it with the competition's metric (dogkit's docs/scoring.md): dogkit score {path} "
+              f"--reference data/ref.npz (made once by: dogkit reference PHOTOS -o data/ref.npz)", flush=True)
     return path
 
 
