@@ -8,6 +8,7 @@ written to the results ledger, one row per point, as the points are reached.
     python tools/cpu_proxy.py run                         # the pending runs, in queue order (resumes)
     python tools/cpu_proxy.py run --only proxy-biggan-flip --max-points 2
     nohup python tools/cpu_proxy.py run > runs/proxy.log 2>&1 &    # in the background
+    python tools/cpu_proxy.py sweep --truncations 0,1,2   # the finished runs' final generators, other truncations
     python tools/cpu_proxy.py plot docs/proxy-kid.png     # KID against images shown, per arm
     python tools/ledger.py render                         # the README's CPU-proxy table
 
@@ -189,14 +190,15 @@ class Scorer:
         return {"fid": fid, "distance": d, **kid_all_pairs(self.ref.features, feats, self.real_term)}
 
 
-def evaluate(tr, G, scorer):
-    """G sampled as the kernel samples it (standing batch-norm statistics, the model's truncation),
-    scorer.n images of seed 0, scored."""
+def evaluate(tr, G, scorer, truncation=None):
+    """G sampled as the kernel samples it (standing batch-norm statistics, the model's truncation
+    unless another is given; 0: none), scorer.n images of seed 0, scored."""
     from dogkit.core.sample import generate
     from dogkit.core.train import prepare_for_sampling
 
+    t = tr.cfg.truncation if truncation is None else truncation
     prepare_for_sampling(tr, G)
-    images = generate(G, scorer.n, tr.cfg.z_dim, tr.cfg.truncation or None, tr.n_classes, seed=0, device=tr.device)
+    images = generate(G, scorer.n, tr.cfg.z_dim, t or None, tr.n_classes, seed=0, device=tr.device)
     return scorer(images)
 
 
@@ -230,19 +232,19 @@ def device_name():
     return f"{model or platform.processor() or 'CPU'}, {os.cpu_count()} cores"
 
 
-def run_one(e, seed, args, scorer, data, done, say):
-    """Train (or resume) one run of entry e and write its missing rows; raises Stopped at --max-points."""
+def open_run(e, seed, args, data, say):
+    """(trainer, its folder, the last point passed) for one run of e: fresh, or resumed from the
+    folder's checkpoint."""
     from dogkit.core import registry
-    from dogkit.core.train import (Trainer, count_step, keep_good_state, load_checkpoint, log_interval,
-                                   save_checkpoint, save_fixed_grid, set_schedule, train_step)
+    from dogkit.core.train import Trainer, load_checkpoint
 
     folder = Path(args.work) / f"{e['id']}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     cfg = proxy_config(e, seed, folder)
     size, breeds, subset_seed = subset_spec(e)
     sub = take_subset(data, size, breeds, subset_seed)
-    logfile = open(folder / "run.log", "a")
-    tr = Trainer(cfg, registry.get(e["model"]).cls, data=sub, log=lambda m: logfile.write(m + "\n") or logfile.flush())
+    log = open(folder / "run.log", "a")
+    tr = Trainer(cfg, registry.get(e["model"]).cls, data=sub, log=lambda m: log.write(m + "\n") or log.flush())
     tr.train_seconds = tr.session_end = float(e["images"])  # never read by this loop: the schedule is p below
     ckpt, points_file = folder / "checkpoint.pt", folder / "points.json"
     passed = -1  # the last point whose rows and checkpoint are written
@@ -252,13 +254,26 @@ def run_one(e, seed, args, scorer, data, done, say):
         say(f"{e['id']} seed {seed}: resumed at {tr.images_seen:,} images")
     with open(folder / "options.json", "w") as fh:
         json.dump({"entry": e, "seed": seed, "config": dataclasses.asdict(cfg)}, fh, indent=1)
-    targets = point_images(e)
-    common = {"kind": "proxy", "model": e["model"], "entry": e["id"], "seed": seed, "subset": size,
-              "settings": settings_text(e), "batch_size": cfg.batch_size, "truncation": cfg.truncation or None,
-              "device": args.device_name, "scoring": scorer.scoring, "commit": args.commit,
-              "command": f"python tools/cpu_proxy.py run --only {e['id']} --seeds {seed}"}
+    return tr, folder, passed
+
+
+def row_common(e, seed, cfg, args, scorer):
+    return {"kind": "proxy", "model": e["model"], "entry": e["id"], "seed": seed, "subset": subset_spec(e)[0],
+            "settings": settings_text(e), "batch_size": cfg.batch_size, "truncation": cfg.truncation or None,
+            "device": args.device_name, "scoring": scorer.scoring, "commit": args.commit,
+            "command": f"python tools/cpu_proxy.py run --only {e['id']} --seeds {seed}"}
+
+
+def run_one(e, seed, args, scorer, data, done, say):
+    """Train (or resume) one run of entry e and write its missing rows; raises Stopped at --max-points."""
+    from dogkit.core.train import (count_step, keep_good_state, log_interval, save_checkpoint, save_fixed_grid,
+                                   set_schedule, train_step)
+
+    tr, folder, passed = open_run(e, seed, args, data, say)
+    points_file = folder / "points.json"
+    cfg, size, targets = tr.cfg, subset_spec(e)[0], point_images(e)
+    common = row_common(e, seed, cfg, args, scorer)
     t_last, last_log, steps_at_log, seen_at_log = time.monotonic(), time.monotonic(), tr.step, tr.images_seen
-    points_done = 0
     try:
         for k, target in enumerate(targets):
             last = k == len(targets) - 1
@@ -303,7 +318,6 @@ def run_one(e, seed, args, scorer, data, done, say):
             points_file.write_text(json.dumps({"passed": k, "images_seen": tr.images_seen}))
             if last:
                 save_fixed_grid(tr, "final-grid.png")
-            points_done += 1
             if args.points_left is not None:
                 args.points_left -= 1
                 if args.points_left <= 0:
@@ -312,9 +326,6 @@ def run_one(e, seed, args, scorer, data, done, say):
         save_checkpoint(tr, "checkpoint.pt")
         say(f"{e['id']} seed {seed}: interrupted at {tr.images_seen:,} images; state saved, `run` resumes it")
         raise
-    finally:
-        logfile.close()
-    return points_done
 
 
 def runs_of(entries, rows):
@@ -371,9 +382,7 @@ def cmd_run(args):
     if unknown:
         raise gpu_bench.BenchError(f"--only: no entry {', '.join(sorted(unknown))} in {args.queue}")
     seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
-    if args.n_images < MIN_EVAL_IMAGES and args.ledger == ledger.LEDGER:
-        raise gpu_bench.BenchError(f"--n-images {args.n_images}: the results ledger takes rows of {MIN_EVAL_IMAGES:,} "
-                                   f"images or more (a rehearsal: --ledger elsewhere)")
+    check_n_images(args)
     rows = ledger.load(args.ledger) if Path(args.ledger).exists() else []
     todo = [(e, s) for e, s, have, want in runs_of(entries, rows)
             if have < want and (not wanted or e["id"] in wanted) and (seeds is None or s in seeds)]
@@ -394,13 +403,66 @@ def cmd_run(args):
         run_one(e, seed, args, scorer, data, done, say)
 
 
+def sweep_note(tr, truncation):
+    return f"{variants(tr, False)[0][0]}, truncation {truncation:g}" + (" (none)" if not truncation else "")
+
+
+def check_n_images(args):
+    if args.n_images < MIN_EVAL_IMAGES and Path(args.ledger).resolve() == ledger.LEDGER.resolve():
+        raise gpu_bench.BenchError(f"--n-images {args.n_images}: the results ledger takes rows of {MIN_EVAL_IMAGES:,} "
+                                   f"images or more (a rehearsal: --ledger elsewhere)")
+
+
+def cmd_sweep(args):
+    """The finished runs' final EMA generators at other truncations (the default one is measured)."""
+    import torch
+
+    check_n_images(args)
+    entries = load_queue(args.queue)
+    truncations = [float(t) for t in args.truncations.split(",") if t]
+    rows = ledger.load(args.ledger) if Path(args.ledger).exists() else []
+    wanted = set(filter(None, args.only.split(",")))
+    seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
+    runs = [(e, s) for e, s, have, want in runs_of(entries, rows) if have >= want
+            and (not wanted or e["id"] in wanted) and (seeds is None or s in seeds)
+            and (Path(args.work) / f"{e['id']}-s{s}" / "checkpoint.pt").exists()]
+    if not runs:
+        print("no finished run with its checkpoint to sweep")
+        return
+    torch.set_num_threads(args.threads or os.cpu_count())
+    args.commit = gpu_bench.git_state()
+    from dogkit.core.data import load_dataset
+
+    data = load_dataset(args.data, log=lambda m: None)
+    scorer = Scorer(args.reference, args.inception_weights, args.n_images)
+    done = {run_key(r) for r in rows if r["kind"] == "proxy"}
+    say = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+    for e, seed in runs:
+        tr, _, _ = open_run(e, seed, args, data, say)
+        for t in truncations:
+            row = {**row_common(e, seed, tr.cfg, args, scorer), "truncation": t or None, "images_seen": tr.images_seen,
+                   "note": sweep_note(tr, t),
+                   "command": f"python tools/cpu_proxy.py sweep --only {e['id']} --seeds {seed} --truncations {t:g}"}
+            if t == (tr.cfg.truncation or 0) or run_key(row) in done:
+                continue
+            r = evaluate(tr, tr.G_ema, scorer, t)
+            row = ledger.append({**row, "steps": tr.step, "passes": round(tr.images_seen / row["subset"], 2),
+                                 "seconds": round(tr.elapsed, 1), "fid": round(r["fid"], 3),
+                                 "distance": round(r["distance"], 4), "kid": round(r["kid"], 6),
+                                 "kid_se": round(r["kid_se"], 6)}, args.ledger)
+            done.add(run_key(row))
+            say(f"{e['id']} seed {seed}: truncation {t:g}: KID {1e3 * row['kid']:.2f} +- {1e3 * row['kid_se']:.2f} "
+                f"(x1e-3), FID {row['fid']:.1f}, d {row['distance']:.3f}")
+
+
 def cmd_plot(args):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in ledger.load(args.ledger) if r["kind"] == "proxy" and r["note"].startswith("G_ema")]
+    rows = [r for r in ledger.load(args.ledger) if r["kind"] == "proxy" and r["note"].startswith("G_ema")
+            and ", truncation " not in r["note"]]  # the learning curves at the model's own truncation
     if not rows:
         raise gpu_bench.BenchError(f"{args.ledger}: no proxy rows to plot yet")
     groups = sorted({(r["model"], r["subset"]) for r in rows})
@@ -432,23 +494,27 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("queue", help="each entry and seed: done, partial or pending, with its estimate")
     r = sub.add_parser("run", help="train and score the pending runs in queue order (resumes a half-done run)")
-    r.add_argument("--data", default="data/dogs64.npz", help="training cache (dogkit clean-data)")
-    r.add_argument("--reference", default="data/ref.npz", help="dogkit reference file (default %(default)s)")
-    r.add_argument("--inception-weights", default=None)
-    r.add_argument("--only", default="", help="comma-separated entry ids (default: every pending one)")
-    r.add_argument("--seeds", default="", help="comma-separated seeds of those entries (default: all)")
-    r.add_argument("--n-images", type=int, default=MIN_EVAL_IMAGES, help="images scored per point (default %(default)s)")
+    w = sub.add_parser("sweep", help="the finished runs' final EMA generators at other truncations")
+    w.add_argument("--truncations", default="0,1,2", help="comma-separated, 0: none (default %(default)s)")
+    for q in (r, w):
+        q.add_argument("--data", default="data/dogs64.npz", help="training cache (dogkit clean-data)")
+        q.add_argument("--reference", default="data/ref.npz", help="dogkit reference file (default %(default)s)")
+        q.add_argument("--inception-weights", default=None)
+        q.add_argument("--only", default="", help="comma-separated entry ids (default: every one)")
+        q.add_argument("--seeds", default="", help="comma-separated seeds of those entries (default: all)")
+        q.add_argument("--n-images", type=int, default=MIN_EVAL_IMAGES,
+                       help="images scored per point (default %(default)s)")
+        q.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
+        q.add_argument("--work", default=str(WORK), help="run folders: checkpoints, logs (default %(default)s)")
+        q.add_argument("--device-name", default=device_name(), help="the ledger's device (default: this CPU)")
     r.add_argument("--max-points", type=int, default=0, help="stop after this many points (0: run to the end)")
-    r.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
     r.add_argument("--log-every", type=float, default=60.0, help="seconds between progress lines")
-    r.add_argument("--work", default=str(WORK), help="run folders: checkpoints, logs (default %(default)s)")
-    r.add_argument("--device-name", default=device_name(), help="the ledger's device (default: this CPU)")
     p = sub.add_parser("plot", help="KID against passes, per arm (PNG)")
     p.add_argument("out")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill saves the run like Ctrl-C
     try:
-        {"queue": cmd_queue, "run": cmd_run, "plot": cmd_plot}[args.cmd](args)
+        {"queue": cmd_queue, "run": cmd_run, "sweep": cmd_sweep, "plot": cmd_plot}[args.cmd](args)
     except Stopped:
         print("--max-points reached; `run` again resumes", flush=True)
     except KeyboardInterrupt:

@@ -80,11 +80,14 @@ TOP_KEYS = {"format", "about", "entries"}
 def check_train(e):
     from dogkit.checkpoints import BN_STATS
 
-    train_config(e, data="x", out="x")
-    bad = [b for b in e.get("bn", []) if b not in BN_STATS[1:]]
-    if bad:
-        raise ValueError("; ".join(f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
-                                   for b in bad))
+    problems = [f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
+                for b in e.get("bn", []) if b not in BN_STATS[1:]]
+    try:
+        train_config(e, data="x", out="x")
+    except (ValueError, KeyError, TypeError) as exc:
+        problems.insert(0, str(exc).strip("'\""))
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 KINDS = {"throughput": ({"models", "batch_sizes", "precisions", "memory_formats", "seconds", "profile"}, {"profile"},

@@ -219,6 +219,7 @@ def test_exact_duplicates_are_removed(tmp_path):
     assert data["summary"]["events"]["exact duplicate removed"] == 1
 
 
+@pytest.mark.slow
 @needs_avif
 def test_cache_round_trip(tmp_path, tiny_dataset):
     ds = dict(tiny_dataset, settings={"strategy": "box"}, summary={})
@@ -262,6 +263,7 @@ def test_cache_of_an_older_release_still_loads(tmp_path, tiny_dataset):
     np.testing.assert_array_equal(back["images"], ds["images"])
 
 
+@pytest.mark.slow
 @needs_avif
 def test_interrupted_cache_write_leaves_nothing_behind(tmp_path, tiny_dataset, monkeypatch):
     ds = dict(tiny_dataset, settings={}, summary={})

@@ -142,6 +142,7 @@ def test_when_rank_0_dies_the_run_goes_on_in_the_parent_from_the_last_checkpoint
     assert exit_.value.code == 1
 
 
+@pytest.mark.slow
 def test_when_rank_0_dies_in_a_session_the_parent_goes_on_in_the_same_session(tmp_path, tiny_dataset):
     """A run over sessions: the parent continues this session's own checkpoint with its clock and
     plan (the same session number, the same start), not as the next session."""
@@ -162,6 +163,7 @@ def test_when_rank_0_dies_in_a_session_the_parent_goes_on_in_the_same_session(tm
     assert (ckpt["train_seconds"], ckpt["session_end"]) == (planned["train_seconds"], planned["session_end"])
 
 
+@pytest.mark.slow
 def test_with_too_little_time_left_the_parent_samples_the_checkpoint(tmp_path, tiny_dataset):
     import time
 
@@ -187,6 +189,7 @@ def test_the_ranks_slices_of_the_samples_are_the_whole_sample(tmp_path):
     np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
+@pytest.mark.slow
 def test_the_kernel_forks_two_ranks_on_a_simulated_kaggle(fake_kaggle):  # noqa: F811
     """Kaggle's T4 x2 as two CPU ranks; the run planned over two sessions, the second one
     continuing the first's output with every rank's own random stream."""
@@ -213,6 +216,7 @@ def test_the_kernel_forks_two_ranks_on_a_simulated_kaggle(fake_kaggle):  # noqa:
     assert (ckpt["step"], ckpt["session"], ckpt["world_size"]) == (9, 2, 2)
 
 
+@pytest.mark.slow
 def test_dogkit_train_runs_under_torchrun(tmp_path, tiny_dataset):
     from dogkit.core.data import save_cache
 

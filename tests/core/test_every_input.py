@@ -458,6 +458,7 @@ def test_fuzz_caches_load_or_raise_a_data_error(tmp_path_factory, cache, key, wh
 @FUZZ
 @given(st.sampled_from(["mu", "sigma", "features"]), st.sampled_from([np.nan, np.inf, 1e300, 0.0]),
        st.integers(0, 10))
+@pytest.mark.slow
 def test_fuzz_references_load_finite_or_raise(tmp_path_factory, key, value, where):
     path = write_reference(tmp_path_factory.mktemp("r") / "ref.npz")
     with np.load(path) as z:

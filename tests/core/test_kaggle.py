@@ -82,6 +82,7 @@ def run_kernel(env, *args, timeout=600):
                           text=True, env=env, cwd=env["DOGKIT_KAGGLE_WORKING"], timeout=timeout)
 
 
+@pytest.mark.slow
 def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
     """No --data: the kernel finds the competition zips, ignores the cats, falls back from an
     unwritable /kaggle/tmp, prints the start block, and leaves a valid zip and a handful of files."""
@@ -107,6 +108,7 @@ def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
     assert ckpt["step"] == 8 and ckpt["breeds"] == BREEDS
 
 
+@pytest.mark.slow
 def test_a_run_continues_in_the_next_kaggle_session_from_its_attached_output(fake_kaggle):
     """--sessions 2 (KAGGLE_SESSIONS in the kernel): the first session finds nothing to continue
     and says so; the second, with the first one's output attached under /kaggle/input and a fresh

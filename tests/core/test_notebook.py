@@ -92,6 +92,7 @@ def assert_no_traceback(cells):
         assert "Traceback" not in dump and "An exception has occurred" not in dump, dump[-3000:]
 
 
+@pytest.mark.slow
 def test_the_py_pasted_into_one_cell_trains_and_shows_its_pictures(photos, tmp_path):
     out = tmp_path / "out"
     cells = execute([argv_cell("--data", photos, "--budget", "10m", "--steps", "8", "--out", out, "--log-every", "0",
@@ -108,6 +109,7 @@ def test_the_py_pasted_into_one_cell_trains_and_shows_its_pictures(photos, tmp_p
     assert len(pictures(run)) == 2  # the final samples and the loss curves, in the cell's output
 
 
+@pytest.mark.slow
 def test_the_ipynb_as_built_runs_with_a_cell_of_arguments_and_shows_the_interval_grids(photos, tmp_path):
     nb = nbformat.read(ROOT / "kernels" / "biggan.ipynb", as_version=4)
     nbformat.validate(nb)
@@ -160,6 +162,7 @@ def test_two_cpu_ranks_forked_from_the_notebook_finish_and_leave_no_process(phot
     assert len(load_submission(out / "images.zip", strict=False).names) == 200
 
 
+@pytest.mark.slow
 def test_a_second_session_continues_the_first_ones_attached_output(tmp_path):
     root, working = tmp_path / "input", tmp_path / "working"
     competition_zips(root / "generative-dog-images")
@@ -195,6 +198,7 @@ def test_the_stop_button_leaves_a_checkpoint_and_a_line_saying_how_to_resume(pho
     assert (out / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_every_other_kernel_runs_in_the_real_kernel(photos, tmp_path):
     names = ["gan", "wgan-gp", "cvae", "sagan", "ralsgan"]
     cells = [c for name in names for c in (

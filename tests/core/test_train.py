@@ -142,6 +142,7 @@ def test_unknown_setting_is_an_error():
         with_settings(TrainConfig(), {"lr_gg": 1.0})
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run_writes_a_valid_submission(tmp_path, tiny_dataset):
     cfg = tiny_cfg(tmp_path, budget=600.0, reserve=-1.0, n_samples=10_000, log_every=2.0, steps=150)
     path = train(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
@@ -457,6 +458,7 @@ def test_a_refused_start_destroys_nothing_and_leaves_nothing(tmp_path, tiny_data
     assert list(empty.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_error_mid_run_still_writes_a_valid_zip_then_fails(tmp_path, tiny_dataset):
     from dogkit.core.train import RunFailed
 
@@ -544,6 +546,7 @@ class SlowEndClock:
         self.ending = self.t >= trainer.session_end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("earlier_zip", [False, True])
 def test_a_slow_end_runs_over_only_when_there_is_no_zip_to_keep(tmp_path, tiny_dataset, earlier_zip):
     """The end needs ~20 s past a 300 s budget: with no images.zip yet it is let finish within its
@@ -568,6 +571,7 @@ def test_a_slow_end_runs_over_only_when_there_is_no_zip_to_keep(tmp_path, tiny_d
     assert any(m.startswith("WARNING    the end took ") and "it was let run over" in m for m in logs)
 
 
+@pytest.mark.slow
 def test_interim_zips_and_thinned_grids_on_a_long_run(tmp_path, tiny_dataset):
     """A simulated 9-hour run: images.zip exists from the first interim on, and the run folder
     keeps a handful of grids, not hundreds (Kaggle keeps at most 500 output files)."""
@@ -598,6 +602,7 @@ def test_a_killed_runs_half_written_files_are_removed(tmp_path, tiny_dataset):
     assert any(".images.zip.dogkit-tmp4242" in m for m in logs)
 
 
+@pytest.mark.slow
 def test_a_device_that_dies_at_the_end_still_leaves_a_zip_from_the_cpu(tmp_path, tiny_dataset, monkeypatch):
     """A CUDA error poisons the context: nothing more runs on that GPU. The end falls back to the
     last checkpoint, sampled on the CPU, and then reports the failure."""

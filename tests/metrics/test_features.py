@@ -43,6 +43,7 @@ def test_matches_tensorflow_resize_bilinear_when_installed():
     np.testing.assert_allclose(ours, ref, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_features_independent_of_batch_size(inception):
     from dogkit.metrics.fid import frechet_distance, stats
 

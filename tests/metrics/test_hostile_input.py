@@ -70,6 +70,7 @@ def test_duplicate_names_are_a_violation(tmp_path):
     assert "00005.png: 2 entries share this name" in violations(path)
 
 
+@pytest.mark.slow
 def test_padded_entries_are_refused_from_the_listing_with_bounded_memory(tmp_path):
     """Each entry a valid PNG followed by 200 KB of zeros: 4 MB on disk, 2 GB inflated."""
     path = write_zip(tmp_path / "pad.zip", [(f"{i:05d}.png", GOOD + bytes(200_000)) for i in range(N_IMAGES)],
@@ -110,6 +111,7 @@ def test_a_bzip2_bomb_lying_about_its_size_is_refused_unread(tmp_path):
     assert peak < 32 << 20
 
 
+@pytest.mark.slow
 def test_a_deflated_entry_inflating_past_its_declared_size_is_cut_and_named(tmp_path):
     path = write_zip(tmp_path / "big.zip", full(n=N_IMAGES - 1))
     with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
@@ -137,6 +139,7 @@ def test_entries_claiming_more_than_the_total_cap_are_refused_from_the_listing(t
     assert f"entries claim {N_IMAGES * (len(GOOD) + 20_000)} bytes in all (limit {MAX_TOTAL_BYTES})" in violations(path)
 
 
+@pytest.mark.slow
 def test_a_total_size_bomb_stays_under_the_stated_bound(tmp_path):
     """10,000 entries under the per-entry cap, each padded with 8 KB (200 MB inflated, under the
     total cap): accepted, and the peak is the decoded pixels (123 MB, twice while stacking) plus

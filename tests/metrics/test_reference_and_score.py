@@ -67,6 +67,7 @@ def test_reference_resizes_with_lanczos_whatever_the_aspect(tmp_path):
     np.testing.assert_array_equal(R.load_photos(tmp_path / "p", ["p000.jpg"])[0][0], expected)
 
 
+@pytest.mark.slow
 def test_score_cli_end_to_end(tmp_path, inception):
     write_photos(tmp_path / "real", 8)
     runner = CliRunner()

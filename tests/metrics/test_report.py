@@ -60,6 +60,7 @@ def report_dir(tmp_path_factory, inception):
     return tmp / "report"
 
 
+@pytest.mark.slow
 def test_report_holds_every_section_and_the_numbers(report_dir):
     page = (report_dir / "report.html").read_text()
     assert "One run over 2 sessions, continued at step 4 (session 2)." in page
@@ -86,6 +87,7 @@ def test_report_renders_in_a_headless_browser(report_dir, tmp_path):
     assert pixels.std() > 10  # not a blank page
 
 
+@pytest.mark.slow
 def test_report_numbers_are_the_scorers(report_dir):
     """The report's FID, d and MiFID are what `dogkit score` prints for the same images."""
     tmp = report_dir.parent
@@ -101,6 +103,7 @@ def test_report_numbers_are_the_scorers(report_dir):
     assert numbers["top5"][0]["breed"] == "n00000000-breed0"  # the submission is reddish, like breed 0
 
 
+@pytest.mark.slow
 def test_a_report_without_breed_folders_says_why_and_how(report_dir, tmp_path):
     tmp = report_dir.parent
     flat = tmp_path / "flat"

@@ -74,6 +74,7 @@ def test_budget_option_sets_the_kaggle_budget():
         build_kernel.build("dcgan", "10m")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
 def test_kernel_and_package_train_identically(name, tmp_path, tiny_dataset):
     cache = tmp_path / "tiny.npz"

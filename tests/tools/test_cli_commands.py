@@ -1,4 +1,5 @@
 """`dogkit sample` and `dogkit export-inception`, end to end through the CLI."""
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -8,6 +9,7 @@ from dogkit.core.train import TrainConfig, train, with_settings
 from dogkit.metrics.submission import load_submission
 
 
+@pytest.mark.slow
 def test_sample_writes_a_checked_submission_and_the_seed_decides(tmp_path, tiny_dataset):
     cfg = with_settings(with_settings(TrainConfig(), registry.get("dcgan").settings),
                         dict(out=str(tmp_path / "run"), width=4, batch_size=8, n_samples=64, reserve=0.0,

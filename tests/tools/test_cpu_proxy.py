@@ -98,6 +98,7 @@ def rehearse(folder, name, *extra):
     return cpu_proxy.main(argv)
 
 
+@pytest.mark.slow
 def test_a_tiny_entry_end_to_end_and_a_stopped_run_resumes_to_the_same_rows(rehearsal_inputs, inception, capsys):
     folder = rehearsal_inputs
     write_queue(folder / "queue.json", [entry()])
@@ -132,6 +133,15 @@ def test_a_tiny_entry_end_to_end_and_a_stopped_run_resumes_to_the_same_rows(rehe
     assert len(table) == 2 + 2 and "| dcgan | 24 | 64 (3) | t |" in table[2]
     assert cpu_proxy.main(["--ledger", str(folder / "parts.jsonl"), "plot", str(folder / "kid.png")]) == 0
     assert (folder / "kid.png").stat().st_size > 1000
+
+    # the final generator at other truncations: dcgan's own (none) is measured already, 1 is added once
+    sweep = ["--ledger", str(folder / "parts.jsonl"), "--queue", str(folder / "queue.json"), "sweep",
+             "--truncations", "0,1", "--data", str(folder / "tiny.npz"), "--reference", str(folder / "ref.npz"),
+             "--n-images", "6", "--work", str(folder / "parts"), "--device-name", "test CPU"]
+    assert cpu_proxy.main(sweep) == 0 and cpu_proxy.main(sweep) == 0
+    swept = ledger.load(folder / "parts.jsonl")[3:]
+    assert [(r["truncation"], r["images_seen"]) for r in swept] == [(1.0, 64)]
+    assert swept[0]["note"].endswith(", truncation 1") and swept[0]["kid"] != parts[1]["kid"]
 
 
 def test_the_ledger_refuses_an_eval_below_the_stated_n(rehearsal_inputs, capsys):

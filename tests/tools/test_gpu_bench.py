@@ -82,6 +82,7 @@ def test_the_packed_covariance_moves_the_fid_by_less_than_a_thousandth(tmp_path,
         assert abs(F.frechet_distance(g_mu, g_sigma, p_mu, p_sigma) - exact) < 1e-3, (scale, exact)
 
 
+@pytest.mark.slow
 def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception, capsys):
     from dogkit.core.data import save_cache
 

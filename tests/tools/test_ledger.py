@@ -51,7 +51,7 @@ def test_rows_append_and_render_into_their_blocks(tmp_path):
     assert "old" not in out and "| biggan | flip+diffaug | 8m | 10 |" in out and "| 70.12 | 0.200 | 70.12 |" in out
     (tmp_path / "a.md").write_text(text)
     (tmp_path / "b.md").write_text("<!-- ledger:runs -->\n<!-- /ledger:runs -->\n")
-    with pytest.raises(ledger.LedgerError, match=r"ledger:runs --> is in 2 pages.*ledger:best --> is in 0 pages"):
+    with pytest.raises(ledger.LedgerError, match=r"ledger:best --> is in 0 pages.*ledger:runs --> is in 2 pages"):
         ledger.render_pages([], [tmp_path / "a.md", tmp_path / "b.md"])
 
 

@@ -23,6 +23,7 @@ def checkpoint(tmp_path, tiny_dataset):
     return str(tmp_path / "run" / "checkpoint.pt")
 
 
+@pytest.mark.slow
 def test_sweep_scores_each_truncation_once_and_resumes(tmp_path, checkpoint, inception, monkeypatch, capsys):
     rng = np.random.default_rng(0)
     feats = np.abs(rng.normal(size=(100, 2048))).astype(np.float32)
