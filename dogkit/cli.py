@@ -268,7 +268,7 @@ def report(submission, reference_path, run_dir, out, strict, inception_weights, 
               help="fp32 (87 MB), fp16 (44 MB) or int8 conv weights with per-channel scales (22 MB; what the "
                    "GPU bench carries); cast back to fp32 on load.")
 def export_inception(out, fmt):
-    """Write the FID Inception weights to one file (e.g. to carry to a GPU machine).
+    """Write the FID Inception weights to one file (e.g. to take to a GPU elsewhere).
 
     \b
     dogkit export-inception --format int8 -o .devpack/inception-int8.pth

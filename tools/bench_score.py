@@ -2,7 +2,7 @@
 """Feature-extraction speed of the scorer (the part that dominates `dogkit score`).
 
     python tools/bench_score.py --n 200                 # CPU here: seconds per image
-    python tools/bench_score.py --n 10000 --device cuda  # on a GPU machine
+    python tools/bench_score.py --n 10000 --device cuda  # on a GPU
 
 Random 64x64 images go through the exact pipeline (legacy resize to 299, Inception, pool_3)
 after one warm-up batch. Prints a table row per batch size.

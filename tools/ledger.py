@@ -43,7 +43,7 @@ REQUIRED = {"run": ("model", "budget", "fid", "distance", "mifid", "device", "co
             # a CPU proxy of the many-passes regime (tools/cpu_proxy.py): a point of one run's learning curve
             "proxy": ("model", "entry", "seed", "subset", "images_seen", "passes", "fid", "distance", "kid", "kid_se",
                       "device", "command", "scoring")}
-# `scoring` says how a row's FID was computed. One computed on the GPU machine with the carried int8
+# `scoring` says how a row's FID was computed. One computed on the GPU with the carried int8
 # Inception against the reference's mean and covariance (no memorization term) starts with FID_ONLY:
 # its distance and MiFID stay empty until the exact score on the CPU adds its own row.
 FID_ONLY = "fid only"

@@ -241,7 +241,7 @@ WEIGHT_FORMATS = ("fp32", "fp16", "int8")
 
 def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Conv weights as int8 with one fp32 scale per output channel (symmetric, round to nearest);
-    the rest as it is. A quarter of the fp32 size: 22 MB, what fits the GPU machine's carry."""
+    the rest as it is. A quarter of the fp32 size: 22 MB, small enough to take along where space is short."""
     out = {}
     for key, v in state.items():
         if v.is_floating_point() and v.ndim == 4:
