@@ -264,6 +264,14 @@ def row_common(e, seed, cfg, args, scorer):
             "command": f"python tools/cpu_proxy.py run --only {e['id']} --seeds {seed}"}
 
 
+def measured(row, tr, result):
+    """A point's row: where the run is (steps, passes, training seconds) and what scored it."""
+    return {**row, "steps": tr.step, "passes": round(tr.images_seen / row["subset"], 2),
+            "seconds": round(tr.elapsed, 1), "fid": round(result["fid"], 3),
+            "distance": round(result["distance"], 4), "kid": round(result["kid"], 6),
+            "kid_se": round(result["kid_se"], 6)}
+
+
 def run_one(e, seed, args, scorer, data, done, say):
     """Train (or resume) one run of entry e and write its missing rows; raises Stopped at --max-points."""
     from dogkit.core.train import (count_step, keep_good_state, log_interval, save_checkpoint, save_fixed_grid,
@@ -304,10 +312,7 @@ def run_one(e, seed, args, scorer, data, done, say):
                     continue
                 t = time.monotonic()
                 result = evaluate(tr, G, scorer)
-                row = ledger.append({**row, "steps": tr.step, "passes": round(tr.images_seen / size, 2),
-                                     "seconds": round(tr.elapsed, 1), "fid": round(result["fid"], 3),
-                                     "distance": round(result["distance"], 4), "kid": round(result["kid"], 6),
-                                     "kid_se": round(result["kid_se"], 6)}, args.ledger)
+                row = ledger.append(measured(row, tr, result), args.ledger)
                 done.add(run_key(row))
                 say(f"{e['id']} seed {seed}: {tr.images_seen:,} images ({row['passes']:g} passes), {note}: KID "
                     f"{1e3 * row['kid']:.2f} +- {1e3 * row['kid_se']:.2f} (x1e-3), FID {row['fid']:.1f}, "
@@ -446,10 +451,7 @@ def cmd_sweep(args):
             if t == (tr.cfg.truncation or 0) or run_key(row) in done:
                 continue
             r = evaluate(tr, tr.G_ema, scorer, t)
-            row = ledger.append({**row, "steps": tr.step, "passes": round(tr.images_seen / row["subset"], 2),
-                                 "seconds": round(tr.elapsed, 1), "fid": round(r["fid"], 3),
-                                 "distance": round(r["distance"], 4), "kid": round(r["kid"], 6),
-                                 "kid_se": round(r["kid_se"], 6)}, args.ledger)
+            row = ledger.append(measured(row, tr, r), args.ledger)
             done.add(run_key(row))
             say(f"{e['id']} seed {seed}: truncation {t:g}: KID {1e3 * row['kid']:.2f} +- {1e3 * row['kid_se']:.2f} "
                 f"(x1e-3), FID {row['fid']:.1f}, d {row['distance']:.3f}")
