@@ -18,14 +18,14 @@ change dogkit and rebuild rather than editing this file. Model class: BigGAN.
 Contents (line numbers):
      70  Settings
      84  Augmentation
-    166  Model building blocks shared by the models
-    242  Model
-    441  Data
-   1033  Several GPUs
-   1250  The machine
-   1425  Sampling
-   1639  Training
-   2756  Entry point
+    172  Model building blocks shared by the models
+    248  Model
+    443  Data
+   1035  Several GPUs
+   1252  The machine
+   1427  Sampling
+   1641  Training
+   2775  Entry point
 """
 import argparse
 import contextlib
@@ -119,8 +119,14 @@ DIFFAUG_POLICIES = {"diffaug": "color,translation,cutout", "diffaug-tc": "transl
                     "diffaug-t": "translation"}  # the augment setting's DiffAugment part -> its policy
 
 
+def diffaug_policy(augment):
+    """The DiffAugment policy of an augment setting: "flip+diffaug-tc" -> "translation,cutout"; "" for none."""
+    return DIFFAUG_POLICIES.get(augment.split("+")[-1], "")
+
+
 def diff_augment(x, policy="color,translation,cutout"):
-    """DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike."""
+    """DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike; x itself
+    for the empty policy."""
     for p in policy.split(","):
         if p == "color":
             n = x.shape[0]
@@ -383,7 +389,7 @@ class BigGAN:
 
     name = "biggan"
     conditional = True
-    applies = ("lecam", "d_width", "d_steps")  # LeCam on D's loss, D's own width, several D steps
+    applies = ("diffaug", "lecam", "d_width", "d_steps")  # DiffAugment, LeCam, D's own width, several D steps
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg
@@ -392,11 +398,7 @@ class BigGAN:
         self.D = BigGANDiscriminator(cfg.d_width or cfg.width, self.n_classes).to(device)
         self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
         self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
-        self.diffaug = "diffaug" in cfg.augment
-        self.policy = DIFFAUG_POLICIES.get(cfg.augment.split("+")[-1], "")
-
-    def augment(self, x):
-        return diff_augment(x, self.policy) if self.diffaug else x
+        self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
 
     def step(self, batch):
         for _ in range(self.cfg.d_steps - 1):  # extra D steps first, each on a fresh batch
@@ -412,8 +414,8 @@ class BigGAN:
         fake = self.G(z, fake_labels)
 
         self.opt_d.zero_grad(set_to_none=False)
-        d_real = self.D(self.augment(real), labels)
-        d_fake = self.D(self.augment(fake.detach()), fake_labels)
+        d_real = self.D(diff_augment(real, self.policy), labels)
+        d_fake = self.D(diff_augment(fake.detach(), self.policy), fake_labels)
         if cfg.loss == "hinge":
             loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         else:
@@ -429,7 +431,7 @@ class BigGAN:
     def g_step(self, fake, fake_labels, loss_d, losses):
         cfg = self.cfg
         self.opt_g.zero_grad(set_to_none=False)
-        d_gen = self.D(self.augment(fake), fake_labels)
+        d_gen = self.D(diff_augment(fake, self.policy), fake_labels)
         if cfg.loss == "hinge":
             loss_g = -d_gen.mean()
         else:
@@ -1709,12 +1711,12 @@ class TrainConfig:
     lecam: float = 0.0  # LeCam regularisation weight (biggan; 0: off; Tseng et al. used 0.3 with DiffAugment)
     lecam_decay: float = 0.99  # decay of LeCam's moving averages of D's outputs
     lecam_start: int = 1000  # D steps before those averages start (until then: the batch's own means)
-    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan)
+    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan, dcgan)
     # schedule, as functions of p
     lr_decay_start: float = 0.5
     lr_final: float = 0.1
     ema_start: float = 0.25
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # per batch_size images (a step of N GPUs decays by its N-th power: ema_weight)
     ema_kimg: float = 0.0  # > 0: the EMA's half-life in thousands of images (StyleGAN2-ADA), instead of decay/start
     ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
     ema_extra: str = ""  # half-lives (kimg) of extra EMA copies kept beside G_ema for evaluation, e.g. "2,10,50"
@@ -1808,10 +1810,24 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 
 def ema_weight(p, cfg, images_seen=0, world_size=1):
     """Weight of the new parameters in the EMA update: with ema_kimg, half_life_weight; else 1
-    (a plain copy) until ema_start, then 1 - ema_decay."""
+    (a plain copy) until ema_start, then 1 - ema_decay per batch_size images: a step of several
+    ranks shows world_size batches, so its decay is ema_decay ** world_size and the average spans
+    the same images on one GPU or two."""
     if cfg.ema_kimg > 0:
         return half_life_weight(cfg.ema_kimg, cfg, images_seen, world_size)
-    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay
+    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay ** world_size
+
+
+def ema_line(cfg):
+    """The start block's line on the EMA: its half-life in images, whatever the number of GPUs."""
+    if cfg.ema_kimg > 0:
+        return (f"EMA        half-life {cfg.ema_kimg:g}k images (at most {cfg.ema_rampup:g} of those seen), "
+                f"on any number of GPUs")
+    start = f"decay {cfg.ema_decay:g} per {cfg.batch_size} images from p={cfg.ema_start:g}"
+    if not 0 < cfg.ema_decay < 1:
+        return f"EMA        {start}: " + ("G_ema is G" if cfg.ema_decay == 0 else "G_ema stays as G was then")
+    half = math.log(0.5) / math.log(cfg.ema_decay) * cfg.batch_size
+    return f"EMA        {start}: a half-life of {half / 1000:,.1f}k images on any number of GPUs"
 
 
 def parse_ema_extra(text):
@@ -2565,12 +2581,14 @@ MODEL_SPECIFIC = (("lecam", 0.0, "LeCam (biggan does)"), ("d_width", 0, "it"), (
 
 
 def check_model_options(cfg, model):
-    """Options only some models apply: an error rather than silently nothing."""
-    if "diffaug" in cfg.augment and not getattr(model, "diffaug", False):
-        raise ValueError(f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment")
-    for name, off, what in MODEL_SPECIFIC:
-        if getattr(cfg, name) != off and name not in getattr(model, "applies", ()):
-            raise ValueError(f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}")
+    """Options only some models apply: an error listing each of them, rather than silently nothing."""
+    applies = getattr(model, "applies", ())
+    problems = [f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}"
+                for name, off, what in MODEL_SPECIFIC if getattr(cfg, name) != off and name not in applies]
+    if "diffaug" in cfg.augment and "diffaug" not in applies:
+        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment (biggan and dcgan do)")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def ema_copy(G):
@@ -2610,6 +2628,7 @@ class Trainer:
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
             opt.world = world  # both read by models/common.backward_step
         self.log(f"precision  {why}")
+        self.log(ema_line(cfg))
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))
         self.G_ema = ema_copy(self.model.G)
@@ -2939,7 +2958,7 @@ TRAIN_OPTIONS = (
     ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
     ("--memory-format", str, "contiguous", MEMORY_FORMATS,
      "channels_last: NHWC weights and batches, the layout of tensor cores (default contiguous)"),
-    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan only)"),
+    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan and dcgan)"),
     ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
                                            "scaling, eager: T4, P100)"),
     ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),

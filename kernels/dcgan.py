@@ -17,15 +17,15 @@ change dogkit and rebuild rather than editing this file. Model class: DCGAN.
 
 Contents (line numbers):
      69  Settings
-     82  Model building blocks shared by the models
-    121  Model
-    205  Data
-    797  Several GPUs
-   1014  The machine
-   1189  Sampling
-   1403  Augmentation
-   1437  Training
-   2554  Entry point
+     82  Augmentation
+    170  Model building blocks shared by the models
+    209  Model
+    296  Data
+    888  Several GPUs
+   1105  The machine
+   1280  Sampling
+   1494  Training
+   2628  Entry point
 """
 import argparse
 import contextlib
@@ -80,6 +80,94 @@ KAGGLE_SESSIONS = 1
 
 
 # ---------------------------------------------------------------------------------------------
+# Augmentation: batched on the training device (no per-image Python, no host round trips).
+# ---------------------------------------------------------------------------------------------
+
+def to_float(batch_uint8):
+    """NCHW uint8 on the device -> float in [-1, 1]."""
+    return batch_uint8.float().div_(127.5).sub_(1.0)
+
+
+def random_resized_crop_flip(x, out_size, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a whole batch, via one grid_sample.
+
+    Area fraction s ~ U(scale), log aspect ~ U(log ratio); the crop is clamped into the image
+    (torchvision rejects and retries instead; clamping keeps the batch on the device).
+    """
+    n = x.shape[0]
+    dev = x.device
+    area = torch.empty(n, device=dev).uniform_(*scale)
+    log_r = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fraction of the width
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(n, device=dev) * 2 - 1) * (1 - w)  # centre in [-1, 1] keeping the crop inside
+    cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - h)
+    sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
+    theta = torch.zeros(n, 2, 3, device=dev)
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, (n, x.shape[1], out_size, out_size), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+DIFFAUG_POLICIES = {"diffaug": "color,translation,cutout", "diffaug-tc": "translation,cutout",
+                    "diffaug-t": "translation"}  # the augment setting's DiffAugment part -> its policy
+
+
+def diffaug_policy(augment):
+    """The DiffAugment policy of an augment setting: "flip+diffaug-tc" -> "translation,cutout"; "" for none."""
+    return DIFFAUG_POLICIES.get(augment.split("+")[-1], "")
+
+
+def diff_augment(x, policy="color,translation,cutout"):
+    """DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike; x itself
+    for the empty policy."""
+    for p in policy.split(","):
+        if p == "color":
+            n = x.shape[0]
+            x = x + (torch.rand(n, 1, 1, 1, device=x.device) - 0.5)
+            mean = x.mean(dim=1, keepdim=True)
+            x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device) * 2) + mean
+            mean = x.mean(dim=[1, 2, 3], keepdim=True)
+            x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device) + 0.5) + mean
+        elif p == "translation":
+            x = _translate(x, 0.125)
+        elif p == "cutout":
+            x = _cutout(x, 0.5)
+        elif p:
+            raise ValueError(f"unknown DiffAugment policy {p!r}")
+    return x
+
+
+def _translate(x, ratio):
+    n, _, h, w = x.shape
+    sx, sy = int(w * ratio + 0.5), int(h * ratio + 0.5)
+    tx = torch.randint(-sx, sx + 1, (n, 1, 1), device=x.device)
+    ty = torch.randint(-sy, sy + 1, (n, 1, 1), device=x.device)
+    gy, gx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+    gx = torch.clamp(gx.unsqueeze(0) + tx + 1, 0, w + 1)
+    gy = torch.clamp(gy.unsqueeze(0) + ty + 1, 0, h + 1)
+    padded = F.pad(x, [1, 1, 1, 1])
+    idx = (gy * (w + 2) + gx).view(n, 1, h * w).expand(-1, x.shape[1], -1)
+    return padded.flatten(2).gather(2, idx).view_as(x)
+
+
+def _cutout(x, ratio):
+    n, _, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    oy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=x.device)
+    ox = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=x.device)
+    gy, gx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+    gy, gx = gy.unsqueeze(0), gx.unsqueeze(0)
+    hole = ((gy >= oy - ch // 2) & (gy < oy - ch // 2 + ch) &
+            (gx >= ox - cw // 2) & (gx < ox - cw // 2 + cw))
+    return x * (~hole).unsqueeze(1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # Model building blocks shared by the models
 # ---------------------------------------------------------------------------------------------
 
@@ -126,7 +214,8 @@ def dcgan_init(m):
 # the real images, Adam lr 5e-4 betas (0.5, 0.999), batch 32, z of 128, RandomResizedCrop
 # (scale 0.8-1.0, ratio 3/4-4/3) and horizontal flips. Real and fake images go through D in
 # separate batches (separate batch-norm statistics), as the report does. dogkit adds an EMA of G
-# over about 10,000 steps (decay 0.9999) with re-estimated batch-norm statistics for sampling.
+# over about 10,000 steps (decay 0.9999) with re-estimated batch-norm statistics for sampling,
+# and DiffAugment on what D sees of real and fake alike as an option (augment "crop-flip+diffaug").
 
 class DCGANGenerator(nn.Module):
     def __init__(self, z_dim=128, width=64):
@@ -169,6 +258,7 @@ class DCGAN:
 
     name = "dcgan"
     conditional = False
+    applies = ("diffaug",)
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg
@@ -178,6 +268,7 @@ class DCGAN:
         self.D.apply(dcgan_init)
         self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
         self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
 
     def step(self, batch):
         cfg = self.cfg
@@ -189,14 +280,14 @@ class DCGAN:
         fake = self.G(z)
 
         self.opt_d.zero_grad(set_to_none=False)
-        d_real = self.D(real)
-        d_fake = self.D(fake.detach())
+        d_real = self.D(diff_augment(real, self.policy))
+        d_fake = self.D(diff_augment(fake.detach(), self.policy))
         loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, cfg.real_label)) +
                   F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
         backward_step(self.opt_d, loss_d)
 
         self.opt_g.zero_grad(set_to_none=False)
-        d_gen = self.D(fake)
+        d_gen = self.D(diff_augment(fake, self.policy))
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
         backward_step(self.opt_g, loss_g)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
@@ -1401,40 +1492,6 @@ def save_grid(images, path, nrow=8):
 
 
 # ---------------------------------------------------------------------------------------------
-# Augmentation: batched on the training device (no per-image Python, no host round trips).
-# ---------------------------------------------------------------------------------------------
-
-def to_float(batch_uint8):
-    """NCHW uint8 on the device -> float in [-1, 1]."""
-    return batch_uint8.float().div_(127.5).sub_(1.0)
-
-
-def random_resized_crop_flip(x, out_size, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
-    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a whole batch, via one grid_sample.
-
-    Area fraction s ~ U(scale), log aspect ~ U(log ratio); the crop is clamped into the image
-    (torchvision rejects and retries instead; clamping keeps the batch on the device).
-    """
-    n = x.shape[0]
-    dev = x.device
-    area = torch.empty(n, device=dev).uniform_(*scale)
-    log_r = torch.empty(n, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    aspect = torch.exp(log_r)
-    w = torch.sqrt(area * aspect).clamp(max=1.0)  # fraction of the width
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (torch.rand(n, device=dev) * 2 - 1) * (1 - w)  # centre in [-1, 1] keeping the crop inside
-    cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - h)
-    sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=dev)
-    theta = torch.zeros(n, 2, 3, device=dev)
-    theta[:, 0, 0] = w * sign
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, (n, x.shape[1], out_size, out_size), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-# ---------------------------------------------------------------------------------------------
 # Training: a wall-clock schedule, EMA, checkpoints, NaN rollback and the final images.zip
 # ---------------------------------------------------------------------------------------------
 # Everything is a function of progress p = elapsed / training time, not of epochs, so the same
@@ -1507,12 +1564,12 @@ class TrainConfig:
     lecam: float = 0.0  # LeCam regularisation weight (biggan; 0: off; Tseng et al. used 0.3 with DiffAugment)
     lecam_decay: float = 0.99  # decay of LeCam's moving averages of D's outputs
     lecam_start: int = 1000  # D steps before those averages start (until then: the batch's own means)
-    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan)
+    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan, dcgan)
     # schedule, as functions of p
     lr_decay_start: float = 0.5
     lr_final: float = 0.1
     ema_start: float = 0.25
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # per batch_size images (a step of N GPUs decays by its N-th power: ema_weight)
     ema_kimg: float = 0.0  # > 0: the EMA's half-life in thousands of images (StyleGAN2-ADA), instead of decay/start
     ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
     ema_extra: str = ""  # half-lives (kimg) of extra EMA copies kept beside G_ema for evaluation, e.g. "2,10,50"
@@ -1606,10 +1663,24 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 
 def ema_weight(p, cfg, images_seen=0, world_size=1):
     """Weight of the new parameters in the EMA update: with ema_kimg, half_life_weight; else 1
-    (a plain copy) until ema_start, then 1 - ema_decay."""
+    (a plain copy) until ema_start, then 1 - ema_decay per batch_size images: a step of several
+    ranks shows world_size batches, so its decay is ema_decay ** world_size and the average spans
+    the same images on one GPU or two."""
     if cfg.ema_kimg > 0:
         return half_life_weight(cfg.ema_kimg, cfg, images_seen, world_size)
-    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay
+    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay ** world_size
+
+
+def ema_line(cfg):
+    """The start block's line on the EMA: its half-life in images, whatever the number of GPUs."""
+    if cfg.ema_kimg > 0:
+        return (f"EMA        half-life {cfg.ema_kimg:g}k images (at most {cfg.ema_rampup:g} of those seen), "
+                f"on any number of GPUs")
+    start = f"decay {cfg.ema_decay:g} per {cfg.batch_size} images from p={cfg.ema_start:g}"
+    if not 0 < cfg.ema_decay < 1:
+        return f"EMA        {start}: " + ("G_ema is G" if cfg.ema_decay == 0 else "G_ema stays as G was then")
+    half = math.log(0.5) / math.log(cfg.ema_decay) * cfg.batch_size
+    return f"EMA        {start}: a half-life of {half / 1000:,.1f}k images on any number of GPUs"
 
 
 def parse_ema_extra(text):
@@ -2363,12 +2434,14 @@ MODEL_SPECIFIC = (("lecam", 0.0, "LeCam (biggan does)"), ("d_width", 0, "it"), (
 
 
 def check_model_options(cfg, model):
-    """Options only some models apply: an error rather than silently nothing."""
-    if "diffaug" in cfg.augment and not getattr(model, "diffaug", False):
-        raise ValueError(f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment")
-    for name, off, what in MODEL_SPECIFIC:
-        if getattr(cfg, name) != off and name not in getattr(model, "applies", ()):
-            raise ValueError(f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}")
+    """Options only some models apply: an error listing each of them, rather than silently nothing."""
+    applies = getattr(model, "applies", ())
+    problems = [f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}"
+                for name, off, what in MODEL_SPECIFIC if getattr(cfg, name) != off and name not in applies]
+    if "diffaug" in cfg.augment and "diffaug" not in applies:
+        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment (biggan and dcgan do)")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def ema_copy(G):
@@ -2408,6 +2481,7 @@ class Trainer:
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
             opt.world = world  # both read by models/common.backward_step
         self.log(f"precision  {why}")
+        self.log(ema_line(cfg))
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))
         self.G_ema = ema_copy(self.model.G)
@@ -2737,7 +2811,7 @@ TRAIN_OPTIONS = (
     ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
     ("--memory-format", str, "contiguous", MEMORY_FORMATS,
      "channels_last: NHWC weights and batches, the layout of tensor cores (default contiguous)"),
-    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan only)"),
+    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan and dcgan)"),
     ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
                                            "scaling, eager: T4, P100)"),
     ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),

@@ -25,7 +25,7 @@ Contents (line numbers):
    1179  Sampling
    1393  Augmentation
    1427  Training
-   2544  Entry point
+   2561  Entry point
 """
 import argparse
 import contextlib
@@ -1497,12 +1497,12 @@ class TrainConfig:
     lecam: float = 0.0  # LeCam regularisation weight (biggan; 0: off; Tseng et al. used 0.3 with DiffAugment)
     lecam_decay: float = 0.99  # decay of LeCam's moving averages of D's outputs
     lecam_start: int = 1000  # D steps before those averages start (until then: the batch's own means)
-    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan)
+    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan, dcgan)
     # schedule, as functions of p
     lr_decay_start: float = 0.5
     lr_final: float = 0.1
     ema_start: float = 0.25
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # per batch_size images (a step of N GPUs decays by its N-th power: ema_weight)
     ema_kimg: float = 0.0  # > 0: the EMA's half-life in thousands of images (StyleGAN2-ADA), instead of decay/start
     ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
     ema_extra: str = ""  # half-lives (kimg) of extra EMA copies kept beside G_ema for evaluation, e.g. "2,10,50"
@@ -1596,10 +1596,24 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 
 def ema_weight(p, cfg, images_seen=0, world_size=1):
     """Weight of the new parameters in the EMA update: with ema_kimg, half_life_weight; else 1
-    (a plain copy) until ema_start, then 1 - ema_decay."""
+    (a plain copy) until ema_start, then 1 - ema_decay per batch_size images: a step of several
+    ranks shows world_size batches, so its decay is ema_decay ** world_size and the average spans
+    the same images on one GPU or two."""
     if cfg.ema_kimg > 0:
         return half_life_weight(cfg.ema_kimg, cfg, images_seen, world_size)
-    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay
+    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay ** world_size
+
+
+def ema_line(cfg):
+    """The start block's line on the EMA: its half-life in images, whatever the number of GPUs."""
+    if cfg.ema_kimg > 0:
+        return (f"EMA        half-life {cfg.ema_kimg:g}k images (at most {cfg.ema_rampup:g} of those seen), "
+                f"on any number of GPUs")
+    start = f"decay {cfg.ema_decay:g} per {cfg.batch_size} images from p={cfg.ema_start:g}"
+    if not 0 < cfg.ema_decay < 1:
+        return f"EMA        {start}: " + ("G_ema is G" if cfg.ema_decay == 0 else "G_ema stays as G was then")
+    half = math.log(0.5) / math.log(cfg.ema_decay) * cfg.batch_size
+    return f"EMA        {start}: a half-life of {half / 1000:,.1f}k images on any number of GPUs"
 
 
 def parse_ema_extra(text):
@@ -2353,12 +2367,14 @@ MODEL_SPECIFIC = (("lecam", 0.0, "LeCam (biggan does)"), ("d_width", 0, "it"), (
 
 
 def check_model_options(cfg, model):
-    """Options only some models apply: an error rather than silently nothing."""
-    if "diffaug" in cfg.augment and not getattr(model, "diffaug", False):
-        raise ValueError(f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment")
-    for name, off, what in MODEL_SPECIFIC:
-        if getattr(cfg, name) != off and name not in getattr(model, "applies", ()):
-            raise ValueError(f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}")
+    """Options only some models apply: an error listing each of them, rather than silently nothing."""
+    applies = getattr(model, "applies", ())
+    problems = [f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}"
+                for name, off, what in MODEL_SPECIFIC if getattr(cfg, name) != off and name not in applies]
+    if "diffaug" in cfg.augment and "diffaug" not in applies:
+        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment (biggan and dcgan do)")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def ema_copy(G):
@@ -2398,6 +2414,7 @@ class Trainer:
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
             opt.world = world  # both read by models/common.backward_step
         self.log(f"precision  {why}")
+        self.log(ema_line(cfg))
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))
         self.G_ema = ema_copy(self.model.G)
@@ -2727,7 +2744,7 @@ TRAIN_OPTIONS = (
     ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
     ("--memory-format", str, "contiguous", MEMORY_FORMATS,
      "channels_last: NHWC weights and batches, the layout of tensor cores (default contiguous)"),
-    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan only)"),
+    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan and dcgan)"),
     ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
                                            "scaling, eager: T4, P100)"),
     ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),

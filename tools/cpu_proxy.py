@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_bench  # noqa: E402
+from gpu_bench import subset_spec, take_subset  # noqa: E402  (the GPU's subset entries share them)
 import ledger  # noqa: E402
 
 QUEUE = ROOT / "results" / "cpu-queue.json"
@@ -79,17 +80,6 @@ def proxy_config(e, seed=0, out="x"):
         raise ValueError(f"model {e['model']!r}: choose from {', '.join(registry.MODEL_NAMES)}")
     cfg = with_settings(with_settings(TrainConfig(), registry.get(e["model"]).settings), options)
     return dataclasses.replace(cfg, seed=int(seed), device="cpu", out=str(out), graph="off", reserve=0.0)
-
-
-def subset_spec(e):
-    s = e["subset"]
-    if not isinstance(s, dict) or set(s) - {"size", "breeds", "seed"} or "size" not in s:
-        raise ValueError('subset: {"size": CROPS, "breeds": BREEDS (0: all), "seed": SEED}')
-    size, breeds, seed = s["size"], s.get("breeds", 0), s.get("seed", 0)
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, breeds, seed)) or size < 1 \
-            or breeds < 0 or seed < 0 or (breeds and size % breeds):
-        raise ValueError(f"subset {s}: size >= 1, breeds >= 0 dividing it, seed >= 0 (integers)")
-    return size, breeds, seed
 
 
 def check_proxy(e):
@@ -131,32 +121,6 @@ def load_queue(path=QUEUE):
 def point_images(e):
     """The images shown at each of the entry's points (whole batches: the step that crosses it)."""
     return [int(round(p * e["images"])) for p in e.get("points", list(POINTS))]
-
-
-# ---- the subset ------------------------------------------------------------------------------
-def take_subset(data, size, breeds=0, seed=0):
-    """size crops of data, class-balanced: `breeds` breeds drawn with seed (0: every breed), the same
-    number of crops from each, drawn with seed; labels renumbered 0..breeds-1 in the breeds' order."""
-    labels = np.asarray(data["labels"])
-    all_breeds = sorted(set(labels.tolist()))
-    k = breeds or len(all_breeds)
-    if k > len(all_breeds):
-        raise gpu_bench.BenchError(f"subset: {k} breeds asked, the data has {len(all_breeds)}")
-    if size % k:
-        raise gpu_bench.BenchError(f"subset: {size} crops do not split evenly over {k} breeds")
-    rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(all_breeds, k, replace=False).tolist()) if breeds else all_breeds
-    idx, new_labels = [], []
-    for j, b in enumerate(chosen):
-        pool = np.flatnonzero(labels == b)
-        if len(pool) < size // k:
-            raise gpu_bench.BenchError(f"subset: breed {data['breeds'][b]} has {len(pool)} crops, {size // k} asked")
-        idx += sorted(rng.choice(pool, size // k, replace=False).tolist())
-        new_labels += [j] * (size // k)
-    names = data.get("names")
-    return {"images": np.asarray(data["images"])[idx], "labels": np.array(new_labels),
-            "breeds": [data["breeds"][b] for b in chosen],
-            "names": [names[i] for i in idx] if names is not None else [str(i) for i in idx]}
 
 
 # ---- scoring ---------------------------------------------------------------------------------

@@ -86,14 +86,19 @@ def check_train(e):
         train_config(e, data="x", out="x")
     except (ValueError, KeyError, TypeError) as exc:
         problems.insert(0, str(exc).strip("'\""))
+    if "subset" in e:
+        try:
+            subset_spec(e)
+        except ValueError as exc:
+            problems.append(str(exc))
     if problems:
         raise ValueError("; ".join(problems))
 
 
 KINDS = {"throughput": ({"models", "batch_sizes", "precisions", "memory_formats", "seconds", "profile"}, {"profile"},
                         lambda e: probe_configs(e)),
-         "train": ({"model", "budget", "snapshots", "options", "bn"}, {"snapshots", "options", "bn"},  # bn: the
-                   check_train),  # final point also with these
+         "train": ({"model", "budget", "snapshots", "options", "bn", "subset"},  # bn: the final point also
+                   {"snapshots", "options", "bn", "subset"}, check_train),  # with these; subset: of the photos
          "score-timing": (set(), set(), lambda e: None)}
 
 
@@ -216,6 +221,46 @@ def cmd_queue(args):
         state = (f"measured: {args.ledger.name} lines {', '.join(map(str, lines))}" if lines else
                  f"pending (~{estimate(e, SCORE_S_PER_IMAGE['cuda'], 10_000):.0f} s on a GPU)")
         print(f"| {i} | {e['id']} | {e['kind']} | {e['question']} | {state} |")
+
+
+# ---- the subset: the many-passes regime in a short run ---------------------------------------
+# An entry's "subset" trains on a class-balanced part of the photos (tools/cpu_proxy.py's every
+# entry; a GPU train entry's optionally), so that a short run shows each crop as often as a long
+# one shows the whole data.
+def take_subset(data, size, breeds=0, seed=0):
+    """size crops of data, class-balanced: `breeds` breeds drawn with seed (0: every breed), the same
+    number of crops from each, drawn with seed; labels renumbered 0..breeds-1 in the breeds' order."""
+    labels = np.asarray(data["labels"])
+    all_breeds = sorted(set(labels.tolist()))
+    k = breeds or len(all_breeds)
+    if k > len(all_breeds):
+        raise BenchError(f"subset: {k} breeds asked, the data has {len(all_breeds)}")
+    if size % k:
+        raise BenchError(f"subset: {size} crops do not split evenly over {k} breeds")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(all_breeds, k, replace=False).tolist()) if breeds else all_breeds
+    idx, new_labels = [], []
+    for j, b in enumerate(chosen):
+        pool = np.flatnonzero(labels == b)
+        if len(pool) < size // k:
+            raise BenchError(f"subset: breed {data['breeds'][b]} has {len(pool)} crops, {size // k} asked")
+        idx += sorted(rng.choice(pool, size // k, replace=False).tolist())
+        new_labels += [j] * (size // k)
+    names = data.get("names")
+    return {"images": np.asarray(data["images"])[idx], "labels": np.array(new_labels),
+            "breeds": [data["breeds"][b] for b in chosen],
+            "names": [names[i] for i in idx] if names is not None else [str(i) for i in idx]}
+
+
+def subset_spec(e):
+    s = e["subset"]
+    if not isinstance(s, dict) or set(s) - {"size", "breeds", "seed"} or "size" not in s:
+        raise ValueError('subset: {"size": CROPS, "breeds": BREEDS (0: all), "seed": SEED}')
+    size, breeds, seed = s["size"], s.get("breeds", 0), s.get("seed", 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, breeds, seed)) or size < 1 \
+            or breeds < 0 or seed < 0 or (breeds and size % breeds):
+        raise ValueError(f"subset {s}: size >= 1, breeds >= 0 dividing it, seed >= 0 (integers)")
+    return size, breeds, seed
 
 
 # ---- pack: what goes to the GPU ---------------------------------------------------------------
@@ -390,7 +435,7 @@ def run_train(run, e):
     """The generated kernel, as a user runs it; then every point of the run scored."""
     out = run.work / e["id"]
     shutil.rmtree(out, ignore_errors=True)
-    cmd = kernel_command(e, run.args.data, out, run.args.device)
+    cmd = kernel_command(e, subset_file(run, e) if "subset" in e else run.args.data, out, run.args.device)
     run.log(f"{e['id']}: {' '.join(cmd)}")
     with open(run.out / "run.log", "a") as fh:
         proc = subprocess.Popen([sys.executable] + cmd[1:], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
@@ -428,6 +473,19 @@ def run_train(run, e):
                 run.log(f"{e['id']}: no time left to score {len(variants)} variants of the end's generator")
                 break
             score_point(run, e, path, rate, " ".join(cmd), proc.returncode, **variant)
+
+
+def subset_file(run, e):
+    """The entry's subset of --data as a cache the kernel reads (lossless: the same pixels)."""
+    from dogkit.core.data import load_dataset, save_cache
+
+    size, breeds, seed = subset_spec(e)
+    sub = take_subset(load_dataset(str(run.args.data), log=lambda m: None), size, breeds, seed)
+    path = run.work / f"{e['id']}-subset.npz"
+    save_cache(path, dict(sub, settings={"subset": e["subset"], "of": str(run.args.data)}, summary={}),
+               codec="webp-lossless")
+    run.log(f"{e['id']}: {size:,} crops of {len(sub['breeds'])} breeds (subset seed {seed}) in {path.name}")
+    return path
 
 
 def point_name(path, exit_code):
@@ -468,13 +526,26 @@ def score_point(run, e, path, steps_per_s, command, exit_code, which=None, bn="s
               "settings": settings_text(e) + where, "steps": gen["step"], "images_seen": gen["images_seen"],
               "steps_per_s": round(steps_per_s, 2) if steps_per_s else None, "batch_size": cfg["batch_size"],
               "truncation": cfg["truncation"] or None, "seed": cfg["seed"], "fid": round(float(fid), 3),
+              **subset_keys(e, gen["images_seen"]),
               "scoring": FID_ONLY.format(device=run.common["device"], n=run.args.n_images),
               "command": command, "note": f"generator {gen_path.name}"})
 
 
 def settings_text(e):
     opts = e.get("options") or {}
-    return ", ".join(f"{k} {v}" for k, v in opts.items()) or "defaults"
+    text = ", ".join(f"{k} {v}" for k, v in opts.items()) or "defaults"
+    if "subset" not in e:
+        return text
+    size, breeds, seed = subset_spec(e)
+    return f"{text}; on {size:,} crops ({breeds or 'all'} breeds, subset seed {seed})"
+
+
+def subset_keys(e, images_seen):
+    """A subset run's ledger keys: its crops and the passes over them."""
+    if "subset" not in e:
+        return {}
+    size = subset_spec(e)[0]
+    return {"subset": size, "passes": round(images_seen / size, 2) if images_seen else None}
 
 
 def run_score_timing(run, e):

@@ -41,8 +41,14 @@ DIFFAUG_POLICIES = {"diffaug": "color,translation,cutout", "diffaug-tc": "transl
                     "diffaug-t": "translation"}  # the augment setting's DiffAugment part -> its policy
 
 
+def diffaug_policy(augment):
+    """The DiffAugment policy of an augment setting: "flip+diffaug-tc" -> "translation,cutout"; "" for none."""
+    return DIFFAUG_POLICIES.get(augment.split("+")[-1], "")
+
+
 def diff_augment(x, policy="color,translation,cutout"):
-    """DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike."""
+    """DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike; x itself
+    for the empty policy."""
     for p in policy.split(","):
         if p == "color":
             n = x.shape[0]

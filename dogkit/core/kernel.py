@@ -196,7 +196,7 @@ TRAIN_OPTIONS = (
     ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
     ("--memory-format", str, "contiguous", MEMORY_FORMATS,
      "channels_last: NHWC weights and batches, the layout of tensor cores (default contiguous)"),
-    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan only)"),
+    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan and dcgan)"),
     ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
                                            "scaling, eager: T4, P100)"),
     ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),

@@ -1,4 +1,5 @@
 """One CPU training step and sampling for every registered model (mimicry-style)."""
+import importlib
 import pytest
 import torch
 
@@ -139,11 +140,19 @@ def test_diffaugment_policies_do_what_they_say():
     assert not torch.equal(diff_augment(ones * 0.5, "color"), ones * 0.5)
 
 
+@pytest.mark.parametrize("name", ["biggan", "dcgan"])
 @pytest.mark.parametrize("augment, policy", [("flip+diffaug-t", "translation"),
                                              ("flip+diffaug-tc", "translation,cutout"),
-                                             ("flip+diffaug", "color,translation,cutout"), ("flip", "")])
-def test_biggan_takes_the_diffaugment_policy_of_its_augment_setting(augment, policy):
-    entry = registry.get("biggan")
+                                             ("flip+diffaug", "color,translation,cutout"),
+                                             ("crop-flip+diffaug", "color,translation,cutout"), ("flip", "")])
+def test_a_diffaugment_model_shows_d_what_its_augment_setting_says(name, augment, policy, monkeypatch):
+    entry = registry.get(name)
     model = entry.cls(with_settings(with_settings(TrainConfig(), entry.settings),
-                                    dict(width=4, device="cpu", augment=augment)), 3, torch.device("cpu"))
-    assert model.policy == policy and model.diffaug == bool(policy)
+                                    dict(width=4, device="cpu", augment=augment, batch_size=4)), 3, torch.device("cpu"))
+    assert model.policy == policy and "diffaug" in model.applies
+    module = importlib.import_module(type(model).__module__)
+    calls = []
+    monkeypatch.setattr(module, "diff_augment", lambda x, p: calls.append(p) or x)
+    real = torch.rand(4, 3, 64, 64) * 2 - 1
+    model.step(lambda: (real, torch.zeros(4, dtype=torch.long)))
+    assert calls == [policy] * 3  # D's real, fake and generator passes, each through the policy

@@ -58,6 +58,20 @@ def test_schedule_is_a_function_of_progress():
     assert ema_weight(0.3, cfg) == pytest.approx(0.001)
 
 
+def test_a_per_step_decay_averages_over_the_same_images_on_one_gpu_or_two():
+    """Two ranks show twice the images a step: two single-GPU steps of decay d are one step of d**2."""
+    from dogkit.core.train import ema_line
+
+    cfg = with_settings(TrainConfig(), {"ema_decay": 0.999, "ema_start": 0.2, "batch_size": 64})
+    one = 1 - ema_weight(0.5, cfg, world_size=1)
+    assert 1 - ema_weight(0.5, cfg, world_size=2) == pytest.approx(one ** 2)
+    assert ema_weight(0.1, cfg, world_size=2) == 1.0  # a plain copy until ema_start, as on one GPU
+    assert ema_line(cfg) == ("EMA        decay 0.999 per 64 images from p=0.2: a half-life of 44.3k images "
+                             "on any number of GPUs")  # log(0.5) / log(0.999) = 692.8 steps of 64
+    assert ema_line(with_settings(cfg, {"ema_decay": 0.0})).endswith("G_ema is G")
+    assert "half-life 10k images" in ema_line(with_settings(cfg, {"ema_kimg": 10.0}))
+
+
 def test_ema_half_life_in_images_with_a_ramp_up():
     """StyleGAN2-ADA's rule: beta = 0.5 ** (batch / half-life), half-life = min(kimg, 5 % seen)."""
     cfg = with_settings(TrainConfig(), {"ema_kimg": 10.0, "batch_size": 32})
@@ -272,7 +286,7 @@ def test_augment_is_checked(tmp_path, tiny_dataset):
     with pytest.raises(ValueError, match="choose from"):
         Trainer(tiny_cfg(tmp_path, augment="flipp"), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
     with pytest.raises(ValueError, match="does not apply DiffAugment"):
-        Trainer(tiny_cfg(tmp_path, augment="flip+diffaug"), registry.get("dcgan").cls, data=tiny_dataset,
+        Trainer(tiny_cfg(tmp_path, augment="flip+diffaug"), registry.get("gan").cls, data=tiny_dataset,
                 log=lambda m: None)
 
 

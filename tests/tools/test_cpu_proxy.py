@@ -40,11 +40,12 @@ def test_the_committed_queue_is_valid():
 def test_bad_entries_are_refused_with_every_problem(tmp_path):
     bad = entry(id="b", model="nope", subset={"size": 10, "breeds": 3}, points=[0.5], seeds=[1, 1],
                 options={"budget": "8m"}, extra=1)
-    worse = entry(id="c", options={"augment": "flip+diffaug", "lecam": 0.3}, images=0)
+    worse = entry(id="c", model="gan", options={"augment": "flip+diffaug", "lecam": 0.3}, images=0)
     with pytest.raises(gpu_bench.BenchError) as err:
         cpu_proxy.load_queue(write_queue(tmp_path / "q.json", [bad, entry(id="b"), worse]))
     text = str(err.value)
-    for needle in ("unknown key 'extra'", "id used twice", "does not apply DiffAugment", "images 0"):
+    for needle in ("unknown key 'extra'", "id used twice", "does not apply DiffAugment", "gan does not apply LeCam",
+                   "images 0"):
         assert needle in text, needle
     with pytest.raises(gpu_bench.BenchError) as err:
         cpu_proxy.load_queue(write_queue(tmp_path / "q.json", [entry(id="b", model="nope"),
@@ -152,14 +153,22 @@ def test_the_ledger_refuses_an_eval_below_the_stated_n(rehearsal_inputs, capsys)
     assert "--n-images 100: the results ledger takes rows of 2,048" in capsys.readouterr().err
 
 
-def test_proxy_verdicts_name_ties():
-    def arm(kid, err):
-        return {"kid": kid, "kid_err": err}
+def test_proxy_verdicts_compare_over_seeds_and_name_ties():
+    def arm(*kids, seeds=None):
+        seeds = seeds or range(len(kids))
+        mean = sum(kids) / len(kids)
+        err = (sum((k - mean) ** 2 for k in kids) / (len(kids) - 1) / len(kids)) ** 0.5 if len(kids) > 1 else 0.001
+        return {"kid": mean, "kid_err": err, "seeds": len(kids), "by_seed": dict(zip(seeds, kids))}
 
-    best = arm(1.0, 0.1)
+    best = arm(0.20, 0.18, 0.22)
     assert ledger.verdict(best, best) == "best"
-    assert ledger.verdict(arm(1.2, 0.1), best).startswith("tie with best (1.4 SE)")
-    assert ledger.verdict(arm(1.5, 0.1), best) == "worse by 3.5 SE"
+    # the same seeds' offsets: paired, the seed spread cancels (differences 0.010, 0.012, 0.011)
+    assert ledger.verdict(arm(0.210, 0.192, 0.231), best) == "worse by 19.1 SE (paired over 3 seeds)"
+    # unpaired (other seeds): the means' errors over seeds, a tie
+    assert ledger.verdict(arm(0.21, 0.19, 0.23, seeds=[5, 6, 7]), best) == "tie with best (0.6 SE, over seeds)"
+    lucky = arm(0.15)  # one seed, better than any mean: neither best nor judged
+    assert ledger.verdict(lucky, best) == "one seed: no verdict"
+    assert ledger.best_arm([lucky, best]) is best and ledger.best_arm([lucky]) is lucky
 
 
 def test_a_comparison_runs_seed_by_seed():

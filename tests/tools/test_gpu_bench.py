@@ -32,10 +32,15 @@ def write_queue(path, entries):
 
 def test_the_committed_queue_is_valid():
     entries = gpu_bench.load_queue(gpu_bench.QUEUE)
-    assert [e["kind"] for e in entries[:3]] == ["throughput", "score-timing", "train"]
-    assert entries[2]["model"] == "biggan" and entries[2]["budget"] == "8m"
-    cap = 570.0  # a 10-minute command with 30 s kept: an 8-minute entry with its three points fits beside the GPU tests
-    assert gpu_bench.estimate(entries[2], gpu_bench.SCORE_S_PER_IMAGE["cuda"], 10_000) < cap - 40
+    cap = 570.0  # a 10-minute command with 30 s kept, the GPU tests (< 40 s) run first
+    cost = lambda e: gpu_bench.estimate(e, gpu_bench.SCORE_S_PER_IMAGE["cuda"], 10_000)  # noqa: E731
+    confirm = entries[:2]  # the CPU proxies' top finding first: both arms on one subset, in one command
+    assert [e.get("options", {}).get("augment", "flip") for e in confirm] == ["flip", "flip+diffaug"]
+    assert confirm[0]["subset"] == confirm[1]["subset"] and confirm[0]["budget"] == confirm[1]["budget"]
+    assert sum(map(cost, confirm)) + 30 < cap - 40  # 30 s: the two subsets decoded and written
+    assert [e["kind"] for e in entries[2:5]] == ["throughput", "score-timing", "train"]
+    assert entries[4]["model"] == "biggan" and entries[4]["budget"] == "8m"
+    assert cost(entries[4]) < cap - 40  # an 8-minute entry with its three points fits beside the GPU tests
 
 
 def test_a_bad_queue_lists_every_problem(tmp_path):
@@ -50,13 +55,16 @@ def test_a_bad_queue_lists_every_problem(tmp_path):
          "bn": ["eval"]},
         {"id": "e", "kind": "throughput", "question": "?", "models": ["dcgan"], "batch_sizes": [64],
          "precisions": ["fp32"], "memory_formats": ["contiguous"], "seconds": 4, "profile": ["bigan"]},
+        {"id": "f", "kind": "train", "model": "biggan", "budget": "8m", "question": "?",
+         "subset": {"size": 100, "breeds": 3}},
     ])
     with pytest.raises(gpu_bench.BenchError) as err:
         gpu_bench.load_queue(q)
     text = str(err.value)
     for needle in ("precison", "bigan", "unknown key 'colour'", "id used twice", "kind 'sweep'",
                    "entry 4 (d): options: sessions not settable here", "bn 'eval': choose from running, batch",
-                   "entry 5 (e): not a model, precision, memory format or batch size: bigan"):
+                   "entry 5 (e): not a model, precision, memory format or batch size: bigan",
+                   "entry 6 (f): subset {'size': 100, 'breeds': 3}: size >= 1, breeds >= 0 dividing it"):
         assert needle in text, text
 
 
@@ -99,6 +107,8 @@ def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception
         {"id": "timing", "kind": "score-timing", "question": "how fast is dogkit score?"},
         {"id": "tiny-run", "kind": "train", "model": "dcgan", "budget": "60s", "snapshots": [0.5], "options": tiny,
          "bn": ["batch"], "question": "does the loop work?"},
+        {"id": "tiny-subset", "kind": "train", "model": "dcgan", "budget": "20s", "question": "many passes?",
+         "subset": {"size": 12, "breeds": 2, "seed": 1}, "options": {"width": 8, "batch_size": 8, "n_samples": 64}},
     ])
     book = tmp_path / "ledger.jsonl"
     book.write_text("")
@@ -112,7 +122,12 @@ def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception
     assert "too-long: not started" in log
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["entry"]) for r in rows] == ([("throughput", "probe")] * 2 + [("timing", "timing")]
-                                                       + [("run", "tiny-run")] * 4)
+                                                       + [("run", "tiny-run")] * 4 + [("run", "tiny-subset")])
+    sub = rows.pop()  # the kernel trained on the entry's 12 crops: its row says so, with the passes over them
+    assert sub["subset"] == 12 and sub["passes"] == pytest.approx(sub["images_seen"] / 12, abs=0.01)
+    assert sub["passes"] > 1
+    assert sub["settings"].endswith("on 12 crops (2 breeds, subset seed 1)")
+    assert "tiny-subset: 12 crops of 2 breeds (subset seed 1)" in log
     assert rows[2]["seconds"] > 0 and "dogkit score of 300 images" in rows[2]["settings"]
     rows = [r for r in rows if r["kind"] != "timing"]
     assert rows[1]["settings"].endswith("channels_last") and all(r["steps_per_s"] > 0 for r in rows)
@@ -128,9 +143,9 @@ def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception
 
     assert gpu_bench.main(base + ["ingest", str(out), "--runs", str(tmp_path / "runs"), "--name", "b1"]) == 0
     assert gpu_bench.main(base + ["ingest", str(out), "--runs", str(tmp_path / "runs"), "--name", "b1"]) == 0
-    assert len(ledger.load(book)) == 7  # ingesting twice adds nothing
+    assert len(ledger.load(book)) == 8  # ingesting twice adds nothing
     back = tmp_path / "runs" / "b1"
-    assert {p.name for p in back.glob("*.pt")} == {"tiny-run-final.pt", "tiny-run-p0.5.pt",
+    assert {p.name for p in back.glob("*.pt")} == {"tiny-run-final.pt", "tiny-run-p0.5.pt", "tiny-subset-final.pt",
                                                    "tiny-run-final-ema0.5k.pt", "tiny-run-final-bnbatch.pt"}
     assert (back / "tiny-run-log.jsonl").exists()
     assert "Self CPU" in (back / "probe-profile-dcgan.txt").read_text()  # torch.profiler's table
@@ -147,7 +162,7 @@ def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception
         assert "off by" in r["note"]
     assert gpu_bench.main(base + ["score", str(back), "--reference", str(tmp_path / "ref.npz"),
                                   "--n-images", "40"]) == 0
-    assert len(ledger.load(book)) == 11  # resumable: the two scored are skipped, the extra copy and batch BN now
+    assert len(ledger.load(book)) == 13  # resumable: the two scored are skipped; the extra copy, batch BN, subset now
 
     capsys.readouterr()
     assert gpu_bench.main(base + ["queue"]) == 0
@@ -159,6 +174,7 @@ def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception
 def test_every_queued_kernel_command_parses_as_the_kernel_reads_it():
     """The flags the bench passes (--memory-format, --ema-kimg, --d-width ...) are the kernel's own."""
     from dogkit.core import kernel, registry
+    from dogkit.core.train import parse_budget
 
     for e in gpu_bench.load_queue(gpu_bench.QUEUE):
         if e["kind"] != "train":
@@ -169,4 +185,4 @@ def test_every_queued_kernel_command_parses_as_the_kernel_reads_it():
         cfg = kernel.config_from_options(registry.get(e["model"]).settings, vars(args))
         for k, v in (e.get("options") or {}).items():
             assert getattr(cfg, k) == v, (e["id"], k)
-        assert cfg.budget == 480.0 and args.gpus == 1
+        assert cfg.budget == parse_budget(e["budget"]) and cfg.budget in (210.0, 480.0) and args.gpus == 1

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from dogkit.core.augment import DIFFAUG_POLICIES, diff_augment
+from dogkit.core.augment import diff_augment, diffaug_policy
 from dogkit.core.models.common import SelfAttention, adam, backward_step, lecam_penalty, sn_conv, sn_linear
 
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
@@ -154,7 +154,7 @@ class BigGAN:
 
     name = "biggan"
     conditional = True
-    applies = ("lecam", "d_width", "d_steps")  # LeCam on D's loss, D's own width, several D steps
+    applies = ("diffaug", "lecam", "d_width", "d_steps")  # DiffAugment, LeCam, D's own width, several D steps
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg
@@ -163,11 +163,7 @@ class BigGAN:
         self.D = BigGANDiscriminator(cfg.d_width or cfg.width, self.n_classes).to(device)
         self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
         self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
-        self.diffaug = "diffaug" in cfg.augment
-        self.policy = DIFFAUG_POLICIES.get(cfg.augment.split("+")[-1], "")
-
-    def augment(self, x):
-        return diff_augment(x, self.policy) if self.diffaug else x
+        self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
 
     def step(self, batch):
         for _ in range(self.cfg.d_steps - 1):  # extra D steps first, each on a fresh batch
@@ -183,8 +179,8 @@ class BigGAN:
         fake = self.G(z, fake_labels)
 
         self.opt_d.zero_grad(set_to_none=False)
-        d_real = self.D(self.augment(real), labels)
-        d_fake = self.D(self.augment(fake.detach()), fake_labels)
+        d_real = self.D(diff_augment(real, self.policy), labels)
+        d_fake = self.D(diff_augment(fake.detach(), self.policy), fake_labels)
         if cfg.loss == "hinge":
             loss_d = F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
         else:
@@ -200,7 +196,7 @@ class BigGAN:
     def g_step(self, fake, fake_labels, loss_d, losses):
         cfg = self.cfg
         self.opt_g.zero_grad(set_to_none=False)
-        d_gen = self.D(self.augment(fake), fake_labels)
+        d_gen = self.D(diff_augment(fake, self.policy), fake_labels)
         if cfg.loss == "hinge":
             loss_g = -d_gen.mean()
         else:

@@ -17,8 +17,10 @@ class ModelContract:
         conditional: True when G and D take breed labels (G(z, labels)); the trainer then passes
             the data's breeds and samples them class-balanced.
     Optional class attributes:
-        applies: the model-specific settings its step reads, of "lecam", "d_width", "d_steps"
-            (train.MODEL_SPECIFIC); any of them set for a model that does not list it is an error.
+        applies: the model-specific settings its step reads, of "diffaug" (an augment setting with
+            "+diffaug": the step passes what D sees through diff_augment), "lecam", "d_width",
+            "d_steps" (train.MODEL_SPECIFIC); any of them set for a model that does not list it is
+            an error.
     __init__(cfg, n_classes, device): builds everything on device from a TrainConfig.
     Instance attributes after __init__:
         G: the generator, an nn.Module called as G(z, labels) (labels None when unconditional),
@@ -26,7 +28,6 @@ class ModelContract:
         D: the discriminator (nn.Module), or None for a model without an adversary.
         opt_g, opt_d: their optimisers (opt_d None exactly when D is None); a tensor learning rate
             on CUDA (adam/nadam below), so a captured CUDA graph sees the schedule.
-        diffaug: optional, True when the step applies DiffAugment.
     step(batch): one training step; batch() returns (images in [-1, 1], labels) and may be called
         more than once; updates go through backward_step(opt, loss) (fp16 loss scaling); returns
         a dict of detached 0-d tensors to log, the losses named loss_* (read at log lines only:

@@ -6,11 +6,13 @@
 # the real images, Adam lr 5e-4 betas (0.5, 0.999), batch 32, z of 128, RandomResizedCrop
 # (scale 0.8-1.0, ratio 3/4-4/3) and horizontal flips. Real and fake images go through D in
 # separate batches (separate batch-norm statistics), as the report does. dogkit adds an EMA of G
-# over about 10,000 steps (decay 0.9999) with re-estimated batch-norm statistics for sampling.
+# over about 10,000 steps (decay 0.9999) with re-estimated batch-norm statistics for sampling,
+# and DiffAugment on what D sees of real and fake alike as an option (augment "crop-flip+diffaug").
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dogkit.core.augment import diff_augment, diffaug_policy
 from dogkit.core.models.common import adam, backward_step, dcgan_init
 
 DCGAN_SETTINGS = dict(lr_g=5e-4, lr_d=5e-4, beta1=0.5, beta2=0.999, batch_size=32, z_dim=128,
@@ -58,6 +60,7 @@ class DCGAN:
 
     name = "dcgan"
     conditional = False
+    applies = ("diffaug",)
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg
@@ -67,6 +70,7 @@ class DCGAN:
         self.D.apply(dcgan_init)
         self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
         self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
 
     def step(self, batch):
         cfg = self.cfg
@@ -78,14 +82,14 @@ class DCGAN:
         fake = self.G(z)
 
         self.opt_d.zero_grad(set_to_none=False)
-        d_real = self.D(real)
-        d_fake = self.D(fake.detach())
+        d_real = self.D(diff_augment(real, self.policy))
+        d_fake = self.D(diff_augment(fake.detach(), self.policy))
         loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, cfg.real_label)) +
                   F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
         backward_step(self.opt_d, loss_d)
 
         self.opt_g.zero_grad(set_to_none=False)
-        d_gen = self.D(fake)
+        d_gen = self.D(diff_augment(fake, self.policy))
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
         backward_step(self.opt_g, loss_g)
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
