@@ -25,7 +25,7 @@ Contents (line numbers):
    1179  Sampling
    1393  Augmentation
    1427  Training
-   2561  Entry point
+   2562  Entry point
 """
 import argparse
 import contextlib
@@ -2372,7 +2372,8 @@ def check_model_options(cfg, model):
     problems = [f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}"
                 for name, off, what in MODEL_SPECIFIC if getattr(cfg, name) != off and name not in applies]
     if "diffaug" in cfg.augment and "diffaug" not in applies:
-        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment (biggan and dcgan do)")
+        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment "
+                           "(biggan and dcgan do)")
     if problems:
         raise ValueError("; ".join(problems))
 

@@ -964,7 +964,8 @@ def check_model_options(cfg, model):
     problems = [f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}"
                 for name, off, what in MODEL_SPECIFIC if getattr(cfg, name) != off and name not in applies]
     if "diffaug" in cfg.augment and "diffaug" not in applies:
-        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment (biggan and dcgan do)")
+        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment "
+                           "(biggan and dcgan do)")
     if problems:
         raise ValueError("; ".join(problems))
 
