@@ -4,7 +4,7 @@ kernels' own code on a small class-balanced subset of the photos for hundreds of
 learning curve measured (KID and FID of generated images against the full reference, and d) and
 written to the results ledger, one row per point, as the points are reached.
 
-    python tools/cpu_proxy.py queue                       # each entry and seed: done, partial or pending
+    python tools/cpu_proxy.py queue                       # each entry and seed: done, partial, started or pending
     python tools/cpu_proxy.py run                         # the pending runs, in queue order (resumes)
     python tools/cpu_proxy.py run --only proxy-biggan-flip --max-points 2
     nohup python tools/cpu_proxy.py run > runs/proxy.log 2>&1 &    # in the background
@@ -200,6 +200,7 @@ def open_run(e, seed, args, data, say):
     """(trainer, its folder, the last point passed) for one run of e: fresh, or resumed from the
     folder's checkpoint."""
     from dogkit.core import registry
+    from dogkit.core.runtime import RunError
     from dogkit.core.train import Trainer, load_checkpoint
 
     folder = Path(args.work) / f"{e['id']}-s{seed}"
@@ -213,7 +214,10 @@ def open_run(e, seed, args, data, say):
     ckpt, points_file = folder / "checkpoint.pt", folder / "points.json"
     passed = -1  # the last point whose rows and checkpoint are written
     if ckpt.exists():
-        load_checkpoint(tr, str(ckpt), same_session=True)
+        try:
+            load_checkpoint(tr, str(ckpt), same_session=True)
+        except RunError as exc:  # another program's file, a hand edit: never a traceback, never overwritten
+            raise gpu_bench.BenchError(f"{exc}; move the folder {folder} away to start this run afresh") from None
         passed = json.loads(points_file.read_text())["passed"] if points_file.exists() else -1
         say(f"{e['id']} seed {seed}: resumed at {tr.images_seen:,} images")
     with open(folder / "options.json", "w") as fh:
@@ -325,10 +329,22 @@ def parse_extra(e):
     return parse_ema_extra((e.get("options") or {}).get("ema_extra", ""))
 
 
+def started_at(folder):
+    """Where a run's checkpoint is (an interrupted run resumes there), in words; None without one."""
+    from dogkit.core.runtime import RunError
+    from dogkit.core.train import read_checkpoint
+
+    path = folder / "checkpoint.pt"
+    try:
+        return f"checkpoint at {read_checkpoint(str(path))['images_seen']:,} images" if path.exists() else None
+    except (RunError, KeyError):
+        return "checkpoint unreadable (`run` says why)"
+
+
 # ---- commands ----------------------------------------------------------------------------------
 def cmd_queue(args):
     entries = load_queue(args.queue)
-    rows = ledger.load(args.ledger)
+    rows = ledger.load(args.ledger) if Path(args.ledger).exists() else []
     rates = {}
     for r in rows:
         if r["kind"] == "proxy" and r["seconds"]:
@@ -337,7 +353,9 @@ def cmd_queue(args):
     for e, seed, have, want in runs_of(entries, rows):
         size = subset_spec(e)[0]
         rate = statistics.median(rates[e["id"]]) if e["id"] in rates else None
-        state = ("done" if have >= want else f"{have} of {want} rows" if have else "pending") + (
+        at = started_at(Path(args.work) / f"{e['id']}-s{seed}") if have < want else None
+        state = ("done" if have >= want else f"{have} of {want} rows" if have else "started" if at else "pending") + (
+            f", {at}" if at else "") + (
             f" (~{e['images'] / rate / 60:.0f} min of training at {rate:.0f} images/s)" if rate and have < want else "")
         print(f"| {e['id']} | {seed} | {e['model']} | {size} | {e['images']:,} | {e['images'] / size:.0f} | {state} |")
 
@@ -458,7 +476,9 @@ def main(argv=None):
     parser.add_argument("--ledger", type=Path, default=ledger.LEDGER, help="results ledger (default %(default)s)")
     parser.add_argument("--queue", type=Path, default=QUEUE, help="proxy queue (default %(default)s)")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("queue", help="each entry and seed: done, partial or pending, with its estimate")
+    q = sub.add_parser("queue", help="each entry and seed: done, partial, started (a checkpoint, no row yet) "
+                                     "or pending, with its estimate")
+    q.add_argument("--work", default=str(WORK), help="run folders: checkpoints, logs (default %(default)s)")
     r = sub.add_parser("run", help="train and score the pending runs in queue order (resumes a half-done run)")
     w = sub.add_parser("sweep", help="the finished runs' final EMA generators at other truncations")
     w.add_argument("--truncations", default="0,1,2", help="comma-separated, 0: none (default %(default)s)")

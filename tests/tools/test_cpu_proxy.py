@@ -120,6 +120,9 @@ def test_a_tiny_entry_end_to_end_and_a_stopped_run_resumes_to_the_same_rows(rehe
     assert rehearse(folder, "parts", "--max-points", "1") == 0
     assert len(ledger.load(folder / "parts.jsonl")) == 1
     assert "--max-points reached" in capsys.readouterr().out
+    queue = ["--ledger", str(folder / "parts.jsonl"), "--queue", str(folder / "queue.json"), "queue"]
+    assert cpu_proxy.main(queue + ["--work", str(folder / "parts")]) == 0
+    assert "| t | 0 | dcgan | 24 | 64 | 3 | 1 of 3 rows, checkpoint at 32 images" in capsys.readouterr().out
     assert rehearse(folder, "parts") == 0
     assert "resumed at 32 images" in capsys.readouterr().out
     parts = ledger.load(folder / "parts.jsonl")
@@ -128,12 +131,25 @@ def test_a_tiny_entry_end_to_end_and_a_stopped_run_resumes_to_the_same_rows(rehe
 
     assert rehearse(folder, "parts") == 0  # nothing is measured twice
     assert "nothing pending" in capsys.readouterr().out and len(ledger.load(folder / "parts.jsonl")) == 3
-    assert cpu_proxy.main(["--ledger", str(folder / "parts.jsonl"), "--queue", str(folder / "queue.json"), "queue"]) == 0
+    assert cpu_proxy.main(queue) == 0
     assert "| t | 0 | dcgan | 24 | 64 | 3 | done |" in capsys.readouterr().out
     table = ledger.table_proxy(parts)
     assert len(table) == 2 + 2 and "| dcgan | 24 | 64 (3) | t |" in table[2]
     assert cpu_proxy.main(["--ledger", str(folder / "parts.jsonl"), "plot", str(folder / "kid.png")]) == 0
     assert (folder / "kid.png").stat().st_size > 1000
+
+    # a checkpoint that is not one (another program's file) is refused in one line, and left there
+    junk = folder / "junk" / "t-s0" / "checkpoint.pt"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert rehearse(folder, "junk") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not readable as a dogkit checkpoint" in err and "move the folder" in err
+    assert junk.read_bytes() == b"not a checkpoint"
+    assert cpu_proxy.main(["--ledger", str(folder / "junk.jsonl"), "--queue", str(folder / "queue.json"), "queue",
+                           "--work", str(folder / "junk")]) == 0
+    assert "| 3 | started, checkpoint unreadable (`run` says why) |" in capsys.readouterr().out
 
     # the final generator at other truncations: dcgan's own (none) is measured already, 1 is added once
     sweep = ["--ledger", str(folder / "parts.jsonl"), "--queue", str(folder / "queue.json"), "sweep",
