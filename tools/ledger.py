@@ -222,7 +222,7 @@ def verdict(arm, best):
     """The arm against its group's best. Seeds move KID far more than its sampling error (two
     seeds of one arm: 0.212 and 0.187, each +- 0.0014), so arms are compared over seeds only:
     paired by seed where they share two or more (the mean and standard error of the per-seed
-    differences), else by the two means' standard errors over seeds; an arm with one seed gets no
+    differences, and on how many seeds the arm is worse), else by the two means' standard errors over seeds; an arm with one seed gets no
     verdict, and one over two seeds (an error from one degree of freedom) is called a hint. Under
     two standard errors: a tie."""
     if arm is best:
@@ -230,7 +230,9 @@ def verdict(arm, best):
     shared = sorted(set(arm["by_seed"]) & set(best["by_seed"]))
     if len(shared) >= 2:
         diffs = [arm["by_seed"][s] - best["by_seed"][s] for s in shared]
-        gap, how = sum(diffs) / len(diffs), f"paired over {len(shared)} seeds" + (": a hint" if len(shared) < 3 else "")
+        worse = sum(d > 0 for d in diffs)  # how many seeds agree, beside the error (two seeds' error has 1 dof)
+        gap, how = sum(diffs) / len(diffs), (f"paired over {len(shared)} seeds, worse on {worse}"
+                                             + (": a hint" if len(shared) < 3 else ""))
         err = math.sqrt(sum((d - gap) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
     elif arm["seeds"] >= 2 and best["seeds"] >= 2:
         gap, how = arm["kid"] - best["kid"], "over seeds" + (": a hint" if min(arm["seeds"], best["seeds"]) < 3 else "")

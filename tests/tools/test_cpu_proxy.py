@@ -179,10 +179,12 @@ def test_proxy_verdicts_compare_over_seeds_and_name_ties():
     best = arm(0.20, 0.18, 0.22)
     assert ledger.verdict(best, best) == "best"
     # the same seeds' offsets: paired, the seed spread cancels (differences 0.010, 0.012, 0.011)
-    assert ledger.verdict(arm(0.210, 0.192, 0.231), best) == "worse by 19.1 SE (paired over 3 seeds)"
+    assert ledger.verdict(arm(0.210, 0.192, 0.231), best) == "worse by 19.1 SE (paired over 3 seeds, worse on 3)"
     # unpaired (other seeds): the means' errors over seeds, a tie
     assert ledger.verdict(arm(0.21, 0.19, 0.23, seeds=[5, 6, 7]), best) == "tie with best (0.6 SE, over seeds)"
-    assert ledger.verdict(arm(0.210, 0.192), arm(0.20, 0.18)) == "worse by 11.0 SE (paired over 2 seeds: a hint)"
+    assert ledger.verdict(arm(0.210, 0.192), arm(0.20, 0.18)) == "worse by 11.0 SE (paired over 2 seeds, worse on 2: a hint)"
+    # a tie that one seed turns: the count says so beside the error
+    assert ledger.verdict(arm(0.21, 0.17, 0.23), best) == "tie with best (0.5 SE, paired over 3 seeds, worse on 2)"
     lucky = arm(0.15)  # one seed, better than any mean: neither best nor judged
     assert ledger.verdict(lucky, best) == "one seed: no verdict"
     assert ledger.best_arm([lucky, best]) is best and ledger.best_arm([lucky]) is lucky
