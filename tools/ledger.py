@@ -222,9 +222,9 @@ def verdict(arm, best):
     """The arm against its group's best. Seeds move KID far more than its sampling error (two
     seeds of one arm: 0.212 and 0.187, each +- 0.0014), so arms are compared over seeds only:
     paired by seed where they share two or more (the mean and standard error of the per-seed
-    differences, and on how many seeds the arm is worse), else by the two means' standard errors over seeds; an arm with one seed gets no
-    verdict, and one over two seeds (an error from one degree of freedom) is called a hint. Under
-    two standard errors: a tie."""
+    differences, and on how many seeds the arm is worse), else by the two means' standard errors
+    over seeds; an arm with one seed gets no verdict, and one over two seeds (an error from one
+    degree of freedom) is called a hint. Under two standard errors: a tie."""
     if arm is best:
         return "best"
     shared = sorted(set(arm["by_seed"]) & set(best["by_seed"]))
@@ -265,8 +265,22 @@ def table_proxy(rows):
     return out
 
 
+def table_proxy_short(rows):
+    """The README's view of table_proxy: per group, each arm's generator, seeds, KID and verdict."""
+    out = ["| CPU proxy | arm | generator | seeds | KID x1e3 | against the group's best |", "|---|---|---|---|---|---|"]
+    for (model, subset, seen), arms in sorted(proxy_arms(rows).items()):
+        arms.sort(key=lambda a: a["kid"])
+        best = best_arm(arms)
+        for a in arms:
+            generator = re.split(r" \(|:", a["note"])[0]  # "G_ema (decay ...)" -> "G_ema"
+            out.append(f"| {model}, {subset:,} crops, {a['passes']:.0f} passes | {a['entry'].removeprefix('proxy-')} | "
+                       f"{generator} | {a['seeds']} | {1e3 * a['kid']:.1f} ± {1e3 * a['kid_err']:.1f} | "
+                       f"{verdict(a, best)} |")
+    return out
+
+
 TABLES = {"best": table_best, "runs": table_runs, "sweep": table_sweep, "throughput": table_throughput, "timing": table_timing,
-          "cleaning": table_cleaning, "proxy": table_proxy}
+          "cleaning": table_cleaning, "proxy": table_proxy, "proxy-short": table_proxy_short}
 
 
 def block(name):
