@@ -452,18 +452,23 @@ def cmd_plot(args):
     groups = sorted({(r["model"], r["subset"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, (model, subset) in zip(axes[0], groups):
-        arms = {}
+        arms, curves = {}, {}
         for r in rows:
             if (r["model"], r["subset"]) == (model, subset):
                 arms.setdefault((r["entry"], r["settings"]), {}).setdefault(r["passes"], []).append(1e3 * r["kid"])
+                curves.setdefault((r["entry"], r["settings"]), {}).setdefault(r["seed"], []).append(
+                    (r["passes"], 1e3 * r["kid"]))
         for (entry, settings), pts in sorted(arms.items()):
             xs = sorted(pts)
             means = [statistics.mean(pts[x]) for x in xs]
             ses = [statistics.stdev(pts[x]) / math.sqrt(len(pts[x])) if len(pts[x]) > 1 else 0.0 for x in xs]
-            ax.errorbar(xs, means, yerr=ses, marker="o", capsize=3, label=f"{entry} ({len(pts[xs[-1]])} seeds)")
+            line = ax.errorbar(xs, means, yerr=ses, marker="o", capsize=3, linewidth=2,
+                               label=f"{entry} ({len(pts[xs[-1]])} seeds)")
+            for seed, curve in sorted(curves[(entry, settings)].items()):  # each seed faint: the pairing shows
+                ax.plot(*zip(*sorted(curve)), color=line[0].get_color(), alpha=0.3, linewidth=0.8, marker=".")
         ax.set_xlabel(f"passes over the {subset} crops (images shown / {subset})")
-        ax.set_ylabel("KID x 1e3 (lower is better), mean +- SE over seeds")
-        ax.set_title(f"CPU proxy: {model}, {subset}-crop subset")
+        ax.set_ylabel("KID x 1e3 (lower is better)")
+        ax.set_title(f"CPU proxy: {model}, {subset:,} crops\nmean +- SE over seeds; faint: each seed", fontsize=10)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
