@@ -272,7 +272,7 @@ def table_proxy_short(rows):
         arms.sort(key=lambda a: a["kid"])
         best = best_arm(arms)
         for a in arms:
-            generator = re.split(r" \(|:", a["note"])[0]  # "G_ema (decay ...)" -> "G_ema"
+            generator = re.sub(r" \((decay|half-life) [^)]*\)|: half-life .*", "", a["note"])  # "G_ema (decay ...)": G_ema
             out.append(f"| {model}, {subset:,} crops, {a['passes']:.0f} passes | {a['entry'].removeprefix('proxy-')} | "
                        f"{generator} | {a['seeds']} | {1e3 * a['kid']:.1f} ± {1e3 * a['kid_err']:.1f} | "
                        f"{verdict(a, best)} |")

@@ -190,6 +190,25 @@ def test_proxy_verdicts_compare_over_seeds_and_name_ties():
     assert ledger.best_arm([lucky, best]) is best and ledger.best_arm([lucky]) is lucky
 
 
+def test_the_readme_table_names_each_generator_and_judges_it_over_seeds():
+    def row(entry, seed, kid, note="G_ema (decay 0.999 per step from p=0.2)"):
+        return {"kind": "proxy", "model": "biggan", "subset": 120, "entry": entry, "seed": seed, "note": note,
+                "images_seen": 36000, "passes": 300.0, "settings": "augment flip", "kid": kid, "kid_se": 0.001,
+                "fid": 200.0, "distance": 0.4}
+
+    rows = [row("proxy-a", s, k) for s, k in enumerate([0.20, 0.18, 0.22])]
+    rows += [row("proxy-a", s, k + 0.01, "extra EMA copy: half-life 10k images") for s, k in enumerate([0.20, 0.18, 0.22])]
+    rows += [row("proxy-a", s, k - 0.001, "G_ema (decay 0.999 per step from p=0.2), truncation 0 (none)")
+             for s, k in enumerate([0.20, 0.19, 0.21])]
+    table = ledger.table_proxy_short(rows)
+    assert table[2:] == [  # the truncation's own label survives; the EMA's settings are the page's to say
+        "| biggan, 120 crops, 300 passes | a | G_ema, truncation 0 (none) | 3 | 199.0 ± 5.8 | best |",
+        "| biggan, 120 crops, 300 passes | a | G_ema | 3 | 200.0 ± 11.5 | "
+        "tie with best (0.2 SE, paired over 3 seeds, worse on 2) |",
+        "| biggan, 120 crops, 300 passes | a | extra EMA copy | 3 | 210.0 ± 11.5 | "
+        "tie with best (1.9 SE, paired over 3 seeds, worse on 3) |"]
+
+
 def test_a_comparison_runs_seed_by_seed():
     a, b = entry(id="a", seeds=[0, 1]), entry(id="b", seeds=[0, 1, 2])
     other = entry(id="c", model="biggan", seeds=[0])
