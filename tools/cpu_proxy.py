@@ -463,7 +463,7 @@ def cmd_plot(args):
             means = [statistics.mean(pts[x]) for x in xs]
             ses = [statistics.stdev(pts[x]) / math.sqrt(len(pts[x])) if len(pts[x]) > 1 else 0.0 for x in xs]
             line = ax.errorbar(xs, means, yerr=ses, marker="o", capsize=3, linewidth=2,
-                               label=f"{entry} ({len(pts[xs[-1]])} seeds)")
+                               label=f"{entry} ({len(pts[xs[-1]])} seed{'s' if len(pts[xs[-1]]) > 1 else ''})")
             for seed, curve in sorted(curves[(entry, settings)].items()):  # each seed faint: the pairing shows
                 ax.plot(*zip(*sorted(curve)), color=line[0].get_color(), alpha=0.3, linewidth=0.8, marker=".")
         ax.set_xlabel(f"passes over the {subset} crops (images shown / {subset})")
