@@ -25,7 +25,7 @@ Contents (line numbers):
    1179  Sampling
    1393  Augmentation
    1427  Training
-   2562  Entry point
+   2581  Entry point
 """
 import argparse
 import contextlib
@@ -2116,6 +2116,15 @@ def planned_seconds(tr):
 REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
 
+def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
+    """What the run will show at this pace: `since` is (elapsed, images_seen) when this process's
+    training began; the passes over the photos name the regime (a 9-hour T4 x2 run: hundreds)."""
+    rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
+    total = images_seen + rate * max(train_seconds - elapsed, 0.0)
+    return (f"at {rate:,.0f} images/s, about {total:,.0f} images by the end of training: "
+            f"{total / max(n_photos, 1):,.0f} passes over the {n_photos:,} photos")
+
+
 def replan(tr):
     """Time the end again once training is warm and move the end of training to fit it: later
     when the first timing took too much (at start-up a fresh machine's cold caches can make the end
@@ -2136,6 +2145,15 @@ def replan(tr):
            if reserve > left else "")
     tr.log(f"re-planned once warm: the end needs {reserve:.0f} s; training until {fmt_time(tr.session_end)} "
            f"(was {fmt_time(before)}){why}")
+
+
+def once_warm(tr, since):
+    """At a tenth of the session's training: the end timed again (a measured reserve) and the pace
+    (pace_line, timed from `since`) logged. True."""
+    if tr.cfg.reserve < 0:
+        replan(tr)
+    tr.log("pace       " + pace_line(tr.images_seen, since, tr.elapsed, tr.train_seconds, len(tr.images)))
+    return True
 
 
 # ---- logs, pictures and interim zips -----------------------------------------------------
@@ -2291,7 +2309,8 @@ def finish(tr, failure=None):
             raise out_of_time(tr, cause, late) from None
         raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
     tr.log(f"wrote {path}: {tr.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
-           f"(step {tr.step}, {tr.rollbacks} rollbacks{f', {world.size} ranks' if world.size > 1 else ''}); "
+           f"(step {tr.step}, {tr.images_seen:,} images = {tr.images_seen / len(tr.images):,.0f} passes over the "
+           f"{len(tr.images):,} photos, {tr.rollbacks} rollbacks{f', {world.size} ranks' if world.size > 1 else ''}); "
            f"trained {fmt_time(tr.elapsed - tr.resumed_elapsed)} of this run's {fmt_time(budget_end - tr.t0)}")
     late = tr.clock() - budget_end
     if late > 0:
@@ -2482,7 +2501,8 @@ class Trainer:
         steps_at_log = self.step
         pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
         first = budget_start(self)
-        replanned = cfg.reserve >= 0 or self.elapsed - first >= REPLAN_AT * (self.session_end - first)
+        warm = self.elapsed - first >= REPLAN_AT * (self.session_end - first)  # past it: resumed
+        since = (now - start, self.images_seen)  # the pace is timed from here
         while True:
             now, failed = agree(self.world, self.clock())  # rank 0's clock decides for every rank
             if failed:
@@ -2490,6 +2510,8 @@ class Trainer:
             self.elapsed = now - start
             if self.elapsed >= self.session_end or (cfg.steps and self.step >= cfg.steps):
                 break
+            if not warm and self.elapsed - first >= REPLAN_AT * (self.session_end - first):
+                warm = once_warm(self, since)
             p = self.elapsed / max(self.train_seconds, 1e-9)
             set_schedule(self, p)
             if use_graph and self.graph is None:
@@ -2516,9 +2538,6 @@ class Trainer:
                 last_ckpt = now
             if pending and p >= pending[0]:
                 checkpoint_together(self, f"snapshot-p{pending.pop(0):g}.pt")
-            if not replanned and self.elapsed - first >= REPLAN_AT * (self.session_end - first):
-                replan(self)
-                replanned = True
             if now - last_zip >= cfg.zip_every and self.session_end - self.elapsed > cfg.zip_every / 4:
                 if main:
                     interim_zip(self)

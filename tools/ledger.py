@@ -251,31 +251,32 @@ def best_arm(arms):
     return min(pool, key=lambda a: a["kid"])
 
 
+def judged_arms(rows):
+    """(model, subset, images shown, arm, its verdict) for every proxy arm, each group by KID."""
+    for (model, subset, seen), arms in sorted(proxy_arms(rows).items()):
+        best = best_arm(arms)
+        for a in sorted(arms, key=lambda a: a["kid"]):
+            yield model, subset, seen, a, verdict(a, best)
+
+
 def table_proxy(rows):
     out = ["| model | crops | images shown (passes) | arm | settings | EMA scored | seeds | KID x1e3 | FID | d | "
            "against the group's best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, subset, seen), arms in sorted(proxy_arms(rows).items()):
-        arms.sort(key=lambda a: a["kid"])
-        best = best_arm(arms)
-        for a in arms:
-            fid = f"{a['fid']:.1f}" + (f" ± {a['fid_err']:.1f}" if a["fid_err"] is not None else "")
-            out.append(f"| {model} | {subset:,} | {seen:,} ({a['passes']:.0f}) | {a['entry']} | {a['settings']} | "
-                       f"{a['note']} | {a['seeds']} | {1e3 * a['kid']:.2f} ± {1e3 * a['kid_err']:.2f} | {fid} | "
-                       f"{a['distance']:.3f} | {verdict(a, best)} |")
+    for model, subset, seen, a, judged in judged_arms(rows):
+        fid = f"{a['fid']:.1f}" + (f" ± {a['fid_err']:.1f}" if a["fid_err"] is not None else "")
+        out.append(f"| {model} | {subset:,} | {seen:,} ({a['passes']:.0f}) | {a['entry']} | {a['settings']} | "
+                   f"{a['note']} | {a['seeds']} | {1e3 * a['kid']:.2f} ± {1e3 * a['kid_err']:.2f} | {fid} | "
+                   f"{a['distance']:.3f} | {judged} |")
     return out
 
 
 def table_proxy_short(rows):
     """The README's view of table_proxy: per group, each arm's generator, seeds, KID and verdict."""
     out = ["| CPU proxy | arm | generator | seeds | KID x1e3 | against the group's best |", "|---|---|---|---|---|---|"]
-    for (model, subset, seen), arms in sorted(proxy_arms(rows).items()):
-        arms.sort(key=lambda a: a["kid"])
-        best = best_arm(arms)
-        for a in arms:
-            generator = re.sub(r" \((decay|half-life) [^)]*\)|: half-life .*", "", a["note"])  # "G_ema (decay ...)": G_ema
-            out.append(f"| {model}, {subset:,} crops, {a['passes']:.0f} passes | {a['entry'].removeprefix('proxy-')} | "
-                       f"{generator} | {a['seeds']} | {1e3 * a['kid']:.1f} ± {1e3 * a['kid_err']:.1f} | "
-                       f"{verdict(a, best)} |")
+    for model, subset, _, a, judged in judged_arms(rows):
+        generator = re.sub(r" \((decay|half-life) [^)]*\)|: half-life .*", "", a["note"])  # "G_ema (decay ...)": G_ema
+        out.append(f"| {model}, {subset:,} crops, {a['passes']:.0f} passes | {a['entry'].removeprefix('proxy-')} | "
+                   f"{generator} | {a['seeds']} | {1e3 * a['kid']:.1f} ± {1e3 * a['kid_err']:.1f} | {judged} |")
     return out
 
 

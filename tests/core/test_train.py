@@ -11,7 +11,7 @@ import torch
 
 from dogkit.core import registry
 from dogkit.core.train import (TrainConfig, Trainer, ema_weight, load_checkpoint, lr_multiplier, measure_end,
-                               parse_budget, train, train_step, with_settings)
+                               pace_line, parse_budget, train, train_step, with_settings)
 from dogkit.core.runtime import RunError
 from dogkit.metrics.submission import load_submission
 
@@ -391,6 +391,20 @@ def test_a_cold_first_timing_of_the_end_is_corrected_once_warm(tmp_path, tiny_da
     assert any(m.startswith("re-planned once warm") for m in logs)
     assert trainer.train_seconds > 590 and trainer.elapsed > 590 and now[0] <= 600.0
     assert "trained 9m5" in logs[-1] and "of this run's 10m00s" in logs[-1]
+    # the pace, timed after the re-plan at a constant 2 s a step, foretells the images the run showed
+    pace = next(m for m in logs if m.startswith("pace"))
+    forecast = int(re.search(r"about ([\d,]+) images", pace)[1].replace(",", ""))
+    per_step = trainer.batches_per_step * cfg.batch_size
+    assert abs(forecast - trainer.images_seen) <= per_step and f"{per_step / 2:,.0f} images/s" in pace
+    n = len(tiny_dataset["images"])
+    assert f"{trainer.images_seen:,} images = {trainer.images_seen / n:,.0f} passes over the {n:,} photos" in logs[-1]
+
+
+def test_the_pace_line_is_the_run_so_far_extended_to_the_end_of_training():
+    line = pace_line(images_seen=1_500, since=(5.0, 500), elapsed=15.0, train_seconds=105.0, n_photos=50)
+    assert line == "at 100 images/s, about 10,500 images by the end of training: 210 passes over the 50 photos"
+    done = pace_line(images_seen=1_500, since=(5.0, 500), elapsed=200.0, train_seconds=105.0, n_photos=50)
+    assert "about 1,500 images" in done and "30 passes" in done  # past the end: nothing more to come
 
 
 def test_an_end_timed_slower_once_warm_moves_the_end_of_training_earlier(tmp_path, tiny_dataset, monkeypatch):
