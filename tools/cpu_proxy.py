@@ -439,6 +439,25 @@ def cmd_sweep(args):
                 f"(x1e-3), FID {row['fid']:.1f}, d {row['distance']:.3f}")
 
 
+def mean_curves(rows, model, subset):
+    """Each arm's learning curve: {(entry, settings): (passes, mean KID x1e3, its SE over seeds, seeds
+    in the mean, {seed: {passes: KID x1e3}})}. As in the tables, the mean counts only the seeds
+    that reached the arm's last point; a seed still running shows in its own curve alone."""
+    curves = {}
+    for r in rows:
+        if (r["model"], r["subset"]) == (model, subset):
+            curves.setdefault((r["entry"], r["settings"]), {}).setdefault(r["seed"], {})[r["passes"]] = 1e3 * r["kid"]
+    out = {}
+    for arm, seeds in curves.items():
+        last = max(x for curve in seeds.values() for x in curve)
+        done = [curve for curve in seeds.values() if last in curve]
+        xs = sorted({x for curve in done for x in curve})
+        pts = [[curve[x] for curve in done if x in curve] for x in xs]
+        out[arm] = (xs, [statistics.mean(p) for p in pts],
+                    [statistics.stdev(p) / math.sqrt(len(p)) if len(p) > 1 else 0.0 for p in pts], len(done), seeds)
+    return out
+
+
 def cmd_plot(args):
     import matplotlib
 
@@ -452,20 +471,11 @@ def cmd_plot(args):
     groups = sorted({(r["model"], r["subset"]) for r in rows})
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, (model, subset) in zip(axes[0], groups):
-        arms, curves = {}, {}
-        for r in rows:
-            if (r["model"], r["subset"]) == (model, subset):
-                arms.setdefault((r["entry"], r["settings"]), {}).setdefault(r["passes"], []).append(1e3 * r["kid"])
-                curves.setdefault((r["entry"], r["settings"]), {}).setdefault(r["seed"], []).append(
-                    (r["passes"], 1e3 * r["kid"]))
-        for (entry, settings), pts in sorted(arms.items()):
-            xs = sorted(pts)
-            means = [statistics.mean(pts[x]) for x in xs]
-            ses = [statistics.stdev(pts[x]) / math.sqrt(len(pts[x])) if len(pts[x]) > 1 else 0.0 for x in xs]
+        for (entry, _), (xs, means, ses, done, seeds) in sorted(mean_curves(rows, model, subset).items()):
             line = ax.errorbar(xs, means, yerr=ses, marker="o", capsize=3, linewidth=2,
-                               label=f"{entry} ({len(pts[xs[-1]])} seed{'s' if len(pts[xs[-1]]) > 1 else ''})")
-            for seed, curve in sorted(curves[(entry, settings)].items()):  # each seed faint: the pairing shows
-                ax.plot(*zip(*sorted(curve)), color=line[0].get_color(), alpha=0.3, linewidth=0.8, marker=".")
+                               label=f"{entry} ({done} seed{'s' if done > 1 else ''})")
+            for _, curve in sorted(seeds.items()):  # each seed faint (one still running too): the pairing shows
+                ax.plot(*zip(*sorted(curve.items())), color=line[0].get_color(), alpha=0.3, linewidth=0.8, marker=".")
         ax.set_xlabel(f"passes over the {subset} crops (images shown / {subset})")
         ax.set_ylabel("KID x 1e3 (lower is better)")
         ax.set_title(f"CPU proxy: {model}, {subset:,} crops\nmean +- SE over seeds; faint: each seed", fontsize=10)

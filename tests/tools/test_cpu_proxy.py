@@ -209,6 +209,19 @@ def test_the_readme_table_names_each_generator_and_judges_it_over_seeds():
         "tie with best (1.9 SE, paired over 3 seeds, worse on 3) |"]
 
 
+def test_a_curve_means_only_the_seeds_that_reached_its_last_point():
+    def row(seed, passes, kid):
+        return {"model": "dcgan", "subset": 120, "entry": "proxy-a", "settings": "augment flip", "seed": seed,
+                "passes": passes, "kid": kid}
+
+    rows = [row(0, 150, 0.20), row(0, 300, 0.18), row(1, 150, 0.22), row(1, 300, 0.20), row(2, 150, 0.30)]
+    rows.append(dict(row(0, 300, 0.5), model="biggan"))  # another group: not in this one
+    (arm, (xs, means, ses, done, seeds)), = cpu_proxy.mean_curves(rows, "dcgan", 120).items()
+    assert arm == ("proxy-a", "augment flip") and xs == [150, 300] and done == 2
+    assert means == pytest.approx([210.0, 190.0]) and ses == pytest.approx([10.0, 10.0])  # seed 2 is not in them
+    assert seeds[2] == {150: pytest.approx(300.0)}  # it still has its own faint curve
+
+
 def test_a_comparison_runs_seed_by_seed():
     a, b = entry(id="a", seeds=[0, 1]), entry(id="b", seeds=[0, 1, 2])
     other = entry(id="c", model="biggan", seeds=[0])
