@@ -17,15 +17,15 @@ change dogkit and rebuild rather than editing this file. Model class: BigGAN.
 
 Contents (line numbers):
      70  Settings
-     84  Augmentation
-    172  Model building blocks shared by the models
-    248  Model
-    443  Data
-   1035  Several GPUs
-   1252  The machine
-   1427  Sampling
-   1641  Training
-   2795  Entry point
+     86  Augmentation
+    174  Model building blocks shared by the models
+    250  Model
+    445  Data
+   1037  Several GPUs
+   1254  The machine
+   1429  Sampling
+   1643  Training
+   2808  Entry point
 """
 import argparse
 import contextlib
@@ -71,8 +71,10 @@ from torch.nn.utils.parametrizations import spectral_norm
 # Settings: the model's hyper-parameters (anything TrainConfig below names can go here)
 # ---------------------------------------------------------------------------------------------
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
-                       width=32, loss="hinge", augment="flip", ema_decay=0.999, ema_start=0.2,
-                       truncation=1.5)  # best of the measured sweep (README, Results)
+                       width=32, loss="hinge", ema_decay=0.999, ema_start=0.2,
+                       # DiffAugment (augment="flip+diffaug") and LeCam (lecam=0.3) tied flips alone over
+                       # 300 passes in the CPU proxies of a long run (README, Results): off, untested at scale
+                       augment="flip", truncation=1.5)  # truncation: the best of the measured sweep
 
 # Kaggle sessions this run is planned over, each within the time limit below. 1: the competition's
 # rule, one kernel run. N > 1: the learning rate anneals in the last session; each writes images.zip
@@ -1830,6 +1832,16 @@ def ema_line(cfg):
     return f"EMA        {start}: a half-life of {half / 1000:,.1f}k images on any number of GPUs"
 
 
+def settings_line(cfg, model):
+    """The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
+    (for a model that applies it) and the sampling truncation, whichever cell or option set them."""
+    parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)", f"augment {cfg.augment}"]
+    if "lecam" in getattr(model, "applies", ()):
+        parts.append(f"LeCam {cfg.lecam:g} from D step {cfg.lecam_start}" if cfg.lecam else "LeCam off")
+    parts.append(f"truncation {cfg.truncation:g}" if cfg.truncation else "no truncation")
+    return "settings   " + ", ".join(parts)
+
+
 def parse_ema_extra(text):
     """'2,10,50' -> [2.0, 10.0, 50.0]: the half-lives (kimg) of the extra EMA copies."""
     values = [float(t) for t in str(text).replace(" ", "").split(",") if t]
@@ -2648,6 +2660,7 @@ class Trainer:
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
             opt.world = world  # both read by models/common.backward_step
         self.log(f"precision  {why}")
+        self.log(settings_line(cfg, self.model))
         self.log(ema_line(cfg))
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))

@@ -25,7 +25,7 @@ Contents (line numbers):
    1179  Sampling
    1393  Augmentation
    1427  Training
-   2581  Entry point
+   2592  Entry point
 """
 import argparse
 import contextlib
@@ -1616,6 +1616,16 @@ def ema_line(cfg):
     return f"EMA        {start}: a half-life of {half / 1000:,.1f}k images on any number of GPUs"
 
 
+def settings_line(cfg, model):
+    """The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
+    (for a model that applies it) and the sampling truncation, whichever cell or option set them."""
+    parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)", f"augment {cfg.augment}"]
+    if "lecam" in getattr(model, "applies", ()):
+        parts.append(f"LeCam {cfg.lecam:g} from D step {cfg.lecam_start}" if cfg.lecam else "LeCam off")
+    parts.append(f"truncation {cfg.truncation:g}" if cfg.truncation else "no truncation")
+    return "settings   " + ", ".join(parts)
+
+
 def parse_ema_extra(text):
     """'2,10,50' -> [2.0, 10.0, 50.0]: the half-lives (kimg) of the extra EMA copies."""
     values = [float(t) for t in str(text).replace(" ", "").split(",") if t]
@@ -2434,6 +2444,7 @@ class Trainer:
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
             opt.world = world  # both read by models/common.backward_step
         self.log(f"precision  {why}")
+        self.log(settings_line(cfg, self.model))
         self.log(ema_line(cfg))
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))

@@ -90,7 +90,8 @@ def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
                       "--batch-size", "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout
-    for start in ("python     ", "device     cpu", "host       ", "precision  fp32", "budget     10m00s"):
+    for start in ("python     ", "device     cpu", "host       ", "precision  fp32", "budget     10m00s",
+                  "settings   batch 8, lr 0.0005 (G) 0.0005 (D), augment crop-flip, no truncation\n"):
         assert start in log, start
     assert "data       competition files (all-dogs.zip)" in log
     assert "someones-cats (20 photos): not the competition's data, never trained on" in log

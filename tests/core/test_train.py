@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -70,6 +71,21 @@ def test_a_per_step_decay_averages_over_the_same_images_on_one_gpu_or_two():
                              "on any number of GPUs")  # log(0.5) / log(0.999) = 692.8 steps of 64
     assert ema_line(with_settings(cfg, {"ema_decay": 0.0})).endswith("G_ema is G")
     assert "half-life 10k images" in ema_line(with_settings(cfg, {"ema_kimg": 10.0}))
+
+
+def test_the_settings_line_names_the_levers_each_model_applies():
+    """Batch, learning rates, augmentation and truncation for every model; LeCam only for one that
+    applies it (on or off); a setting changed by an option shows its new value."""
+    from dogkit.core.train import settings_line
+
+    biggan, dcgan = SimpleNamespace(applies=("diffaug", "lecam")), SimpleNamespace(applies=("diffaug",))
+    cfg = with_settings(TrainConfig(), registry.get("biggan").settings)
+    assert settings_line(cfg, biggan) == ("settings   batch 64, lr 0.0001 (G) 0.0004 (D), augment flip, LeCam off, "
+                                          "truncation 1.5")
+    on = with_settings(cfg, {"lecam": 0.3, "augment": "flip+diffaug", "truncation": 0.0, "batch_size": 32})
+    assert settings_line(on, biggan) == ("settings   batch 32, lr 0.0001 (G) 0.0004 (D), augment flip+diffaug, "
+                                         "LeCam 0.3 from D step 1000, no truncation")
+    assert "LeCam" not in settings_line(cfg, dcgan) and "LeCam" not in settings_line(cfg, SimpleNamespace())
 
 
 def test_ema_half_life_in_images_with_a_ramp_up():
