@@ -290,9 +290,9 @@ once the version has run), all within **{train}** (Kaggle allows {budget}: 15 mi
    attached is ignored, and the log says so.
 2. **Accelerator**: *GPU T4 x2* (it trains on both). Not *P100*: today's Kaggle image cannot run it, and the
    notebook stops at once with a line saying so. Internet can stay off.
-3. **Save Version > Save & Run All**. The first lines say what was found (software, GPU, data, plan), then
-   a line every 5 minutes and, now and then, a grid of samples; the final samples and the loss curves
-   come last.
+3. **Save Version > Save & Run All**. The first lines say what was found and chosen (software, GPU, data,
+   settings, plan), then a line every 5 minutes and, now and then, a grid of samples; the final samples
+   and the loss curves come last.
 
 To run it elsewhere, set `sys.argv` in a cell above the last one, e.g.
 `sys.argv = ["kernel", "--data", "photos/", "--budget", "8m", "--out", "submission/"]`.
