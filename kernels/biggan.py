@@ -17,15 +17,15 @@ change dogkit and rebuild rather than editing this file. Model class: BigGAN.
 
 Contents (line numbers):
      70  Settings
-     86  Augmentation
-    174  Model building blocks shared by the models
-    250  Model
-    445  Data
-   1037  Several GPUs
-   1254  The machine
-   1429  Sampling
-   1643  Training
-   2808  Entry point
+     87  Augmentation
+    175  Model building blocks shared by the models
+    251  Model
+    446  Data
+   1038  Several GPUs
+   1255  The machine
+   1430  Sampling
+   1644  Training
+   2809  Entry point
 """
 import argparse
 import contextlib
@@ -72,8 +72,9 @@ from torch.nn.utils.parametrizations import spectral_norm
 # ---------------------------------------------------------------------------------------------
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
                        width=32, loss="hinge", ema_decay=0.999, ema_start=0.2,
-                       # DiffAugment (augment="flip+diffaug") and LeCam (lecam=0.3) tied flips alone over
-                       # 300 passes in the CPU proxies of a long run (README, Results): off, untested at scale
+                       # in the CPU proxies of a long run (300 passes; README, Results) DiffAugment
+                       # (augment="flip+diffaug") tied flips alone and LeCam (lecam=0.3) on top of it was
+                       # behind: both off, untested at scale
                        augment="flip", truncation=1.5)  # truncation: the best of the measured sweep
 
 # Kaggle sessions this run is planned over, each within the time limit below. 1: the competition's

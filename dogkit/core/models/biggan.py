@@ -19,8 +19,9 @@ from dogkit.core.models.common import SelfAttention, adam, backward_step, lecam_
 
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
                        width=32, loss="hinge", ema_decay=0.999, ema_start=0.2,
-                       # DiffAugment (augment="flip+diffaug") and LeCam (lecam=0.3) tied flips alone over
-                       # 300 passes in the CPU proxies of a long run (README, Results): off, untested at scale
+                       # in the CPU proxies of a long run (300 passes; README, Results) DiffAugment
+                       # (augment="flip+diffaug") tied flips alone and LeCam (lecam=0.3) on top of it was
+                       # behind: both off, untested at scale
                        augment="flip", truncation=1.5)  # truncation: the best of the measured sweep
 
 
