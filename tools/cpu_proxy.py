@@ -476,7 +476,7 @@ def cmd_plot(args):
                                label=f"{entry} ({done} seed{'s' if done > 1 else ''})")
             for _, curve in sorted(seeds.items()):  # each seed faint (one still running too): the pairing shows
                 ax.plot(*zip(*sorted(curve.items())), color=line[0].get_color(), alpha=0.3, linewidth=0.8, marker=".")
-        ax.set_xlabel(f"passes over the {subset} crops (images shown / {subset})")
+        ax.set_xlabel(f"passes over the {subset:,} crops (images shown / {subset:,})")
         ax.set_ylabel("KID x 1e3 (lower is better)")
         ax.set_title(f"CPU proxy: {model}, {subset:,} crops\nmean +- SE over seeds; faint: each seed", fontsize=10)
         ax.legend(fontsize=7)
