@@ -223,10 +223,11 @@ def verdict(arm, best):
     seeds of one arm: 0.212 and 0.187, each +- 0.0014), so arms are compared over seeds only:
     paired by seed where they share two or more (the mean and standard error of the per-seed
     differences, and on how many seeds the arm is worse), else by the two means' standard errors
-    over seeds; an arm with one seed gets no verdict, and one over two seeds (an error from one
-    degree of freedom) is called a hint. Under two standard errors: a tie."""
+    over seeds; an arm with one seed gets no verdict (the lowest of a group of single seeds is only
+    the lowest), and one over two seeds (an error from one degree of freedom) is called a hint.
+    Under two standard errors: a tie."""
     if arm is best:
-        return "best"
+        return "best" if arm["seeds"] >= 2 else "lowest, one seed: no verdict"
     shared = sorted(set(arm["by_seed"]) & set(best["by_seed"]))
     if len(shared) >= 2:
         diffs = [arm["by_seed"][s] - best["by_seed"][s] for s in shared]
@@ -264,7 +265,7 @@ def table_proxy(rows):
            "against the group's best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, subset, seen, a, judged in judged_arms(rows):
         fid = f"{a['fid']:.1f}" + (f" ± {a['fid_err']:.1f}" if a["fid_err"] is not None else "")
-        out.append(f"| {model} | {subset:,} | {seen:,} ({a['passes']:.0f}) | {a['entry']} | {a['settings']} | "
+        out.append(f"| {model} | {subset:,} | {seen:,} ({a['passes']:g}) | {a['entry']} | {a['settings']} | "
                    f"{a['note']} | {a['seeds']} | {1e3 * a['kid']:.2f} ± {1e3 * a['kid_err']:.2f} | {fid} | "
                    f"{a['distance']:.3f} | {judged} |")
     return out
@@ -275,7 +276,7 @@ def table_proxy_short(rows):
     out = ["| CPU proxy | arm | generator | seeds | KID x1e3 | against the group's best |", "|---|---|---|---|---|---|"]
     for model, subset, _, a, judged in judged_arms(rows):
         generator = re.sub(r" \((decay|half-life) [^)]*\)|: half-life .*", "", a["note"])  # "G_ema (decay ...)": G_ema
-        out.append(f"| {model}, {subset:,} crops, {a['passes']:.0f} passes | {a['entry'].removeprefix('proxy-')} | "
+        out.append(f"| {model}, {subset:,} crops, {a['passes']:g} passes | {a['entry'].removeprefix('proxy-')} | "
                    f"{generator} | {a['seeds']} | {1e3 * a['kid']:.1f} ± {1e3 * a['kid_err']:.1f} | {judged} |")
     return out
 

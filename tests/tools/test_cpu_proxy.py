@@ -188,6 +188,7 @@ def test_proxy_verdicts_compare_over_seeds_and_name_ties():
     lucky = arm(0.15)  # one seed, better than any mean: neither best nor judged
     assert ledger.verdict(lucky, best) == "one seed: no verdict"
     assert ledger.best_arm([lucky, best]) is best and ledger.best_arm([lucky]) is lucky
+    assert ledger.verdict(lucky, lucky) == "lowest, one seed: no verdict"  # a group of single seeds
 
 
 def test_the_readme_table_names_each_generator_and_judges_it_over_seeds():
