@@ -272,7 +272,8 @@ def run_one(e, seed, args, scorer, data, done, say):
                     rate = (tr.images_seen - seen_at_log) / (now - last_log)
                     left = (e["images"] - tr.images_seen) / max(rate, 1e-9)
                     say(f"{e['id']} seed {seed}: {tr.images_seen:,}/{e['images']:,} images "
-                        f"({tr.images_seen / size:.0f} passes), {rate:.1f} images/s, training ends in ~{left / 60:.0f} min")
+                        f"({ledger.passes_text(tr.images_seen / size)} passes), {rate:.1f} images/s, "
+                        f"training ends in ~{left / 60:.0f} min")
                     last_log, steps_at_log, seen_at_log = now, tr.step, tr.images_seen
             for note, G in variants(tr, last):
                 row = {**common, "images_seen": tr.images_seen, "note": note}

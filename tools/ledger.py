@@ -123,6 +123,11 @@ def _num(v, fmt="{:,}"):
     return "" if v is None else fmt.format(v)
 
 
+def passes_text(passes):
+    """300 passes, or 2.7 of them over a large subset (fewer than 10: one decimal)."""
+    return f"{passes:,.0f}" if passes >= 10 else f"{passes:.1f}"
+
+
 def _trunc(t):
     return "none" if not t else f"{t:g}"  # 0 or None: plain normal z
 
@@ -265,7 +270,7 @@ def table_proxy(rows):
            "against the group's best |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, subset, seen, a, judged in judged_arms(rows):
         fid = f"{a['fid']:.1f}" + (f" ± {a['fid_err']:.1f}" if a["fid_err"] is not None else "")
-        out.append(f"| {model} | {subset:,} | {seen:,} ({a['passes']:g}) | {a['entry']} | {a['settings']} | "
+        out.append(f"| {model} | {subset:,} | {seen:,} ({passes_text(a['passes'])}) | {a['entry']} | {a['settings']} | "
                    f"{a['note']} | {a['seeds']} | {1e3 * a['kid']:.2f} ± {1e3 * a['kid_err']:.2f} | {fid} | "
                    f"{a['distance']:.3f} | {judged} |")
     return out
@@ -276,7 +281,7 @@ def table_proxy_short(rows):
     out = ["| CPU proxy | arm | generator | seeds | KID x1e3 | against the group's best |", "|---|---|---|---|---|---|"]
     for model, subset, _, a, judged in judged_arms(rows):
         generator = re.sub(r" \((decay|half-life) [^)]*\)|: half-life .*", "", a["note"])  # "G_ema (decay ...)": G_ema
-        out.append(f"| {model}, {subset:,} crops, {a['passes']:g} passes | {a['entry'].removeprefix('proxy-')} | "
+        out.append(f"| {model}, {subset:,} crops, {passes_text(a['passes'])} passes | {a['entry'].removeprefix('proxy-')} | "
                    f"{generator} | {a['seeds']} | {1e3 * a['kid']:.1f} ± {1e3 * a['kid_err']:.1f} | {judged} |")
     return out
 

@@ -134,7 +134,7 @@ def test_a_tiny_entry_end_to_end_and_a_stopped_run_resumes_to_the_same_rows(rehe
     assert cpu_proxy.main(queue) == 0
     assert "| t | 0 | dcgan | 24 | 64 | 3 | done |" in capsys.readouterr().out
     table = ledger.table_proxy(parts)
-    assert len(table) == 2 + 2 and "| dcgan | 24 | 64 (3) | t |" in table[2]
+    assert len(table) == 2 + 2 and "| dcgan | 24 | 64 (2.7) | t |" in table[2]
     assert cpu_proxy.main(["--ledger", str(folder / "parts.jsonl"), "plot", str(folder / "kid.png")]) == 0
     assert (folder / "kid.png").stat().st_size > 1000
 
