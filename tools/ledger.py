@@ -124,8 +124,8 @@ def _num(v, fmt="{:,}"):
 
 
 def passes_text(passes):
-    """300 passes, or 2.7 of them over a large subset (fewer than 10: one decimal)."""
-    return f"{passes:,.0f}" if passes >= 10 else f"{passes:.1f}"
+    """300 passes, or 2.7 of them over a large subset (fewer than 10: one decimal, 3 not 3.0)."""
+    return f"{passes:,.0f}" if passes >= 10 else f"{passes:.1f}".removesuffix(".0")
 
 
 def _trunc(t):
