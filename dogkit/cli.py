@@ -383,6 +383,7 @@ def train(model, **opts):
     dogkit train --model dcgan --data data/dogs64.npz --budget 8m --out runs/dcgan
     dogkit train --model dcgan --data data/dogs64.npz --budget 16m --out runs/dcgan --resume runs/dcgan/checkpoint.pt
     dogkit train --model biggan --data data/dogs64.npz --budget 8m --out runs/big --snapshots 0.25,0.5
+    dogkit train --model biggan --preset fifth-place --data data/dogs64.npz --budget 8m --out runs/fifth
     torchrun --nproc_per_node 2 -m dogkit train --model biggan --data data/dogs64.npz --budget 8m --out runs/big2
     """
     from dogkit.core import registry
@@ -394,7 +395,7 @@ def train(model, **opts):
 
     entry = registry.get(model)
     try:
-        cfg = config_from_options(entry.settings, opts)
+        cfg = config_from_options(entry.settings, opts, presets=entry.presets)
         world, device = _torchrun_world(opts["device"], opts["gpus"])
         if world.size > 1:
             cfg = with_settings(cfg, {"device": str(device)})

@@ -69,16 +69,19 @@ class Stopped(Exception):
 def proxy_config(e, seed=0, out="x"):
     """The TrainConfig of one run of a proxy entry (every option checked; the runner sets FIXED)."""
     from dogkit.core import registry
+    from dogkit.core.kernel import with_preset
     from dogkit.core.train import TrainConfig, with_settings
 
     options = dict(e.get("options") or {})
+    preset = options.pop("preset", None)
     fixed = sorted(set(options) & set(FIXED))
     if fixed:
         raise ValueError(f"options: {', '.join(fixed)} not settable here (the runner sets them; the entry's images "
                          f"and seeds say how long and which)")
     if e["model"] not in registry.MODEL_NAMES:
         raise ValueError(f"model {e['model']!r}: choose from {', '.join(registry.MODEL_NAMES)}")
-    cfg = with_settings(with_settings(TrainConfig(), registry.get(e["model"]).settings), options)
+    entry = registry.get(e["model"])
+    cfg = with_settings(with_settings(TrainConfig(), with_preset(entry.settings, entry.presets, preset)), options)
     return dataclasses.replace(cfg, seed=int(seed), device="cpu", out=str(out), graph="off", reserve=0.0)
 
 
@@ -177,8 +180,11 @@ def settings_text(e):
 
 def variants(tr, last):
     """(note, generator) to score at a point: G_ema always, each extra EMA copy at the last point."""
-    out = [(f"G_ema ({'half-life ' + format(tr.cfg.ema_kimg, 'g') + 'k images' if tr.cfg.ema_kimg > 0 else 'decay ' + format(tr.cfg.ema_decay, 'g') + ' per step from p=' + format(tr.cfg.ema_start, 'g')})",
-            tr.G_ema)]
+    cfg = tr.given
+    how = (f"half-life {cfg.ema_kimg:g}k images" if cfg.ema_kimg > 0 else
+           f"half-life {cfg.ema_fraction:.0%} of the run from p={cfg.ema_start:g}" if cfg.ema_fraction > 0 else
+           f"decay {cfg.ema_decay:g} per step from p={cfg.ema_start:g}")
+    out = [(f"G_ema ({how})", tr.G_ema)]
     if last:
         out += [(f"extra EMA copy: half-life {k:g}k images", G) for k, G in zip(tr.extra_kimg, tr.G_extra)]
     return out
@@ -201,7 +207,7 @@ def open_run(e, seed, args, data, say):
     folder's checkpoint."""
     from dogkit.core import registry
     from dogkit.core.runtime import RunError
-    from dogkit.core.train import Trainer, load_checkpoint
+    from dogkit.core.train import Trainer, follow_plan, load_checkpoint
 
     folder = Path(args.work) / f"{e['id']}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -220,6 +226,7 @@ def open_run(e, seed, args, data, say):
             raise gpu_bench.BenchError(f"{exc}; move the folder {folder} away to start this run afresh") from None
         passed = json.loads(points_file.read_text())["passed"] if points_file.exists() else -1
         say(f"{e['id']} seed {seed}: resumed at {tr.images_seen:,} images")
+    follow_plan(tr, e["images"], f"the entry's {e['images']:,} images")  # ema_fraction, truncation -1
     with open(folder / "options.json", "w") as fh:
         json.dump({"entry": e, "seed": seed, "config": dataclasses.asdict(cfg)}, fh, indent=1)
     return tr, folder, passed

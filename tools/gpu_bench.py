@@ -80,8 +80,13 @@ TOP_KEYS = {"format", "about", "entries"}
 def check_train(e):
     from dogkit.checkpoints import BN_STATS
 
+    from dogkit.core.sample import TRUNCATION_MIN
+
     problems = [f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
                 for b in e.get("bn", []) if b not in BN_STATS[1:]]
+    problems += [f"truncations: {t!r} is not 0 (none) or a number from {TRUNCATION_MIN} to 100"
+                 for t in e.get("truncations", []) if isinstance(t, bool) or not isinstance(t, (int, float))
+                 or not (t == 0 or TRUNCATION_MIN <= t <= 100)]
     try:
         train_config(e, data="x", out="x")
     except (ValueError, KeyError, TypeError) as exc:
@@ -97,8 +102,9 @@ def check_train(e):
 
 KINDS = {"throughput": ({"models", "batch_sizes", "precisions", "memory_formats", "seconds", "profile"}, {"profile"},
                         lambda e: probe_configs(e)),
-         "train": ({"model", "budget", "snapshots", "options", "bn", "subset"},  # bn: the final point also
-                   {"snapshots", "options", "bn", "subset"}, check_train),  # with these; subset: of the photos
+         "train": ({"model", "budget", "snapshots", "options", "bn", "subset", "truncations"},  # bn, truncations:
+                   {"snapshots", "options", "bn", "subset", "truncations"}, check_train),  # the final point also
+         # with these batch-norm statistics, at these truncations (its own is always scored); subset: of the photos
          "score-timing": (set(), set(), lambda e: None)}
 
 
@@ -166,7 +172,7 @@ def train_config(e, data, out, device="auto"):
                          f"data, out, budget, snapshots, device; one GPU, one session, no resume)")
     opts = dict(defaults, **options, data=data, out=out, budget=e["budget"], device=device,
                 snapshots=",".join(f"{p:g}" for p in e.get("snapshots", [])))
-    return kernel.config_from_options(entry.settings, opts)
+    return kernel.config_from_options(entry.settings, opts, presets=entry.presets)
 
 
 def probe_configs(e):
@@ -466,8 +472,9 @@ def run_train(run, e):
         score_point(run, e, path, rate, " ".join(cmd), proc.returncode)
         if path.name != "checkpoint.pt":
             continue
-        # at the end only: the extra EMA copies (ema_extra), then other batch-norm statistics (bn)
-        variants = [dict(which=(i, kimg)) for i, kimg in enumerate(extra_emas(e))] + [dict(bn=b) for b in e.get("bn", [])]
+        # at the end only: the extra EMA copies (ema_extra), other batch-norm statistics (bn), other truncations
+        variants = ([dict(which=(i, kimg)) for i, kimg in enumerate(extra_emas(e))] + [dict(bn=b) for b in e.get("bn", [])]
+                    + [dict(truncation=float(t)) for t in e.get("truncations", [])])
         for variant in variants:
             if run.left() < RETURN_S + (run.score_s_per_image or 0) * run.args.n_images:
                 run.log(f"{e['id']}: no time left to score {len(variants)} variants of the end's generator")
@@ -494,11 +501,11 @@ def point_name(path, exit_code):
     return "final" if exit_code == 0 else "stopped"
 
 
-def score_point(run, e, path, steps_per_s, command, exit_code, which=None, bn="standing"):
+def score_point(run, e, path, steps_per_s, command, exit_code, which=None, bn="standing", truncation=None):
     """Export the point's EMA generator (fp16), sample it, FID against the carried statistics.
     The end's checkpoint of a kernel that exited non-zero is scored as "stopped", with its exit.
     which=(index, kimg): the checkpoint's extra EMA copy of that index instead; bn: its batch-norm
-    statistics (dogkit.checkpoints.BN_STATS)."""
+    statistics (dogkit.checkpoints.BN_STATS); truncation: another than the run's (0: none)."""
     from dogkit.checkpoints import export_generator, load_generator, sample_images
     from dogkit.metrics import features as feat
     from dogkit.metrics.fid import frechet_distance, stats
@@ -511,7 +518,8 @@ def score_point(run, e, path, steps_per_s, command, exit_code, which=None, bn="s
                            entry=e["id"], point=point)
     cfg = gen["config"]
     generator = load_generator(gen_path, str(run.device))  # what comes back, fp16 weights and all
-    images = sample_images(generator, cfg["truncation"], seed=0, n=run.args.n_images)
+    t_sample = cfg["truncation"] if truncation is None else truncation
+    images = sample_images(generator, t_sample, seed=0, n=run.args.n_images)
     feats = feat.extract(run.inception, images, run.device, batch_size=500 if run.device.type == "cuda" else 50)
     mu, sigma = stats(feats)
     fid = frechet_distance(mu, sigma, run.ref_mu, run.ref_sigma, device=run.device)
@@ -522,10 +530,12 @@ def score_point(run, e, path, steps_per_s, command, exit_code, which=None, bn="s
         where += f", extra EMA copy: half-life {which[1]:g}k images"
     if bn != "standing":
         where += f", batch-norm statistics: {bn}"
+    if truncation is not None:
+        where += f", sampled at truncation {truncation:g}" + (" (none)" if not truncation else "")
     run.emit({"kind": "run", "model": e["model"], "budget": e["budget"], "entry": e["id"],
               "settings": settings_text(e) + where, "steps": gen["step"], "images_seen": gen["images_seen"],
               "steps_per_s": round(steps_per_s, 2) if steps_per_s else None, "batch_size": cfg["batch_size"],
-              "truncation": cfg["truncation"] or None, "seed": cfg["seed"], "fid": round(float(fid), 3),
+              "truncation": t_sample or None, "seed": cfg["seed"], "fid": round(float(fid), 3),
               **subset_keys(e, gen["images_seen"]),
               "scoring": FID_ONLY.format(device=run.common["device"], n=run.args.n_images),
               "command": command, "note": f"generator {gen_path.name}"})

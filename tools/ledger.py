@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dogkit.core.train import passes_text  # noqa: E402  (the log lines' own: one way to write passes)
+
 LEDGER = ROOT / "results" / "ledger.jsonl"
 README = ROOT / "README.md"
 
@@ -121,11 +124,6 @@ def append(row: dict, path: Path = LEDGER) -> dict:
 # ---- the generated tables ---------------------------------------------------------------------
 def _num(v, fmt="{:,}"):
     return "" if v is None else fmt.format(v)
-
-
-def passes_text(passes):
-    """300 passes, or 2.7 of them over a large subset (fewer than 10: one decimal, 3 not 3.0)."""
-    return f"{passes:,.0f}" if passes >= 10 else f"{passes:.1f}".removesuffix(".0")
 
 
 def _trunc(t):

@@ -4,9 +4,9 @@
 # Kaggle's "GPU T4 x2" gives a notebook two GPUs. The kernel forks one worker per GPU (fork, not
 # spawn: a notebook's own functions cannot be imported by a spawned process, and the parent
 # counts the GPUs through NVML without starting CUDA, which would not survive a fork);
-# `dogkit train` runs the same under torchrun. Every rank holds the same G, D and EMA: models
-# call backward_step, which averages the gradients with one all_reduce per optimiser step, so
-# the parameters stay identical; each rank draws its own real batches and noise, so the global
+# `dogkit train` runs the same under torchrun. Every rank holds the same G, D and EMA: each
+# optimiser's step averages the gradients with one all_reduce first (average_in_step), however a
+# model's step calls it, so the parameters stay identical; each rank draws its own real batches and noise, so the global
 # batch is the per-GPU batch x the world size. A small gloo group on the CPU carries the control
 # messages: rank 0's clock, which decides every stop, log line and checkpoint for all ranks, and
 # any rank's failure. Rank 0 cleans the data, writes every file and the zip. Uses torch <= 2.2
@@ -34,9 +34,6 @@ class World:
     @property
     def main(self):
         return self.rank == 0
-
-    def average_gradients(self, params):
-        average_gradients(params, self)
 
     def __repr__(self):
         return f"World(rank={self.rank}, size={self.size})"
@@ -99,6 +96,27 @@ def average_gradients(params, world):
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def average_in_step(opt, world):
+    """Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
+    step may call loss.backward(); opt.step() itself and the ranks never drift apart, as
+    DistributedDataParallel guarantees. opt.average_now() averages ahead of the step (fp16: before
+    the loss scaler looks for an inf); the step then does not average again."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    step, done = opt.step, [False]
+
+    def average_now():
+        average_gradients(params, world)
+        done[0] = True
+
+    def averaged_step(*args, **kwargs):
+        if not done[0]:
+            average_gradients(params, world)
+        done[0] = False
+        return step(*args, **kwargs)
+
+    opt.step, opt.average_now = averaged_step, average_now
 
 
 def all_mean(tensors, world):

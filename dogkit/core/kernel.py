@@ -182,12 +182,14 @@ TRAIN_OPTIONS = (
     ("--sessions", int, None, None, "sessions the run is planned over, --budget each, the learning rate annealed "
                                     "in the last; each continues the one before (--resume; on Kaggle its output "
                                     "attached) (default 1; on Kaggle the kernel's KAGGLE_SESSIONS)"),
+    ("--preset", str, None, None, "a published recipe in full over the model's settings, e.g. fifth-place (biggan); "
+                                  "the options given here still win (default: none, or the kernel's PRESET)"),
     ("--seed", int, 0, None, "random seed (default 0)"),
     ("--steps", int, 0, None, "also stop after this many steps (default 0: the budget alone decides)"),
     ("--width", int, None, None, "channel width (default: the model's)"),
     ("--batch-size", int, None, None, "batch size (default: the model's)"),
     ("--truncation", float, None, None, "redraw z values beyond +-T for the final images (default: the model's; "
-                                        "0 = none)"),
+                                        "0 = none, -1 = from the passes the run will make)"),
     ("--n-samples", int, 10_000, None, "images in the zip (default 10000, what Kaggle takes)"),
     ("--device", str, "auto", None, "auto (the GPU if any; on Kaggle a GPU is required), cuda, cuda:1, cpu"),
     ("--gpus", int, None, None, "GPUs to train on, one process each, with --device auto or cuda (default: every "
@@ -205,11 +207,13 @@ TRAIN_OPTIONS = (
     ("--d-steps", int, None, None, "discriminator steps per generator step (biggan, wgan-gp; default: the model's)"),
     ("--ema-kimg", float, None, None, "EMA half-life in thousands of images, ramped up over the first images "
                                       "(StyleGAN2-ADA; default 0: the model's fixed decay and start)"),
+    ("--ema-fraction", float, None, None, "EMA half-life as a fraction of the images the run will show, set from "
+                                          "its pace (biggan's default 0.1; 0: the fixed --ema-kimg or decay)"),
     ("--ema-extra", str, "", None, "half-lives (thousands of images) of extra EMA copies kept in the checkpoints "
                                    "for evaluation, e.g. 2,10,50 (default none)"),
 )
 MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam", "d_width", "d_steps",
-                   "ema_kimg")
+                   "ema_kimg", "ema_fraction")
 
 
 def parse_args(argv):
@@ -227,11 +231,23 @@ def parse_args(argv):
     return args
 
 
+def with_preset(settings, presets, name):
+    """The model's settings with preset `name` over them (None or '': as they are); an unknown
+    name is an error listing the model's presets."""
+    if not name:
+        return settings
+    if name not in (presets or {}):
+        raise ValueError(f"preset {name!r}: " + (f"choose from {', '.join(presets)}" if presets else
+                                                  "this model has no presets"))
+    return {**settings, **presets[name]}
+
+
 def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET,
-                        kaggle_sessions=1):
-    """TrainConfig from a model's settings and the options of TRAIN_OPTIONS (a dict by dest name),
-    checked; the defaults that depend on where the run starts are filled in here, once."""
-    cfg = with_settings(TrainConfig(), settings)
+                        kaggle_sessions=1, presets=None):
+    """TrainConfig from a model's settings, the preset opts['preset'] names (with_preset) and the
+    options of TRAIN_OPTIONS (a dict by dest name), checked; the defaults that depend on where the
+    run starts are filled in here, once."""
+    cfg = with_settings(TrainConfig(), with_preset(settings, presets, opts.get("preset")))
     sessions = opts.get("sessions") or (kaggle_sessions if on_kaggle else 1)
     if sessions < 1:
         raise ValueError(f"sessions {sessions}: give 1 or more")
@@ -251,16 +267,18 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
     return cfg
 
 
-def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1):
+def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1, presets=None, preset=None):
     """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure.
     kaggle_budget: a session's wall clock on Kaggle (no --budget there); kaggle_sessions: the
-    sessions a run on Kaggle is planned over (no --sessions there). In a notebook, sys.argv is the
+    sessions a run on Kaggle is planned over (no --sessions there); presets: the model's published
+    recipes, preset: the one the settings cell names (--preset wins). In a notebook, sys.argv is the
     Jupyter kernel's own (-f kernel.json ...): no arguments, unless a cell set sys.argv."""
     t0 = time.monotonic()
     if argv is None:
         argv = [] if os.path.basename(sys.argv[0]).startswith("ipykernel") else sys.argv[1:]
     args = exit_on_error(lambda: parse_args(argv))
-    args.kaggle_budget, args.kaggle_sessions = kaggle_budget, kaggle_sessions
+    args.kaggle_budget, args.kaggle_sessions, args.presets = kaggle_budget, kaggle_sessions, presets
+    args.preset = args.preset or preset
     try:
         signal.signal(signal.SIGTERM, _interrupt)  # a stop from outside saves a checkpoint, like Ctrl-C
     except ValueError:  # not the main thread (some notebook runners): keep the default
@@ -369,7 +387,11 @@ def run(model_cls, settings, args, t0):
     on_kaggle = args.data is None and os.path.isdir(input_root)
     if args.data is None and not on_kaggle:
         raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
-    cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget, args.kaggle_sessions)
+    cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget, args.kaggle_sessions,
+                              args.presets)
+    if args.preset:
+        print(f"preset     {args.preset}: its settings over the model's (each cited to its source in the "
+              f"settings), the options given here over both", flush=True)
     size, device_type = world_size(args.gpus, args.device)
     resume, ckpt = args.resume, None
     if on_kaggle and cfg.sessions > 1 and resume is None:

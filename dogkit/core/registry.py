@@ -8,7 +8,7 @@ and never imports the registry.
 """
 from dataclasses import dataclass
 
-from dogkit.core.models.biggan import BIGGAN_SETTINGS, BigGAN
+from dogkit.core.models.biggan import BIGGAN_PRESETS, BIGGAN_SETTINGS, BigGAN
 from dogkit.core.models.common import contract_problems
 from dogkit.core.models.cvae import CVAE, CVAE_SETTINGS
 from dogkit.core.models.dcgan import DCGAN, DCGAN_SETTINGS
@@ -24,31 +24,35 @@ class ModelEntry:
     cls: type
     settings: dict
     summary: str
+    presets: dict  # name -> settings over the model's own: a published recipe in full (--preset NAME)
 
 
 MODELS = {}
 
 
-def register(cls, settings, summary):
+def register(cls, settings, summary, presets=None):
     """Add a model under its class's `name`; refuses a class that breaks the model contract, a
-    setting TrainConfig does not know, or a name taken twice."""
+    setting TrainConfig does not know (in its settings or a preset), or a name taken twice."""
     from dogkit.core.train import with_settings, TrainConfig
 
     problems = contract_problems(cls)
-    try:
-        with_settings(TrainConfig(), settings)
-    except ValueError as exc:
-        problems.append(f"settings: {exc}")
+    presets = presets or {}
+    for name, values in {"settings": {}, **{f"preset {p!r}": v for p, v in presets.items()}}.items():
+        try:
+            with_settings(with_settings(TrainConfig(), settings), values)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
     if getattr(cls, "name", None) in MODELS:
         problems.append(f"name {cls.name!r} is registered twice")
     if problems:
         raise TypeError(f"model {cls.__name__}: " + "; ".join(problems))
-    MODELS[cls.name] = ModelEntry(cls.name, cls, settings, summary)
+    MODELS[cls.name] = ModelEntry(cls.name, cls, settings, summary, presets)
 
 
 register(GAN, GAN_SETTINGS, "report 003's fully connected GAN, the floor of the table")
 register(DCGAN, DCGAN_SETTINGS, "report 001's DCGAN: BN, LeakyReLU, BCE with real label 0.8, input noise")
-register(BigGAN, BIGGAN_SETTINGS, "BigGAN-style: breed-conditional, hierarchical z, projection D, SN, hinge, EMA")
+register(BigGAN, BIGGAN_SETTINGS, "BigGAN-style: breed-conditional, hierarchical z, projection D, SN, hinge, EMA",
+         BIGGAN_PRESETS)
 register(WGANGP, WGAN_GP_SETTINGS, "report 000's WGAN-GP: gradient penalty, layer norm in G, upsample+conv, Nadam")
 register(SAGAN, SAGAN_SETTINGS, "report 002's SAGAN: self-attention at 32x32, spectral norm, hinge, TTUR")
 register(CVAE, CVAE_SETTINGS, "report 000's convolutional VAE, sampled from K-means clusters with recycling")

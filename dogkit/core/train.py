@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from dogkit.core.augment import random_resized_crop_flip, to_float
 from dogkit.core.data import load_dataset
-from dogkit.core.distributed import (ALONE, RankStopped, agree, all_mean, all_objects, broadcast_state, gather_objects,
-                                     on_main)
+from dogkit.core.distributed import (ALONE, RankStopped, agree, all_mean, all_objects, average_in_step, broadcast_state,
+                                     gather_objects, on_main)
 from dogkit.core.runtime import PRECISIONS, RunError, make_grad_scaler, pick_device, resolve_precision
 from dogkit.core.sample import (TRUNCATION_MIN, OutOfTime, atomic_path, encode_pngs, generate, remove_stale_temps,
                                 save_grid, show_png, to_uint8, verify_zip, write_zip)
@@ -37,12 +37,22 @@ from dogkit.core.sample import (TRUNCATION_MIN, OutOfTime, atomic_path, encode_p
 AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug", "flip+diffaug-t",
             "flip+diffaug-tc")  # DiffAugment: -t translation, -tc translation + cutout, plain: colour too
 MEMORY_FORMATS = ("contiguous", "channels_last")
+TRUNCATION_FROM_PLAN = -1.0  # truncation setting: the sampling truncation follows the planned passes
+# The truncations measured best at a number of passes over the photos, (passes, truncation); between
+# two points log-linear, beyond them held (truncation_for_passes):
+#  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
+#    against 87.36 at 1; results/ledger.jsonl, kind "sweep");
+#  - 300 passes: the CPU proxies (biggan width 8, 120 crops, 3 seeds) best at 1, ahead of 1.5 on 3 of 3
+#    seeds (2.7 SE) and of none (README, CPU proxies). The winners' 9-hour runs (~700 passes) sampled
+#    at 0.8 and 1.0, the 5th place at none (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
+TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 1.0))
 CHOICES = {"augment": AUGMENTS, "precision": PRECISIONS, "graph": ("auto", "off"), "memory_format": MEMORY_FORMATS,
            "loss": ("bce", "hinge"), "strategy": ("box", "square", "aspect", "pad")}
 # The ranges numeric settings must lie in, [low, high] (None: no bound); a value outside is an error.
 RANGES = {"budget": (1.0, 30 * 24 * 3600.0), "seed": (0, 2 ** 63 - 1), "steps": (0, None), "sessions": (1, 1000),
           "batch_size": (1, 1 << 16), "z_dim": (1, 1 << 12), "width": (1, 1 << 12), "d_width": (0, 1 << 12),
           "d_steps": (1, 100), "g_steps": (1, 100), "n_samples": (1, 1_000_000), "truncation": (0.0, 100.0),
+          "ema_fraction": (0.0, 1.0),
           "log_every": (0.0, None), "grid_every": (0.0, None), "checkpoint_every": (0.0, None),
           "zip_every": (0.0, None), "lecam": (0.0, 100.0), "ema_kimg": (0.0, 1e6), "image_size": (8, 512),
           "lr_g": (0.0, 1.0), "lr_d": (0.0, 1.0), "ema_decay": (0.0, 1.0), "keep_grids": (0, 10_000)}
@@ -96,6 +106,8 @@ class TrainConfig:
     ema_start: float = 0.25
     ema_decay: float = 0.999  # per batch_size images (a step of N GPUs decays by its N-th power: ema_weight)
     ema_kimg: float = 0.0  # > 0: the EMA's half-life in thousands of images (StyleGAN2-ADA), instead of decay/start
+    ema_fraction: float = 0.0  # > 0: the EMA's half-life as this fraction of the images the run is planned to show
+    #                            (set from the pace, a tenth into training), instead of ema_decay; from ema_start
     ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
     ema_extra: str = ""  # half-lives (kimg) of extra EMA copies kept beside G_ema for evaluation, e.g. "2,10,50"
     # data cleaning (when --data is not a cache file)
@@ -103,7 +115,7 @@ class TrainConfig:
     image_size: int = 64
     # sampling
     n_samples: int = 10_000
-    truncation: float = 0.0  # 0: plain normal z
+    truncation: float = 0.0  # 0: plain normal z; -1: from the planned passes (truncation_for_passes)
     # machinery
     log_every: float = 30.0
     grid_every: float = 300.0
@@ -131,11 +143,14 @@ def parse_budget(text):
 
 def range_problem(name, value):
     """Why a numeric setting's value is out of RANGES (or not finite), or None."""
+    if name == "truncation" and value == TRUNCATION_FROM_PLAN:
+        return None
     low, high = RANGES.get(name, (None, None))
     if (isinstance(value, int) or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high):
         return None
     bounds = (f" from {low}" if low is not None else "") + (f" to {high}" if high is not None else "")
-    return f"{name}={value!r}: must be a finite number{bounds}"
+    return f"{name}={value!r}: must be a finite number{bounds}" + (
+        f" (or {TRUNCATION_FROM_PLAN:g}: from the planned passes)" if name == "truncation" else "")
 
 
 def with_settings(cfg, settings):
@@ -158,8 +173,15 @@ def with_settings(cfg, settings):
             problems.append(range_problem(k, v))
         elif k == "truncation" and 0 < v < TRUNCATION_MIN:
             problems.append(f"truncation={v!r}: give 0 (none) or {TRUNCATION_MIN} or more")
+    if not problems and settings.get("ema_kimg", 0) > 0 and settings.get("ema_fraction", 0) > 0:
+        problems.append(f"ema_kimg={settings['ema_kimg']!r} and ema_fraction={settings['ema_fraction']!r}: the EMA's "
+                        "half-life is one or the other (set the unused one to 0)")
     if problems:
         raise ValueError("; ".join(problems))
+    if "ema_fraction" not in settings and (settings.get("ema_kimg", 0) > 0 or "ema_decay" in settings):
+        settings = {**settings, "ema_fraction": 0.0}  # an EMA given explicitly wins over one left to the plan
+    elif settings.get("ema_fraction", 0) > 0 and "ema_kimg" not in settings:
+        settings = {**settings, "ema_kimg": 0.0}
     return dataclasses.replace(cfg, **{k: float(v) if types[k] is float else v for k, v in settings.items()})
 
 
@@ -201,6 +223,9 @@ def ema_line(cfg):
     if cfg.ema_kimg > 0:
         return (f"EMA        half-life {cfg.ema_kimg:g}k images (at most {cfg.ema_rampup:g} of those seen), "
                 f"on any number of GPUs")
+    if cfg.ema_fraction > 0:
+        return (f"EMA        half-life {cfg.ema_fraction:.0%} of the images the run will show (set from the pace), "
+                f"from p={cfg.ema_start:g}, on any number of GPUs")
     start = f"decay {cfg.ema_decay:g} per {cfg.batch_size} images from p={cfg.ema_start:g}"
     if not 0 < cfg.ema_decay < 1:
         return f"EMA        {start}: " + ("G_ema is G" if cfg.ema_decay == 0 else "G_ema stays as G was then")
@@ -214,8 +239,76 @@ def settings_line(cfg, model):
     parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)", f"augment {cfg.augment}"]
     if "lecam" in getattr(model, "applies", ()):
         parts.append(f"LeCam {cfg.lecam:g} from D step {cfg.lecam_start}" if cfg.lecam else "LeCam off")
-    parts.append(f"truncation {cfg.truncation:g}" if cfg.truncation else "no truncation")
+    parts.append("truncation from the planned passes" if cfg.truncation == TRUNCATION_FROM_PLAN
+                 else f"truncation {cfg.truncation:g}" if cfg.truncation else "no truncation")
     return "settings   " + ", ".join(parts)
+
+
+def passes_text(passes):
+    """300, or 2.7 for fewer than 10 passes (one decimal; 3, not 3.0): the regime at a glance."""
+    return f"{passes:,.0f}" if passes >= 10 else f"{passes:.1f}".removesuffix(".0")
+
+
+def passes_words(passes):
+    """'1 pass', '0.4 passes', '300 passes'."""
+    text = passes_text(passes)
+    return f"{text} pass" if text == "1" else f"{text} passes"
+
+
+def truncation_for_passes(passes, points=TRUNCATION_BY_PASSES):
+    """The sampling truncation for a run that shows its photos `passes` times: log-linear in the
+    passes between the measured points of TRUNCATION_BY_PASSES, held beyond the first and last."""
+    (x0, t0), (x1, t1) = points[0], points[-1]
+    if passes <= x0:
+        return t0
+    if passes >= x1:
+        return t1
+    return round(t0 + (t1 - t0) * math.log(passes / x0) / math.log(x1 / x0), 2)
+
+
+def from_plan(cfg, planned_images, n_photos):
+    """The settings a run leaves to its plan, from the images it will show: {'ema_decay': the decay
+    per batch_size images of a half-life of ema_fraction of them} when ema_fraction > 0, and
+    {'truncation': truncation_for_passes} when truncation is TRUNCATION_FROM_PLAN."""
+    out = {}
+    if cfg.ema_fraction > 0:
+        half_life = max(cfg.ema_fraction * planned_images, float(cfg.batch_size))
+        out["ema_decay"] = 0.5 ** (cfg.batch_size / half_life)
+    if cfg.truncation == TRUNCATION_FROM_PLAN:
+        out["truncation"] = truncation_for_passes(planned_images / max(n_photos, 1))
+    return out
+
+
+def plan_line(cfg, values, planned_images, n_photos, source):
+    """The log line of the settings that follow the plan: each with the plan figure it came from."""
+    parts = []
+    if "ema_decay" in values:
+        parts.append(f"EMA half-life {cfg.ema_fraction:.0%} of {planned_images:,.0f} images = "
+                     f"{cfg.ema_fraction * planned_images / 1000:,.1f}k images (decay {values['ema_decay']:.6f} per "
+                     f"{cfg.batch_size} images from p={cfg.ema_start:g})")
+    if "truncation" in values:
+        (x0, t0), (x1, t1) = TRUNCATION_BY_PASSES[0], TRUNCATION_BY_PASSES[-1]
+        parts.append(f"truncation {values['truncation']:g} for {passes_words(planned_images / max(n_photos, 1))} over "
+                     f"the {n_photos:,} photos ({t0:g} at {x0:g} passes or fewer, {t1:g} at {x1:g} or more)")
+    return f"from plan  {source}: " + "; ".join(parts)
+
+
+def follow_plan(tr, planned_images, source):
+    """Set the settings the run leaves to its plan (from_plan) from the images it will show, log
+    them with that figure and keep them for the checkpoint; the settings as given stay in
+    options.json. Nothing when the run sets them all itself."""
+    values = from_plan(tr.given, planned_images, len(tr.images))
+    if values:
+        tr.planned = {"images": float(planned_images), "source": source, **values}
+        tr.cfg = dataclasses.replace(tr.cfg, **values)
+        tr.log(plan_line(tr.given, values, planned_images, len(tr.images), source))
+
+
+def plan_pending(cfg):
+    """In words, what the run leaves to its plan (for the start block), or ''."""
+    parts = [f"EMA half-life {cfg.ema_fraction:.0%} of the images the run will show"] if cfg.ema_fraction > 0 else []
+    parts += ["truncation from the passes it will make"] if cfg.truncation == TRUNCATION_FROM_PLAN else []
+    return ("from plan  " + " and ".join(parts) + ": set from the pace, a tenth into training") if parts else ""
 
 
 def parse_ema_extra(text):
@@ -363,6 +456,8 @@ def set_schedule(tr, p):
                 group["lr"].fill_(base * scale)
             else:
                 group["lr"] = base * scale
+    if tr.given.ema_fraction > 0 and tr.planned is None and p >= tr.cfg.ema_start and tr.images_seen and p > 0:
+        follow_plan(tr, tr.images_seen / p, f"estimated at p={p:.2f}, before the pace")  # ema_start before REPLAN_AT
     w = ema_weight(p, tr.cfg, tr.images_seen, tr.world.size)
     if w != tr.ema_w_value:  # at the switch (every step of an ema_kimg ramp-up); never read back: no sync
         tr.ema_w.fill_(w)
@@ -474,7 +569,9 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     """Write the whole training state atomically to folder/name (folder: the run's output)."""
     ckpt = {
         "format": CHECKPOINT_FORMAT,
-        "config": dataclasses.asdict(tr.cfg),
+        "config": {**dataclasses.asdict(tr.given),  # as given, the truncation as it samples (every reader's)
+                   "truncation": sampling_truncation(tr.cfg, tr.images_seen, len(tr.images)) or 0.0},
+        "planned": tr.planned,  # the settings that follow the plan (follow_plan), or None
         "model": tr.cfg.model,
         "step": tr.step,
         "images_seen": tr.images_seen,  # real images drawn for training, all ranks together
@@ -589,6 +686,8 @@ def load_checkpoint(tr, path, same_session=False):
         if opt.grad_scaler is not None and state:
             opt.grad_scaler.load_state_dict(state)
     tr.step, tr.elapsed, tr.images_seen = ckpt["step"], ckpt["elapsed"], ckpt.get("images_seen", 0)
+    if ckpt.get("planned"):  # until this session's pace plans them again
+        follow_plan(tr, ckpt["planned"]["images"], ckpt["planned"]["source"] + " (of the checkpoint's run)")
     tr.resumed_elapsed = tr.elapsed
     tr.lr_scale, tr.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
     tr.grid_every = ckpt.get("grid_every", tr.grid_every)
@@ -718,13 +817,20 @@ def planned_seconds(tr):
 REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
 
-def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
-    """What the run will show at this pace: `since` is (elapsed, images_seen) when this process's
-    training began; the passes over the photos name the regime (a 9-hour T4 x2 run: hundreds)."""
+def planned_images(images_seen, since, elapsed, train_seconds):
+    """The images the run will have shown by the end of training at the pace since `since`,
+    (elapsed, images_seen) when this process's training began."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
-    total = images_seen + rate * max(train_seconds - elapsed, 0.0)
+    return images_seen + rate * max(train_seconds - elapsed, 0.0)
+
+
+def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
+    """What the run will show at this pace (planned_images); the passes over the photos name the
+    regime (a 9-hour T4 x2 run: hundreds)."""
+    rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
+    total = planned_images(images_seen, since, elapsed, train_seconds)
     return (f"at {rate:,.0f} images/s, about {total:,.0f} images by the end of training: "
-            f"{total / max(n_photos, 1):,.0f} passes over the {n_photos:,} photos")
+            f"{passes_words(total / max(n_photos, 1))} over the {n_photos:,} photos")
 
 
 def replan(tr):
@@ -755,6 +861,7 @@ def once_warm(tr, since):
     if tr.cfg.reserve < 0:
         replan(tr)
     tr.log("pace       " + pace_line(tr.images_seen, since, tr.elapsed, tr.train_seconds, len(tr.images)))
+    follow_plan(tr, planned_images(tr.images_seen, since, tr.elapsed, tr.train_seconds), "the pace")
     return True
 
 
@@ -816,7 +923,7 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
     """images.zip from G. With several ranks each samples its slice (rank 0 samples a slice
     another rank could not), rank 0 gathers them and writes the zip; the others return None."""
     cfg = tr.cfg
-    truncation = cfg.truncation if cfg.truncation > 0 else None
+    truncation = sampling_truncation(cfg, tr.images_seen, len(tr.images))
 
     def part(k):
         return generate(G, cfg.n_samples, cfg.z_dim, truncation, tr.n_classes, device=tr.device, seed=cfg.seed,
@@ -836,6 +943,15 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
             tr.log(f"rank {k} could not sample its share ({type(got).__name__}: {got}); rank 0 samples it")
             parts[k] = part(k)
     return zip_images(np.concatenate(parts), cfg, deadline, tr.clock)
+
+
+def sampling_truncation(cfg, images_seen, n_photos):
+    """The truncation to sample with (None: the plain normal): the setting, or, left to the plan
+    and no plan made yet (a run that ended before its pace), the one for the passes it made."""
+    t = cfg.truncation
+    if t == TRUNCATION_FROM_PLAN:
+        t = truncation_for_passes(images_seen / max(n_photos, 1))
+    return t if t > 0 else None
 
 
 def zip_images(images, cfg, deadline=None, clock=time.monotonic):
@@ -911,7 +1027,7 @@ def finish(tr, failure=None):
             raise out_of_time(tr, cause, late) from None
         raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
     tr.log(f"wrote {path}: {tr.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
-           f"(step {tr.step}, {tr.images_seen:,} images = {tr.images_seen / len(tr.images):,.0f} passes over the "
+           f"(step {tr.step}, {tr.images_seen:,} images = {passes_words(tr.images_seen / len(tr.images))} over the "
            f"{len(tr.images):,} photos, {tr.rollbacks} rollbacks{f', {world.size} ranks' if world.size > 1 else ''}); "
            f"trained {fmt_time(tr.elapsed - tr.resumed_elapsed)} of this run's {fmt_time(budget_end - tr.t0)}")
     late = tr.clock() - budget_end
@@ -954,7 +1070,7 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
     ckpt = read_checkpoint(path, device)
     G, cfg = ema_generator(ckpt, model_cls, device)
     cfg = dataclasses.replace(cfg, out=os.path.dirname(os.path.abspath(path)))
-    truncation = cfg.truncation if cfg.truncation > 0 else None
+    truncation = sampling_truncation(cfg, ckpt["images_seen"], 1)  # a checkpoint's is the one it samples with
     images = generate(G, cfg.n_samples, cfg.z_dim, truncation, ckpt["n_classes"], device=device, seed=cfg.seed,
                       deadline=deadline, clock=clock)
     return zip_images(images, cfg, deadline, clock), ckpt["step"]
@@ -1007,6 +1123,12 @@ def ema_copy(G):
     return G_ema
 
 
+def fixed_noise(cfg, n_classes, device):
+    """The z (seed 1234) and breeds of the 64 progress-grid images: the same in every grid of a run."""
+    z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(device)
+    return z, ((torch.arange(64) % max(n_classes, 1)).to(device) if n_classes else None)
+
+
 class Trainer:
     """Holds the models, the resident data and the schedule; `run()` trains and writes images.zip."""
 
@@ -1014,6 +1136,7 @@ class Trainer:
                  world=ALONE):
         cfg = dataclasses.replace(cfg, model=model_cls.name)  # what the checkpoint says it holds
         self.cfg, self.clock, self.hooks, self.world = cfg, clock, list(hooks), world
+        self.given, self.planned = cfg, None  # the settings as given; those that follow the plan (follow_plan)
         self.log = log if world.main else (lambda message: None)  # rank 0 speaks for all
         self.t0 = clock() if t0 is None else t0  # the budget counts from here: data cleaning included
         self.device = pick_device(cfg.device)
@@ -1032,25 +1155,25 @@ class Trainer:
                 if net is not None:
                     net.to(memory_format=torch.channels_last)
         self.optimizers = [opt for opt in (self.model.opt_g, self.model.opt_d) if opt is not None]
-        for opt in self.optimizers:  # fp16: a loss scaler per optimiser; several ranks: gradients averaged
+        for opt in self.optimizers:  # fp16: a loss scaler per optimiser (models/common.backward_step)
             opt.grad_scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
-            opt.world = world  # both read by models/common.backward_step
+            if world.size > 1:  # every opt.step averages the gradients over the ranks first
+                average_in_step(opt, world)
         self.log(f"precision  {why}")
-        self.log(settings_line(cfg, self.model))
-        self.log(ema_line(cfg))
+        for line in filter(None, (settings_line(cfg, self.model), ema_line(cfg), plan_pending(cfg))):
+            self.log(line)
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))
         self.G_ema = ema_copy(self.model.G)
         self.extra_kimg = parse_ema_extra(cfg.ema_extra)  # extra EMA copies, kept for evaluation
         self.G_extra = [ema_copy(self.model.G) for _ in self.extra_kimg]
-        self.extra_w = [torch.tensor(1.0, device=self.device) for _ in self.extra_kimg]
-        self.extra_w_value = [1.0] * len(self.extra_kimg)
+        self.extra_w, self.extra_w_value = [torch.tensor(1.0, device=self.device) for _ in self.G_extra], [1.0] * len(
+            self.G_extra)  # their weights, as tensors (graph-safe) and as numbers
         if world.size > 1:  # one start for all ranks, then each its own batches and noise
             broadcast_state([m for m in (self.model.G, self.model.D, self.G_ema, *self.G_extra) if m is not None],
                             world)
             seed_rank(cfg, world)
-        self.step = 0
-        self.images_seen = 0  # real training images drawn so far (every rank's)
+        self.step, self.images_seen = 0, 0  # steps, and real training images drawn so far (every rank's)
         self.batches_per_step = 1  # real batches one step draws (measured by train_step)
         self.elapsed = 0.0  # seconds of the run so far (previous runs included when resumed)
         self.resumed_elapsed = 0.0  # what a resumed checkpoint had done before this process
@@ -1064,8 +1187,7 @@ class Trainer:
         self.bn_refreshed = False
         self.continues = None  # the folder of the checkpoint this run continues (load_checkpoint)
         self.grid_every = cfg.grid_every
-        self.fixed_z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(self.device)
-        self.fixed_y = (torch.arange(64) % max(self.n_classes, 1)).to(self.device) if self.n_classes else None
+        self.fixed_z, self.fixed_y = fixed_noise(cfg, self.n_classes, self.device)  # the progress grids'
         if world.main:
             os.makedirs(cfg.out, exist_ok=True)
             for name in remove_stale_temps(cfg.out):
@@ -1080,7 +1202,7 @@ class Trainer:
             if self.continues:
                 carry_log(self.continues, self.cfg.out, self.log)
             with open(os.path.join(self.cfg.out, "options.json"), "w") as fh:
-                json.dump(dict(dataclasses.asdict(self.cfg), world_size=self.world.size), fh, indent=2)
+                json.dump(dict(dataclasses.asdict(self.given), world_size=self.world.size), fh, indent=2)
         try:
             failure = self.train_loop()
         except KeyboardInterrupt:

@@ -243,3 +243,41 @@ def test_a_forked_rank_in_a_notebook_writes_to_the_file_descriptors(monkeypatch)
     plain_streams()
     assert sys.stdout.fileno() == 1
     assert sys.stderr is real_err  # a plain text stream (a file, a terminal) is kept
+
+
+def plain_kernel_ranks(world, device, kernel_path, tmp_path, data):
+    """One rank of a kernel whose dcgan step calls loss.backward(); opt.step() itself: a tiny run of
+    4 steps, its parameters saved for the test to compare."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plain_dcgan_kernel", kernel_path)
+    kernel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernel)
+    torch.set_num_threads(1)
+    clock = FakeClock(dt=1.0)
+    cfg = kernel.with_settings(kernel.TrainConfig(), kernel.DCGAN_SETTINGS)
+    cfg = kernel.with_settings(cfg, dict(out=str(tmp_path / "run"), width=4, batch_size=8, n_samples=64, reserve=0.0,
+                                         log_every=1e9, grid_every=1e9, checkpoint_every=1e9, device="cpu",
+                                         budget=40.0, steps=4))
+    tr = kernel.Trainer(cfg, kernel.DCGAN, data=data, clock=clock, log=lambda m: None, world=world, hooks=[clock.hook])
+    tr.run()
+    torch.save({f"{part}.{k}": v.detach() for part, m in (("G", tr.model.G), ("D", tr.model.D))
+                for k, v in m.named_parameters()}, tmp_path / f"plain{world.rank}.pt")
+    return 0
+
+
+def test_a_step_edited_to_call_backward_and_step_itself_still_averages_over_the_ranks(tmp_path, tiny_dataset):
+    """A Kaggle user rewrites the model's step the plain way (loss.backward(); opt.step()) in a copy of
+    the kernel: on two ranks the weights stay identical, since the optimiser's step averages the
+    gradients over the ranks whoever calls it."""
+    text = (ROOT / "kernels" / "dcgan.py").read_text()
+    plain = text.replace("backward_step(self.opt_d, loss_d)", "loss_d.backward(); self.opt_d.step()").replace(
+        "backward_step(self.opt_g, loss_g)", "loss_g.backward(); self.opt_g.step()")
+    assert plain.count("loss_d.backward(); self.opt_d.step()") == 1 and plain.count(".opt_g.step()") == 1
+    (tmp_path / "plain_dcgan.py").write_text(plain)
+    assert two_ranks(plain_kernel_ranks, tmp_path / "plain_dcgan.py", tmp_path, tiny_dataset) == [0, 0]
+    r0, r1 = (torch.load(tmp_path / f"plain{r}.pt", weights_only=True) for r in (0, 1))
+    init = DCGAN(tiny_cfg(tmp_path), 0, torch.device("cpu"))
+    assert any(not torch.equal(v, r0[f"G.{k}"]) for k, v in init.G.named_parameters())  # it trained
+    for name, a in r0.items():
+        torch.testing.assert_close(a, r1[name], rtol=0, atol=0, msg=name)

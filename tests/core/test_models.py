@@ -31,12 +31,6 @@ def test_truncated_normal_resamples_beyond_the_threshold():
         truncated_normal((3,), 0.0)
 
 
-@pytest.mark.parametrize("name", registry.MODEL_NAMES)
-def test_registry_name_matches_the_class(name):
-    # checkpoints record the class's name; dogkit sample rebuilds the model from it
-    assert registry.get(name).cls.name == name
-
-
 def test_sampling_does_not_depend_on_the_batch_size():
     entry = registry.get("biggan")
     cfg = with_settings(with_settings(TrainConfig(), entry.settings), {"width": 4})
@@ -156,3 +150,70 @@ def test_a_diffaugment_model_shows_d_what_its_augment_setting_says(name, augment
     real = torch.rand(4, 3, 64, 64) * 2 - 1
     model.step(lambda: (real, torch.zeros(4, dtype=torch.long)))
     assert calls == [policy] * 3  # D's real, fake and generator passes, each through the policy
+
+
+# ---- presets: a published recipe in full -------------------------------------------------------
+
+def test_a_preset_is_applied_over_the_models_settings_and_an_option_wins_over_it():
+    """--preset fifth-place gives the 5th place's settings (run_train.sh, run_sample.sh); an option
+    given beside it wins; the model's own settings fill the rest."""
+    from dogkit.core.kernel import config_from_options, parse_args
+
+    entry = registry.get("biggan")
+    cfg = config_from_options(entry.settings, vars(parse_args(["--data", "x.npz", "--preset", "fifth-place"])),
+                              presets=entry.presets)
+    assert (cfg.width, cfg.d_width, cfg.batch_size, cfg.z_dim, cfg.lr_g, cfg.lr_d, cfg.beta1) == (
+        32, 64, 32, 100, 1e-4, 4e-4, 0.0)
+    assert (cfg.ema_fraction, cfg.ema_decay, cfg.ema_start, cfg.lr_final, cfg.truncation) == (
+        0.0, 0.9999, 0.48, 1.0, 0.0)
+    mine = config_from_options(entry.settings, vars(parse_args(["--data", "x.npz", "--preset", "fifth-place",
+                                                                "--truncation", "1.0", "--batch-size", "64"])),
+                               presets=entry.presets)
+    assert (mine.truncation, mine.batch_size, mine.d_width) == (1.0, 64, 64)
+    plain = config_from_options(entry.settings, vars(parse_args(["--data", "x.npz"])), presets=entry.presets)
+    assert (plain.d_width, plain.ema_fraction, plain.truncation) == (64, 0.1, -1.0)  # biggan's own defaults
+
+
+@pytest.mark.parametrize("model,name,message", [("biggan", "sixth-place", "preset 'sixth-place': choose from fifth-place"),
+                                                ("dcgan", "fifth-place", "preset 'fifth-place': this model has no presets")])
+def test_an_unknown_preset_is_refused_with_the_models_list(model, name, message):
+    from dogkit.core.kernel import config_from_options, parse_args
+
+    entry = registry.get(model)
+    with pytest.raises(ValueError) as err:
+        config_from_options(entry.settings, vars(parse_args(["--data", "x.npz", "--preset", name])),
+                            presets=entry.presets)
+    assert str(err.value) == message
+
+
+def test_the_registry_refuses_a_preset_with_a_setting_that_does_not_exist():
+    from dogkit.core.models.biggan import BigGAN
+
+    class Other(BigGAN):
+        name = "biggan-other"
+
+    with pytest.raises(TypeError, match=r"preset 'mine': unknown setting 'd_wdith'"):
+        registry.register(Other, {}, "a test model", {"mine": {"d_wdith": 64}})
+    assert "biggan-other" not in registry.MODELS
+
+
+def test_the_biggan_kernel_offers_its_presets_in_the_settings_and_refuses_an_unknown_one(tmp_path):
+    """The settings cell carries the presets with their sources and PRESET; an unknown name given
+    as --preset is one line and exit 2 before any work."""
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    ROOT = Path(__file__).resolve().parents[2]
+    text = (ROOT / "kernels" / "biggan.py").read_text()
+    front = text[:text.index("\nKAGGLE_SESSIONS = ")]
+    assert "BIGGAN_PRESETS = {" in front and "\nPRESET = None" in front and "run_train.sh" in front
+    assert "presets=BIGGAN_PRESETS, preset=PRESET)" in text
+    assert "\nPRESET = " not in (ROOT / "kernels" / "dcgan.py").read_text()
+    proc = subprocess.run([sys.executable, str(ROOT / "kernels" / "biggan.py"), "--data", str(tmp_path / "x.npz"),
+                           "--preset", "sixth-place", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: preset 'sixth-place': choose from fifth-place"], proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -81,7 +81,7 @@ def test_the_settings_line_names_the_levers_each_model_applies():
     biggan, dcgan = SimpleNamespace(applies=("diffaug", "lecam")), SimpleNamespace(applies=("diffaug",))
     cfg = with_settings(TrainConfig(), registry.get("biggan").settings)
     assert settings_line(cfg, biggan) == ("settings   batch 64, lr 0.0001 (G) 0.0004 (D), augment flip, LeCam off, "
-                                          "truncation 1.5")
+                                          "truncation from the planned passes")
     on = with_settings(cfg, {"lecam": 0.3, "augment": "flip+diffaug", "truncation": 0.0, "batch_size": 32})
     assert settings_line(on, biggan) == ("settings   batch 32, lr 0.0001 (G) 0.0004 (D), augment flip+diffaug, "
                                          "LeCam 0.3 from D step 1000, no truncation")
@@ -413,7 +413,8 @@ def test_a_cold_first_timing_of_the_end_is_corrected_once_warm(tmp_path, tiny_da
     per_step = trainer.batches_per_step * cfg.batch_size
     assert abs(forecast - trainer.images_seen) <= per_step and f"{per_step / 2:,.0f} images/s" in pace
     n = len(tiny_dataset["images"])
-    assert f"{trainer.images_seen:,} images = {trainer.images_seen / n:,.0f} passes over the {n:,} photos" in logs[-1]
+    passes = re.search(rf"{trainer.images_seen:,} images = (\d+\.\d) passes over the {n:,} photos", logs[-1])
+    assert passes and float(passes[1]) == pytest.approx(trainer.images_seen / n, abs=0.05), logs[-1]  # under 10
 
 
 def test_the_pace_line_is_the_run_so_far_extended_to_the_end_of_training():
@@ -421,6 +422,88 @@ def test_the_pace_line_is_the_run_so_far_extended_to_the_end_of_training():
     assert line == "at 100 images/s, about 10,500 images by the end of training: 210 passes over the 50 photos"
     done = pace_line(images_seen=1_500, since=(5.0, 500), elapsed=200.0, train_seconds=105.0, n_photos=50)
     assert "about 1,500 images" in done and "30 passes" in done  # past the end: nothing more to come
+    few = pace_line(images_seen=1_500, since=(5.0, 500), elapsed=15.0, train_seconds=105.0, n_photos=4_000)
+    assert few.endswith("2.6 passes over the 4,000 photos")  # 10,500 / 4,000: one decimal under 10
+
+
+@pytest.mark.parametrize("passes,words", [(0.04, "0 passes"), (0.45, "0.5 passes"), (1.0, "1 pass"),
+                                          (1.04, "1 pass"), (3.0, "3 passes"), (9.96, "10 passes"),
+                                          (212.4, "212 passes"), (1234.0, "1,234 passes")])
+def test_passes_read_at_a_glance(passes, words):
+    from dogkit.core.train import passes_words
+
+    assert passes_words(passes) == words
+
+
+@pytest.mark.parametrize("passes,truncation", [(1, 1.5), (75, 1.5), (300, 1.0), (700, 1.0),
+                                               (150, 1.25),  # log-linear: 150 is halfway between 75 and 300
+                                               (100, round(1.5 - 0.5 * math.log(100 / 75) / math.log(4), 2))])
+def test_truncation_follows_the_passes_between_the_measured_points(passes, truncation):
+    from dogkit.core.train import truncation_for_passes
+
+    assert truncation_for_passes(passes) == pytest.approx(truncation)
+
+
+def test_settings_left_to_the_plan_are_set_from_the_planned_images():
+    """A half-life of ema_fraction of the planned images is decay 0.5 ** (batch / half-life) per
+    batch; a setting given explicitly is never planned."""
+    from dogkit.core.train import from_plan, plan_line
+
+    cfg = with_settings(TrainConfig(), {"ema_fraction": 0.1, "truncation": -1.0, "batch_size": 64})
+    values = from_plan(cfg, 6_400_000, 20_000)  # 320 passes
+    assert values == {"ema_decay": pytest.approx(0.5 ** (64 / 640_000)), "truncation": 1.0}
+    assert values["ema_decay"] ** (640_000 / 64) == pytest.approx(0.5)  # a half-life of 640k images
+    assert plan_line(cfg, values, 6_400_000, 20_000, "the pace") == (
+        "from plan  the pace: EMA half-life 10% of 6,400,000 images = 640.0k images (decay 0.999931 per 64 images "
+        "from p=0.25); truncation 1 for 320 passes over the 20,000 photos (1.5 at 75 passes or fewer, 1 at 300 "
+        "or more)")
+    assert from_plan(with_settings(cfg, {"ema_fraction": 0.0, "truncation": 1.5}), 6_400_000, 20_000) == {}
+    assert from_plan(cfg, 10, 20_000)["ema_decay"] == 0.5  # never shorter than one batch
+
+
+@pytest.mark.parametrize("bad,why", [({"truncation": -2.0}, "or -1: from the planned passes"),
+                                     ({"ema_fraction": 1.5}, "ema_fraction=1.5"),
+                                     ({"ema_fraction": 0.1, "ema_kimg": 10.0}, "one or the other")])
+def test_plan_settings_out_of_range_are_refused(bad, why):
+    with pytest.raises(ValueError, match=re.escape(why)):
+        with_settings(TrainConfig(), bad)
+
+
+def test_a_run_sets_its_ema_and_truncation_from_its_pace_and_a_resume_keeps_them(tmp_path, tiny_dataset):
+    """On a fake clock (one step a second, 8 images a step, 100 s of training) the pace at a tenth
+    foretells 800 images: the EMA's half-life is 10 % of them from there on, the truncation that
+    of 800 / 300 photos, both in the log with that figure, in the checkpoint (the config's
+    truncation is the one it samples with, for every reader) and back after a resume; the settings
+    as given stay in options.json."""
+    from dogkit.core.train import read_checkpoint, truncation_for_passes
+
+    clock, logs = FakeClock(), []
+    cfg = tiny_cfg(tmp_path, budget=100.0, ema_fraction=0.1, ema_start=0.2, truncation=-1.0, log_every=1e9)
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=logs.append,
+                      hooks=[clock.hook])
+    trainer.run()
+    planned = [m for m in logs if m.startswith("from plan  the pace")]
+    assert len(planned) == 1 and "10% of 800 images = 0.1k images" in planned[0], logs
+    assert trainer.cfg.ema_decay == pytest.approx(0.5 ** (8 / 80))
+    assert trainer.cfg.truncation == truncation_for_passes(800 / 300) == 1.5
+    ckpt = read_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ckpt["config"]["truncation"] == 1.5 and ckpt["config"]["ema_decay"] == cfg.ema_decay  # as given
+    assert ckpt["planned"]["images"] == pytest.approx(800)
+    assert json.loads((tmp_path / "options.json").read_text())["truncation"] == -1.0
+    again = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "b")), registry.get("dcgan").cls, data=tiny_dataset,
+                    log=logs.append)
+    load_checkpoint(again, tmp_path / "checkpoint.pt")
+    assert again.cfg.ema_decay == trainer.cfg.ema_decay and again.cfg.truncation == 1.5
+
+
+def test_a_run_that_ends_before_its_pace_samples_at_the_truncation_of_the_passes_it_made(tmp_path, tiny_dataset):
+    from dogkit.core.train import read_checkpoint
+
+    cfg = tiny_cfg(tmp_path, steps=3, truncation=-1.0)  # 24 images of 300 photos: 0.08 passes
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
+    trainer.run()
+    assert trainer.planned is None
+    assert read_checkpoint(str(tmp_path / "checkpoint.pt"))["config"]["truncation"] == 1.5
 
 
 def test_an_end_timed_slower_once_warm_moves_the_end_of_training_earlier(tmp_path, tiny_dataset, monkeypatch):

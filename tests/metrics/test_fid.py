@@ -28,9 +28,30 @@ def test_identical_sets_score_zero_and_different_sets_do_not():
     assert F.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(8.0, rel=1e-6)
 
 
-def test_singular_covariance_retries_with_offset():
-    sigma = np.zeros((4, 4))
-    assert np.isfinite(F.frechet_distance(np.zeros(4), sigma, np.ones(4), sigma))
+def test_singular_covariances_give_the_closed_form():
+    """Singular covariances (a dimension with no spread) still give the closed form
+    ||mu1 - mu2||^2 + Tr S1 + Tr S2 - 2 Tr sqrt(S1 S2); for diagonal S, sqrt(S1 S2) is elementwise."""
+    zero = np.zeros((4, 4))
+    assert F.frechet_distance(np.zeros(4), zero, np.ones(4), zero) == 4.0
+    s1, s2 = np.diag([1.0, 0, 0, 4.0]), np.diag([0, 1.0, 0, 9.0])  # S1 S2 = diag(0, 0, 0, 36)
+    assert F.frechet_distance(np.zeros(4), s1, np.ones(4), s2) == pytest.approx(4 + 5 + 10 - 2 * 6)
+
+
+def test_a_square_root_that_fails_retries_with_an_offset(monkeypatch):
+    """TTUR's recipe: when sqrtm(S1 S2) is not finite, sqrt((S1 + eps I)(S2 + eps I)) instead; for
+    diagonal S that is elementwise, so the retried distance has a closed form."""
+    real, calls = F.linalg.sqrtm, []
+
+    def first_fails(m):
+        calls.append(m.copy())
+        return np.full_like(m, np.inf) if len(calls) == 1 else real(m)
+
+    monkeypatch.setattr(F.linalg, "sqrtm", first_fails)
+    e = 1e-6
+    s1, s2 = np.diag([1.0, 0.0]), np.diag([0.0, 1.0])
+    fid = F.frechet_distance(np.zeros(2), s1, np.zeros(2), s2, eps=e)
+    assert len(calls) == 2 and np.allclose(calls[1], np.diag([(1 + e) * e, e * (1 + e)]))
+    assert fid == pytest.approx(2 - 2 * 2 * np.sqrt(e * (1 + e)), rel=1e-9)
 
 
 @pytest.mark.parametrize("n", [40, 400])  # rank-deficient (40 rows, 64 dims) and full rank

@@ -34,7 +34,19 @@ def test_the_committed_queue_is_valid():
     entries = gpu_bench.load_queue(gpu_bench.QUEUE)
     cap = 570.0  # a 10-minute command with 30 s kept, the GPU tests (< 40 s) run first
     cost = lambda e: gpu_bench.estimate(e, gpu_bench.SCORE_S_PER_IMAGE["cuda"], 10_000)  # noqa: E731
-    confirm = entries[:2]  # the CPU proxies' top finding first: both arms on one subset, in one command
+    confirm = entries[:4]  # issue 44: biggan's recipe confirmed first, one change at a time against the old default
+    assert [e["id"] for e in confirm] == ["biggan-8m-recipe-before", "biggan-8m-d64", "biggan-8m-ema-rule",
+                                          "biggan-8m-recipe"]
+    before = gpu_bench.train_config(confirm[0], "x", "x")
+    assert (before.d_width, before.ema_fraction, before.ema_decay, before.truncation) == (32, 0.0, 0.999, 1.5)
+    now = [gpu_bench.train_config(e, "x", "x") for e in confirm[1:]]
+    assert [(c.d_width, c.ema_fraction) for c in now] == [(64, 0.0), (32, 0.1), (64, 0.1)]
+    assert now[-1].truncation == -1.0 and all(c.seed == before.seed for c in now)  # today's default, same seed
+    assert all(e["budget"] == "8m" and sorted(e["truncations"]) == [0, 0.8, 1] for e in confirm)
+    assert all(cost(e) < cap - 40 for e in confirm)  # each fits one 10-minute command beside the GPU tests
+    assert entries[4]["options"] == {"preset": "fifth-place"}
+    entries = entries[5:]
+    confirm = entries[:2]  # the CPU proxies' many-passes regime at full width: both arms in one command
     assert [e.get("options", {}).get("augment", "flip") for e in confirm] == ["flip", "flip+diffaug"]
     assert confirm[0]["subset"] == confirm[1]["subset"] and confirm[0]["budget"] == confirm[1]["budget"]
     assert sum(map(cost, confirm)) + 30 < cap - 40  # 30 s: the two subsets decoded and written
@@ -174,7 +186,7 @@ def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception
 def test_every_queued_kernel_command_parses_as_the_kernel_reads_it():
     """The flags the bench passes (--memory-format, --ema-kimg, --d-width ...) are the kernel's own."""
     from dogkit.core import kernel, registry
-    from dogkit.core.train import parse_budget
+    from dogkit.core.train import TrainConfig, parse_budget, with_settings
 
     for e in gpu_bench.load_queue(gpu_bench.QUEUE):
         if e["kind"] != "train":
@@ -182,7 +194,12 @@ def test_every_queued_kernel_command_parses_as_the_kernel_reads_it():
         cmd = gpu_bench.kernel_command(e, "data/dogs64.npz", ".devwork/x", "auto")
         assert cmd[:2] == ["python", f"kernels/{e['model']}.py"] and (ROOT / cmd[1]).exists()
         args = kernel.parse_args(cmd[2:])
-        cfg = kernel.config_from_options(registry.get(e["model"]).settings, vars(args))
+        entry = registry.get(e["model"])
+        cfg = kernel.config_from_options(entry.settings, vars(args), presets=entry.presets)
         for k, v in (e.get("options") or {}).items():
+            if k == "preset":
+                assert with_settings(TrainConfig(), kernel.with_preset(entry.settings, entry.presets, v)).d_width \
+                    == cfg.d_width, e["id"]
+                continue
             assert getattr(cfg, k) == v, (e["id"], k)
         assert cfg.budget == parse_budget(e["budget"]) and cfg.budget in (210.0, 480.0) and args.gpus == 1

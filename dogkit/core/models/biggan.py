@@ -17,12 +17,39 @@ from torch.nn.utils.parametrizations import spectral_norm
 from dogkit.core.augment import diff_augment, diffaug_policy
 from dogkit.core.models.common import SelfAttention, adam, backward_step, lecam_penalty, sn_conv, sn_linear
 
-BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999, batch_size=64, z_dim=120,
-                       width=32, loss="hinge", ema_decay=0.999, ema_start=0.2,
+BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999,  # the 5th place's (run_train.sh)
+                       batch_size=64, z_dim=120, loss="hinge",
+                       width=32, d_width=64,  # G 32 / D 64: the 2nd, 3rd and 5th place (5th: run_train.sh)
+                       # EMA: a half-life of 10 % of the images the run will show (set from its pace), from p=0.2:
+                       # the 5th place's 0.9999 from iteration 30k spans ~11 % of its run; BigGAN-PyTorch and
+                       # StudioGAN use 0.9999; a fixed 0.999 spans under 1 % of a 9-hour run
+                       ema_fraction=0.1, ema_start=0.2,
                        # in the CPU proxies of a long run (300 passes; README, Results) DiffAugment
                        # (augment="flip+diffaug") tied flips alone and LeCam (lecam=0.3) on top of it was
                        # behind: both off, untested at scale
-                       augment="flip", truncation=1.5)  # truncation: the best of the measured sweep
+                       augment="flip",
+                       # -1: from the passes the run will make, 1.5 at 75 or fewer (the 8-minute H100 sweep)
+                       # to 1 at 300 or more (the CPU proxies): TRUNCATION_BY_PASSES
+                       truncation=-1.0)
+
+BIGGAN_PRESETS = {
+    # Published recipes, in full (--preset NAME, or PRESET = "NAME" below): each setting with its
+    # source. Our architecture, data cleaning and batch-norm statistics stay ours.
+    # The 5th place (dmitry-vorobiev/kaggle-generative-dog-images: run_train.sh, run_sample.sh; what
+    # they leave out is BigGAN-PyTorch's default in their utils.py):
+    "fifth-place": dict(width=32, d_width=64,  # --G_ch 32 --D_ch 64
+                        batch_size=32,  # --batch_size 32
+                        z_dim=100,  # --hier --dim_z 100 (shared embedding 128, as ours)
+                        lr_g=1e-4, lr_d=4e-4,  # --G_lr 1e-4 --D_lr 4e-4
+                        beta1=0.0, beta2=0.999,  # --G_B2 0.999 --D_B2 0.999, B1 0.0 (utils.py)
+                        loss="hinge", d_steps=1,  # loss_hinge_dis / loss_hinge_gen (train_fns.py), --num_D_steps 1
+                        lr_final=1.0,  # no learning-rate decay (train.py has none)
+                        # --ema --ema_start 30000 with ema_decay 0.9999 (utils.py) per batch of 32: the average
+                        # starts at iteration 30k of about 62k (60 epochs, ~2 M images: an estimate)
+                        ema_fraction=0.0, ema_decay=0.9999, ema_start=0.48,
+                        augment="flip",  # A.HorizontalFlip (dataset.py; its affine jitter of large crops is not ours)
+                        truncation=0.0),  # --trunc_z 0.0 (run_sample.sh): no truncation
+}
 
 
 class ConditionalBatchNorm(nn.Module):

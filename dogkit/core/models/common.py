@@ -29,7 +29,8 @@ class ModelContract:
         opt_g, opt_d: their optimisers (opt_d None exactly when D is None); a tensor learning rate
             on CUDA (adam/nadam below), so a captured CUDA graph sees the schedule.
     step(batch): one training step; batch() returns (images in [-1, 1], labels) and may be called
-        more than once; updates go through backward_step(opt, loss) (fp16 loss scaling); returns
+        more than once; updates go through backward_step(opt, loss) (fp16 loss scaling) or call
+        loss.backward(); opt.step() (several GPUs average either way: the trainer's opt.step); returns
         a dict of detached 0-d tensors to log, the losses named loss_* (read at log lines only:
         no host sync per step).
     Optional: before_sampling(G, images): what sampling needs beyond the weights, run on the
@@ -90,18 +91,20 @@ def nadam(module, lr, cfg, device):
 
 
 def backward_step(opt, loss):
-    """loss.backward() then opt.step(). Under fp16 through the optimiser's loss scaler (set by the
-    trainer as opt.grad_scaler): scaled backward, the step skipped when a gradient is inf/NaN.
-    With several ranks (opt.world, a distributed.World set by the trainer) the gradients are
-    averaged over them first: an inf on one rank reaches all, so every rank skips the same steps."""
+    """loss.backward() then opt.step(); a step may as well call those two itself (with several
+    ranks the trainer's opt.step averages the gradients over them first, whoever calls it:
+    distributed.average_in_step). Under fp16 through the optimiser's loss scaler (set by the
+    trainer as opt.grad_scaler): scaled backward, the step skipped when a gradient is inf/NaN;
+    the gradients are averaged before the scaler looks for an inf, so an inf on one rank reaches
+    all and every rank skips the same steps."""
     scaler = getattr(opt, "grad_scaler", None)
-    (loss if scaler is None else scaler.scale(loss)).backward()
-    world = getattr(opt, "world", None)
-    if world is not None and world.size > 1:
-        world.average_gradients([p for group in opt.param_groups for p in group["params"]])
     if scaler is None:
+        loss.backward()
         opt.step()
         return
+    scaler.scale(loss).backward()
+    if hasattr(opt, "average_now"):  # several ranks
+        opt.average_now()
     scaler.step(opt)
     scaler.update()
 
