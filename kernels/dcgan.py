@@ -18,16 +18,19 @@ edit back into dogkit, copy the changed code into dogkit/core (the model: dogkit
 run `python tools/build_kernel.py --model dcgan`, which wrote this file from dogkit 0.1.0.
 
 Contents (line numbers):
-     71  Settings
-     84  Augmentation
-    172  Model building blocks shared by the models
-    213  Model
-    300  Data
-    892  Several GPUs
-   1127  The machine
-   1302  Sampling
-   1516  Training
-   2807  Entry point
+     74  Settings
+     87  Model
+    174  Model building blocks shared by the models
+    215  Augmentation
+    303  Recipe
+    469  The training loop
+    535  MACHINERY (below: nothing to read to change the model)
+    542  Data
+   1134  Several GPUs
+   1369  The machine
+   1544  Sampling
+   1717  Training
+   2830  Entry point
 """
 import argparse
 import contextlib
@@ -79,6 +82,134 @@ DCGAN_SETTINGS = dict(lr_g=5e-4, lr_d=5e-4, beta1=0.5, beta2=0.999, batch_size=3
 # and checkpoint.pt, and the next one, run with this notebook's own output attached (Add Input ->
 # Your Work), continues from that checkpoint (the same model and settings, or it stops at once).
 KAGGLE_SESSIONS = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: DCGAN as report 001 describes it
+# ---------------------------------------------------------------------------------------------
+# Symmetric generator and discriminator (same depth, 4x4 kernels), batch norm, LeakyReLU(0.2)
+# in both, tanh output; BCE with the real label softened to 0.8, Gaussian noise (std 0.1) on
+# the real images, Adam lr 5e-4 betas (0.5, 0.999), batch 32, z of 128, RandomResizedCrop
+# (scale 0.8-1.0, ratio 3/4-4/3) and horizontal flips. Real and fake images go through D in
+# separate batches (separate batch-norm statistics), as the report does. dogkit adds an EMA of G
+# over about 10,000 steps (decay 0.9999) with re-estimated batch-norm statistics for sampling,
+# and DiffAugment on what D sees of real and fake alike as an option (augment "crop-flip+diffaug").
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, z_dim=128, width=64):
+        super().__init__()
+        w = width
+
+        def up(cin, cout):
+            return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
+
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(z_dim, w * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(w * 8), nn.LeakyReLU(0.2),
+            *up(w * 8, w * 4), *up(w * 4, w * 2), *up(w * 2, w),
+            nn.ConvTranspose2d(w, 3, 4, 2, 1), nn.Tanh(),
+        )
+
+    def forward(self, z, labels=None):
+        return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, width=64):
+        super().__init__()
+        w = width
+
+        def down(cin, cout):
+            return [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
+
+        self.net = nn.Sequential(
+            nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2),
+            *down(w, w * 2), *down(w * 2, w * 4), *down(w * 4, w * 8),
+            nn.Conv2d(w * 8, 1, 4, 1, 0),
+        )
+
+    def forward(self, x, labels=None):
+        return self.net(x).view(-1)
+
+
+class DCGAN:
+    """Builds G and D and owns one training step (D then G); returns losses as device tensors."""
+
+    name = "dcgan"
+    conditional = False
+    applies = ("diffaug",)
+
+    def __init__(self, cfg, n_classes, device):
+        self.cfg = cfg
+        self.G = DCGANGenerator(cfg.z_dim, cfg.width).to(device)
+        self.D = DCGANDiscriminator(cfg.width).to(device)
+        self.G.apply(dcgan_init)
+        self.D.apply(dcgan_init)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
+        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
+
+    def step(self, batch):
+        cfg = self.cfg
+        real, labels = batch()
+        n = real.shape[0]
+        if cfg.input_noise > 0:
+            real = real + cfg.input_noise * torch.randn_like(real)
+        z = torch.randn(n, cfg.z_dim, device=real.device)
+        fake = self.G(z)
+
+        self.opt_d.zero_grad(set_to_none=False)
+        d_real = self.D(diff_augment(real, self.policy))
+        d_fake = self.D(diff_augment(fake.detach(), self.policy))
+        loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, cfg.real_label)) +
+                  F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+        backward_step(self.opt_d, loss_d)
+
+        self.opt_g.zero_grad(set_to_none=False)
+        d_gen = self.D(diff_augment(fake, self.policy))
+        loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+        backward_step(self.opt_g, loss_g)
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model building blocks shared by the models
+# ---------------------------------------------------------------------------------------------
+
+def adam(module, lr, cfg, device):
+    """Adam whose learning rate is a tensor on CUDA, so a captured CUDA graph sees schedule changes."""
+    on_cuda = torch.device(device).type == "cuda"
+    lr = torch.tensor(lr, device=device) if on_cuda else lr
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), capturable=on_cuda)
+
+
+def backward_step(opt, loss):
+    """loss.backward() then opt.step(); a step may as well call those two itself (with several
+    ranks the trainer's opt.step averages the gradients over them first, whoever calls it:
+    distributed.average_in_step). Under fp16 through the optimiser's loss scaler (set by the
+    trainer as opt.grad_scaler): scaled backward, the step skipped when a gradient is inf/NaN;
+    the gradients are averaged before the scaler looks for an inf, so an inf on one rank reaches
+    all and every rank skips the same steps."""
+    scaler = getattr(opt, "grad_scaler", None)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    if hasattr(opt, "average_now"):  # several ranks
+        opt.average_now()
+    scaler.step(opt)
+    scaler.update()
+
+
+def dcgan_init(m):
+    """DCGAN's initialisation: N(0, 0.02) convolutions, N(1, 0.02) batch-norm scales."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,131 +301,242 @@ def _cutout(x, ratio):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model building blocks shared by the models
+# Recipe: the schedule, the EMA, the settings that follow the plan, one training step, sampling
 # ---------------------------------------------------------------------------------------------
 
-def adam(module, lr, cfg, device):
-    """Adam whose learning rate is a tensor on CUDA, so a captured CUDA graph sees schedule changes."""
-    on_cuda = torch.device(device).type == "cuda"
-    lr = torch.tensor(lr, device=device) if on_cuda else lr
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), capturable=on_cuda)
+def lr_multiplier(p, cfg):
+    if p <= cfg.lr_decay_start:
+        return 1.0
+    t = min(1.0, (p - cfg.lr_decay_start) / max(1e-9, 1.0 - cfg.lr_decay_start))
+    return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def backward_step(opt, loss):
-    """loss.backward() then opt.step(); a step may as well call those two itself (with several
-    ranks the trainer's opt.step averages the gradients over them first, whoever calls it:
-    distributed.average_in_step). Under fp16 through the optimiser's loss scaler (set by the
-    trainer as opt.grad_scaler): scaled backward, the step skipped when a gradient is inf/NaN;
-    the gradients are averaged before the scaler looks for an inf, so an inf on one rank reaches
-    all and every rank skips the same steps."""
-    scaler = getattr(opt, "grad_scaler", None)
-    if scaler is None:
-        loss.backward()
-        opt.step()
-        return
-    scaler.scale(loss).backward()
-    if hasattr(opt, "average_now"):  # several ranks
-        opt.average_now()
-    scaler.step(opt)
-    scaler.update()
+def ema_weight(p, cfg, images_seen=0, world_size=1):
+    """Weight of the new parameters in the EMA update: with ema_kimg, half_life_weight; else 1
+    (a plain copy) until ema_start, then 1 - ema_decay per batch_size images: a step of several
+    ranks shows world_size batches, so its decay is ema_decay ** world_size and the average spans
+    the same images on one GPU or two."""
+    if cfg.ema_kimg > 0:
+        return half_life_weight(cfg.ema_kimg, cfg, images_seen, world_size)
+    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay ** world_size
 
 
-def dcgan_init(m):
-    """DCGAN's initialisation: N(0, 0.02) convolutions, N(1, 0.02) batch-norm scales."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
+def half_life_weight(kimg, cfg, images_seen, world_size=1):
+    """StyleGAN2-ADA's EMA rule: the new parameters' weight for a half-life of kimg thousand
+    images, at most cfg.ema_rampup of the images seen so far (a short run averages over its
+    recent past from the start)."""
+    half_life = min(kimg * 1000.0, cfg.ema_rampup * images_seen)
+    return 1.0 - 0.5 ** (cfg.batch_size * world_size / max(half_life, 1e-8))
+
+
+TRUNCATION_FROM_PLAN = -1.0  # truncation setting: the sampling truncation follows the planned passes
+
+
+# The truncations measured best at a number of passes over the photos, (passes, truncation); between
+# two points log-linear, beyond them held (truncation_for_passes):
+#  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
+#    against 87.36 at 1; results/ledger.jsonl, kind "sweep");
+#  - 300 passes: the CPU proxies (biggan width 8, 120 crops, 3 seeds) best at 1, ahead of 1.5 on 3 of 3
+#    seeds (2.7 SE) and of none (README, CPU proxies). The winners' 9-hour runs (~700 passes) sampled
+#    at 0.8 and 1.0, the 5th place at none (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
+TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 1.0))
+
+
+def truncation_for_passes(passes, points=TRUNCATION_BY_PASSES):
+    """The sampling truncation for a run that shows its photos `passes` times: log-linear in the
+    passes between the measured points of TRUNCATION_BY_PASSES, held beyond the first and last."""
+    (x0, t0), (x1, t1) = points[0], points[-1]
+    if passes <= x0:
+        return t0
+    if passes >= x1:
+        return t1
+    return round(t0 + (t1 - t0) * math.log(passes / x0) / math.log(x1 / x0), 2)
+
+
+def from_plan(cfg, planned_images, n_photos):
+    """The settings a run leaves to its plan, from the images it will show: {'ema_decay': the decay
+    per batch_size images of a half-life of ema_fraction of them} when ema_fraction > 0, and
+    {'truncation': truncation_for_passes} when truncation is TRUNCATION_FROM_PLAN."""
+    out = {}
+    if cfg.ema_fraction > 0:
+        half_life = max(cfg.ema_fraction * planned_images, float(cfg.batch_size))
+        out["ema_decay"] = 0.5 ** (cfg.batch_size / half_life)
+    if cfg.truncation == TRUNCATION_FROM_PLAN:
+        out["truncation"] = truncation_for_passes(planned_images / max(n_photos, 1))
+    return out
+
+
+def set_schedule(tr, p):
+    """The learning rates and the EMA weight at progress p, written in place (graph-safe)."""
+    scale = lr_multiplier(p, tr.cfg) * tr.lr_scale
+    for opt, base in ((tr.model.opt_g, tr.cfg.lr_g), (tr.model.opt_d, tr.cfg.lr_d)):
+        for group in (opt.param_groups if opt is not None else ()):
+            if torch.is_tensor(group["lr"]):
+                group["lr"].fill_(base * scale)
+            else:
+                group["lr"] = base * scale
+    if tr.given.ema_fraction > 0 and tr.planned is None and p >= tr.cfg.ema_start and tr.images_seen and p > 0:
+        follow_plan(tr, tr.images_seen / p, f"estimated at p={p:.2f}, before the pace")  # ema_start before REPLAN_AT
+    w = ema_weight(p, tr.cfg, tr.images_seen, tr.world.size)
+    if w != tr.ema_w_value:  # at the switch (every step of an ema_kimg ramp-up); never read back: no sync
+        tr.ema_w.fill_(w)
+        tr.ema_w_value = w
+    for i, kimg in enumerate(tr.extra_kimg):  # the extra copies: always by half-life
+        w = half_life_weight(kimg, tr.cfg, tr.images_seen, tr.world.size)
+        if w != tr.extra_w_value[i]:
+            tr.extra_w[i].fill_(w)
+            tr.extra_w_value[i] = w
+
+
+def draw_batch(tr):
+    cfg = tr.cfg
+    idx = torch.randint(0, tr.images.shape[0], (cfg.batch_size,), device=tr.device)
+    x = to_float(tr.images[idx])
+    if "crop" in cfg.augment:
+        x = random_resized_crop_flip(x, 64)
+    elif "flip" in cfg.augment:
+        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    if x.shape[-1] != 64:
+        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    if tr.cfg.memory_format == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, tr.labels[idx]
+
+
+def train_step(tr):
+    # bf16/fp16 autocast around the whole step (forward and backward run in the dtype autocast
+    # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache:
+    # the step may be captured in a CUDA graph.
+    with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16,
+                        enabled=tr.amp_dtype is not None, cache_enabled=False):
+        drawn = []  # the model draws as many batches as it needs (wgan-gp: one per critic step)
+        losses = tr.model.step(lambda: drawn.append(1) or draw_batch(tr))
+    tr.batches_per_step = len(drawn)
+    with torch.no_grad():
+        for G_ema, w in zip([tr.G_ema] + tr.G_extra, [tr.ema_w] + tr.extra_w):
+            for p_ema, p in zip(G_ema.parameters(), tr.model.G.parameters()):
+                p_ema.lerp_(p, w)  # a tensor weight: no host sync, graph-safe
+            for b_ema, b in zip(G_ema.buffers(), tr.model.G.buffers()):
+                b_ema.copy_(b)
+        if tr.loss_sum is None:
+            tr.loss_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in losses.items()}
+        for k, v in losses.items():
+            tr.loss_sum[k] += v.float()
+    return losses
+
+
+def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
+    """z ~ N(0, 1) with every value beyond +-threshold redrawn until none is (the 'truncation
+    trick' of BigGAN: resampling, not clipping). threshold None: the plain normal."""
+    z = torch.randn(shape, generator=generator)
+    if threshold is not None:
+        if not TRUNCATION_MIN <= threshold < float("inf"):
+            raise ValueError(f"truncation {threshold}: give {TRUNCATION_MIN} or more (or none)")
+        bad = z.abs() > threshold
+        while bad.any():
+            z[bad] = torch.randn(int(bad.sum()), generator=generator)
+            bad = z.abs() > threshold
+    return z.to(device)
+
+
+@torch.no_grad()
+def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu",
+             deadline=None, clock=time.monotonic, part=(0, 1)):
+    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional.
+    z and labels are drawn up front on the CPU: the same seed gives the same images whatever the
+    batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches).
+    part=(k, m): only the k-th of m equal slices of those n images (the ranks of a multi-GPU
+    run each sample one; concatenated in order they are the n images).
+    With a deadline (on `clock`), raises OutOfTime between batches once it has passed."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = balanced_labels(n, n_classes, gen) if n_classes else None
+    z_all = truncated_normal((n, z_dim), truncation, gen)
+    batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
+    was_training = G.training
+    G.eval()
+    lo, hi = part[0] * n // part[1], (part[0] + 1) * n // part[1]
+    out = []
+    for start in range(lo, hi, batch_size):
+        check_deadline(deadline, clock, "sampling")
+        stop = min(start + batch_size, hi)
+        z = z_all[start:stop].to(device)
+        y = labels[start:stop].to(device) if labels is not None else None
+        out.append(to_uint8(G(z, y)))
+    G.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 64, 64, 3), np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
-# Model: DCGAN as report 001 describes it
+# The training loop: one function, top to bottom (nanoGPT's train.py is the model)
 # ---------------------------------------------------------------------------------------------
-# Symmetric generator and discriminator (same depth, 4x4 kernels), batch norm, LeakyReLU(0.2)
-# in both, tanh output; BCE with the real label softened to 0.8, Gaussian noise (std 0.1) on
-# the real images, Adam lr 5e-4 betas (0.5, 0.999), batch 32, z of 128, RandomResizedCrop
-# (scale 0.8-1.0, ratio 3/4-4/3) and horizontal flips. Real and fake images go through D in
-# separate batches (separate batch-norm statistics), as the report does. dogkit adds an EMA of G
-# over about 10,000 steps (decay 0.9999) with re-estimated batch-norm statistics for sampling,
-# and DiffAugment on what D sees of real and fake alike as an option (augment "crop-flip+diffaug").
 
-class DCGANGenerator(nn.Module):
-    def __init__(self, z_dim=128, width=64):
-        super().__init__()
-        w = width
+def train_loop(tr):
+    """The training loop, top to bottom. Each pass: the clock (rank 0's, for every rank) says whether
+    to stop; the schedule is set for progress p; one step (a real batch, D's update, G's update, the
+    EMA: train_step, or its CUDA graph); then, when their time has come, a log line (a NaN rolls
+    back), a grid, a checkpoint and an interim images.zip. Returns None, or why it stopped early."""
+    cfg, main = tr.cfg, tr.world.main
+    start = tr.t0 - tr.session_start  # elapsed counts every session's time
+    now, _ = agree(tr.world, tr.clock())
+    last_log = last_grid = last_ckpt = last_zip = now
+    steps_at_log, use_graph = tr.step, graph_wanted(tr)
+    snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > tr.elapsed / max(tr.train_seconds, 1e-9)]
+    first = budget_start(tr)
+    warm = tr.elapsed - first >= REPLAN_AT * (tr.session_end - first)  # past it: resumed
+    since = (now - start, tr.images_seen)  # the pace is timed from here
+    while True:
+        now, failed = agree(tr.world, tr.clock())
+        if failed:
+            return f"rank {failed - 1} stopped at step {tr.step} (its error is above)"
+        tr.elapsed = now - start
+        if tr.elapsed >= tr.session_end or (cfg.steps and tr.step >= cfg.steps):
+            break
+        if not warm and tr.elapsed - first >= REPLAN_AT * (tr.session_end - first):
+            warm = once_warm(tr, since)  # the end timed again, the pace, the settings that follow it
+        p = tr.elapsed / max(tr.train_seconds, 1e-9)
+        set_schedule(tr, p)  # learning rates and EMA weight at progress p
 
-        def up(cin, cout):
-            return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
+        if use_graph and tr.graph is None:
+            use_graph = try_capture(tr)
+            continue
+        if tr.graph is not None:
+            tr.graph.replay()  # the captured step: the same as train_step, without Python in between
+        else:
+            train_step(tr)  # a real batch, D's update, G's update, the EMA
+        count_step(tr)
+        if tr.good is None:
+            keep_good_state(tr)  # the first good state: what a rollback returns to
 
-        self.net = nn.Sequential(
-            nn.ConvTranspose2d(z_dim, w * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(w * 8), nn.LeakyReLU(0.2),
-            *up(w * 8, w * 4), *up(w * 4, w * 2), *up(w * 2, w),
-            nn.ConvTranspose2d(w, 3, 4, 2, 1), nn.Tanh(),
-        )
-
-    def forward(self, z, labels=None):
-        return self.net(z.view(z.shape[0], -1, 1, 1))
-
-
-class DCGANDiscriminator(nn.Module):
-    def __init__(self, width=64):
-        super().__init__()
-        w = width
-
-        def down(cin, cout):
-            return [nn.Conv2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
-
-        self.net = nn.Sequential(
-            nn.Conv2d(3, w, 4, 2, 1), nn.LeakyReLU(0.2),
-            *down(w, w * 2), *down(w * 2, w * 4), *down(w * 4, w * 8),
-            nn.Conv2d(w * 8, 1, 4, 1, 0),
-        )
-
-    def forward(self, x, labels=None):
-        return self.net(x).view(-1)
+        if now - last_log >= cfg.log_every:
+            if log_interval(tr, p, tr.step - steps_at_log, now - last_log):
+                keep_good_state(tr)
+            elif tr.rollbacks >= cfg.max_rollbacks:
+                return f"NaN storm: {tr.rollbacks} rollbacks at step {tr.step}"
+            steps_at_log, last_log = tr.step, now
+        if main and now - last_grid >= tr.grid_every:
+            progress_grid(tr)
+            last_grid = now
+        if now - last_ckpt >= cfg.checkpoint_every:
+            checkpoint_together(tr)
+            last_ckpt = now
+        if snapshots and p >= snapshots[0]:
+            checkpoint_together(tr, f"snapshot-p{snapshots.pop(0):g}.pt")
+        if now - last_zip >= cfg.zip_every and tr.session_end - tr.elapsed > cfg.zip_every / 4:
+            if main:
+                interim_zip(tr)
+            last_zip = now
+        for hook in tr.hooks:  # last: a rank failing here meets the others at the next agree()
+            hook(tr)
+    if tr.step > steps_at_log:
+        log_interval(tr, tr.elapsed / max(tr.train_seconds, 1e-9), tr.step - steps_at_log, now - last_log)
+    return None
 
 
-class DCGAN:
-    """Builds G and D and owns one training step (D then G); returns losses as device tensors."""
-
-    name = "dcgan"
-    conditional = False
-    applies = ("diffaug",)
-
-    def __init__(self, cfg, n_classes, device):
-        self.cfg = cfg
-        self.G = DCGANGenerator(cfg.z_dim, cfg.width).to(device)
-        self.D = DCGANDiscriminator(cfg.width).to(device)
-        self.G.apply(dcgan_init)
-        self.D.apply(dcgan_init)
-        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
-        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
-        self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
-
-    def step(self, batch):
-        cfg = self.cfg
-        real, labels = batch()
-        n = real.shape[0]
-        if cfg.input_noise > 0:
-            real = real + cfg.input_noise * torch.randn_like(real)
-        z = torch.randn(n, cfg.z_dim, device=real.device)
-        fake = self.G(z)
-
-        self.opt_d.zero_grad(set_to_none=False)
-        d_real = self.D(diff_augment(real, self.policy))
-        d_fake = self.D(diff_augment(fake.detach(), self.policy))
-        loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, cfg.real_label)) +
-                  F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-        backward_step(self.opt_d, loss_d)
-
-        self.opt_g.zero_grad(set_to_none=False)
-        d_gen = self.D(diff_augment(fake, self.policy))
-        loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-        backward_step(self.opt_g, loss_g)
-        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}
+# =============================================================================================
+# MACHINERY. Everything below keeps a 9-hour run alive: data cleaning from any layout, the
+# machine checks, several GPUs, sampling and the zip, checkpoints, the time plan, the end and the
+# entry point. Nothing below needs reading to change the settings, the model or the recipe above.
+# =============================================================================================
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1349,20 +1591,6 @@ def check_deadline(deadline, clock, what):
         raise OutOfTime(f"{what} passed the run's deadline")
 
 
-def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
-    """z ~ N(0, 1) with every value beyond +-threshold redrawn until none is (the 'truncation
-    trick' of BigGAN: resampling, not clipping). threshold None: the plain normal."""
-    z = torch.randn(shape, generator=generator)
-    if threshold is not None:
-        if not TRUNCATION_MIN <= threshold < float("inf"):
-            raise ValueError(f"truncation {threshold}: give {TRUNCATION_MIN} or more (or none)")
-        bad = z.abs() > threshold
-        while bad.any():
-            z[bad] = torch.randn(int(bad.sum()), generator=generator)
-            bad = z.abs() > threshold
-    return z.to(device)
-
-
 def balanced_labels(n, n_classes, generator=None):
     """n labels covering every class equally (shuffled): class-balanced conditional sampling."""
     labels = torch.arange(n) % max(n_classes, 1)
@@ -1373,33 +1601,6 @@ def to_uint8(images):
     """Generator output in [-1, 1], NCHW -> NHWC uint8 numpy."""
     x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-@torch.no_grad()
-def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu",
-             deadline=None, clock=time.monotonic, part=(0, 1)):
-    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional.
-    z and labels are drawn up front on the CPU: the same seed gives the same images whatever the
-    batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches).
-    part=(k, m): only the k-th of m equal slices of those n images (the ranks of a multi-GPU
-    run each sample one; concatenated in order they are the n images).
-    With a deadline (on `clock`), raises OutOfTime between batches once it has passed."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = balanced_labels(n, n_classes, gen) if n_classes else None
-    z_all = truncated_normal((n, z_dim), truncation, gen)
-    batch_size = batch_size or (500 if torch.device(device).type == "cuda" else 50)
-    was_training = G.training
-    G.eval()
-    lo, hi = part[0] * n // part[1], (part[0] + 1) * n // part[1]
-    out = []
-    for start in range(lo, hi, batch_size):
-        check_deadline(deadline, clock, "sampling")
-        stop = min(start + batch_size, hi)
-        z = z_all[start:stop].to(device)
-        y = labels[start:stop].to(device) if labels is not None else None
-        out.append(to_uint8(G(z, y)))
-    G.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 64, 64, 3), np.uint8)
 
 
 def encode_png(pixels):
@@ -1532,19 +1733,6 @@ AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+d
 MEMORY_FORMATS = ("contiguous", "channels_last")
 
 
-TRUNCATION_FROM_PLAN = -1.0  # truncation setting: the sampling truncation follows the planned passes
-
-
-# The truncations measured best at a number of passes over the photos, (passes, truncation); between
-# two points log-linear, beyond them held (truncation_for_passes):
-#  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
-#    against 87.36 at 1; results/ledger.jsonl, kind "sweep");
-#  - 300 passes: the CPU proxies (biggan width 8, 120 crops, 3 seeds) best at 1, ahead of 1.5 on 3 of 3
-#    seeds (2.7 SE) and of none (README, CPU proxies). The winners' 9-hour runs (~700 passes) sampled
-#    at 0.8 and 1.0, the 5th place at none (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
-TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 1.0))
-
-
 CHOICES = {"augment": AUGMENTS, "precision": PRECISIONS, "graph": ("auto", "off"), "memory_format": MEMORY_FORMATS,
            "loss": ("bce", "hinge"), "strategy": ("box", "square", "aspect", "pad")}
 
@@ -1583,7 +1771,7 @@ class TrainConfig:
     batch_size: int = 32
     z_dim: int = 128
     width: int = 64
-    d_width: int = 0  # the discriminator's channel width (biggan; 0: the same as width)
+    d_width: int = 0  # the discriminator's channel width (biggan; 0: twice width, the winners' G 32 / D 64)
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
@@ -1694,31 +1882,6 @@ def parse_snapshots(text):
     return points
 
 
-def lr_multiplier(p, cfg):
-    if p <= cfg.lr_decay_start:
-        return 1.0
-    t = min(1.0, (p - cfg.lr_decay_start) / max(1e-9, 1.0 - cfg.lr_decay_start))
-    return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def half_life_weight(kimg, cfg, images_seen, world_size=1):
-    """StyleGAN2-ADA's EMA rule: the new parameters' weight for a half-life of kimg thousand
-    images, at most cfg.ema_rampup of the images seen so far (a short run averages over its
-    recent past from the start)."""
-    half_life = min(kimg * 1000.0, cfg.ema_rampup * images_seen)
-    return 1.0 - 0.5 ** (cfg.batch_size * world_size / max(half_life, 1e-8))
-
-
-def ema_weight(p, cfg, images_seen=0, world_size=1):
-    """Weight of the new parameters in the EMA update: with ema_kimg, half_life_weight; else 1
-    (a plain copy) until ema_start, then 1 - ema_decay per batch_size images: a step of several
-    ranks shows world_size batches, so its decay is ema_decay ** world_size and the average spans
-    the same images on one GPU or two."""
-    if cfg.ema_kimg > 0:
-        return half_life_weight(cfg.ema_kimg, cfg, images_seen, world_size)
-    return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay ** world_size
-
-
 def ema_line(cfg):
     """The start block's line on the EMA: its half-life in images, whatever the number of GPUs."""
     if cfg.ema_kimg > 0:
@@ -1738,6 +1901,8 @@ def settings_line(cfg, model):
     """The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
     (for a model that applies it) and the sampling truncation, whichever cell or option set them."""
     parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)", f"augment {cfg.augment}"]
+    if getattr(model, "d_width", None):
+        parts.insert(1, f"width {cfg.width} (G) {model.d_width} (D)")
     if "lecam" in getattr(model, "applies", ()):
         parts.append(f"LeCam {cfg.lecam:g} from D step {cfg.lecam_start}" if cfg.lecam else "LeCam off")
     parts.append("truncation from the planned passes" if cfg.truncation == TRUNCATION_FROM_PLAN
@@ -1754,30 +1919,6 @@ def passes_words(passes):
     """'1 pass', '0.4 passes', '300 passes'."""
     text = passes_text(passes)
     return f"{text} pass" if text == "1" else f"{text} passes"
-
-
-def truncation_for_passes(passes, points=TRUNCATION_BY_PASSES):
-    """The sampling truncation for a run that shows its photos `passes` times: log-linear in the
-    passes between the measured points of TRUNCATION_BY_PASSES, held beyond the first and last."""
-    (x0, t0), (x1, t1) = points[0], points[-1]
-    if passes <= x0:
-        return t0
-    if passes >= x1:
-        return t1
-    return round(t0 + (t1 - t0) * math.log(passes / x0) / math.log(x1 / x0), 2)
-
-
-def from_plan(cfg, planned_images, n_photos):
-    """The settings a run leaves to its plan, from the images it will show: {'ema_decay': the decay
-    per batch_size images of a half-life of ema_fraction of them} when ema_fraction > 0, and
-    {'truncation': truncation_for_passes} when truncation is TRUNCATION_FROM_PLAN."""
-    out = {}
-    if cfg.ema_fraction > 0:
-        half_life = max(cfg.ema_fraction * planned_images, float(cfg.batch_size))
-        out["ema_decay"] = 0.5 ** (cfg.batch_size / half_life)
-    if cfg.truncation == TRUNCATION_FROM_PLAN:
-        out["truncation"] = truncation_for_passes(planned_images / max(n_photos, 1))
-    return out
 
 
 def plan_line(cfg, values, planned_images, n_photos, source):
@@ -1861,45 +2002,6 @@ def resident(data, device):
     return images.to(device), torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(device)
 
 
-# ---- the step: a batch from the resident data, the model's update, the EMA (eager or captured) ---
-
-def draw_batch(tr):
-    cfg = tr.cfg
-    idx = torch.randint(0, tr.images.shape[0], (cfg.batch_size,), device=tr.device)
-    x = to_float(tr.images[idx])
-    if "crop" in cfg.augment:
-        x = random_resized_crop_flip(x, 64)
-    elif "flip" in cfg.augment:
-        x = torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
-    if x.shape[-1] != 64:
-        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
-    if tr.cfg.memory_format == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, tr.labels[idx]
-
-
-def train_step(tr):
-    # bf16/fp16 autocast around the whole step (forward and backward run in the dtype autocast
-    # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache:
-    # the step may be captured in a CUDA graph.
-    with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16,
-                        enabled=tr.amp_dtype is not None, cache_enabled=False):
-        drawn = []  # the model draws as many batches as it needs (wgan-gp: one per critic step)
-        losses = tr.model.step(lambda: drawn.append(1) or draw_batch(tr))
-    tr.batches_per_step = len(drawn)
-    with torch.no_grad():
-        for G_ema, w in zip([tr.G_ema] + tr.G_extra, [tr.ema_w] + tr.extra_w):
-            for p_ema, p in zip(G_ema.parameters(), tr.model.G.parameters()):
-                p_ema.lerp_(p, w)  # a tensor weight: no host sync, graph-safe
-            for b_ema, b in zip(G_ema.buffers(), tr.model.G.buffers()):
-                b_ema.copy_(b)
-        if tr.loss_sum is None:
-            tr.loss_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in losses.items()}
-        for k, v in losses.items():
-            tr.loss_sum[k] += v.float()
-    return losses
-
-
 def capture_step(tr):
     """Capture train_step in a CUDA graph (3 warm-up steps on a side stream first)."""
     stream = torch.cuda.Stream()
@@ -1946,28 +2048,6 @@ def graph_wanted(tr):
                "(no CUDA graph)")
         return False
     return True
-
-
-def set_schedule(tr, p):
-    """The learning rates and the EMA weight at progress p, written in place (graph-safe)."""
-    scale = lr_multiplier(p, tr.cfg) * tr.lr_scale
-    for opt, base in ((tr.model.opt_g, tr.cfg.lr_g), (tr.model.opt_d, tr.cfg.lr_d)):
-        for group in (opt.param_groups if opt is not None else ()):
-            if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(base * scale)
-            else:
-                group["lr"] = base * scale
-    if tr.given.ema_fraction > 0 and tr.planned is None and p >= tr.cfg.ema_start and tr.images_seen and p > 0:
-        follow_plan(tr, tr.images_seen / p, f"estimated at p={p:.2f}, before the pace")  # ema_start before REPLAN_AT
-    w = ema_weight(p, tr.cfg, tr.images_seen, tr.world.size)
-    if w != tr.ema_w_value:  # at the switch (every step of an ema_kimg ramp-up); never read back: no sync
-        tr.ema_w.fill_(w)
-        tr.ema_w_value = w
-    for i, kimg in enumerate(tr.extra_kimg):  # the extra copies: always by half-life
-        w = half_life_weight(kimg, tr.cfg, tr.images_seen, tr.world.size)
-        if w != tr.extra_w_value[i]:
-            tr.extra_w[i].fill_(w)
-            tr.extra_w_value[i] = w
 
 
 # ---- the safety net: the last good state, rollback --------------------------------------
@@ -2705,7 +2785,7 @@ class Trainer:
             with open(os.path.join(self.cfg.out, "options.json"), "w") as fh:
                 json.dump(dict(dataclasses.asdict(self.given), world_size=self.world.size), fh, indent=2)
         try:
-            failure = self.train_loop()
+            failure = train_loop(self)
         except KeyboardInterrupt:
             if self.world.main:  # alone: the other ranks' random states are not in it
                 path = save_checkpoint(self)
@@ -2716,63 +2796,6 @@ class Trainer:
         if failure and not self.world.main:
             raise RankStopped(failure)
         return finish(self, failure)
-
-    def train_loop(self):
-        """The loop. Returns None, or the cause when it had to stop early (a NaN storm)."""
-        cfg, main = self.cfg, self.world.main
-        start = self.t0 - self.session_start  # elapsed counts every session's time
-        now, _ = agree(self.world, self.clock())
-        last_log = last_grid = last_ckpt = last_zip = now
-        use_graph = graph_wanted(self)
-        steps_at_log = self.step
-        pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
-        first = budget_start(self)
-        warm = self.elapsed - first >= REPLAN_AT * (self.session_end - first)  # past it: resumed
-        since = (now - start, self.images_seen)  # the pace is timed from here
-        while True:
-            now, failed = agree(self.world, self.clock())  # rank 0's clock decides for every rank
-            if failed:
-                return f"rank {failed - 1} stopped at step {self.step} (its error is above)"
-            self.elapsed = now - start
-            if self.elapsed >= self.session_end or (cfg.steps and self.step >= cfg.steps):
-                break
-            if not warm and self.elapsed - first >= REPLAN_AT * (self.session_end - first):
-                warm = once_warm(self, since)
-            p = self.elapsed / max(self.train_seconds, 1e-9)
-            set_schedule(self, p)
-            if use_graph and self.graph is None:
-                use_graph = try_capture(self)
-                continue
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                train_step(self)
-            count_step(self)
-            if self.good is None:
-                keep_good_state(self)
-            if now - last_log >= cfg.log_every:
-                if log_interval(self, p, self.step - steps_at_log, now - last_log):
-                    keep_good_state(self)
-                elif self.rollbacks >= cfg.max_rollbacks:
-                    return f"NaN storm: {self.rollbacks} rollbacks at step {self.step}"
-                steps_at_log, last_log = self.step, now
-            if main and now - last_grid >= self.grid_every:
-                progress_grid(self)
-                last_grid = now
-            if now - last_ckpt >= cfg.checkpoint_every:
-                checkpoint_together(self)
-                last_ckpt = now
-            if pending and p >= pending[0]:
-                checkpoint_together(self, f"snapshot-p{pending.pop(0):g}.pt")
-            if now - last_zip >= cfg.zip_every and self.session_end - self.elapsed > cfg.zip_every / 4:
-                if main:
-                    interim_zip(self)
-                last_zip = now
-            for hook in self.hooks:  # last: a rank failing here meets the others at the next agree()
-                hook(self)
-        if self.step > steps_at_log:
-            log_interval(self, self.elapsed / max(self.train_seconds, 1e-9), self.step - steps_at_log, now - last_log)
-        return None
 
 
 def world_line(world, device, cfg):
@@ -2997,7 +3020,7 @@ TRAIN_OPTIONS = (
                                            "scaling, eager: T4, P100)"),
     ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),
     ("--lecam", float, None, None, "LeCam regularisation weight (biggan; default 0: off)"),
-    ("--d-width", int, None, None, "the discriminator's channel width (biggan; default: the same as --width)"),
+    ("--d-width", int, None, None, "the discriminator's channel width (biggan; default: twice --width)"),
     ("--d-steps", int, None, None, "discriminator steps per generator step (biggan, wgan-gp; default: the model's)"),
     ("--ema-kimg", float, None, None, "EMA half-life in thousands of images, ramped up over the first images "
                                       "(StyleGAN2-ADA; default 0: the model's fixed decay and start)"),

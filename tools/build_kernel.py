@@ -31,6 +31,26 @@ from dogkit.core import registry  # noqa: E402
 
 ALLOWED_THIRD_PARTY = {"numpy", "PIL", "torch", "torchvision"}
 ENTRY_MODULE = "dogkit.core.kernel"
+# The kernel's front, after its settings, in reading order: what a reader changes. A module alone
+# ("model": the model's own) comes whole with its banner; (title, [(module, names)]) picks those
+# statements out of their modules. The rest follows the MACHINERY line, in dependency order.
+FRONT = (
+    ("model", None),
+    ("dogkit.core.models.common", None),
+    ("dogkit.core.augment", None),
+    ("Recipe: the schedule, the EMA, the settings that follow the plan, one training step, sampling",
+     [("dogkit.core.train", ("lr_multiplier", "ema_weight", "half_life_weight", "TRUNCATION_FROM_PLAN",
+                             "TRUNCATION_BY_PASSES", "truncation_for_passes", "from_plan", "set_schedule",
+                             "draw_batch", "train_step")),
+      ("dogkit.core.sample", ("truncated_normal", "generate"))]),
+    ("The training loop: one function, top to bottom (nanoGPT's train.py is the model)",
+     [("dogkit.core.train", ("train_loop",))]),
+)
+MACHINERY = ("# " + "=" * 93 + "\n"
+             "# MACHINERY. Everything below keeps a 9-hour run alive: data cleaning from any layout, the\n"
+             "# machine checks, several GPUs, sampling and the zip, checkpoints, the time plan, the end and the\n"
+             "# entry point. Nothing below needs reading to change the settings, the model or the recipe above.\n"
+             "# " + "=" * 93)
 
 
 def dogkit_imports(tree: ast.Module) -> list[str]:
@@ -104,25 +124,46 @@ def reachable(trees: dict[str, ast.Module], roots: set[str]) -> set[int]:
     return keep
 
 
+def first_line(tree: ast.Module) -> int:
+    """The line (0-based) of the module's first statement: what is above it is its banner."""
+    return min((getattr(n, "decorator_list", None) or [n])[0].lineno for n in tree.body) - 1 if tree.body else 0
+
+
+def statement_source(lines: list[str], node: ast.stmt, first: int, banners: bool = True) -> str:
+    """One top-level statement with the comment lines right above it (and, with banners, the
+    `# ---- part` banner right above those)."""
+    start = (node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno) - 1
+    while start > first and lines[start - 1].startswith("#") and not lines[start - 1].startswith("# ----"):
+        start -= 1
+    if banners and start > first + 1 and not lines[start - 1].strip() and lines[start - 2].startswith("# ----"):
+        start -= 2  # the section banner right above: kept with its first statement
+    return "\n".join(lines[start:node.end_lineno])
+
+
 def kept_source(source: str, tree: ast.Module, keep: set[int]) -> str:
     """The module's banner comment and its kept statements, each with the comment lines right above
     it; two blank lines between top-level statements."""
     lines = source.splitlines()
-    first = min((getattr(n, "decorator_list", None) or [n])[0].lineno for n in tree.body) - 1 if tree.body else 0
+    first = first_line(tree)
     banner = [ln for ln in lines[:first] if ln.startswith("#")]
-    chunks = []
-    for node in tree.body:
-        if id(node) not in keep:
-            continue
-        start = (node.decorator_list[0].lineno if getattr(node, "decorator_list", None) else node.lineno) - 1
-        while start > first and lines[start - 1].startswith("#") and not lines[start - 1].startswith("# ----"):
-            start -= 1
-        if start > first + 1 and not lines[start - 1].strip() and lines[start - 2].startswith("# ----"):
-            start -= 2  # the section banner right above: kept with its first statement
-        chunks.append("\n".join(lines[start:node.end_lineno]))
-    # statements that sit together in the source (constants) stay together
+    chunks = [statement_source(lines, node, first) for node in tree.body if id(node) in keep]
     body = "\n\n\n".join(chunks)
     return "\n".join(banner) + ("\n\n" if banner else "") + body
+
+
+def picked_source(title: str, picks, sources: dict[str, str], trees: dict[str, ast.Module]) -> tuple[str, set[int]]:
+    """A front section made of statements picked by name out of their modules, in the order named,
+    under its own banner; (its text, the ids of the statements it took)."""
+    chunks, taken = [], set()
+    for module, names in picks:
+        lines, tree = sources[module].splitlines(), trees[module]
+        by_name = {n: node for node in tree.body for n in defined_names(node)}
+        for name in names:
+            if name not in by_name:
+                raise SystemExit(f"build_kernel: FRONT names {name}, which {module} does not define")
+            chunks.append(statement_source(lines, by_name[name], first_line(tree), banners=False))
+            taken.add(id(by_name[name]))
+    return f"{RULE}\n# {title}\n{RULE}\n\n" + "\n\n\n".join(chunks), taken
 
 
 def lift_settings(source: str, name: str) -> tuple[str, str]:
@@ -235,13 +276,22 @@ def build(name: str, budget: str = "9h", sessions: int = 1) -> str:
     settings_code += sessions_block(sessions)
     trees = {m: ast.parse(src) for m, src in sources.items()}
     keep = reachable(trees, {entry.cls.__name__, "main"} | used_names(ast.parse(settings_code)))
-    all_imports, sections = [], []
-    for mod_name in modules:
-        tree = trees[mod_name]
-        if not any(id(n) in keep for n in tree.body):
-            continue
-        all_imports += [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-        sections.append(kept_source(sources[mod_name], tree, keep))
+    all_imports = [n for m in modules if any(id(x) in keep for x in trees[m].body)
+                   for n in trees[m].body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    whole = [entry.cls.__module__ if m == "model" else m for m, picks in FRONT if picks is None]
+    front, taken = [], set()
+    for mod_name, picks in FRONT:
+        if picks is None:
+            mod_name = entry.cls.__module__ if mod_name == "model" else mod_name
+            if any(id(n) in keep for n in trees[mod_name].body):
+                front.append(kept_source(sources[mod_name], trees[mod_name], keep))
+        else:
+            text, ids = picked_source(mod_name, picks, sources, trees)
+            front.append(text)
+            taken |= ids
+    back = [kept_source(sources[m], trees[m], keep - taken) for m in modules
+            if m not in whole and any(id(n) in keep - taken for n in trees[m].body)]
+    sections = front + [MACHINERY] + back
     settings_block = (
         "# ---------------------------------------------------------------------------------------------\n"
         "# Settings: the model's hyper-parameters (anything TrainConfig below names can go here)\n"
@@ -268,6 +318,9 @@ def with_contents(text: str) -> str:
     lines = text.splitlines()
     titles = [(i, lines[i][2:].split(":")[0]) for i in range(1, len(lines) - 1)
               if lines[i - 1] == RULE and lines[i + 1] == RULE and lines[i] != RULE]
+    titles += [(i, "MACHINERY (below: nothing to read to change the model)") for i, line in enumerate(lines)
+               if line.startswith("# MACHINERY.")]
+    titles.sort()
     end = lines.index('"""', 1)  # the docstring's closing line
     shift = len(titles) + 2
     contents = ["", "Contents (line numbers):"] + [f"  {i + shift:5d}  {title}" for i, title in titles]
@@ -315,26 +368,41 @@ Score the zip at home with the competition's metric: `dogkit score images.zip --
 (see dogkit's README).{several}"""
 
 
+SUB_BANNER = "# ---- "  # a part of a machinery section (dogkit/core/train.py's the plan, the end ...)
+HIDDEN = {"_kg_hide-input": True}  # Kaggle's collapsed code cell: still run, its code folded away
+
+
 def notebook(text: str, intro: str) -> dict:
     """The kernel as a notebook (nbformat 4.5): the intro, then the settings cell (header, imports,
     settings), then per section of the contents a heading and its code, then the cell that runs it.
-    The code cells joined are exactly `text`."""
+    Past the MACHINERY line every code cell is collapsed on Kaggle (HIDDEN) and a section is cut at
+    its parts' banners into cells of a readable size. The code cells joined are exactly `text`."""
     lines = text.splitlines(keepends=True)
+    machinery = next(i for i, line in enumerate(lines) if line.startswith("# MACHINERY.")) - 1
     starts = [i for i in range(1, len(lines) - 2) if lines[i].rstrip("\n") == RULE
               and lines[i + 2].rstrip("\n") == RULE and lines[i + 1].rstrip("\n") != RULE]
+    parts = [i for i in range(machinery, len(lines)) if lines[i].startswith(SUB_BANNER)]
     run_at = max(i for i, line in enumerate(lines) if line.startswith("if __name__ == "))
-    bounds = [0] + starts[1:] + [run_at, len(lines)]  # the first section (Settings) stays with the imports
-    cells = [("markdown", intro)]
-    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        if k == len(bounds) - 2:
-            cells.append(("markdown", "## Run\nEverything above only defines; this cell trains and writes images.zip."))
-        elif k:
+    bounds = sorted(set([0] + starts[1:] + [machinery] + parts + [run_at, len(lines)]))  # Settings stays with the imports
+    cells, number = [("markdown", intro, {})], 0
+    for a, b in zip(bounds, bounds[1:]):
+        hide = HIDDEN if machinery <= a < run_at else {}
+        if a == run_at:
+            cells.append(("markdown", "## Run\nEverything above only defines; this cell trains and writes images.zip.", {}))
+        elif a == machinery:
+            cells.append(("markdown", "## Machinery\nThe cells below keep a 9-hour run alive (data, the machine, several "
+                                      "GPUs, sampling, checkpoints, the time plan, the end): collapsed, and nothing in "
+                                      "them needs reading to change the settings, the model or the recipe above.", {}))
+        elif lines[a].startswith(SUB_BANNER):
+            cells.append(("markdown", "#### " + lines[a][len(SUB_BANNER):].rstrip("- \n").capitalize(), {}))
+        elif a:
+            number += 1
             title, _, what = lines[a + 1][2:].strip().partition(": ")
-            cells.append(("markdown", f"## {k}. {title}\n{what[:1].upper() + what[1:] if what else ''}".rstrip()))
-        cells.append(("code", "".join(lines[a:b])))
-    return {"cells": [dict({"cell_type": kind, "id": f"cell-{i:02d}", "metadata": {}, "source": source},
+            cells.append(("markdown", f"## {number}. {title}\n{what[:1].upper() + what[1:] if what else ''}".rstrip(), {}))
+        cells.append(("code", "".join(lines[a:b]), hide))
+    return {"cells": [dict({"cell_type": kind, "id": f"cell-{i:02d}", "metadata": dict(meta), "source": source},
                            **({"execution_count": None, "outputs": []} if kind == "code" else {}))
-                      for i, (kind, source) in enumerate(cells)],
+                      for i, (kind, source, meta) in enumerate(cells)],
             "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                          "language_info": {"name": "python"}},
             "nbformat": 4, "nbformat_minor": 5}

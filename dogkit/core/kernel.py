@@ -203,7 +203,7 @@ TRAIN_OPTIONS = (
                                            "scaling, eager: T4, P100)"),
     ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),
     ("--lecam", float, None, None, "LeCam regularisation weight (biggan; default 0: off)"),
-    ("--d-width", int, None, None, "the discriminator's channel width (biggan; default: the same as --width)"),
+    ("--d-width", int, None, None, "the discriminator's channel width (biggan; default: twice --width)"),
     ("--d-steps", int, None, None, "discriminator steps per generator step (biggan, wgan-gp; default: the model's)"),
     ("--ema-kimg", float, None, None, "EMA half-life in thousands of images, ramped up over the first images "
                                       "(StyleGAN2-ADA; default 0: the model's fixed decay and start)"),

@@ -82,7 +82,7 @@ class TrainConfig:
     batch_size: int = 32
     z_dim: int = 128
     width: int = 64
-    d_width: int = 0  # the discriminator's channel width (biggan; 0: the same as width)
+    d_width: int = 0  # the discriminator's channel width (biggan; 0: twice width, the winners' G 32 / D 64)
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
@@ -237,6 +237,8 @@ def settings_line(cfg, model):
     """The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
     (for a model that applies it) and the sampling truncation, whichever cell or option set them."""
     parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)", f"augment {cfg.augment}"]
+    if getattr(model, "d_width", None):
+        parts.insert(1, f"width {cfg.width} (G) {model.d_width} (D)")
     if "lecam" in getattr(model, "applies", ()):
         parts.append(f"LeCam {cfg.lecam:g} from D step {cfg.lecam_start}" if cfg.lecam else "LeCam off")
     parts.append("truncation from the planned passes" if cfg.truncation == TRUNCATION_FROM_PLAN
@@ -1204,7 +1206,7 @@ class Trainer:
             with open(os.path.join(self.cfg.out, "options.json"), "w") as fh:
                 json.dump(dict(dataclasses.asdict(self.given), world_size=self.world.size), fh, indent=2)
         try:
-            failure = self.train_loop()
+            failure = train_loop(self)
         except KeyboardInterrupt:
             if self.world.main:  # alone: the other ranks' random states are not in it
                 path = save_checkpoint(self)
@@ -1216,62 +1218,67 @@ class Trainer:
             raise RankStopped(failure)
         return finish(self, failure)
 
-    def train_loop(self):
-        """The loop. Returns None, or the cause when it had to stop early (a NaN storm)."""
-        cfg, main = self.cfg, self.world.main
-        start = self.t0 - self.session_start  # elapsed counts every session's time
-        now, _ = agree(self.world, self.clock())
-        last_log = last_grid = last_ckpt = last_zip = now
-        use_graph = graph_wanted(self)
-        steps_at_log = self.step
-        pending = [x for x in parse_snapshots(cfg.snapshots) if x > self.elapsed / max(self.train_seconds, 1e-9)]
-        first = budget_start(self)
-        warm = self.elapsed - first >= REPLAN_AT * (self.session_end - first)  # past it: resumed
-        since = (now - start, self.images_seen)  # the pace is timed from here
-        while True:
-            now, failed = agree(self.world, self.clock())  # rank 0's clock decides for every rank
-            if failed:
-                return f"rank {failed - 1} stopped at step {self.step} (its error is above)"
-            self.elapsed = now - start
-            if self.elapsed >= self.session_end or (cfg.steps and self.step >= cfg.steps):
-                break
-            if not warm and self.elapsed - first >= REPLAN_AT * (self.session_end - first):
-                warm = once_warm(self, since)
-            p = self.elapsed / max(self.train_seconds, 1e-9)
-            set_schedule(self, p)
-            if use_graph and self.graph is None:
-                use_graph = try_capture(self)
-                continue
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                train_step(self)
-            count_step(self)
-            if self.good is None:
-                keep_good_state(self)
-            if now - last_log >= cfg.log_every:
-                if log_interval(self, p, self.step - steps_at_log, now - last_log):
-                    keep_good_state(self)
-                elif self.rollbacks >= cfg.max_rollbacks:
-                    return f"NaN storm: {self.rollbacks} rollbacks at step {self.step}"
-                steps_at_log, last_log = self.step, now
-            if main and now - last_grid >= self.grid_every:
-                progress_grid(self)
-                last_grid = now
-            if now - last_ckpt >= cfg.checkpoint_every:
-                checkpoint_together(self)
-                last_ckpt = now
-            if pending and p >= pending[0]:
-                checkpoint_together(self, f"snapshot-p{pending.pop(0):g}.pt")
-            if now - last_zip >= cfg.zip_every and self.session_end - self.elapsed > cfg.zip_every / 4:
-                if main:
-                    interim_zip(self)
-                last_zip = now
-            for hook in self.hooks:  # last: a rank failing here meets the others at the next agree()
-                hook(self)
-        if self.step > steps_at_log:
-            log_interval(self, self.elapsed / max(self.train_seconds, 1e-9), self.step - steps_at_log, now - last_log)
-        return None
+
+def train_loop(tr):
+    """The training loop, top to bottom. Each pass: the clock (rank 0's, for every rank) says whether
+    to stop; the schedule is set for progress p; one step (a real batch, D's update, G's update, the
+    EMA: train_step, or its CUDA graph); then, when their time has come, a log line (a NaN rolls
+    back), a grid, a checkpoint and an interim images.zip. Returns None, or why it stopped early."""
+    cfg, main = tr.cfg, tr.world.main
+    start = tr.t0 - tr.session_start  # elapsed counts every session's time
+    now, _ = agree(tr.world, tr.clock())
+    last_log = last_grid = last_ckpt = last_zip = now
+    steps_at_log, use_graph = tr.step, graph_wanted(tr)
+    snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > tr.elapsed / max(tr.train_seconds, 1e-9)]
+    first = budget_start(tr)
+    warm = tr.elapsed - first >= REPLAN_AT * (tr.session_end - first)  # past it: resumed
+    since = (now - start, tr.images_seen)  # the pace is timed from here
+    while True:
+        now, failed = agree(tr.world, tr.clock())
+        if failed:
+            return f"rank {failed - 1} stopped at step {tr.step} (its error is above)"
+        tr.elapsed = now - start
+        if tr.elapsed >= tr.session_end or (cfg.steps and tr.step >= cfg.steps):
+            break
+        if not warm and tr.elapsed - first >= REPLAN_AT * (tr.session_end - first):
+            warm = once_warm(tr, since)  # the end timed again, the pace, the settings that follow it
+        p = tr.elapsed / max(tr.train_seconds, 1e-9)
+        set_schedule(tr, p)  # learning rates and EMA weight at progress p
+
+        if use_graph and tr.graph is None:
+            use_graph = try_capture(tr)
+            continue
+        if tr.graph is not None:
+            tr.graph.replay()  # the captured step: the same as train_step, without Python in between
+        else:
+            train_step(tr)  # a real batch, D's update, G's update, the EMA
+        count_step(tr)
+        if tr.good is None:
+            keep_good_state(tr)  # the first good state: what a rollback returns to
+
+        if now - last_log >= cfg.log_every:
+            if log_interval(tr, p, tr.step - steps_at_log, now - last_log):
+                keep_good_state(tr)
+            elif tr.rollbacks >= cfg.max_rollbacks:
+                return f"NaN storm: {tr.rollbacks} rollbacks at step {tr.step}"
+            steps_at_log, last_log = tr.step, now
+        if main and now - last_grid >= tr.grid_every:
+            progress_grid(tr)
+            last_grid = now
+        if now - last_ckpt >= cfg.checkpoint_every:
+            checkpoint_together(tr)
+            last_ckpt = now
+        if snapshots and p >= snapshots[0]:
+            checkpoint_together(tr, f"snapshot-p{snapshots.pop(0):g}.pt")
+        if now - last_zip >= cfg.zip_every and tr.session_end - tr.elapsed > cfg.zip_every / 4:
+            if main:
+                interim_zip(tr)
+            last_zip = now
+        for hook in tr.hooks:  # last: a rank failing here meets the others at the next agree()
+            hook(tr)
+    if tr.step > steps_at_log:
+        log_interval(tr, tr.elapsed / max(tr.train_seconds, 1e-9), tr.step - steps_at_log, now - last_log)
+    return None
 
 
 def world_line(world, device, cfg):

@@ -224,7 +224,7 @@ def test_dogkit_train_runs_under_torchrun(tmp_path, tiny_dataset):
     save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dogkit",
-                           "train", "--data", str(cache), "--device", "cpu", "--budget", "10m", "--steps", "4",
+                           "train", "--data", str(cache), "--device", "cpu", "--budget", "1h", "--steps", "4",
                            "--width", "4", "--batch-size", "8", "--n-samples", "64", "--out", str(tmp_path / "run")],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

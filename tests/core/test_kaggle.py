@@ -86,11 +86,11 @@ def run_kernel(env, *args, timeout=600):
 def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
     """No --data: the kernel finds the competition zips, ignores the cats, falls back from an
     unwritable /kaggle/tmp, prints the start block, and leaves a valid zip and a handful of files."""
-    proc = run_kernel(fake_kaggle["env"], "--device", "cpu", "--budget", "10m", "--steps", "8", "--width", "4",
+    proc = run_kernel(fake_kaggle["env"], "--device", "cpu", "--budget", "1h", "--steps", "8", "--width", "4",
                       "--batch-size", "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout
-    for start in ("python     ", "device     cpu", "host       ", "precision  fp32", "budget     10m00s",
+    for start in ("python     ", "device     cpu", "host       ", "precision  fp32", "budget     1h00m",
                   "settings   batch 8, lr 0.0005 (G) 0.0005 (D), augment crop-flip, no truncation\n"):
         assert start in log, start
     assert "data       competition files (all-dogs.zip)" in log

@@ -171,7 +171,8 @@ def test_a_preset_is_applied_over_the_models_settings_and_an_option_wins_over_it
                                presets=entry.presets)
     assert (mine.truncation, mine.batch_size, mine.d_width) == (1.0, 64, 64)
     plain = config_from_options(entry.settings, vars(parse_args(["--data", "x.npz"])), presets=entry.presets)
-    assert (plain.d_width, plain.ema_fraction, plain.truncation) == (64, 0.1, -1.0)  # biggan's own defaults
+    assert (plain.d_width, plain.ema_fraction, plain.truncation) == (0, 0.1, -1.0)  # biggan's own defaults
+    assert entry.cls(with_settings(plain, {"width": 4}), 3, "cpu").d_width == 8  # D twice as wide as G
 
 
 @pytest.mark.parametrize("model,name,message", [("biggan", "sixth-place", "preset 'sixth-place': choose from fifth-place"),

@@ -86,6 +86,8 @@ def test_the_settings_line_names_the_levers_each_model_applies():
     assert settings_line(on, biggan) == ("settings   batch 32, lr 0.0001 (G) 0.0004 (D), augment flip+diffaug, "
                                          "LeCam 0.3 from D step 1000, no truncation")
     assert "LeCam" not in settings_line(cfg, dcgan) and "LeCam" not in settings_line(cfg, SimpleNamespace())
+    built = registry.get("biggan").cls(with_settings(cfg, {"width": 4}), 3, "cpu")  # D twice as wide unless set
+    assert settings_line(with_settings(cfg, {"width": 4}), built).startswith("settings   batch 64, width 4 (G) 8 (D), ")
 
 
 def test_ema_half_life_in_images_with_a_ramp_up():
@@ -156,9 +158,10 @@ def test_three_kinds_of_batch_norm_statistics_to_sample_with(tmp_path, tiny_data
 
 def test_d_width_and_d_steps_reach_the_discriminator(tmp_path, tiny_dataset):
     entry = registry.get("biggan")
-    cfg = with_settings(TrainConfig(), dict(entry.settings, width=4, d_width=8, d_steps=2, batch_size=4, steps=2,
-                                            out=str(tmp_path), device="cpu", budget=1e6, reserve=0.0, n_samples=8,
-                                            log_every=0.0, ema_kimg=1.0))
+    cfg = with_settings(with_settings(TrainConfig(), entry.settings),  # ema_kimg given: it wins over ema_fraction
+                        dict(width=4, d_width=8, d_steps=2, batch_size=4, steps=2, out=str(tmp_path), device="cpu",
+                             budget=1e6, reserve=0.0, n_samples=8, log_every=0.0, ema_kimg=1.0))
+    assert (cfg.ema_kimg, cfg.ema_fraction) == (1.0, 0.0)
     trainer = Trainer(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
     trainer.run()
     assert trainer.model.D.linear.weight.shape[1] == 16 * 8 and trainer.model.G.blocks[-1].conv2.weight.shape[0] == 8

@@ -28,6 +28,26 @@ def test_committed_kernel_is_what_the_builder_writes(name):
 
 
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
+def test_the_front_reads_settings_model_recipe_loop_and_the_machinery_follows(name):
+    """Settings, the model, its blocks, augmentation, the recipe and the training loop come first
+    (biggan's in at most ~700 lines), then the MACHINERY line; nothing the front shows is repeated
+    behind it."""
+    text = build_kernel.build(name)
+    lines = text.splitlines()
+    settings = lines.index("# Settings: the model's hyper-parameters (anything TrainConfig below names can go here)")
+    machinery = next(i for i, ln in enumerate(lines) if ln.startswith("# MACHINERY."))
+    front, back = "\n".join(lines[settings:machinery]), "\n".join(lines[machinery:])
+    entry = registry.get(name)
+    for defined in (f"class {entry.cls.__name__}:", "def draw_batch(", "def train_step(", "def set_schedule(",
+                    "def generate(", "def train_loop(tr):"):
+        assert defined in front and defined not in back, defined
+    order = [front.index(t) for t in ("# Model", "# Recipe", "# The training loop")]
+    assert order == sorted(order)
+    if name == "biggan":
+        assert machinery - settings <= 700, machinery - settings
+
+
+@pytest.mark.parametrize("name", registry.MODEL_NAMES)
 def test_the_notebook_is_the_kernel_in_sections(name):
     """nbformat 4, valid; a markdown cell first, the settings cell, a heading and a code cell per
     section of the contents, the run cell last; the code cells joined are the .py, exactly."""
@@ -41,7 +61,17 @@ def test_the_notebook_is_the_kernel_in_sections(name):
     contents = text.split("Contents (line numbers):\n")[1].split('"""')[0]
     titles = [ln.split(None, 1)[1] for ln in contents.splitlines() if ln.strip()]
     headings = [c.source.splitlines()[0] for c in nb.cells[2:] if c.cell_type == "markdown"]
-    assert headings == [f"## {k}. {t}" for k, t in enumerate(titles[1:], 1)] + ["## Run"]
+    sections = [t for t in titles[1:] if not t.startswith("MACHINERY")]
+    assert [h for h in headings if h[:3] == "## " and h not in ("## Machinery", "## Run")] == [
+        f"## {k}. {t}" for k, t in enumerate(sections, 1)]
+    assert headings[-1] == "## Run" and headings.index("## Machinery") == sections.index("Data")
+    assert all(h.startswith(("## ", "#### ")) for h in headings)  # "####": a part of a machinery section
+    # the front is open; every machinery cell is collapsed on Kaggle (still run), the run cell open
+    machinery = next(i for i, c in enumerate(nb.cells) if c.source.startswith("## Machinery"))
+    assert all(c.metadata == {} for c in nb.cells[:machinery] + nb.cells[-2:])
+    hidden = [c for c in nb.cells[machinery:-2] if c.cell_type == "code"]
+    assert hidden and all(c.metadata == {"_kg_hide-input": True} for c in hidden)
+    assert max(len(c.source.splitlines()) for c in hidden) < 600  # cut at the parts' banners
     assert "_SETTINGS = dict(" in nb.cells[1].source and nb.cells[-1].source.startswith("if __name__ == ")
     intro = nb.cells[0].source
     assert all(w in intro for w in ("Generative Dog Images", "GPU T4 x2", "8h45m", "/kaggle/working/images.zip",
@@ -79,7 +109,7 @@ def test_budget_option_sets_the_kaggle_budget():
 def test_kernel_and_package_train_identically(name, tmp_path, tiny_dataset):
     cache = tmp_path / "tiny.npz"
     save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
-    common = ["--data", str(cache), "--budget", "10m", "--steps", "6", "--seed", "3", "--width", "4",
+    common = ["--data", str(cache), "--budget", "1h", "--steps", "6", "--seed", "3", "--width", "4",
               "--batch-size", "8", "--n-samples", "64", "--log-every", "0", "--device", "cpu"]
     env = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     kernel = subprocess.run([sys.executable, str(ROOT / "kernels" / f"{name}.py"), *common, "--out", str(tmp_path / "k")],
@@ -111,10 +141,16 @@ def test_contents_points_at_every_section_in_order(name):
         entries.append((int(number), title))
     banners = [i + 1 for i in range(1, len(lines) - 1)
                if lines[i] == build_kernel.RULE and lines[i + 1] != build_kernel.RULE and lines[i + 2] == build_kernel.RULE]
+    machinery = [(n, t) for n, t in entries if t.startswith("MACHINERY")]
+    assert len(machinery) == 1 and lines[machinery[0][0]].startswith("# MACHINERY.")
+    assert lines[machinery[0][0] - 1] == "# " + "=" * 93
+    entries.remove(machinery[0])
     assert [n for n, _ in entries] == banners and len(banners) >= 8
     for number, title in entries:
         assert lines[number - 1] == build_kernel.RULE and lines[number].startswith(f"# {title}"), (number, title)
     titles = [t for _, t in entries]
+    assert titles.index("The training loop") + 1 == titles.index("Data") and machinery[0][0] < entries[
+        titles.index("Data")][0]
     assert titles[0] == "Settings" and titles[-1] == "Entry point"
     assert titles.index("Model") < titles.index("Data") < titles.index("Training")
 

@@ -40,7 +40,7 @@ def test_the_committed_queue_is_valid():
     before = gpu_bench.train_config(confirm[0], "x", "x")
     assert (before.d_width, before.ema_fraction, before.ema_decay, before.truncation) == (32, 0.0, 0.999, 1.5)
     now = [gpu_bench.train_config(e, "x", "x") for e in confirm[1:]]
-    assert [(c.d_width, c.ema_fraction) for c in now] == [(64, 0.0), (32, 0.1), (64, 0.1)]
+    assert [(c.d_width or 2 * c.width, c.ema_fraction) for c in now] == [(64, 0.0), (32, 0.1), (64, 0.1)]
     assert now[-1].truncation == -1.0 and all(c.seed == before.seed for c in now)  # today's default, same seed
     assert all(e["budget"] == "8m" and sorted(e["truncations"]) == [0, 0.8, 1] for e in confirm)
     assert all(cost(e) < cap - 40 for e in confirm)  # each fits one 10-minute command beside the GPU tests

@@ -19,7 +19,7 @@ from dogkit.core.models.common import SelfAttention, adam, backward_step, lecam_
 
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999,  # the 5th place's (run_train.sh)
                        batch_size=64, z_dim=120, loss="hinge",
-                       width=32, d_width=64,  # G 32 / D 64: the 2nd, 3rd and 5th place (5th: run_train.sh)
+                       width=32,  # D twice as wide (d_width 0): G 32 / D 64, the 2nd, 3rd and 5th place (run_train.sh)
                        # EMA: a half-life of 10 % of the images the run will show (set from its pace), from p=0.2:
                        # the 5th place's 0.9999 from iteration 30k spans ~11 % of its run; BigGAN-PyTorch and
                        # StudioGAN use 0.9999; a fixed 0.999 spans under 1 % of a 9-hour run
@@ -180,7 +180,8 @@ def orthogonal_init(module):
 
 class BigGAN:
     """Conditional BigGAN: d_steps D steps (a fresh real batch each) then one G step per call,
-    hinge (or BCE) loss; D's width is d_width when set (the 5th place used G 32, D 64)."""
+    hinge (or BCE) loss; D's width is d_width when set, else twice G's (the 2nd, 3rd and 5th place:
+    G 32, D 64)."""
 
     name = "biggan"
     conditional = True
@@ -190,7 +191,8 @@ class BigGAN:
         self.cfg = cfg
         self.n_classes = max(n_classes, 1)
         self.G = BigGANGenerator(cfg.z_dim, cfg.width, self.n_classes).to(device)
-        self.D = BigGANDiscriminator(cfg.d_width or cfg.width, self.n_classes).to(device)
+        self.d_width = cfg.d_width or 2 * cfg.width  # the winners' ratio, G 32 / D 64, unless set
+        self.D = BigGANDiscriminator(self.d_width, self.n_classes).to(device)
         self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
         self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
         self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
