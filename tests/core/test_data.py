@@ -199,7 +199,7 @@ def test_strict_makes_bad_input_fatal_with_the_file_named(tmp_path):
     root = bad_inputs(tmp_path / "bad")
     out = tmp_path / "cache.npz"
     res = CliRunner().invoke(main, ["clean-data", str(root), "-o", str(out), "--strict", "--workers", "1"])
-    assert res.exit_code != 0
+    assert res.exit_code == 1, res.output  # bad input
     assert "n02000001_" in res.output and "(--strict)" in res.output
     assert not out.exists()
     res = CliRunner().invoke(main, ["clean-data", str(root), "-o", str(out), "--workers", "1",

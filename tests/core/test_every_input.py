@@ -402,11 +402,42 @@ def test_an_unexpected_exception_is_one_line_saying_bug_with_the_traceback_in_a_
     assert isinstance(res.exception, TypeError)  # --debug: the real exception, whole
 
 
-def test_sigterm_unwinds_like_ctrl_c_so_temporary_files_go():
+def test_a_dogkit_command_stopped_by_sigterm_says_so_in_one_line_exits_130_and_leaves_no_temporary_file(tmp_path):
+    """A real `dogkit clean-data` process (the command's own error boundary installs the handler),
+    SIGTERMed while its cache's temporary file is being written."""
     import signal
+    import subprocess
+    import sys
+    import time
 
-    with pytest.raises(KeyboardInterrupt):
-        cli._terminated(signal.SIGTERM, None)
+    photos = tmp_path / "photos" / "n02000001-dog"
+    photos.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((80, 80, 3), 40 * i, np.uint8)).save(photos / f"n02000001_{i}.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    script = f"""
+import sys, time
+from dogkit import cli
+from dogkit.core import data as D
+def slow(path, **arrays):
+    open(path, "wb").write(b"half")
+    time.sleep(60)
+D.np.savez = slow
+sys.argv = ["dogkit", "clean-data", {str(tmp_path / 'photos')!r}, "-o", {str(out / 'c.npz')!r}, "--codec", "webp",
+            "--workers", "1"]
+cli.main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(".tmp" in n for n in os.listdir(out)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(".tmp" in n for n in os.listdir(out)), "the write never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 130
+    err = proc.stderr.read().strip().splitlines()
+    assert err[-1].startswith("Error: interrupted") and "Traceback" not in "\n".join(err), err
+    assert os.listdir(out) == []
 
 
 # ---- generated hostile files, per format ---------------------------------------------------------

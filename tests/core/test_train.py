@@ -103,13 +103,13 @@ def test_ema_half_life_in_images_with_a_ramp_up():
 
 def test_extra_ema_copies_average_by_their_half_lives_and_travel_in_the_checkpoint(tmp_path, tiny_dataset):
     from dogkit.checkpoints import export_generator, load_generator
-    from dogkit.core.train import half_life_weight
 
     cfg = tiny_cfg(tmp_path, steps=12, ema_extra="0.02,1", ema_rampup=10.0)  # half-lives 20 and 96+ images
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
     trainer.run()
-    assert trainer.extra_w_value == [pytest.approx(half_life_weight(k, cfg, trainer.images_seen - 8))
-                                     for k in (0.02, 1.0)]  # set before the last step's images
+    # set before the last step's images (88 of 96): half-lives min(20, 10 x 88) and min(1,000, 10 x 88) images
+    assert trainer.images_seen == 96
+    assert trainer.extra_w_value == [pytest.approx(1 - 0.5 ** (8 / 20)), pytest.approx(1 - 0.5 ** (8 / 880))]
     first = [p.clone() for p in trainer.G_extra[0].parameters()]
     assert not all(torch.equal(a, b) for a, b in zip(first, trainer.G_extra[1].parameters()))
     again = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "b")), registry.get("dcgan").cls, data=tiny_dataset,

@@ -42,8 +42,8 @@ def test_low_precision_steps_stay_finite(model, precision, tmp_path, tiny_datase
     trainer = trainer_of(cfg, tiny_dataset)
     trainer.run()
     assert trainer.precision == precision
-    for p in trainer.model.G.parameters():
-        assert torch.isfinite(p).all()
+    # every step's losses finite by themselves (log_every 0: each one checked), none rescued by a rollback
+    assert trainer.rollbacks == 0 and trainer.lr_scale == 1.0 and trainer.step == 8
 
 
 def test_a_checkpoint_round_trip_on_cuda(tmp_path, tiny_dataset):

@@ -1,6 +1,7 @@
 """Hostile input: zips that lie in their headers, bombs, encryption, duplicates. Every one ends in
 a named rule violation (SubmissionError / a counted clean-data event), never a traceback, and
 memory stays bounded whatever the zip claims."""
+import io
 import struct
 import tracemalloc
 import warnings
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from conftest import png_bytes
 from dogkit.core import data as D
@@ -206,11 +208,16 @@ def test_mutated_zips_give_a_score_or_a_submission_error(tmp_path, data):
                 struct.pack_into(fmt, raw, base + offset, value)
     path = tmp_path / "mutant.zip"
     path.write_bytes(bytes(raw))
+    original = np.asarray(Image.open(io.BytesIO(GOOD)))
     for strict in (True, False):
         try:
-            load_submission(path, strict=strict, n_images=4)
+            got = load_submission(path, strict=strict, n_images=4)
         except SubmissionError:
-            pass
+            continue
+        # what scores is the photos as written: the CRCs let no changed byte of an image through
+        assert got.pixels.dtype == np.uint8 and got.pixels.shape[1:] == (64, 64, 3) and len(got.names) == len(got.pixels)
+        assert all(np.array_equal(px, original) for px in got.pixels), (strict, got.names)
+        assert len(got.pixels) == 4 if strict else 1 <= len(got.pixels) <= 4
 
 
 def hostile_photo_zip(tmp_path):

@@ -60,11 +60,21 @@ def test_reference_resumes_after_an_interruption(tmp_path, monkeypatch):
     assert not (tmp_path / "ref.npz.partial.npz").exists()
 
 
-def test_reference_resizes_with_lanczos_whatever_the_aspect(tmp_path):
-    write_photos(tmp_path / "p", 1, size=(120, 50))
-    with Image.open(tmp_path / "p" / "p000.jpg") as img:
-        expected = np.asarray(img.convert("RGB").resize((64, 64), Image.LANCZOS))
-    np.testing.assert_array_equal(R.load_photos(tmp_path / "p", ["p000.jpg"])[0][0], expected)
+def test_reference_squashes_a_wide_photo_to_64_with_lanczos(tmp_path):
+    """A 120x50 photo, grey 64 on its left half and 192 on its right: squashed (not cropped or
+    padded) the edge stays at the middle column, every row alike, the far columns exactly their
+    grey; Lanczos rings at the edge (a value below 64 and one above 192), which a bilinear or box
+    filter never does."""
+    (tmp_path / "p").mkdir()
+    photo = np.full((50, 120, 3), 64, np.uint8)
+    photo[:, 60:] = 192
+    Image.fromarray(photo).save(tmp_path / "p" / "wide.png")
+    got = R.load_photos(tmp_path / "p", ["wide.png"])[0][0].astype(int)
+    assert got.shape == (64, 64, 3) and (got == got[:1]).all() and (got == got[..., :1]).all()
+    row = got[0, :, 0]
+    assert (row[:24] == 64).all() and (row[40:] == 192).all()
+    assert row[31] < 128 < row[32]  # the edge at 60 of 120 is at 32 of 64
+    assert row[24:32].min() < 64 and row[32:40].max() > 192  # Lanczos' ringing
 
 
 @pytest.mark.slow
@@ -97,7 +107,7 @@ def test_score_cli_rejects_bad_submission_before_any_network(tmp_path, monkeypat
     sub = tmp_path / "images.zip"
     sub.write_bytes(b"nope")
     res = CliRunner().invoke(main, ["score", str(sub), "--reference", str(tmp_path / "none.npz")])
-    assert res.exit_code != 0
+    assert res.exit_code == 1  # bad input (docs/cleaning.md: exit codes of every dogkit command)
     assert "not a zip file" in res.output
 
 
@@ -106,4 +116,4 @@ def test_a_folder_refused_in_strict_mode_points_to_images_zip(tmp_path):
     sub.mkdir()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(sub / "a.png")
     res = CliRunner().invoke(main, ["score", str(sub), "--reference", str(tmp_path / "none.npz")])
-    assert res.exit_code != 0 and "Kaggle takes images.zip" in res.output and "--no-strict" in res.output
+    assert res.exit_code == 1 and "Kaggle takes images.zip" in res.output and "--no-strict" in res.output
