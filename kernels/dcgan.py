@@ -30,7 +30,7 @@ Contents (line numbers):
    1369  The machine
    1544  Sampling
    1717  Training
-   2830  Entry point
+   2832  Entry point
 """
 import argparse
 import contextlib
@@ -1743,7 +1743,7 @@ RANGES = {"budget": (1.0, 30 * 24 * 3600.0), "seed": (0, 2 ** 63 - 1), "steps": 
           "d_steps": (1, 100), "g_steps": (1, 100), "n_samples": (1, 1_000_000), "truncation": (0.0, 100.0),
           "ema_fraction": (0.0, 1.0),
           "log_every": (0.0, None), "grid_every": (0.0, None), "checkpoint_every": (0.0, None),
-          "zip_every": (0.0, None), "lecam": (0.0, 100.0), "ema_kimg": (0.0, 1e6), "image_size": (8, 512),
+          "zip_every": (0.0, None), "hard_limit": (0.0, None), "lecam": (0.0, 100.0), "ema_kimg": (0.0, 1e6), "image_size": (8, 512),
           "lr_g": (0.0, 1.0), "lr_d": (0.0, 1.0), "ema_decay": (0.0, 1.0), "keep_grids": (0, 10_000)}
 
 
@@ -1761,7 +1761,9 @@ class TrainConfig:
     # run
     data: str = ""
     out: str = "runs/run"
-    budget: float = 9 * 3600.0 - 15 * 60  # seconds for the whole run, sampling and zip included
+    budget: float = 9 * 3600.0 - 15 * 60  # seconds for the whole run, sampling and zip included: the plan
+    hard_limit: float = 0.0  # seconds the platform lets this process run (a Kaggle kernel: 9 h), the wall the end
+    #                          of a run with no images.zip yet may run up to; 0: none (a local run)
     seed: int = 0
     device: str = "auto"
     steps: int = 0  # stop after this many steps as well (0: only the budget decides)
@@ -2206,7 +2208,7 @@ def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
     return ckpt
 
 
-RUN_SETTINGS = ("data", "out", "budget", "sessions", "device", "steps", "n_samples", "truncation", "log_every",
+RUN_SETTINGS = ("data", "out", "budget", "hard_limit", "sessions", "device", "steps", "n_samples", "truncation", "log_every",
                 "grid_every", "checkpoint_every", "snapshots", "keep_grids", "zip_every", "reserve", "graph",
                 "memory_format", "ema_extra")  # where and how long a run goes: a continued run may change them
 
@@ -2566,19 +2568,16 @@ def ready_to_sample(tr):
     tr.bn_refreshed = True
 
 
-END_GRACE = (0.1, 600.0)  # a late end may overrun the budget by this fraction of it, at most these seconds
-
-
 def end_deadline(tr):
-    """(the clock reading the end must finish by, the budget's own end). They are the same when
-    the output folder holds an images.zip: sampling stops rather than overrun and that zip is
-    kept. With no zip to keep, an end slower than planned (a machine that got busy) may overrun
-    by a tenth of the budget, at most 10 minutes (inside a Kaggle kernel's 15-minute margin):
-    a zip a little late beats none after hours of training."""
+    """(the clock reading the end must finish by, the budget's own end). The budget is a plan:
+    with an images.zip in the output folder, sampling stops at its end rather than overrun and
+    that zip is kept; with none, a good generator is never thrown away for want of time, and the
+    end runs on up to the platform's own wall (hard_limit from this process's start: a Kaggle
+    kernel's 9 hours), with no wall at all for a local run."""
     end = tr.t0 - tr.session_start + budget_start(tr) + tr.cfg.budget  # on tr.clock, the zip included
     if os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
         return end, end
-    return end + min(END_GRACE[0] * tr.cfg.budget, END_GRACE[1]), end
+    return (tr.t0 + tr.cfg.hard_limit if tr.cfg.hard_limit > 0 else math.inf), end
 
 
 def finish(tr, failure=None):
@@ -2590,7 +2589,7 @@ def finish(tr, failure=None):
     if not world.main:
         return help_finish(tr, deadline)  # the same deadline: the same folder, checked before any zip
     path = os.path.join(tr.cfg.out, "images.zip")
-    t = time.monotonic()
+    t, began = time.monotonic(), tr.clock()
     try:
         ready_to_sample(tr)
         checkpoint_together(tr) if world.size > 1 else save_checkpoint(tr)
@@ -2613,8 +2612,11 @@ def finish(tr, failure=None):
            f"trained {fmt_time(tr.elapsed - tr.resumed_elapsed)} of this run's {fmt_time(budget_end - tr.t0)}")
     late = tr.clock() - budget_end
     if late > 0:
-        tr.log(f"WARNING    the end took {late:.0f} s longer than the budget left it (the machine was slower than "
-               f"when the end was timed); with no earlier images.zip to keep, it was let run over")
+        tr.log(f"WARNING    the end took {tr.clock() - began:.0f} s where the plan left it {budget_end - began:.0f} s "
+               f"(the machine was slower than when the end was timed): {late:.0f} s past the budget; with no earlier "
+               f"images.zip to keep, it was let run over" + (f" (the wall, {fmt_time(tr.cfg.hard_limit)}, is still "
+                                                            f"{tr.t0 + tr.cfg.hard_limit - tr.clock():.0f} s away)"
+                                                            if tr.cfg.hard_limit > 0 else " (no wall: a local run)"))
     if tr.session < tr.cfg.sessions:
         tr.log(f"session {tr.session} of {tr.cfg.sessions} ends at step {tr.step} "
                f"({100 * tr.elapsed / max(tr.train_seconds, 1e-9):.0f}% of the run's training): continue it in "
@@ -2848,6 +2850,9 @@ KAGGLE_TMP = "/kaggle/tmp"
 KAGGLE_BUDGET = "8h45m"  # Kaggle stops a kernel at 9 h: keep 15 minutes to spare
 
 
+KAGGLE_MARGIN = 15 * 60.0  # those 15 minutes: the wall is a kernel's budget plus these
+
+
 NOTEBOOK_ARGS = ("-f",)  # what Jupyter adds to sys.argv (-f kernel.json): tolerated, nothing else is
 
 
@@ -3073,6 +3078,8 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
     overrides = {"data": opts["data"] or "", "sessions": sessions,
                  "out": opts["out"] or (working if on_kaggle else "submission"),
                  "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
+                 # Kaggle's wall: its 9 hours, the kernel's budget and the builder's 15 minutes, less one for the output
+                 "hard_limit": parse_budget(kaggle_budget) + KAGGLE_MARGIN - 60.0 if on_kaggle else 0.0,
                  "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
                  "device": opts["device"], "graph": opts["graph"], "snapshots": opts["snapshots"],
                  "memory_format": opts["memory_format"], "ema_extra": opts["ema_extra"],

@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from dogkit import __version__  # noqa: E402
 from dogkit.core import registry  # noqa: E402
+from dogkit.core.kernel import KAGGLE_MARGIN  # noqa: E402
 
 ALLOWED_THIRD_PARTY = {"numpy", "PIL", "torch", "torchvision"}
 ENTRY_MODULE = "dogkit.core.kernel"
@@ -227,7 +228,7 @@ run `python tools/build_kernel.py --model {entry.name}`, which wrote this file f
 """'''
 
 
-SAFETY_MARGIN_S = 15 * 60
+SAFETY_MARGIN_S = KAGGLE_MARGIN
 
 
 def hours_minutes(seconds: float) -> str:

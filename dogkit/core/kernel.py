@@ -31,6 +31,7 @@ KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
 KAGGLE_TMP = "/kaggle/tmp"
 KAGGLE_BUDGET = "8h45m"  # Kaggle stops a kernel at 9 h: keep 15 minutes to spare
+KAGGLE_MARGIN = 15 * 60.0  # those 15 minutes: the wall is a kernel's budget plus these
 NOTEBOOK_ARGS = ("-f",)  # what Jupyter adds to sys.argv (-f kernel.json): tolerated, nothing else is
 
 
@@ -254,6 +255,8 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
     overrides = {"data": opts["data"] or "", "sessions": sessions,
                  "out": opts["out"] or (working if on_kaggle else "submission"),
                  "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
+                 # Kaggle's wall: its 9 hours, the kernel's budget and the builder's 15 minutes, less one for the output
+                 "hard_limit": parse_budget(kaggle_budget) + KAGGLE_MARGIN - 60.0 if on_kaggle else 0.0,
                  "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
                  "device": opts["device"], "graph": opts["graph"], "snapshots": opts["snapshots"],
                  "memory_format": opts["memory_format"], "ema_extra": opts["ema_extra"],

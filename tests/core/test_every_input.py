@@ -602,3 +602,16 @@ except KeyboardInterrupt:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 130
     assert os.listdir(tmp_path) == []
+
+
+def test_the_wall_is_kaggles_nine_hours_on_kaggle_and_none_locally(tmp_path):
+    """The budget is the plan (8h45m on Kaggle); the wall the end of a run with no zip may run up to
+    is Kaggle's own 9 hours less a minute for the output, and a local run has none."""
+    from dogkit.core import registry
+    from dogkit.core.kernel import config_from_options, parse_args
+
+    opts = vars(parse_args(["--out", str(tmp_path / "out")]))
+    on_kaggle = config_from_options(registry.get("dcgan").settings, opts, on_kaggle=True, working=str(tmp_path))
+    assert (on_kaggle.budget, on_kaggle.hard_limit) == (8 * 3600 + 45 * 60, 9 * 3600 - 60)
+    local = config_from_options(registry.get("dcgan").settings, dict(opts, data="x.npz"))
+    assert (local.budget, local.hard_limit) == (8 * 60, 0.0)
