@@ -34,6 +34,22 @@ def test_preprocess_scales_to_tf_range():
         feat.preprocess(np.zeros((1, 64, 64, 4), dtype=np.uint8))
 
 
+def test_matches_tensorflows_resize_bilinear_as_recorded():
+    """TF1's resize_bilinear of seeded images, recorded with TensorFlow by tools/tf_resize_fixture.py
+    (2,000 sampled values and the sums of the whole 2x299x299x3 output): dogkit's resize agrees
+    without TensorFlow installed."""
+    import json
+    from pathlib import Path
+
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "tf_resize_bilinear.json").read_text())
+    img = np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3)).astype(np.float32)
+    ours = feat.legacy_resize(torch.from_numpy(img).permute(0, 3, 1, 2), 299).permute(0, 2, 3, 1).double().numpy()
+    at = tuple(np.array(fixture["positions"]).T)
+    np.testing.assert_allclose(ours[at], fixture["values"], atol=1e-3)
+    assert ours.sum() == pytest.approx(fixture["sum"], rel=1e-7)
+    assert (ours ** 2).sum() == pytest.approx(fixture["sum_of_squares"], rel=1e-7)
+
+
 def test_matches_tensorflow_resize_bilinear_when_installed():
     tf = pytest.importorskip("tensorflow", reason="tensorflow not installed: optional cross-check")
     rng = np.random.default_rng(0)
