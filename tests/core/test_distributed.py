@@ -197,19 +197,20 @@ def test_the_kernel_forks_two_ranks_on_a_simulated_kaggle(fake_kaggle):  # noqa:
 
     env = dict(fake_kaggle["env"], DOGKIT_CPU_RANKS="2")
     args = ("--device", "cpu", "--budget", "10m", "--width", "4", "--batch-size", "8", "--sessions", "2")
-    proc = run_kernel(env, *args, "--steps", "6")
+    proc = run_kernel(env, *args, "--steps", "6", "--n-samples", "64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout
     assert "world      2 ranks (gloo), one process each: rank 0 cpu, rank 1 cpu; global batch 2 x 8 = 16" in log
     assert log.count("photos     24") == 1  # cleaned once, by rank 0
     assert log.count("wrote ") == 1 and "2 ranks)" in log
-    assert load_submission(fake_kaggle["working"] / "images.zip", strict=True).pixels.shape == (10_000, 64, 64, 3)
+    assert load_submission(fake_kaggle["working"] / "images.zip", strict=True, n_images=64).pixels.shape == (
+        64, 64, 64, 3)
     ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["world_size"] == 2 and ckpt["session"] == 1 and len(ckpt["rank_rngs"]) == 2
     shutil.copytree(fake_kaggle["working"], fake_kaggle["root"] / "dogkit-dcgan")  # the output, attached
     shutil.rmtree(fake_kaggle["working"])
     fake_kaggle["working"].mkdir()
-    proc = run_kernel(env, *args, "--steps", "9", "--log-every", "0")
+    proc = run_kernel(env, *args, "--steps", "9", "--log-every", "0", "--n-samples", "64")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("continues  session 2 of 2, from ") and "random streams start afresh" not in proc.stdout
     ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=True)
