@@ -27,6 +27,16 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
+class Existing(click.Path):
+    """An input path that must exist: a missing one is one line, `Error: PATH: does not exist`, and
+    exit 1 (bad input), the same in every command (click's own check is a usage error, exit 2)."""
+
+    def convert(self, value, param, ctx):
+        if not os.path.lexists(value):
+            raise click.ClickException(f"{value}: does not exist")
+        return super().convert(value, param, ctx)
+
+
 def _load_network(weights: str | None):
     from dogkit.metrics.inception import InceptionWeightsError, load_inception
 
@@ -119,9 +129,9 @@ def main(debug):
 
 
 @main.command()
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", type=Existing(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Reference .npz to write.")
-@click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
+@click.option("--inception-weights", type=Existing(), default=None, help=WEIGHTS_HELP)
 @click.option("--batch-size", default=50, show_default=True, type=click.IntRange(1, 10_000),
               help="Photos per Inception batch.")
 @device_option
@@ -151,13 +161,13 @@ def reference(source, out, inception_weights, batch_size, device, limit):
 
 
 @main.command()
-@click.argument("submission", type=click.Path(path_type=Path))
-@click.option("--reference", "reference_path", required=True, type=click.Path(path_type=Path),
+@click.argument("submission", type=Existing(path_type=Path))
+@click.option("--reference", "reference_path", required=True, type=Existing(path_type=Path),
               help="Reference .npz from `dogkit reference`.")
 @click.option("--strict/--no-strict", default=True, show_default=True,
               help="Enforce the competition's rules (10,000 64x64 RGB PNGs in a flat zip).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
+@click.option("--inception-weights", type=Existing(), default=None, help=WEIGHTS_HELP)
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1, 10_000),
               help="Images per Inception batch (500 on a GPU is faster).")
 @device_option
@@ -214,16 +224,16 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
 
 
 @main.command()
-@click.argument("submission", type=click.Path(exists=True, path_type=Path))
-@click.option("--reference", "reference_path", required=True, type=click.Path(exists=True, path_type=Path),
+@click.argument("submission", type=Existing(path_type=Path))
+@click.option("--reference", "reference_path", required=True, type=Existing(path_type=Path),
               help="Reference .npz written by `dogkit reference`.")
-@click.option("--run", "run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+@click.option("--run", "run_dir", type=Existing(file_okay=False, path_type=Path), default=None,
               help="A run folder: adds its loss curves.")
 @click.option("-o", "--out", default="report", show_default=True, type=click.Path(path_type=Path),
               help="Folder for report.html, report.json and the PNGs.")
 @click.option("--strict/--no-strict", default=False, show_default=True,
               help="Apply the submission rules (10,000 64x64 RGB PNGs) before reporting.")
-@click.option("--inception-weights", type=click.Path(exists=True), default=None, help=WEIGHTS_HELP)
+@click.option("--inception-weights", type=Existing(), default=None, help=WEIGHTS_HELP)
 @device_option
 def report(submission, reference_path, run_dir, out, strict, inception_weights, device):
     """Why a submission scores what it scores: PNGs, OUT/report.html (self-contained) and report.json.
@@ -284,9 +294,9 @@ def export_inception(out, fmt):
 
 
 @main.command("clean-data")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source", type=Existing())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Cache file to write (.npz).")
-@click.option("--annotations", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--annotations", type=Existing(file_okay=False), default=None,
               help="Annotation/ folder (found inside SOURCE by itself when present).")
 @click.option("--size", type=click.Choice(["64", "80", "96", "128"]), default="64", show_default=True,
               help="Crop side in pixels (above 64: for random-crop augmentation).")
@@ -433,7 +443,7 @@ def _torchrun_world(device, gpus):
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint", type=Existing())
 @click.option("-o", "--out", default="submission/images.zip", show_default=True, type=click.Path(),
               help="The zip to write (atomically: an existing one is replaced only when it is complete).")
 @click.option("-n", "n_images", default=10_000, show_default=True, type=click.IntRange(1, 100_000),

@@ -26,11 +26,11 @@ Contents (line numbers):
     652  The training loop
     718  MACHINERY (below: nothing to read to change the model)
     725  Data
-   1317  Several GPUs
-   1552  The machine
-   1727  Sampling
-   1900  Training
-   3014  Entry point
+   1319  Several GPUs
+   1554  The machine
+   1729  Sampling
+   1902  Training
+   3016  Entry point
 """
 import argparse
 import contextlib
@@ -968,6 +968,8 @@ def discover(source, annotations=None):
         layout, items = _folder_items(source, ann_dir)
         if ann_dir:
             notes["annotation without photo"] = _attach_annotations(items, ann_dir)
+    elif not os.path.lexists(source):
+        raise DataError(f"{source}: does not exist")
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:

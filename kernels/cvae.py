@@ -26,11 +26,11 @@ Contents (line numbers):
     417  The training loop
     483  MACHINERY (below: nothing to read to change the model)
     490  Data
-   1082  Several GPUs
-   1317  The machine
-   1492  Sampling
-   1665  Training
-   2779  Entry point
+   1084  Several GPUs
+   1319  The machine
+   1494  Sampling
+   1667  Training
+   2781  Entry point
 """
 import argparse
 import contextlib
@@ -733,6 +733,8 @@ def discover(source, annotations=None):
         layout, items = _folder_items(source, ann_dir)
         if ann_dir:
             notes["annotation without photo"] = _attach_annotations(items, ann_dir)
+    elif not os.path.lexists(source):
+        raise DataError(f"{source}: does not exist")
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:

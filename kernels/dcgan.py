@@ -26,11 +26,11 @@ Contents (line numbers):
     469  The training loop
     535  MACHINERY (below: nothing to read to change the model)
     542  Data
-   1134  Several GPUs
-   1369  The machine
-   1544  Sampling
-   1717  Training
-   2831  Entry point
+   1136  Several GPUs
+   1371  The machine
+   1546  Sampling
+   1719  Training
+   2833  Entry point
 """
 import argparse
 import contextlib
@@ -785,6 +785,8 @@ def discover(source, annotations=None):
         layout, items = _folder_items(source, ann_dir)
         if ann_dir:
             notes["annotation without photo"] = _attach_annotations(items, ann_dir)
+    elif not os.path.lexists(source):
+        raise DataError(f"{source}: does not exist")
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:

@@ -26,11 +26,11 @@ Contents (line numbers):
     379  The training loop
     445  MACHINERY (below: nothing to read to change the model)
     452  Data
-   1044  Several GPUs
-   1279  The machine
-   1454  Sampling
-   1627  Training
-   2741  Entry point
+   1046  Several GPUs
+   1281  The machine
+   1456  Sampling
+   1629  Training
+   2743  Entry point
 """
 import argparse
 import contextlib
@@ -695,6 +695,8 @@ def discover(source, annotations=None):
         layout, items = _folder_items(source, ann_dir)
         if ann_dir:
             notes["annotation without photo"] = _attach_annotations(items, ann_dir)
+    elif not os.path.lexists(source):
+        raise DataError(f"{source}: does not exist")
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:

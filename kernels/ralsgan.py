@@ -26,11 +26,11 @@ Contents (line numbers):
     402  The training loop
     468  MACHINERY (below: nothing to read to change the model)
     475  Data
-   1067  Several GPUs
-   1302  The machine
-   1477  Sampling
-   1650  Training
-   2764  Entry point
+   1069  Several GPUs
+   1304  The machine
+   1479  Sampling
+   1652  Training
+   2766  Entry point
 """
 import argparse
 import contextlib
@@ -718,6 +718,8 @@ def discover(source, annotations=None):
         layout, items = _folder_items(source, ann_dir)
         if ann_dir:
             notes["annotation without photo"] = _attach_annotations(items, ann_dir)
+    elif not os.path.lexists(source):
+        raise DataError(f"{source}: does not exist")
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:

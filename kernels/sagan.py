@@ -26,11 +26,11 @@ Contents (line numbers):
     410  The training loop
     476  MACHINERY (below: nothing to read to change the model)
     483  Data
-   1075  Several GPUs
-   1310  The machine
-   1485  Sampling
-   1658  Training
-   2772  Entry point
+   1077  Several GPUs
+   1312  The machine
+   1487  Sampling
+   1660  Training
+   2774  Entry point
 """
 import argparse
 import contextlib
@@ -726,6 +726,8 @@ def discover(source, annotations=None):
         layout, items = _folder_items(source, ann_dir)
         if ann_dir:
             notes["annotation without photo"] = _attach_annotations(items, ann_dir)
+    elif not os.path.lexists(source):
+        raise DataError(f"{source}: does not exist")
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:
