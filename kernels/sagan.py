@@ -26,11 +26,11 @@ Contents (line numbers):
     410  The training loop
     476  MACHINERY (below: nothing to read to change the model)
     483  Data
-   1077  Several GPUs
-   1312  The machine
-   1487  Sampling
-   1660  Training
-   2774  Entry point
+   1090  Several GPUs
+   1325  The machine
+   1500  Sampling
+   1673  Training
+   2787  Entry point
 """
 import argparse
 import contextlib
@@ -554,6 +554,16 @@ def clamp_box(box, width, height):
     return x0, y0, x1, y1
 
 
+def unusable_box(box, width, height):
+    """Why a box clamp_box leaves nothing of is unusable, in the summary's words."""
+    x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0:
+        return "box with min and max swapped"
+    if x1 == x0 or y1 == y0:
+        return "zero-area box"
+    return "box outside the photo"
+
+
 def crop_region(box, width, height, strategy, margin=0.1, aspect_range=(0.8, 1.25)):
     """The region (left, top, right, bottom) to cut for one dog, or None if the strategy drops it.
 
@@ -817,6 +827,9 @@ def decode_rgb(data, name, events):
             img.load()
             if img.mode != "RGB":
                 events.append((f"converted from {img.mode}", name))
+                if img.mode.startswith("I"):  # 16-bit greyscale (I;16, or I as PNGs open): PIL's RGB would clip
+                    grey = np.asarray(img).astype(np.float64) * (255.0 / 65535.0)  # at 255: rescale the 16 bits
+                    return np.repeat(np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None], 3, axis=2)
                 if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                     img = img.convert("RGBA")
                     background = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -858,7 +871,7 @@ def process_photo(item, strategy, size, min_side, margin):
     for k, box in enumerate(boxes):
         clamped = clamp_box(box, width, height)
         if clamped is None:
-            events.append(("zero-area box", f"{name} #{k}"))
+            events.append((unusable_box(box, width, height), f"{name} #{k}"))
             continue
         if clamped != tuple(box):
             events.append(("box clamped to the photo", f"{name} #{k}"))
