@@ -183,8 +183,8 @@ def test_a_tiny_truncation_is_refused_not_redrawn_forever():
     assert truncated_normal((100, 8), 0.04).abs().max() <= 0.04
 
 
-@pytest.mark.parametrize("args", [["score", "x.zip", "--reference", "r.npz", "--batch-size", "-1"],
-                                  ["score", "x.zip", "--reference", "r.npz", "--batch-size", "0"],
+@pytest.mark.parametrize("args", [["score", ".", "--reference", ".", "--batch-size", "-1"],  # paths that exist:
+                                  ["score", ".", "--reference", ".", "--batch-size", "0"],  # the range is what fails
                                   ["reference", ".", "-o", "r.npz", "--batch-size", "0"],
                                   ["sample", ".", "-n", "-5"], ["sample", ".", "--seed", str(2 ** 80)],
                                   ["sample", ".", "--truncation", "-1"],
@@ -396,9 +396,9 @@ def test_an_unexpected_exception_is_one_line_saying_bug_with_the_traceback_in_a_
 
     monkeypatch.setattr(submission, "load_submission", bug)
     monkeypatch.setattr(cli, "TRACEBACK_FILE", str(tmp_path / "tb.txt"))
-    line = one_line_error(["score", "x.zip", "--reference", "r.npz"], cli.BUG_EXIT, "a bug in dogkit")
+    line = one_line_error(["score", ".", "--reference", "."], cli.BUG_EXIT, "a bug in dogkit")
     assert str(tmp_path / "tb.txt") in line and "TypeError" in (tmp_path / "tb.txt").read_text()
-    res = CliRunner().invoke(cli.main, ["--debug", "score", "x.zip", "--reference", "r.npz"])
+    res = CliRunner().invoke(cli.main, ["--debug", "score", ".", "--reference", "."])
     assert isinstance(res.exception, TypeError)  # --debug: the real exception, whole
 
 

@@ -106,6 +106,7 @@ def test_score_cli_rejects_bad_submission_before_any_network(tmp_path, monkeypat
     monkeypatch.setattr(inc, "load_inception", lambda *a: pytest.fail("network loaded before the rules"))
     sub = tmp_path / "images.zip"
     sub.write_bytes(b"nope")
+    (tmp_path / "none.npz").write_bytes(b"never read: the submission's rules come first")
     res = CliRunner().invoke(main, ["score", str(sub), "--reference", str(tmp_path / "none.npz")])
     assert res.exit_code == 1  # bad input (docs/cleaning.md: exit codes of every dogkit command)
     assert "not a zip file" in res.output
@@ -115,5 +116,6 @@ def test_a_folder_refused_in_strict_mode_points_to_images_zip(tmp_path):
     sub = tmp_path / "pngs"
     sub.mkdir()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(sub / "a.png")
+    (tmp_path / "none.npz").write_bytes(b"never read: the submission's rules come first")
     res = CliRunner().invoke(main, ["score", str(sub), "--reference", str(tmp_path / "none.npz")])
     assert res.exit_code == 1 and "Kaggle takes images.zip" in res.output and "--no-strict" in res.output
