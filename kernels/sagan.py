@@ -30,7 +30,7 @@ Contents (line numbers):
    1325  The machine
    1500  Sampling
    1673  Training
-   2787  Entry point
+   2812  Entry point
 """
 import argparse
 import contextlib
@@ -2641,16 +2641,41 @@ def seed_and_tune(cfg, device):
 MODEL_SPECIFIC = (("lecam", 0.0, "LeCam (biggan does)"), ("d_width", 0, "it"), ("d_steps", 1, "it"))  # (setting, off)
 
 
-def check_model_options(cfg, model):
-    """Options only some models apply: an error listing each of them, rather than silently nothing."""
+def check_model_options(cfg, model, n_classes=None, device="cpu"):
+    """Options only some models apply, and (given n_classes) the built model's own contract
+    (generator_problem): an error listing each problem, rather than silently nothing or a traceback
+    mid-run."""
     applies = getattr(model, "applies", ())
     problems = [f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}"
                 for name, off, what in MODEL_SPECIFIC if getattr(cfg, name) != off and name not in applies]
     if "diffaug" in cfg.augment and "diffaug" not in applies:
         problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment "
                            "(biggan and dcgan do)")
-    if problems:
-        raise ValueError("; ".join(problems))
+    broken = generator_problem(model, cfg, n_classes, device) if n_classes is not None else None
+    if problems or broken:
+        raise ValueError("; ".join(problems + ([f"model check: {broken}"] if broken else [])))
+
+
+@torch.no_grad()
+def generator_problem(model, cfg, n_classes, device):
+    """Why the model's G breaks the contract a run relies on (G(z, labels) -> N x 3 x 64 x 64 images),
+    tried on 2 images of the last breed before any training, in one line naming the call; or None.
+    An edited model fails here in a second, not after the data is cleaned or at the end."""
+    z = torch.randn(2, cfg.z_dim, device=device)
+    labels = torch.full((2,), n_classes - 1, dtype=torch.long, device=device) if n_classes else None
+    call = f"{type(model).__name__}.G(z, labels)" if n_classes else f"{type(model).__name__}.G(z)"
+    was = model.G.training
+    try:
+        out = model.G(z, labels)
+    except Exception as exc:  # an edit's shape or index error, named rather than a traceback mid-run
+        return f"{call} failed on 2 images{' of breed ' + str(n_classes - 1) if n_classes else ''}: " \
+               f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    finally:
+        model.G.train(was)
+    shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+    if shape != (2, 3, 64, 64):
+        return f"{call} returned {shape} for 2 images; the run needs (2, 3, 64, 64): NCHW images in [-1, 1]"
+    return None
 
 
 def ema_copy(G):
@@ -2687,7 +2712,7 @@ class Trainer:
         self.n_classes = len(self.breeds) if model_cls.conditional else 0
         self.images, self.labels = resident(data, self.device)
         self.model = model_cls(cfg, self.n_classes, self.device)
-        check_model_options(cfg, self.model)
+        check_model_options(cfg, self.model, self.n_classes, self.device)  # and G's contract, before training
         if cfg.memory_format == "channels_last":  # before the optimisers' state and the EMA copy exist
             for net in (self.model.G, self.model.D):
                 if net is not None:

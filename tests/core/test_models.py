@@ -218,3 +218,33 @@ def test_the_biggan_kernel_offers_its_presets_in_the_settings_and_refuses_an_unk
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == ["error: preset 'sixth-place': choose from fifth-place"], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("shape", "model check: Edited.G(z) returned (2, 3, 32, 32) for 2 images; the run needs (2, 3, 64, 64)"),
+    ("crash", "model check: Edited.G(z) failed on 2 images: RuntimeError: mat1 and mat2 shapes cannot be multiplied")])
+def test_an_edit_that_breaks_the_models_contract_is_one_line_naming_the_call_before_training(edit, message, tmp_path,
+                                                                                             tiny_dataset):
+    """A Kaggle user edits the generator: a wrong output size, or a layer that no longer fits, is one
+    line naming G's call before any step (not a traceback mid-run, not a zip of wrong images)."""
+    import torch.nn.functional as F
+
+    from dogkit.core.train import Trainer
+
+    entry = registry.get("dcgan")
+
+    class Edited(entry.cls):
+        def __init__(self, cfg, n_classes, device):
+            super().__init__(cfg, n_classes, device)
+            forward = self.G.forward
+            if edit == "shape":
+                self.G.forward = lambda z, labels=None: F.avg_pool2d(forward(z, labels), 2)
+            else:
+                self.G.forward = lambda z, labels=None: forward(torch.nn.Linear(7, 7)(z), labels)
+
+    cfg = with_settings(with_settings(TrainConfig(), entry.settings), dict(width=4, batch_size=8, device="cpu",
+                                                                           out=str(tmp_path), steps=2))
+    with pytest.raises(ValueError) as err:
+        Trainer(cfg, Edited, data=tiny_dataset, log=lambda m: None)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "checkpoint.pt").exists()
