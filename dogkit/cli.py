@@ -135,7 +135,8 @@ def main(debug):
 @click.option("--batch-size", default=50, show_default=True, type=click.IntRange(1, 10_000),
               help="Photos per Inception batch.")
 @device_option
-@click.option("--limit", type=click.IntRange(2, None), default=None, help="Use only the first N photos (sorted).")
+@click.option("--limit", type=click.IntRange(2, None), default=None,
+              help="Use N photos spread over the breeds (a seeded, class-balanced pick; not comparable with a full reference).")
 def reference(source, out, inception_weights, batch_size, device, limit):
     """Reference statistics of real photos (folder, recursive, or zip).
 
@@ -157,6 +158,12 @@ def reference(source, out, inception_weights, batch_size, device, limit):
                               limit=limit, log=lambda m: click.echo(m, err=True))
     except ValueError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        partial = out.with_name(out.name + ".partial.npz")
+        kept = f"the photos done up to the last minute are kept in {partial}" if partial.exists() else "nothing kept yet"
+        again = " ".join(["dogkit", "reference", str(source), "-o", str(out)] + (["--limit", str(limit)] if limit else []))
+        click.echo(f"Error: interrupted: {kept}; the same command resumes there: {again}", err=True)
+        raise click.exceptions.Exit(130)
     click.echo(f"wrote {out}: {ref.provenance['count']} photos, features {ref.features.shape}")
 
 

@@ -105,10 +105,35 @@ def _resume_point(partial: Path, fingerprint: str, digest: str, n: int, log) -> 
         return 0, None, None
 
 
+def breed_of(name: str) -> str:
+    """A photo's breed: its folder (<synset>-<breed>/...), else its file name's synset (n02085620_10074.jpg)."""
+    parts = name.replace("\\", "/").split("/")
+    return parts[-2] if len(parts) > 1 else parts[-1].split("_")[0]
+
+
+def balanced_pick(names: list[str], n: int, seed: int = 0) -> list[str]:
+    """n photos spread over the breeds: each breed's photos in a seeded order, taken one breed after
+    another (a breed with fewer photos simply runs out); returned sorted. The first n sorted photos
+    would be 5 breeds of Stanford Dogs' 120."""
+    rng = np.random.default_rng(seed)
+    by_breed: dict[str, list[str]] = {}
+    for name in names:
+        by_breed.setdefault(breed_of(name), []).append(name)
+    queues = [list(rng.permutation(sorted(v))) for _, v in sorted(by_breed.items())]
+    picked: list[str] = []
+    while len(picked) < min(n, len(names)):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(str(q.pop()))
+    return sorted(picked)
+
+
 def build_reference(source: str | Path, out: str | Path, model, model_info: dict, device,
                     batch_size: int = 50, checkpoint_every: int = 500, progress: bool = True,
-                    limit: int | None = None, log=print) -> Reference:
-    """Compute and write the reference file; resumes from ``<out>.partial.npz`` if present."""
+                    limit: int | None = None, log=print, checkpoint_seconds: float = 60.0) -> Reference:
+    """Compute and write the reference file; resumes from ``<out>.partial.npz`` if present, which is
+    saved every checkpoint_every photos or checkpoint_seconds, whichever comes first (an interrupt
+    loses at most a minute of work). limit: a seeded, class-balanced pick of that many photos."""
     from tqdm import tqdm
 
     source, out = Path(source), Path(out)
@@ -116,7 +141,7 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
         raise ValueError(f"batch size {batch_size}: give 1 or more")
     names = list_photos(source)
     if limit:
-        names = names[:limit]
+        names = balanced_pick(names, limit)
     if len(names) < 2:
         raise ValueError(f"{source}: {len(names)} photo(s) found, at least 2 needed")
     fingerprint = _fingerprint(names)
@@ -132,7 +157,7 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
     t0 = time.time()
     model = feat.to_device(model, device)
     bar = tqdm(total=len(names), initial=done, desc="reference", unit="img", disable=not progress)
-    last_saved = done
+    last_saved, saved_at = done, time.monotonic()
     while done < len(names):
         chunk = names[done:done + batch_size]
         pixels, unreadable = load_photos(source, chunk)
@@ -140,10 +165,11 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
         bad[[done + i for i in unreadable]] = True
         done += len(chunk)
         bar.update(len(chunk))
-        if done - last_saved >= checkpoint_every and done < len(names):
+        if (done - last_saved >= checkpoint_every or time.monotonic() - saved_at >= checkpoint_seconds) \
+                and done < len(names):
             _atomic_savez(partial, features=feats[:done], bad=bad[:done], done=done, fingerprint=fingerprint,
                           digest=model_info["digest"])
-            last_saved = done
+            last_saved, saved_at = done, time.monotonic()
     bar.close()
     skipped = [n for n, b in zip(names, bad) if b]
     if skipped:
@@ -158,6 +184,9 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
         "pipeline": "uint8 -> float32 -> TF1 legacy bilinear 299 -> (x-128)/128 -> pool_3",
         "seconds_this_run": round(time.time() - t0, 1),
         "skipped": {"count": len(skipped), "first": skipped[:20]},
+        "breeds": len({breed_of(n) for n in names}),
+        **({"limit": {"photos": limit, "pick": "class-balanced over the breeds, seed 0 (balanced_pick)"}}
+           if limit else {}),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_savez(out, mu=mu, sigma=sigma, features=feats, names=np.array(names),

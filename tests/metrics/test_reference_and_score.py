@@ -119,3 +119,46 @@ def test_a_folder_refused_in_strict_mode_points_to_images_zip(tmp_path):
     (tmp_path / "none.npz").write_bytes(b"never read: the submission's rules come first")
     res = CliRunner().invoke(main, ["score", str(sub), "--reference", str(tmp_path / "none.npz")])
     assert res.exit_code == 1 and "Kaggle takes images.zip" in res.output and "--no-strict" in res.output
+
+
+def test_limit_picks_photos_spread_over_the_breeds_and_says_so(tmp_path):
+    """--limit 12 of 5 breeds (the first 12 sorted would be 2 breeds): every breed gets 2 or 3,
+    the pick is seeded (the same twice) and the provenance records it with the breed count."""
+    for b, n in enumerate((6, 6, 6, 2, 6)):
+        write_photos(tmp_path / "photos" / f"n0000000{b}-breed{b}", n, seed=b)
+    names = R.list_photos(tmp_path / "photos")
+    picked = R.balanced_pick(names, 12)
+    counts = sorted(sum(R.breed_of(n) == f"n0000000{b}-breed{b}" for n in picked) for b in range(5))
+    assert len(picked) == 12 and counts == [2, 2, 2, 3, 3] and picked == R.balanced_pick(names, 12)
+    assert R.breed_of("n02085620_10074.jpg") == "n02085620" and R.balanced_pick(names, 99) == sorted(names)
+    ref = R.build_reference(tmp_path / "photos", tmp_path / "ref.npz", MeanNet(), {"digest": "fake", "source": "t"},
+                            "cpu", progress=False, limit=12)
+    assert ref.provenance["breeds"] == 5 and ref.provenance["limit"]["photos"] == 12 and list(ref.names) == picked
+
+
+def test_the_partial_reference_is_saved_every_minute_and_an_interrupt_says_how_to_resume(tmp_path, monkeypatch):
+    """Saved by the clock as well as the count (a minute's work at most is lost); Ctrl-C says what
+    was kept and the command that resumes, exit 130."""
+    import time
+
+    write_photos(tmp_path / "photos", 9)
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    real_pool3, calls = R.feat.pool3, {"n": 0}
+
+    def slow(*args):  # each batch of 3 takes 40 s; the third is interrupted
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        now[0] += 40.0
+        return real_pool3(*args)
+
+    monkeypatch.setattr(R.feat, "pool3", slow)
+    monkeypatch.setattr("dogkit.cli._load_network", lambda weights: (MeanNet(), {"digest": "fake", "source": "t"}))
+    out = tmp_path / "ref.npz"
+    res = CliRunner().invoke(main, ["reference", str(tmp_path / "photos"), "-o", str(out), "--batch-size", "3"])
+    assert res.exit_code == 130, res.output
+    with np.load(tmp_path / "ref.npz.partial.npz") as p:
+        assert int(p["done"]) == 6  # 80 s after the start: saved past the minute, not at 500 photos
+    assert (f"Error: interrupted: the photos done up to the last minute are kept in {out}.partial.npz; the same "
+            f"command resumes there: dogkit reference {tmp_path / 'photos'} -o {out}") in res.output
