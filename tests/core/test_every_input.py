@@ -402,13 +402,27 @@ def test_an_unexpected_exception_is_one_line_saying_bug_with_the_traceback_in_a_
     assert isinstance(res.exception, TypeError)  # --debug: the real exception, whole
 
 
-def test_a_dogkit_command_stopped_by_sigterm_says_so_in_one_line_exits_130_and_leaves_no_temporary_file(tmp_path):
-    """A real `dogkit clean-data` process (the command's own error boundary installs the handler),
-    SIGTERMed while its cache's temporary file is being written."""
+def sigterm_while_writing(script, folder, **popen):
+    """Run `script` in a real Python process, wait until a temporary file appears in folder (the
+    write is under way), then SIGTERM it; the process."""
     import signal
     import subprocess
     import sys
     import time
+
+    proc = subprocess.Popen([sys.executable, "-c", script], **popen)
+    deadline = time.monotonic() + 120
+    while not any(".tmp" in n for n in os.listdir(folder)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(".tmp" in n for n in os.listdir(folder)), "the write never started"
+    proc.send_signal(signal.SIGTERM)
+    return proc
+
+
+def test_a_dogkit_command_stopped_by_sigterm_says_so_in_one_line_exits_130_and_leaves_no_temporary_file(tmp_path):
+    """A real `dogkit clean-data` process (the command's own error boundary installs the handler),
+    SIGTERMed while its cache's temporary file is being written."""
+    import subprocess
 
     photos = tmp_path / "photos" / "n02000001-dog"
     photos.mkdir(parents=True)
@@ -428,12 +442,7 @@ sys.argv = ["dogkit", "clean-data", {str(tmp_path / 'photos')!r}, "-o", {str(out
             "--workers", "1"]
 cli.main()
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not any(".tmp" in n for n in os.listdir(out)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert any(".tmp" in n for n in os.listdir(out)), "the write never started"
-    proc.send_signal(signal.SIGTERM)
+    proc = sigterm_while_writing(script, out, stderr=subprocess.PIPE, text=True)
     assert proc.wait(60) == 130
     err = proc.stderr.read().strip().splitlines()
     assert err[-1].startswith("Error: interrupted") and "Traceback" not in "\n".join(err), err
@@ -573,11 +582,6 @@ def test_the_kernels_error_boundary_is_one_line_with_its_exit_code(capsys, error
 
 def test_a_sigterm_during_a_cache_write_leaves_no_temporary_file(tmp_path, tiny_dataset):
     """A real process, killed by SIGTERM while np.savez is writing the cache's temporary file."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     script = f"""
 import signal, time, numpy as np
 from dogkit import cli
@@ -594,12 +598,7 @@ try:
 except KeyboardInterrupt:
     raise SystemExit(130)
 """
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.monotonic() + 60
-    while not any(".tmp" in n for n in os.listdir(tmp_path)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert any(".tmp" in n for n in os.listdir(tmp_path)), "the write never started"
-    proc.send_signal(signal.SIGTERM)
+    proc = sigterm_while_writing(script, tmp_path)
     assert proc.wait(30) == 130
     assert os.listdir(tmp_path) == []
 
