@@ -278,7 +278,8 @@ def table_proxy_short(rows):
     """The README's view of table_proxy: per group, each arm's generator, seeds, KID and verdict."""
     out = ["| CPU proxy | arm | generator | seeds | KID x1e3 | against the group's best |", "|---|---|---|---|---|---|"]
     for model, subset, _, a, judged in judged_arms(rows):
-        generator = re.sub(r" \((decay|half-life) [^)]*\)|: half-life .*", "", a["note"])  # "G_ema (decay ...)": G_ema
+        generator = re.sub(r" \((decay|half-life) [^)]*\)", "", a["note"])  # "G_ema (decay ...)": G_ema
+        generator = re.sub(r": half-life ([\d.]+k) images", r" (\1)", generator)  # several copies: their half-lives
         out.append(f"| {model}, {subset:,} crops, {passes_text(a['passes'])} passes | {a['entry'].removeprefix('proxy-')} | "
                    f"{generator} | {a['seeds']} | {1e3 * a['kid']:.1f} ± {1e3 * a['kid_err']:.1f} | {judged} |")
     return out

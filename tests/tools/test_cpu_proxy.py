@@ -206,7 +206,7 @@ def test_the_readme_table_names_each_generator_and_judges_it_over_seeds():
         "| biggan, 120 crops, 300 passes | a | G_ema, truncation 0 (none) | 3 | 199.0 ± 5.8 | best |",
         "| biggan, 120 crops, 300 passes | a | G_ema | 3 | 200.0 ± 11.5 | "
         "tie with best (0.2 SE, paired over 3 seeds, worse on 2) |",
-        "| biggan, 120 crops, 300 passes | a | extra EMA copy | 3 | 210.0 ± 11.5 | "
+        "| biggan, 120 crops, 300 passes | a | extra EMA copy (10k) | 3 | 210.0 ± 11.5 | "
         "tie with best (1.9 SE, paired over 3 seeds, worse on 3) |"]
 
 
