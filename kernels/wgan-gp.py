@@ -30,7 +30,7 @@ Contents (line numbers):
    1325  The machine
    1500  Sampling
    1673  Training
-   2812  Entry point
+   2813  Entry point
 """
 import argparse
 import contextlib
@@ -2379,7 +2379,8 @@ def replan(tr):
     second kept for nothing is a second not trained), earlier when the machine got busier and the
     end is now slower, but never before now. Rank 0 times it; every rank gets the same plan."""
     def warm():
-        reserve, parts = measure_end(tr)
+        _, parts = measure_end(tr)  # the parts as timed, warm
+        reserve = 2.0 * sum(parts.values()) + 3.0  # kept: what a machine twice as slow would still fit
         end = max(tr.elapsed, budget_start(tr) + tr.cfg.budget - reserve)
         gain = end - tr.session_end
         per_session = tr.per_session + gain
@@ -2390,8 +2391,8 @@ def replan(tr):
     left = budget_start(tr) + tr.cfg.budget - tr.elapsed
     why = (f"; it needs more than the {left:.0f} s left, so training stops now and the end may run over"
            if reserve > left else "")
-    tr.log(f"re-planned once warm: the end needs {reserve:.0f} s; training until {fmt_time(tr.session_end)} "
-           f"(was {fmt_time(before)}){why}")
+    tr.log(f"re-planned once warm: {reserve:.0f} s kept for the end (twice its warm timing: a machine twice as "
+           f"slow still fits); training until {fmt_time(tr.session_end)} (was {fmt_time(before)}){why}")
 
 
 def once_warm(tr, since):

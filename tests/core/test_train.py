@@ -827,3 +827,20 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_each_difference(tmp_pa
     message = str(info.value)
     assert "trained with other settings: width 4 (this run: 8); lr_g 0.0005 (this run: 0.0001); continue" in message
     assert "\n" not in message
+
+
+def test_the_warm_re_plan_keeps_twice_the_end_it_times(tmp_path, tiny_dataset, monkeypatch):
+    """Once warm the end is timed again; the reserve kept is twice that timing (plus 3 s), so a
+    machine twice as slow as at the re-plan still fits, and the line says so."""
+    import dogkit.core.train as T
+
+    logs = []
+    trainer = Trainer(tiny_cfg(tmp_path, reserve=-1.0, budget=600.0), registry.get("dcgan").cls, data=tiny_dataset,
+                      log=logs.append, clock=lambda: 0.0)
+    trainer.session_end = trainer.train_seconds = trainer.per_session = 500.0
+    trainer.elapsed = 60.0
+    monkeypatch.setattr(T, "measure_end", lambda tr: (1.25 * 40.0 + 3.0, {"generate": 30.0, "png": 10.0}))
+    T.replan(trainer)
+    assert trainer.session_end == 600.0 - (2 * 40.0 + 3.0)
+    assert logs[-1].startswith("re-planned once warm: 83 s kept for the end (twice its warm timing: a machine twice "
+                               "as slow still fits); training until 8m37s (was 8m20s)"), logs[-1]
