@@ -21,16 +21,16 @@ Contents (line numbers):
      75  Settings
     123  Model
     320  Model building blocks shared by the models
-    398  Augmentation
-    486  Recipe
-    652  The training loop
-    718  MACHINERY (below: nothing to read to change the model)
-    725  Data
-   1332  Several GPUs
-   1567  The machine
-   1742  Sampling
-   1915  Training
-   3055  Entry point
+    399  Augmentation
+    487  Recipe
+    653  The training loop
+    719  MACHINERY (below: nothing to read to change the model)
+    726  Data
+   1333  Several GPUs
+   1570  The machine
+   1745  Sampling
+   1918  Training
+   3058  Entry point
 """
 import argparse
 import contextlib
@@ -341,10 +341,11 @@ def backward_step(opt, loss):
         opt.step()
         return
     scaler.scale(loss).backward()
-    if hasattr(opt, "average_now"):  # several ranks
-        opt.average_now()
-    scaler.step(opt)
+    forget = opt.average_now() if hasattr(opt, "average_now") else None  # several ranks
+    scaler.step(opt)  # skipped on an inf: then the next step must average its own gradients
     scaler.update()
+    if forget:
+        forget()
 
 
 def lecam_penalty(state, d_real, d_fake, decay=0.99, start=1000):
@@ -1427,13 +1428,15 @@ def average_in_step(opt, world):
     """Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
     step may call loss.backward(); opt.step() itself and the ranks never drift apart, as
     DistributedDataParallel guarantees. opt.average_now() averages ahead of the step (fp16: before
-    the loss scaler looks for an inf); the step then does not average again."""
+    the loss scaler looks for an inf) so the step does not average again; it returns the call that
+    forgets this when the scaler skipped the step, so the next step averages its own gradients."""
     params = [p for group in opt.param_groups for p in group["params"]]
     step, done = opt.step, [False]
 
     def average_now():
         average_gradients(params, world)
         done[0] = True
+        return lambda: done.__setitem__(0, False)
 
     def averaged_step(*args, **kwargs):
         if not done[0]:

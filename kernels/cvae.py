@@ -21,16 +21,16 @@ Contents (line numbers):
      74  Settings
      87  Model
     187  Model building blocks shared by the models
-    217  Augmentation
-    251  Recipe
-    417  The training loop
-    483  MACHINERY (below: nothing to read to change the model)
-    490  Data
-   1097  Several GPUs
-   1332  The machine
-   1507  Sampling
-   1680  Training
-   2820  Entry point
+    218  Augmentation
+    252  Recipe
+    418  The training loop
+    484  MACHINERY (below: nothing to read to change the model)
+    491  Data
+   1098  Several GPUs
+   1335  The machine
+   1510  Sampling
+   1683  Training
+   2823  Entry point
 """
 import argparse
 import contextlib
@@ -208,10 +208,11 @@ def backward_step(opt, loss):
         opt.step()
         return
     scaler.scale(loss).backward()
-    if hasattr(opt, "average_now"):  # several ranks
-        opt.average_now()
-    scaler.step(opt)
+    forget = opt.average_now() if hasattr(opt, "average_now") else None  # several ranks
+    scaler.step(opt)  # skipped on an inf: then the next step must average its own gradients
     scaler.update()
+    if forget:
+        forget()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1192,13 +1193,15 @@ def average_in_step(opt, world):
     """Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
     step may call loss.backward(); opt.step() itself and the ranks never drift apart, as
     DistributedDataParallel guarantees. opt.average_now() averages ahead of the step (fp16: before
-    the loss scaler looks for an inf); the step then does not average again."""
+    the loss scaler looks for an inf) so the step does not average again; it returns the call that
+    forgets this when the scaler skipped the step, so the next step averages its own gradients."""
     params = [p for group in opt.param_groups for p in group["params"]]
     step, done = opt.step, [False]
 
     def average_now():
         average_gradients(params, world)
         done[0] = True
+        return lambda: done.__setitem__(0, False)
 
     def averaged_step(*args, **kwargs):
         if not done[0]:

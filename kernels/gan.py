@@ -21,16 +21,16 @@ Contents (line numbers):
      74  Settings
      87  Model
     149  Model building blocks shared by the models
-    179  Augmentation
-    213  Recipe
-    379  The training loop
-    445  MACHINERY (below: nothing to read to change the model)
-    452  Data
-   1059  Several GPUs
-   1294  The machine
-   1469  Sampling
-   1642  Training
-   2782  Entry point
+    180  Augmentation
+    214  Recipe
+    380  The training loop
+    446  MACHINERY (below: nothing to read to change the model)
+    453  Data
+   1060  Several GPUs
+   1297  The machine
+   1472  Sampling
+   1645  Training
+   2785  Entry point
 """
 import argparse
 import contextlib
@@ -170,10 +170,11 @@ def backward_step(opt, loss):
         opt.step()
         return
     scaler.scale(loss).backward()
-    if hasattr(opt, "average_now"):  # several ranks
-        opt.average_now()
-    scaler.step(opt)
+    forget = opt.average_now() if hasattr(opt, "average_now") else None  # several ranks
+    scaler.step(opt)  # skipped on an inf: then the next step must average its own gradients
     scaler.update()
+    if forget:
+        forget()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1154,13 +1155,15 @@ def average_in_step(opt, world):
     """Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
     step may call loss.backward(); opt.step() itself and the ranks never drift apart, as
     DistributedDataParallel guarantees. opt.average_now() averages ahead of the step (fp16: before
-    the loss scaler looks for an inf); the step then does not average again."""
+    the loss scaler looks for an inf) so the step does not average again; it returns the call that
+    forgets this when the scaler skipped the step, so the next step averages its own gradients."""
     params = [p for group in opt.param_groups for p in group["params"]]
     step, done = opt.step, [False]
 
     def average_now():
         average_gradients(params, world)
         done[0] = True
+        return lambda: done.__setitem__(0, False)
 
     def averaged_step(*args, **kwargs):
         if not done[0]:

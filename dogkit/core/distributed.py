@@ -102,13 +102,15 @@ def average_in_step(opt, world):
     """Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
     step may call loss.backward(); opt.step() itself and the ranks never drift apart, as
     DistributedDataParallel guarantees. opt.average_now() averages ahead of the step (fp16: before
-    the loss scaler looks for an inf); the step then does not average again."""
+    the loss scaler looks for an inf) so the step does not average again; it returns the call that
+    forgets this when the scaler skipped the step, so the next step averages its own gradients."""
     params = [p for group in opt.param_groups for p in group["params"]]
     step, done = opt.step, [False]
 
     def average_now():
         average_gradients(params, world)
         done[0] = True
+        return lambda: done.__setitem__(0, False)
 
     def averaged_step(*args, **kwargs):
         if not done[0]:

@@ -282,3 +282,26 @@ def test_a_step_edited_to_call_backward_and_step_itself_still_averages_over_the_
     assert any(not torch.equal(v, r0[f"G.{k}"]) for k, v in init.G.named_parameters())  # it trained
     for name, a in r0.items():
         torch.testing.assert_close(a, r1[name], rtol=0, atol=0, msg=name)
+
+
+def test_an_optimiser_step_averages_once_whoever_asks_and_again_after_a_skipped_step(monkeypatch):
+    """average_in_step: opt.step() averages the gradients; after average_now() (fp16: before the loss
+    scaler's inf check) the step does not average twice; when the scaler skipped the step, the
+    next step averages its own gradients again."""
+    import dogkit.core.distributed as dd
+
+    calls = []
+    monkeypatch.setattr(dd, "average_gradients", lambda params, world: calls.append(len(params)))
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    dd.average_in_step(opt, dd.World(rank=0, size=2))
+    w.grad = torch.ones(3)
+    opt.step()
+    assert calls == [1] and torch.equal(w.detach(), torch.full((3,), -0.1))
+    forget = opt.average_now()
+    opt.step()
+    assert calls == [1, 1]  # averaged ahead, not again in the step
+    forget = opt.average_now()
+    forget()  # the scaler skipped that step (an inf)
+    opt.step()
+    assert calls == [1, 1, 1, 1]  # the next step averaged its own gradients

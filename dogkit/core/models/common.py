@@ -103,10 +103,11 @@ def backward_step(opt, loss):
         opt.step()
         return
     scaler.scale(loss).backward()
-    if hasattr(opt, "average_now"):  # several ranks
-        opt.average_now()
-    scaler.step(opt)
+    forget = opt.average_now() if hasattr(opt, "average_now") else None  # several ranks
+    scaler.step(opt)  # skipped on an inf: then the next step must average its own gradients
     scaler.update()
+    if forget:
+        forget()
 
 
 def lecam_penalty(state, d_real, d_fake, decay=0.99, start=1000):
