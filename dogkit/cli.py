@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from dogkit.checkpoints import BN_STATS
-from dogkit.core.runtime import BUG_EXIT, TRACEBACK_FILE, save_traceback
+from dogkit.core.runtime import BUG_EXIT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_USAGE, TRACEBACK_FILE, save_traceback
 from dogkit.core.registry import MODEL_NAMES
 
 
@@ -22,9 +22,15 @@ DEVICE_HELP = "auto (the GPU when there is one), cuda, cuda:1 or cpu."
 device_option = click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 
 
+class BadInput(click.ClickException):
+    """Bad input: `Error: LINE` on stderr and the table's exit code (runtime.EXIT_BAD_INPUT)."""
+    exit_code = EXIT_BAD_INPUT
+
+
+
 def _fail(message: str) -> None:
-    """One clear line on stderr and a non-zero exit."""
-    raise click.ClickException(message)
+    """One clear line on stderr and the bad-input exit code."""
+    raise BadInput(message)
 
 
 class Existing(click.Path):
@@ -33,7 +39,7 @@ class Existing(click.Path):
 
     def convert(self, value, param, ctx):
         if not os.path.lexists(value):
-            raise click.ClickException(f"{value}: does not exist")
+            raise BadInput(f"{value}: does not exist")
         return super().convert(value, param, ctx)
 
 
@@ -93,7 +99,7 @@ class Boundary(click.Group):
             raise
         except KeyboardInterrupt:
             click.echo("Error: interrupted (nothing half-written is left behind)", err=True)
-            raise click.exceptions.Exit(130)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED)
         except Exception as exc:
             if ctx.params.get("debug"):
                 raise
@@ -380,12 +386,13 @@ def _preview(data, path, n=48):
 
 
 def train_options(command):
-    """The kernel's training options (dogkit.core.kernel.TRAIN_OPTIONS) as click options."""
-    from dogkit.core.kernel import TRAIN_OPTIONS
+    """The kernel's training options (dogkit.core.kernel.train_options: every setting, and the run's
+    own) as click options."""
+    from dogkit.core.kernel import train_options
 
-    for flag, kind, default, choices, text in reversed(TRAIN_OPTIONS):
+    for flag, kind, choices, text in reversed(train_options()):
         required = flag == "--data"  # no Kaggle here to find it; --out defaults to submission/
-        command = click.option(flag, type=click.Choice(choices) if choices else kind, default=default,
+        command = click.option(flag, type=click.Choice(choices) if choices and kind is str else kind, default=None,
                                required=required, help=text + ".")(command)
     return command
 
@@ -407,25 +414,24 @@ def train(model, **opts):
     from dogkit.core.data import DataError
     from dogkit.core.distributed import RankStopped
     from dogkit.core.kernel import config_from_options
-    from dogkit.core.runtime import RunError
+    from dogkit.core.runtime import EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED, RunError
     from dogkit.core.train import RunFailed, train as run_train, with_settings
 
     entry = registry.get(model)
     try:
-        cfg = config_from_options(entry.settings, opts, presets=entry.presets)
-        world, device = _torchrun_world(opts["device"], opts["gpus"])
+        cfg = config_from_options(entry.settings, opts, presets=entry.presets, model=model)
+        world, device = _torchrun_world(cfg.device, opts["gpus"])
         if world.size > 1:
             cfg = with_settings(cfg, {"device": str(device)})
         run_train(cfg, entry.cls, resume=opts["resume"], log=lambda m: click.echo(m, err=True), world=world)
     except RankStopped:
-        sys.exit(3)  # another rank failed and says why
-    except (ValueError, DataError, RunError) as exc:  # bad input or settings: exit 2, as the kernels do
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_RANK_STOPPED)  # another rank failed and says why
+    except (ValueError, DataError, RunError) as exc:  # bad input or settings: exit 1, as everywhere
+        _fail(str(exc))
     except RunFailed as exc:
         kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
         click.echo(f"Error: training failed ({exc.cause}); {kept}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_TRAINING_FAILED)
 
 
 def _torchrun_world(device, gpus):

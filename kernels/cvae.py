@@ -19,18 +19,19 @@ run `python tools/build_kernel.py --model cvae`, which wrote this file from dogk
 
 Contents (line numbers):
      74  Settings
-     87  Model
-    187  Model building blocks shared by the models
-    218  Augmentation
-    252  Recipe
-    418  The training loop
-    484  MACHINERY (below: nothing to read to change the model)
-    491  Data
-   1098  Several GPUs
-   1335  The machine
-   1510  Sampling
-   1683  Training
-   2823  Entry point
+     96  Model
+    196  Model building blocks shared by the models
+    227  Augmentation
+    261  Recipe
+    424  The training loop
+    490  MACHINERY (below: nothing to read to change the model)
+    497  Data
+   1053  Several GPUs
+   1268  The machine
+   1436  Sampling
+   1587  Settings
+   1743  Training
+   2666  Entry point
 """
 import argparse
 import contextlib
@@ -60,7 +61,6 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import PIL
@@ -72,10 +72,19 @@ from torch import nn
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings: the model's hyper-parameters (anything TrainConfig below names can go here)
+# Settings: the model's hyper-parameters (any setting of SETTINGS below can go here)
 # ---------------------------------------------------------------------------------------------
-CVAE_SETTINGS = dict(lr_g=1e-3, lr_d=1e-3, beta1=0.9, beta2=0.999, batch_size=64, z_dim=128, width=32,
+CVAE_SETTINGS = dict(lr_g=1e-3, beta1=0.9, beta2=0.999, batch_size=64, z_dim=128, width=32,
                      augment="flip", kl_weight=1.0, clusters=1000, recycle=3, lr_decay_start=0.3)
+# The other settings cvae reads, at their defaults (add any to the dict above; each is also an
+# option, e.g. --lr-final 0.1; every setting with its range: SETTINGS, below the MACHINERY line):
+#   lr_final=0.1      the learning rate at the end, a multiple of the start's
+#   ema_start=0.25    p where the EMA of G starts (before: G_ema follows G)
+#   ema_decay=0.999   EMA decay per batch_size images (a step of N GPUs decays by its N-th power)
+#   ema_kimg=0.0      > 0: the EMA half-life in thousands of images (StyleGAN2-ADA), not ema_decay and ema_start
+#   ema_fraction=0.0  > 0: the EMA's half-life as this fraction of the images the run will show (set from its pace), instead of ema_decay; from ema_start
+#   ema_rampup=0.05   with ema_kimg: the half-life is at most this fraction of the images seen
+#   truncation=0.0    redraw z values beyond +-T for the final images (0: none, -1: from the passes the run will make)
 
 # Kaggle sessions this run is planned over, each within the time limit below. 1: the competition's
 # rule, one kernel run. N > 1: the learning rate anneals in the last session; each writes images.zip
@@ -276,9 +285,6 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
     recent past from the start)."""
     half_life = min(kimg * 1000.0, cfg.ema_rampup * images_seen)
     return 1.0 - 0.5 ** (cfg.batch_size * world_size / max(half_life, 1e-8))
-
-
-TRUNCATION_FROM_PLAN = -1.0  # truncation setting: the sampling truncation follows the planned passes
 
 
 # The truncations measured best at a number of passes over the photos, (passes, truncation); between
@@ -500,29 +506,15 @@ def train_loop(tr):
 #   pad     grow the box by a margin to a square, shift it inside the photo, reflect-pad the rest
 
 STRATEGIES = ("box", "square", "aspect", "pad")
-
-
 CROP_SIZES = (64, 80, 96, 128)
-
-
 MAX_MARGIN = 1.0  # 'pad' grows a box by at most its own size
-
-
 DEFAULT_STRATEGY = "pad"
-
-
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
 SYNSET = re.compile(r"^(n\d{8})")
-
-
 CACHE_FORMAT = "dogkit-cache-1"
-
 
 class DataError(ValueError):
     """Bad input that --strict (or an unusable source) makes fatal; names file and rule."""
-
 
 def _number(text):
     """'500', '500.0' or ' 500 ' -> 500; None when missing, not a number or not finite ('inf')."""
@@ -531,7 +523,6 @@ def _number(text):
     except (TypeError, ValueError):
         return None
     return int(value) if math.isfinite(value) and abs(value) < 1e9 else None
-
 
 def parse_annotation(xml_bytes, name="annotation"):
     """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...]) in pixels.
@@ -551,7 +542,6 @@ def parse_annotation(xml_bytes, name="annotation"):
         boxes.append(tuple(coords))
     return width, height, boxes
 
-
 def clamp_box(box, width, height):
     """Clamp a box to the photo; None when nothing of it is left (zero area)."""
     x0, y0, x1, y1 = box
@@ -561,7 +551,6 @@ def clamp_box(box, width, height):
         return None
     return x0, y0, x1, y1
 
-
 def unusable_box(box, width, height):
     """Why a box clamp_box leaves nothing of is unusable, in the summary's words."""
     x0, y0, x1, y1 = box
@@ -570,7 +559,6 @@ def unusable_box(box, width, height):
     if x1 == x0 or y1 == y0:
         return "zero-area box"
     return "box outside the photo"
-
 
 def crop_region(box, width, height, strategy, margin=0.1, aspect_range=(0.8, 1.25)):
     """The region (left, top, right, bottom) to cut for one dog, or None if the strategy drops it.
@@ -598,7 +586,6 @@ def crop_region(box, width, height, strategy, margin=0.1, aspect_range=(0.8, 1.2
         return left, top, left + s, top + s
     raise ValueError(f"unknown crop strategy {strategy!r}; choose from {STRATEGIES}")
 
-
 def cut(pixels, region):
     """Cut region out of an HWC array, reflect-padding what lies outside the photo."""
     left, top, right, bottom = region
@@ -616,11 +603,9 @@ def cut(pixels, region):
             pad = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
     return pixels[top:bottom, left:right]
 
-
 def resize(pixels, size):
     """High-quality square resize (PIL LANCZOS)."""
     return np.asarray(Image.fromarray(pixels).resize((size, size), Image.LANCZOS))
-
 
 # ---- reading files: one way in ----------------------------------------------------------------
 
@@ -628,7 +613,6 @@ def shown_name(name):
     """A file name that prints and stores one per line whatever its bytes (\\xNN, control escapes)."""
     text = os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, str) else str(name)
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
 
 def read_file(path, cap, name=None):
     """The bytes of a regular file of at most cap bytes; a FIFO, a device, a broken or looping link
@@ -648,9 +632,7 @@ def read_file(path, cap, name=None):
         raise DataError(f"{name}: grew past {cap} bytes while read")
     return data
 
-
 _OPEN_ZIPS = {}
-
 
 def open_zip(path):
     """The zip at path, opened once per process and version of the file (a 20,579-entry zip's
@@ -666,7 +648,6 @@ def open_zip(path):
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise DataError(f"{shown_name(path)}: not a readable zip ({exc})") from None
 
-
 # ---- finding the inputs ----------------------------------------------------------------------
 
 def breed_of(folder_name):
@@ -674,19 +655,16 @@ def breed_of(folder_name):
     m = re.match(r"^(n\d{8})-(.+)$", folder_name)
     return (m.group(1), m.group(2)) if m else None
 
-
 def _find_dir(root, name):
     for dirpath, dirnames, _ in os.walk(root):
         if name in dirnames:
             return os.path.join(dirpath, name)
     return None
 
-
 def _zip_items(source):
     members = sorted(n for n in open_zip(source).namelist()
                      if n.lower().endswith(PHOTO_EXTS) and not n.startswith("__MACOSX"))
     return [{"name": shown_name(m), "zip": source, "member": m, "synset": _synset(m), "xml": None} for m in members]
-
 
 def _folder_items(source, ann_dir):
     """(layout, items) of a folder's photos (the Annotation folder itself skipped)."""
@@ -710,7 +688,6 @@ def _folder_items(source, ann_dir):
                       "synset": folder[0] if folder else _synset(os.path.basename(p)), "xml": None})
     return layout, items
 
-
 def _attach_annotations(items, ann_dir):
     """Point each photo at its XML (by file stem; the XML's breed folder gives the synset);
     returns how many annotations have no photo."""
@@ -728,7 +705,6 @@ def _attach_annotations(items, ann_dir):
             if folder:
                 it["synset"] = folder[0]
     return len(set(xml_index) - used)
-
 
 def discover(source, annotations=None):
     """Find photos, boxes and breeds. Returns (layout, items, breeds, notes).
@@ -768,11 +744,9 @@ def discover(source, annotations=None):
         it["label"] = index.get(it["synset"], 0)
     return layout, items, breeds, notes
 
-
 def _synset(name):
     m = SYNSET.match(os.path.basename(name))
     return m.group(1) if m else None
-
 
 # ---- cleaning ----------------------------------------------------------------------------------
 
@@ -780,10 +754,7 @@ def _synset(name):
 # LZMA or Deflate64 would inflate without bound or not at all), no encryption, and never more
 # than a cap per entry, whatever the header claims. The scorer reads submissions the same way.
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
-
-
 MAX_PHOTO_BYTES = 64 << 20  # a photo file larger than this is refused (Stanford Dogs' largest: ~2 MB)
-
 
 def zip_entry_problem(info, cap):
     """Why a zip entry cannot be read safely (encrypted, another compression method, a claimed
@@ -795,7 +766,6 @@ def zip_entry_problem(info, cap):
     if info.file_size > cap:
         return f"claims {info.file_size} bytes uncompressed (limit {cap})"
     return None
-
 
 def read_zip_entry(zf, info, cap):
     """The bytes of one entry, reading at most cap + 1 bytes whatever its header says; DataError
@@ -814,16 +784,13 @@ def read_zip_entry(zf, info, cap):
         raise DataError(f"{shown_name(info.filename)}: inflates past {cap} bytes (its header says {info.file_size})")
     return data
 
-
 MAX_XML_BYTES = 1 << 20  # an annotation file larger than this is refused (Stanford's: under 1 KB)
-
 
 def _read_photo(item):
     if item.get("zip"):
         zf = open_zip(item["zip"])
         return read_zip_entry(zf, zf.getinfo(item["member"]), MAX_PHOTO_BYTES)
     return read_file(item["path"], MAX_PHOTO_BYTES, item["name"])
-
 
 def decode_rgb(data, name, events):
     """A photo's bytes -> HWC uint8 RGB pixels (transparency over white); a conversion from another
@@ -844,7 +811,6 @@ def decode_rgb(data, name, events):
                     img = Image.alpha_composite(background, img)
                 img = img.convert("RGB")
             return np.asarray(img)
-
 
 def process_photo(item, strategy, size, min_side, margin):
     """One photo -> (crops [(HWC uint8, box index)], events [(reason, name)], annotated boxes).
@@ -894,7 +860,6 @@ def process_photo(item, strategy, size, min_side, margin):
         crops.append((resize(np.ascontiguousarray(cut(pixels, region)), size), k))
     return crops, events, n_boxes
 
-
 def map_chunks(fn, jobs, workers, done=lambda result: None):
     """[fn(job) for job in jobs], in worker processes when there are several of both; done(result)
     as each arrives (in order). Where the system has fork the workers are forked, whatever Python's
@@ -913,11 +878,9 @@ def map_chunks(fn, jobs, workers, done=lambda result: None):
             done(results[-1])
     return results
 
-
 def _process_chunk(args):
     chunk, strategy, size, min_side, margin = args
     return [process_photo(it, strategy, size, min_side, margin) for it in chunk]
-
 
 def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side=32, margin=0.1,
           workers=None, progress=False, log=print):
@@ -974,7 +937,6 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
             "names": names, "breeds": breeds, "summary": summary, "settings": settings,
             "events": events}
 
-
 def summary_lines(summary):
     """The cleaning summary as aligned lines: input, counts, every drop or fix by reason with an
     example (printed by `dogkit clean-data` and in a kernel's start block)."""
@@ -987,7 +949,6 @@ def summary_lines(summary):
         lines.append(f"  {reason:45s} {n:6d}   e.g. {summary['examples'].get(reason, '')}")
     return lines
 
-
 def fingerprint(items):
     """Input fingerprint: names and sizes of every photo (fast, no hashing of contents)."""
     h = hashlib.sha256()
@@ -998,7 +959,6 @@ def fingerprint(items):
             size = -1
         h.update(f"{it['name']}:{size};".encode())
     return h.hexdigest()[:16]
-
 
 def _progress(total, enabled, every=0.1):
     """A tiny progress printer (the kernel may not import tqdm): one line per 10 %."""
@@ -1012,17 +972,14 @@ def _progress(total, enabled, every=0.1):
             print(f"  cleaned {state['done']}/{total} photos ({time.time() - state['t0']:.0f} s)", flush=True)
     return update
 
-
 def codec_available(codec):
     from PIL import features
 
     # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
     return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 
-
 def is_cache(path):
     return os.path.isfile(path) and path.endswith(".npz")
-
 
 def cache_problems(z, meta):
     """Every way a cache's arrays and metadata break what save_cache writes, before any decoding."""
@@ -1039,7 +996,6 @@ def cache_problems(z, meta):
               (not ok_breeds or not len(labels) or 0 <= labels.min() and labels.max() < len(breeds),
                "labels must each name a breed")]
     return [message for ok, message in checks if not ok]
-
 
 def load_cache(path):
     """Read a cache file back into {images, labels, names, breeds, meta}; DataError naming the file
@@ -1082,7 +1038,6 @@ def load_cache(path):
     return {"images": images, "labels": arrays["labels"].astype(np.int64), "names": names,
             "breeds": meta["breeds"], "meta": meta}
 
-
 def load_dataset(path, size=64, strategy=DEFAULT_STRATEGY, annotations=None, log=print, progress=False):
     """Anything `dogkit clean-data` accepts, or a cache it wrote -> {images, labels, breeds, summary}."""
     if is_cache(path):
@@ -1110,10 +1065,7 @@ def load_dataset(path, size=64, strategy=DEFAULT_STRATEGY, annotations=None, log
 # APIs only.
 
 STEP_TIMEOUT = datetime.timedelta(minutes=5)  # a collective of the training step: a lost rank
-
-
 CONTROL_TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 alone: cleaning, interim zips, the end
-
 
 class World:
     """This process's place in the run: its rank, how many ranks, and the CPU (gloo) group that
@@ -1129,21 +1081,17 @@ class World:
     def __repr__(self):
         return f"World(rank={self.rank}, size={self.size})"
 
-
 ALONE = World()
-
 
 def visible_gpus():
     """GPUs this process could use, counted without starting CUDA (NVML), so it can still fork."""
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 def join_world(rank, size, device, port=None):
     """Join the process group (NCCL on CUDA, gloo on the CPU) and create the control group.
@@ -1158,11 +1106,9 @@ def join_world(rank, size, device, port=None):
                             world_size=size, timeout=STEP_TIMEOUT)
     return World(rank, size, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
 
-
 def leave_world(world):
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
-
 
 def agree(world, now, failed=False):
     """(rank 0's clock reading, 1 + the highest failed rank or 0): what every rank decides by.
@@ -1173,7 +1119,6 @@ def agree(world, now, failed=False):
     msg = torch.tensor([now if world.main else -1e300, world.rank + 1.0 if failed else 0.0], dtype=torch.float64)
     dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=world.control)
     return float(msg[0]), int(msg[1])
-
 
 def average_gradients(params, world):
     """Average the gradients over the ranks: one all_reduce of all of them, flattened."""
@@ -1187,7 +1132,6 @@ def average_gradients(params, world):
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
 
 def average_in_step(opt, world):
     """Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
@@ -1211,7 +1155,6 @@ def average_in_step(opt, world):
 
     opt.step, opt.average_now = averaged_step, average_now
 
-
 def all_mean(tensors, world):
     """The mean over the ranks of a list of 0-d tensors (the logged losses), same on every rank."""
     if world.size == 1 or not tensors:
@@ -1219,7 +1162,6 @@ def all_mean(tensors, world):
     flat = torch.stack([t.float() for t in tensors])
     dist.all_reduce(flat)
     return list(flat / world.size)
-
 
 def broadcast_state(modules, world):
     """Rank 0's parameters and buffers to every rank (a common start, and after a resume)."""
@@ -1230,7 +1172,6 @@ def broadcast_state(modules, world):
             for t in module.state_dict().values():
                 dist.broadcast(t, 0)
 
-
 def share_object(obj, world):
     """Rank 0's picklable object on every rank (through the CPU group)."""
     if world.size == 1:
@@ -1238,7 +1179,6 @@ def share_object(obj, world):
     box = [obj if world.main else None]
     dist.broadcast_object_list(box, src=0, group=world.control)
     return box[0]
-
 
 def on_main(fn, world):
     """fn() on rank 0 alone (data cleaning, the end's timing), its result on every rank. When it
@@ -1258,7 +1198,6 @@ def on_main(fn, world):
         raise RankStopped("rank 0 stopped")
     return result
 
-
 def gather_objects(obj, world):
     """Every rank's object, in rank order, on rank 0 (None elsewhere)."""
     if world.size == 1:
@@ -1266,7 +1205,6 @@ def gather_objects(obj, world):
     out = [None] * world.size if world.main else None
     dist.gather_object(obj, out, dst=0, group=world.control)
     return out
-
 
 def all_objects(obj, world):
     """Every rank's object, in rank order, on every rank."""
@@ -1276,10 +1214,8 @@ def all_objects(obj, world):
     dist.all_gather_object(out, obj, group=world.control)
     return out
 
-
 class RankStopped(RuntimeError):
     """This rank stops because another one failed (that rank reports why)."""
-
 
 def launch(target, size, device_type, args):
     """Fork one process per rank, each running target(world, device, *args) after joining the
@@ -1299,7 +1235,6 @@ def launch(target, size, device_type, args):
         stop_processes(procs)
     return [p.exitcode for p in procs]
 
-
 def plain_streams():
     """In a notebook sys.stdout is the kernel's message channel (ipykernel's OutStream), which a
     forked process must not use, and whose fileno() is a copy of the terminal's, not the cell's:
@@ -1308,7 +1243,6 @@ def plain_streams():
     for name, fd in (("stdout", 1), ("stderr", 2)):
         if not isinstance(getattr(sys, name), io.TextIOWrapper):
             setattr(sys, name, os.fdopen(fd, "w", buffering=1, closefd=False))
-
 
 def stop_processes(procs, grace=60):
     """SIGTERM (each rank saves what it can), then SIGKILL after `grace` seconds."""
@@ -1320,7 +1254,6 @@ def stop_processes(procs, grace=60):
         if p.is_alive():
             p.kill()
             p.join()
-
 
 def _rank_main(target, rank, size, port, device_type, args):
     plain_streams()
@@ -1342,10 +1275,8 @@ def _rank_main(target, rank, size, port, device_type, args):
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-
 class RunError(RuntimeError):
     """A run that cannot start or go on; str() is one line naming the cause and the fix."""
-
 
 def arch_supported(capability, arch_list):
     """Whether a torch build for arch_list runs on a GPU of this compute capability: a cubin for
@@ -1362,7 +1293,6 @@ def arch_supported(capability, arch_list):
         if kind == "compute" and (a_major, a_minor) <= (major, minor):
             return True
     return False
-
 
 def pick_device(name="auto", require_gpu=False):
     """The device to run on, checked before any real work. 'auto' takes CUDA when there is one.
@@ -1406,7 +1336,6 @@ def pick_device(name="auto", require_gpu=False):
                        f"{torch.__version__}; pick another accelerator or restart the session")
     return device
 
-
 def resolve_precision(requested, device):
     """(the precision that will run, one line saying why). bf16 only on GPUs that compute in it
     natively (compute capability 8.0+: A100, H100; torch.cuda.is_bf16_supported() also says yes
@@ -1428,7 +1357,6 @@ def resolve_precision(requested, device):
         return "bf16", "bf16 autocast (weights, optimiser state and the EMA in fp32)"
     return "fp16", "fp16 autocast with a loss scaler per optimiser (weights and the EMA in fp32)"
 
-
 def make_grad_scaler(device, init_scale=2.0 ** 12):
     """A GradScaler for fp16 training (torch.amp's from 2.3, torch.cuda.amp's before). It starts
     at 2^12 rather than 2^16: fewer skipped steps at the start, and it grows when it can."""
@@ -1436,14 +1364,12 @@ def make_grad_scaler(device, init_scale=2.0 ** 12):
         return torch.amp.GradScaler(device.type, init_scale=init_scale)
     return torch.cuda.amp.GradScaler(init_scale=init_scale)
 
-
 def memory_gib():
     """Total RAM in GiB (0 when the platform does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     except (ValueError, OSError, AttributeError):
         return 0.0
-
 
 def machine_lines(device, precision_line=""):
     """The start-of-run report: software versions, the device and the host."""
@@ -1461,7 +1387,6 @@ def machine_lines(device, precision_line=""):
         lines.append(f"precision  {precision_line}")
     return lines
 
-
 def writable_dir(candidates):
     """The first of candidates that can be created and written to (a scratch folder)."""
     for path in candidates:
@@ -1476,7 +1401,6 @@ def writable_dir(candidates):
             continue
     raise RunError(f"no writable scratch folder among {', '.join(p for p in candidates if p)}")
 
-
 def output_problem(path, folder=False):
     """Why path cannot be written as an output file (folder=True: folder), or None; checked before
     any work: a folder (file) in its place, a file above it, a folder above it not writable."""
@@ -1490,12 +1414,14 @@ def output_problem(path, folder=False):
         return f"{path}: {above} is {'not writable' if os.path.isdir(above) else 'a file, not a folder'}"
     return None
 
-
-BUG_EXIT = 70  # the exit code of an exception nobody expected (the CLI's and the kernels')
-
-
+# Exit codes, one table for every dogkit command and every kernel (README, "Exit codes"):
+EXIT_BAD_INPUT = 1  # a path, file, setting or device that cannot be used: one line naming it and the rule
+EXIT_USAGE = 2  # an unknown option, or a value its parser cannot read: the parser's line
+EXIT_RANK_STOPPED = 3  # a rank of a multi-GPU run stopped because another failed (that one says why)
+EXIT_TRAINING_FAILED = 4  # training broke off (NaN storm, clock, lost GPU): images.zip still written if it could be
+BUG_EXIT = 70  # an exception nobody expected: a bug, its traceback in TRACEBACK_FILE
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: temporary files removed, a training run's checkpoint saved
 TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
-
 
 def save_traceback(path=TRACEBACK_FILE):
     """The exception being handled, its whole traceback written to path (a bug's, for its report,
@@ -1512,20 +1438,12 @@ def save_traceback(path=TRACEBACK_FILE):
 # ---------------------------------------------------------------------------------------------
 
 N_SUBMISSION = 10_000
-
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
 TRUNCATION_MIN = 0.04  # the smallest truncation BigGAN's sweep used; redrawing for a smaller one would not end
-
-
 TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
-
 
 class OutOfTime(RuntimeError):
     """Work that would pass its deadline stops at the next batch instead."""
-
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -1541,7 +1459,6 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def remove_stale_temps(folder):
     """Remove what a killed run left half-written in folder; returns the names removed."""
     gone = []
@@ -1551,23 +1468,19 @@ def remove_stale_temps(folder):
             gone.append(name)
     return gone
 
-
 def check_deadline(deadline, clock, what):
     if deadline is not None and clock() > deadline:
         raise OutOfTime(f"{what} passed the run's deadline")
-
 
 def balanced_labels(n, n_classes, generator=None):
     """n labels covering every class equally (shuffled): class-balanced conditional sampling."""
     labels = torch.arange(n) % max(n_classes, 1)
     return labels[torch.randperm(n, generator=generator)]
 
-
 def to_uint8(images):
     """Generator output in [-1, 1], NCHW -> NHWC uint8 numpy."""
     x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
 
 def encode_png(pixels):
     """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
@@ -1575,7 +1488,6 @@ def encode_png(pixels):
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
-
 
 def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
     """PNG bytes of HWC uint8 images (zlib releases the GIL: threads), in chunks of 1,000 with a
@@ -1586,7 +1498,6 @@ def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
             check_deadline(deadline, clock, "PNG encoding")
             blobs += pool.map(encode_png, images[start:start + 1000])
     return blobs
-
 
 def write_zip(images, path, workers=8, deadline=None, clock=time.monotonic):
     """Write HWC uint8 images as 00000.png ... into one flat zip, atomically (nothing is replaced
@@ -1599,13 +1510,11 @@ def write_zip(images, path, workers=8, deadline=None, clock=time.monotonic):
                 zf.writestr(f"{i:05d}.png", blob)
     return path
 
-
 def png_header(data):
     """(width, height, bit depth, colour type) from a PNG's IHDR, or None if not a PNG."""
     if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
     return struct.unpack(">IIBB", data[16:26])
-
 
 def verify_zip(path, n=N_SUBMISSION, size=64):
     """Quick self-check of a written images.zip: count, flat names, 64x64 RGB 8-bit PNG headers."""
@@ -1619,9 +1528,7 @@ def verify_zip(path, n=N_SUBMISSION, size=64):
                 raise RuntimeError(f"{path}: {info.filename} is not a flat {size}x{size} RGB 8-bit PNG")
     return True
 
-
 NOTEBOOK_PID = os.getpid()  # the process that ran this code: in a notebook, the Jupyter kernel itself
-
 
 def notebook_shell():
     """The Jupyter kernel's IPython shell when this process is the notebook's own (Kaggle runs
@@ -1631,14 +1538,12 @@ def notebook_shell():
     shell = ipython.get_ipython() if ipython is not None and os.getpid() == NOTEBOOK_PID else None
     return shell if getattr(shell, "kernel", None) is not None else None
 
-
 def show_png(png):
     """Show a PNG (bytes or a file) in the notebook's output; a script run does nothing and never
     imports IPython."""
     if notebook_shell() is not None:
         from IPython.display import Image as Picture, display
         display(Picture(data=png) if isinstance(png, bytes) else Picture(filename=png))
-
 
 def curve_png(records, keys, size=(720, 260)):
     """PNG bytes of a line chart of the records' keys against their step (PIL only: the kernels
@@ -1666,7 +1571,6 @@ def curve_png(records, keys, size=(720, 260)):
     image.save(buf, "PNG")
     return buf.getvalue()
 
-
 def save_grid(images, path, nrow=8):
     """A grid PNG of NHWC uint8 images (2 px gaps)."""
     n, h, w, c = images.shape
@@ -1681,111 +1585,95 @@ def save_grid(images, path, nrow=8):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training: a wall-clock schedule, EMA, checkpoints, NaN rollback and the final images.zip
+# Settings: every training setting, declared once
 # ---------------------------------------------------------------------------------------------
-# Everything is a function of progress p = elapsed / training time, not of epochs, so the same
-# file adapts to any GPU: the learning rate holds until p = lr_decay_start and then follows a
-# cosine down to lr_final x; the EMA of G starts at p = ema_start; training stops early enough
-# that refreshing the EMA's batch-norm statistics, sampling 10,000 images and writing the zip fit
-# inside the budget. On CUDA the whole step (batch sampling, augmentation, D and G updates, EMA)
-# is captured once in a CUDA graph and replayed; losses stay on the GPU until a log line.
-# Nothing that goes wrong after the first good step loses the run: the trainer rolls back to the
-# last good state, writes images.zip from it and only then reports the failure (RunFailed).
+# One row per setting: (name, default, the values it may take, the models that read it, one line
+# of help). TrainConfig, the checks of with_settings, the command-line options of the kernel and
+# `dogkit train` (--name-with-dashes) and their help, the experiment queues' checks and the list
+# under a kernel's settings block all derive from this table. Values: (low, high) for a number
+# (None: unbounded), Choices(...) for a fixed set, None for any text. Models: None, every model;
+# else the names of those that read it, and setting it to anything but its default for another
+# model is refused (unread_settings), never silently ignored.
 
 AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug", "flip+diffaug-t",
             "flip+diffaug-tc")  # DiffAugment: -t translation, -tc translation + cutout, plain: colour too
-
-
+DIFFAUG_MODELS = ("biggan", "dcgan")  # the models whose step applies DiffAugment (an augment with "diffaug")
 MEMORY_FORMATS = ("contiguous", "channels_last")
+TRUNCATION_FROM_PLAN = -1.0  # truncation setting: the sampling truncation follows the planned passes
+UNIT = (0.0, 1.0)
 
+class Choices(tuple):
+    """The values a setting may take, as opposed to a (low, high) range of numbers."""
 
-CHOICES = {"augment": AUGMENTS, "precision": PRECISIONS, "graph": ("auto", "off"), "memory_format": MEMORY_FORMATS,
-           "loss": ("bce", "hinge"), "strategy": ("box", "square", "aspect", "pad")}
-
-
-# The ranges numeric settings must lie in, [low, high] (None: no bound); a value outside is an error.
-RANGES = {"budget": (1.0, 30 * 24 * 3600.0), "seed": (0, 2 ** 63 - 1), "steps": (0, None), "sessions": (1, 1000),
-          "batch_size": (1, 1 << 16), "z_dim": (1, 1 << 12), "width": (1, 1 << 12), "d_width": (0, 1 << 12),
-          "d_steps": (1, 100), "g_steps": (1, 100), "n_samples": (1, 1_000_000), "truncation": (0.0, 100.0),
-          "ema_fraction": (0.0, 1.0),
-          "log_every": (0.0, None), "grid_every": (0.0, None), "checkpoint_every": (0.0, None),
-          "zip_every": (0.0, None), "hard_limit": (0.0, None), "lecam": (0.0, 100.0), "ema_kimg": (0.0, 1e6), "image_size": (8, 512),
-          "lr_g": (0.0, 1.0), "lr_d": (0.0, 1.0), "ema_decay": (0.0, 1.0), "keep_grids": (0, 10_000)}
-
-
-class RunFailed(RuntimeError):
-    """Training stopped on an error, a NaN storm or the clock; `zip_path` is the images.zip the
-    run still wrote (from the last good generator), or None."""
-
-    def __init__(self, cause, zip_path=None):
-        super().__init__(cause)
-        self.cause, self.zip_path = cause, zip_path
-
-
-@dataclass
-class TrainConfig:
-    # run
-    data: str = ""
-    out: str = "runs/run"
-    budget: float = 9 * 3600.0 - 15 * 60  # seconds for the whole run, sampling and zip included: the plan
-    hard_limit: float = 0.0  # seconds the platform lets this process run (a Kaggle kernel: 9 h), the wall the end
-    #                          of a run with no images.zip yet may run up to; 0: none (a local run)
-    seed: int = 0
-    device: str = "auto"
-    steps: int = 0  # stop after this many steps as well (0: only the budget decides)
-    sessions: int = 1  # sessions the run is planned over, `budget` each, each continuing the last one's checkpoint
-    # model and optimiser (each model's settings override these)
-    model: str = "dcgan"
-    batch_size: int = 32
-    z_dim: int = 128
-    width: int = 64
-    d_width: int = 0  # the discriminator's channel width (biggan; 0: twice width, the winners' G 32 / D 64)
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    real_label: float = 1.0
-    input_noise: float = 0.0
-    d_steps: int = 1  # critic steps per call (wgan-gp, biggan)
-    g_steps: int = 1  # generator steps per call (wgan-gp)
-    gp_weight: float = 10.0  # gradient penalty (wgan-gp)
-    kl_weight: float = 1.0  # KL term of the VAE loss (cvae)
-    clusters: int = 1000  # K-means clusters of training latents for sampling (cvae)
-    recycle: int = 3  # passes of each sample back through the VAE (cvae)
-    loss: str = "bce"
-    lecam: float = 0.0  # LeCam regularisation weight (biggan; 0: off; Tseng et al. used 0.3 with DiffAugment)
-    lecam_decay: float = 0.99  # decay of LeCam's moving averages of D's outputs
-    lecam_start: int = 1000  # D steps before those averages start (until then: the batch's own means)
-    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan, dcgan)
-    # schedule, as functions of p
-    lr_decay_start: float = 0.5
-    lr_final: float = 0.1
-    ema_start: float = 0.25
-    ema_decay: float = 0.999  # per batch_size images (a step of N GPUs decays by its N-th power: ema_weight)
-    ema_kimg: float = 0.0  # > 0: the EMA's half-life in thousands of images (StyleGAN2-ADA), instead of decay/start
-    ema_fraction: float = 0.0  # > 0: the EMA's half-life as this fraction of the images the run is planned to show
-    #                            (set from the pace, a tenth into training), instead of ema_decay; from ema_start
-    ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
-    ema_extra: str = ""  # half-lives (kimg) of extra EMA copies kept beside G_ema for evaluation, e.g. "2,10,50"
-    # data cleaning (when --data is not a cache file)
-    strategy: str = "pad"
-    image_size: int = 64
-    # sampling
-    n_samples: int = 10_000
-    truncation: float = 0.0  # 0: plain normal z; -1: from the planned passes (truncation_for_passes)
-    # machinery
-    log_every: float = 30.0
-    grid_every: float = 300.0
-    checkpoint_every: float = 300.0
-    snapshots: str = ""  # progress points that keep a checkpoint copy, e.g. "0.25,0.5" (scaling curves)
-    keep_grids: int = 8  # progress grids kept in the run folder (thinned evenly; Kaggle keeps 500 files)
-    zip_every: float = 3600.0  # seconds between interim images.zip from the EMA (insurance on long runs)
-    max_rollbacks: int = 8  # a NaN storm: stop training after this many rollbacks and write the zip
-    reserve: float = -1.0  # seconds kept for sampling and the zip (-1: measured at start)
-    graph: str = "auto"  # capture the step in a CUDA graph: auto | off
-    precision: str = "fp32"  # fp32 (TF32 where the GPU has it) | bf16 (sm_80+) | fp16 (autocast + loss scaling)
-    memory_format: str = "contiguous"  # channels_last: NHWC weights and batches (tensor cores' layout)
-
+SETTINGS = (
+    # the run
+    ("data", "", None, None, "photos (any layout clean-data reads) or a cache .npz"),
+    ("out", "runs/run", None, None, "output folder: images.zip, checkpoint.pt, log.jsonl, grids"),
+    ("budget", 9 * 3600.0 - 15 * 60, (1.0, 30 * 24 * 3600.0), None,
+     "seconds for the whole run, sampling and zip included: the plan"),
+    ("hard_limit", 0.0, (0.0, None), None, "seconds the platform lets this process run (a Kaggle kernel: 9 h), "
+                                           "the wall a run with no images.zip yet may run up to; 0: none"),
+    ("seed", 0, (0, 2 ** 63 - 1), None, "random seed"),
+    ("device", "auto", None, None, "auto (the GPU if any), cuda, cuda:1, cpu"),
+    ("steps", 0, (0, None), None, "also stop after this many steps (0: the budget alone decides)"),
+    ("sessions", 1, (1, 1000), None, "sessions the run is planned over, `budget` each, each continuing the last"),
+    # the model and its optimiser (each model's settings override these)
+    ("model", "dcgan", None, None, "the registered model this configuration trains"),
+    ("batch_size", 32, (1, 1 << 16), None, "images per step on each GPU"),
+    ("z_dim", 128, (1, 1 << 12), None, "latent size"),
+    ("width", 64, (1, 1 << 12), None, "channel width (of G, and of D unless d_width says otherwise)"),
+    ("d_width", 0, (0, 1 << 12), ("biggan",), "the discriminator's channel width (0: twice width)"),
+    ("lr_g", 2e-4, UNIT, None, "the generator's learning rate (the VAE's, for cvae)"),
+    ("lr_d", 2e-4, UNIT, ("gan", "dcgan", "biggan", "wgan-gp", "sagan", "ralsgan"), "D's learning rate"),
+    ("beta1", 0.5, (0.0, 0.9999), None, "Adam's beta1"),
+    ("beta2", 0.999, (0.0, 0.9999), None, "Adam's beta2"),
+    ("loss", "bce", Choices(("bce", "hinge")), ("biggan",), "the adversarial loss"),
+    ("real_label", 1.0, UNIT, ("dcgan",), "the target of real images in D's loss (one-sided label smoothing)"),
+    ("input_noise", 0.0, (0.0, 10.0), ("dcgan",), "std of the noise added to D's inputs"),
+    ("d_steps", 1, (1, 100), ("biggan", "wgan-gp"), "discriminator steps per generator step"),
+    ("g_steps", 1, (1, 100), ("wgan-gp",), "generator steps per call"),
+    ("gp_weight", 10.0, (0.0, 1000.0), ("wgan-gp",), "the gradient penalty's weight"),
+    ("kl_weight", 1.0, (0.0, 1000.0), ("cvae",), "the KL term's weight in the VAE loss"),
+    ("clusters", 1000, (1, 100_000), ("cvae",), "K-means clusters of training latents, sampled from"),
+    ("recycle", 3, (0, 100), ("cvae",), "passes of each sample back through the VAE"),
+    ("lecam", 0.0, (0.0, 100.0), ("biggan",), "LeCam regularisation weight (0: off; Tseng et al.: 0.3)"),
+    ("lecam_decay", 0.99, UNIT, ("biggan",), "decay of LeCam's moving averages of D's outputs"),
+    ("lecam_start", 1000, (0, None), ("biggan",), "D steps before those averages start"),
+    ("augment", "crop-flip", Choices(AUGMENTS), None, "augmentation of the real photos (+diffaug: biggan and dcgan)"),
+    # the schedule, as functions of progress p (0 to 1 over the training time)
+    ("lr_decay_start", 0.5, UNIT, None, "p where the learning rate's cosine decay starts"),
+    ("lr_final", 0.1, (0.0, 10.0), None, "the learning rate at the end, a multiple of the start's"),
+    ("ema_start", 0.25, UNIT, None, "p where the EMA of G starts (before: G_ema follows G)"),
+    ("ema_decay", 0.999, UNIT, None, "EMA decay per batch_size images (a step of N GPUs decays by its N-th power)"),
+    ("ema_kimg", 0.0, (0.0, 1e6), None, "> 0: the EMA half-life in thousands of images (StyleGAN2-ADA), "
+                                        "not ema_decay and ema_start"),
+    ("ema_fraction", 0.0, UNIT, None, "> 0: the EMA's half-life as this fraction of the images the run will show "
+                                      "(set from its pace), instead of ema_decay; from ema_start"),
+    ("ema_rampup", 0.05, (0.0, 1000.0), None, "with ema_kimg: the half-life is at most this fraction of the images seen"),
+    ("ema_extra", "", None, None, "half-lives (kimg) of extra EMA copies kept for evaluation, e.g. 2,10,50"),
+    # the data (when data is not a cache file) and the samples
+    ("strategy", "pad", Choices(STRATEGIES), None, "how a dog's box becomes a square crop"),
+    ("image_size", 64, Choices(CROP_SIZES), None, "the crops' side in pixels (the models make 64)"),
+    ("n_samples", 10_000, (1, 1_000_000), None, "images in the zip (Kaggle takes 10,000)"),
+    ("truncation", 0.0, (0.0, 100.0), None, f"redraw z values beyond +-T for the final images (0: none, "
+                                            f"{TRUNCATION_FROM_PLAN:g}: from the passes the run will make)"),
+    # the machinery
+    ("log_every", 30.0, (0.0, None), None, "seconds between log lines"),
+    ("grid_every", 300.0, (0.0, None), None, "seconds between progress grids"),
+    ("checkpoint_every", 300.0, (0.0, None), None, "seconds between checkpoints"),
+    ("snapshots", "", None, None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5"),
+    ("keep_grids", 8, (0, 10_000), None, "progress grids kept in the run folder (Kaggle keeps 500 files)"),
+    ("zip_every", 3600.0, (0.0, None), None, "seconds between interim images.zip from the EMA (insurance)"),
+    ("max_rollbacks", 8, (0, 1000), None, "a NaN storm: stop training after this many rollbacks, write the zip"),
+    ("reserve", -1.0, (-1.0, None), None, "seconds kept for sampling and the zip (-1: measured at the start)"),
+    ("graph", "auto", Choices(("auto", "off")), None, "capture the training step in a CUDA graph"),
+    ("precision", "fp32", Choices(PRECISIONS), None,
+     "fp32 (TF32 where the GPU has it), bf16 (sm_80+), fp16 (autocast + loss scaling: T4)"),
+    ("memory_format", "contiguous", Choices(MEMORY_FORMATS), None, "channels_last: NHWC weights and batches"),
+)
+SETTING = {row[0]: row for row in SETTINGS}
+TrainConfig = dataclasses.make_dataclass("TrainConfig", [(n, type(d), dataclasses.field(default=d))
+                                                         for n, d, *_ in SETTINGS])
 
 def parse_budget(text):
     """'30s', '8m', '9h', '1h30m' -> seconds (a number, not text, is taken as seconds). A bare
@@ -1797,39 +1685,32 @@ def parse_budget(text):
         raise ValueError(f"budget {text!r}: give a number with its unit, e.g. 30s, 8m, 9h or 1h30m")
     return sum(float(a) * {"s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
 
-
-def range_problem(name, value):
-    """Why a numeric setting's value is out of RANGES (or not finite), or None."""
-    if name == "truncation" and value == TRUNCATION_FROM_PLAN:
+def setting_problem(name, value):
+    """Why value cannot be setting name (its type, choices or range), or None; value as given."""
+    _, default, values, _, _ = SETTING[name]
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return f"{name}={value!r}: must be {kind.__name__}"
+    if isinstance(values, Choices):
+        return None if value in values else f"{name}={value!r}: choose from {', '.join(map(str, values))}"
+    if kind is str or (name == "truncation" and value in (0.0, TRUNCATION_FROM_PLAN)):
         return None
-    low, high = RANGES.get(name, (None, None))
-    if (isinstance(value, int) or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high):
+    low, high = values
+    if (kind is int or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high):
+        if name == "truncation" and value < TRUNCATION_MIN:
+            return f"truncation={value!r}: give 0 (none) or {TRUNCATION_MIN} or more"
         return None
     bounds = (f" from {low}" if low is not None else "") + (f" to {high}" if high is not None else "")
     return f"{name}={value!r}: must be a finite number{bounds}" + (
         f" (or {TRUNCATION_FROM_PLAN:g}: from the planned passes)" if name == "truncation" else "")
 
-
 def with_settings(cfg, settings):
     """A copy of cfg with settings applied; an unknown name, a wrong type or a value outside its
-    choices is an error listing every such setting, not a no-op."""
-    types = {f.name: {"str": str, "int": int, "float": float}.get(f.type, f.type)
-             for f in dataclasses.fields(TrainConfig)}
-    problems = [f"unknown setting {k!r}" for k in sorted(set(settings) - set(types))]
-    for k, v in settings.items():
-        if k not in types:
-            continue
-        kind = types[k]
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            problems.append(f"{k}={v!r}: must be {kind.__name__}")
-        elif k in CHOICES and v not in CHOICES[k]:
-            problems.append(f"{k}={v!r}: choose from {', '.join(CHOICES[k])}")
-        elif kind in (int, float) and range_problem(k, v):
-            problems.append(range_problem(k, v))
-        elif k == "truncation" and 0 < v < TRUNCATION_MIN:
-            problems.append(f"truncation={v!r}: give 0 (none) or {TRUNCATION_MIN} or more")
+    choices or range is an error listing every such setting, not a no-op."""
+    problems = [f"unknown setting {k!r}" for k in sorted(set(settings) - set(SETTING))]
+    problems += [p for p in (setting_problem(k, v) for k, v in settings.items() if k in SETTING) if p]
     if not problems and settings.get("ema_kimg", 0) > 0 and settings.get("ema_fraction", 0) > 0:
         problems.append(f"ema_kimg={settings['ema_kimg']!r} and ema_fraction={settings['ema_fraction']!r}: the EMA's "
                         "half-life is one or the other (set the unused one to 0)")
@@ -1839,8 +1720,45 @@ def with_settings(cfg, settings):
         settings = {**settings, "ema_fraction": 0.0}  # an EMA given explicitly wins over one left to the plan
     elif settings.get("ema_fraction", 0) > 0 and "ema_kimg" not in settings:
         settings = {**settings, "ema_kimg": 0.0}
-    return dataclasses.replace(cfg, **{k: float(v) if types[k] is float else v for k, v in settings.items()})
+    floats = {k: float(v) for k, v in settings.items() if isinstance(SETTING[k][1], float)}
+    return dataclasses.replace(cfg, **{**settings, **floats})
 
+def reads(model_name, name):
+    """Whether model model_name reads setting name (SETTINGS' models column)."""
+    models = SETTING[name][3]
+    return models is None or model_name in models
+
+def unread_settings(cfg, model_name):
+    """The settings cfg gives (values other than their defaults) that model model_name does not
+    read, each in words naming the models that do: [] when none."""
+    out = [f"{n}={getattr(cfg, n)!r}: model {model_name} does not read it ({', '.join(models)} "
+           f"{'does' if len(models) == 1 else 'do'})" for n, default, _, models, _ in SETTINGS
+           if not reads(model_name, n) and getattr(cfg, n) != default]
+    if "diffaug" in cfg.augment and model_name not in DIFFAUG_MODELS:
+        out.append(f"augment={cfg.augment!r}: model {model_name} does not apply DiffAugment "
+                   f"({' and '.join(DIFFAUG_MODELS)} do)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: a wall-clock schedule, EMA, checkpoints, NaN rollback and the final images.zip
+# ---------------------------------------------------------------------------------------------
+# Everything is a function of progress p = elapsed / training time, not of epochs, so the same
+# file adapts to any GPU: the learning rate holds until p = lr_decay_start and then follows a
+# cosine down to lr_final x; the EMA of G starts at p = ema_start; training stops early enough
+# that refreshing the EMA's batch-norm statistics, sampling 10,000 images and writing the zip fit
+# inside the budget. On CUDA the whole step (batch sampling, augmentation, D and G updates, EMA)
+# is captured once in a CUDA graph and replayed; losses stay on the GPU until a log line.
+# Nothing that goes wrong after the first good step loses the run: the trainer rolls back to the
+# last good state, writes images.zip from it and only then reports the failure (RunFailed).
+
+class RunFailed(RuntimeError):
+    """Training stopped on an error, a NaN storm or the clock; `zip_path` is the images.zip the
+    run still wrote (from the last good generator), or None."""
+
+    def __init__(self, cause, zip_path=None):
+        super().__init__(cause)
+        self.cause, self.zip_path = cause, zip_path
 
 def parse_snapshots(text):
     """'0.25,0.5' -> [0.25, 0.5]: progress points in (0, 1) where a run keeps a checkpoint copy."""
@@ -1848,7 +1766,6 @@ def parse_snapshots(text):
     if any(not 0.0 < x < 1.0 for x in points):
         raise ValueError(f"snapshots {text!r}: progress points must lie strictly between 0 and 1")
     return points
-
 
 def ema_line(cfg):
     """The start block's line on the EMA: its half-life in images, whatever the number of GPUs."""
@@ -1864,30 +1781,28 @@ def ema_line(cfg):
     half = math.log(0.5) / math.log(cfg.ema_decay) * cfg.batch_size
     return f"EMA        {start}: a half-life of {half / 1000:,.1f}k images on any number of GPUs"
 
-
 def settings_line(cfg, model):
     """The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
-    (for a model that applies it) and the sampling truncation, whichever cell or option set them."""
-    parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)", f"augment {cfg.augment}"]
+    (for a model that reads it) and the sampling truncation, whichever cell or option set them."""
+    name = getattr(model, "name", "")
+    lr = f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)" if reads(name, "lr_d") else f"lr {cfg.lr_g:g}"
+    parts = [f"batch {cfg.batch_size}", lr, f"augment {cfg.augment}"]
     if getattr(model, "d_width", None):
         parts.insert(1, f"width {cfg.width} (G) {model.d_width} (D)")
-    if "lecam" in getattr(model, "applies", ()):
+    if reads(name, "lecam"):
         parts.append(f"LeCam {cfg.lecam:g} from D step {cfg.lecam_start}" if cfg.lecam else "LeCam off")
     parts.append("truncation from the planned passes" if cfg.truncation == TRUNCATION_FROM_PLAN
                  else f"truncation {cfg.truncation:g}" if cfg.truncation else "no truncation")
     return "settings   " + ", ".join(parts)
 
-
 def passes_text(passes):
     """300, or 2.7 for fewer than 10 passes (one decimal; 3, not 3.0): the regime at a glance."""
     return f"{passes:,.0f}" if passes >= 10 else f"{passes:.1f}".removesuffix(".0")
-
 
 def passes_words(passes):
     """'1 pass', '0.4 passes', '300 passes'."""
     text = passes_text(passes)
     return f"{text} pass" if text == "1" else f"{text} passes"
-
 
 def plan_line(cfg, values, planned_images, n_photos, source):
     """The log line of the settings that follow the plan: each with the plan figure it came from."""
@@ -1902,7 +1817,6 @@ def plan_line(cfg, values, planned_images, n_photos, source):
                      f"the {n_photos:,} photos ({t0:g} at {x0:g} passes or fewer, {t1:g} at {x1:g} or more)")
     return f"from plan  {source}: " + "; ".join(parts)
 
-
 def follow_plan(tr, planned_images, source):
     """Set the settings the run leaves to its plan (from_plan) from the images it will show, log
     them with that figure and keep them for the checkpoint; the settings as given stay in
@@ -1913,13 +1827,11 @@ def follow_plan(tr, planned_images, source):
         tr.cfg = dataclasses.replace(tr.cfg, **values)
         tr.log(plan_line(tr.given, values, planned_images, len(tr.images), source))
 
-
 def plan_pending(cfg):
     """In words, what the run leaves to its plan (for the start block), or ''."""
     parts = [f"EMA half-life {cfg.ema_fraction:.0%} of the images the run will show"] if cfg.ema_fraction > 0 else []
     parts += ["truncation from the passes it will make"] if cfg.truncation == TRUNCATION_FROM_PLAN else []
     return ("from plan  " + " and ".join(parts) + ": set from the pace, a tenth into training") if parts else ""
-
 
 def parse_ema_extra(text):
     """'2,10,50' -> [2.0, 10.0, 50.0]: the half-lives (kimg) of the extra EMA copies."""
@@ -1928,18 +1840,14 @@ def parse_ema_extra(text):
         raise ValueError(f"ema_extra {text!r}: half-lives in thousands of images, each above 0")
     return values
 
-
 REFRESH_BATCHES = 64
-
 
 def batchnorms(G):
     return [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
-
 def refresh_images(G, cfg):
     """How many images refresh_batchnorm generates (0 for a generator without batch norm)."""
     return REFRESH_BATCHES * 4 * cfg.batch_size if batchnorms(G) else 0
-
 
 @torch.no_grad()
 def refresh_batchnorm(G, cfg, n_classes, device):
@@ -1962,13 +1870,11 @@ def refresh_batchnorm(G, cfg, n_classes, device):
         m.momentum = mom
     G.eval()
 
-
 def resident(data, device):
     """The training photos as one NCHW uint8 tensor on the device (and their labels), for the
     whole run: batches are drawn there with no host round trip."""
     images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).contiguous()
     return images.to(device), torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(device)
-
 
 def capture_step(tr):
     """Capture train_step in a CUDA graph (3 warm-up steps on a side stream first)."""
@@ -1984,7 +1890,6 @@ def capture_step(tr):
         train_step(tr)
     return graph
 
-
 def try_capture(tr):
     """Capture the step in a CUDA graph; False (eager from here on) when that fails."""
     try:
@@ -1996,12 +1901,10 @@ def try_capture(tr):
         torch.cuda.synchronize()
         return False
 
-
 def count_step(tr):
     """One more step done: the step counter and the real images seen (every rank's)."""
     tr.step += 1
     tr.images_seen += tr.batches_per_step * tr.cfg.batch_size * tr.world.size
-
 
 def graph_wanted(tr):
     """Whether to capture the step in a CUDA graph (logs why not, where that is a choice)."""
@@ -2017,7 +1920,6 @@ def graph_wanted(tr):
         return False
     return True
 
-
 # ---- the safety net: the last good state, rollback --------------------------------------
 
 def state_tensors(tr):
@@ -2032,16 +1934,13 @@ def state_tensors(tr):
             out += [v for v in state.values() if torch.is_tensor(v)]
     return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
 
-
 def keep_good_state(tr):
     tr.good = [t.detach().clone() for t in state_tensors(tr)]
-
 
 def restore_good_state(tr):
     with torch.no_grad():
         for t, saved in zip(state_tensors(tr), tr.good):
             t.copy_(saved)
-
 
 def tell_others(tr):
     """A rank that failed tells the others (they stop at their next step's agree)."""
@@ -2050,13 +1949,11 @@ def tell_others(tr):
     except Exception:  # the group itself broke: the peers see the lost connection
         pass
 
-
 def rollback(tr, reason):
     restore_good_state(tr)
     tr.rollbacks += 1
     tr.lr_scale *= 0.5
     tr.log(f"rollback #{tr.rollbacks} to the last good state ({reason}); lr x{tr.lr_scale:g}")
-
 
 def stopped_by(tr, exc):
     """An error in the loop: the cause, with the last good state restored for the end (rank 0);
@@ -2076,11 +1973,9 @@ def stopped_by(tr, exc):
         tr.log(f"the last good state could not be restored ({type(again).__name__}: {again})")
     return failure
 
-
 # ---- checkpoints: everything needed to resume exactly, written atomically ---------------
 
 CHECKPOINT_FORMAT = "dogkit-checkpoint-2"  # -1 kept numpy's random state as an array (a pickle)
-
 
 def rng_state(tr):
     """Every random stream's state as tensors, numbers, strings and lists (readable as data)."""
@@ -2088,7 +1983,6 @@ def rng_state(tr):
     return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(tr.device) if tr.device.type == "cuda" else None}
-
 
 def set_rng_state(tr, rng):
     torch.set_rng_state(rng["torch"].cpu())
@@ -2101,18 +1995,15 @@ def set_rng_state(tr, rng):
         else:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), tr.device)
 
-
 def seed_rank(cfg, world, step=0):
     """Each rank's own random stream (its real batches and noise) in a multi-GPU run."""
     torch.manual_seed(cfg.seed + 100_003 * (world.rank + 1) + 7 * step)
-
 
 def checkpoint_together(tr, name="checkpoint.pt"):
     """save_checkpoint at a point every rank reaches together: every rank's random state goes in
     (rank 0 writes), so a resume at the same world size continues exactly."""
     states = gather_objects(rng_state(tr), tr.world)
     return save_checkpoint(tr, name, states) if tr.world.main else None
-
 
 def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     """Write the whole training state atomically to folder/name (folder: the run's output)."""
@@ -2154,7 +2045,6 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
         torch.save(ckpt, tmp)
     return path
 
-
 def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
     """A checkpoint file read as data only (torch.load with weights_only: tensors, numbers,
     strings, lists, dicts; a pickle that would run code is refused, never executed). RunError,
@@ -2173,11 +2063,9 @@ def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
         raise RunError(f"{path}: format {found!r}, expected {' or '.join(formats)}")
     return ckpt
 
-
 RUN_SETTINGS = ("data", "out", "budget", "hard_limit", "sessions", "device", "steps", "n_samples", "truncation", "log_every",
                 "grid_every", "checkpoint_every", "snapshots", "keep_grids", "zip_every", "reserve", "graph",
                 "memory_format", "ema_extra")  # where and how long a run goes: a continued run may change them
-
 
 def settings_differences(saved, cfg):
     """The training settings (all but the model and RUN_SETTINGS) in which cfg differs from a
@@ -2185,7 +2073,6 @@ def settings_differences(saved, cfg):
     defaults = dataclasses.asdict(TrainConfig())
     return [f"{k} {saved.get(k, v0)!r} (this run: {getattr(cfg, k)!r})" for k, v0 in defaults.items()
             if k not in RUN_SETTINGS and k != "model" and saved.get(k, v0) != getattr(cfg, k)]
-
 
 def check_continuation(ckpt, path, cfg, model_name, next_session=True):
     """A RunError, one line naming the difference, unless checkpoint ckpt (read from path) can be
@@ -2206,7 +2093,6 @@ def check_continuation(ckpt, path, cfg, model_name, next_session=True):
         return f"{path}: step {ckpt['step']}, {fmt_time(ckpt['elapsed'])} done"
     return (f"session {done + next_session} of {cfg.sessions}, from {path}: step {ckpt['step']}, "
             f"{fmt_time(ckpt['elapsed'])} done in {done} session{'s' * (done > 1)}")
-
 
 def load_checkpoint(tr, path, same_session=False):
     """Load the whole training state. With cfg.sessions > 1 the checkpoint's run goes on in the
@@ -2262,7 +2148,6 @@ def load_checkpoint(tr, path, same_session=False):
     tr.log(f"resumed {path}: step {tr.step}, {tr.elapsed:.0f} s done"
            + (f"; session {tr.session} of {tr.cfg.sessions}" if tr.cfg.sessions > 1 else ""))
 
-
 def carry_log(folder, out, log=print):
     """The earlier run's log.jsonl (beside the checkpoint a run continues) copied into the output
     folder when that is another one (a new Kaggle session writes to an empty /kaggle/working), so
@@ -2278,7 +2163,6 @@ def carry_log(folder, out, log=print):
     with atomic_path(target) as tmp, open(tmp, "w") as fh:
         fh.writelines(lines)
     log(f"copied the earlier log ({len(lines)} records) from {source}")
-
 
 # ---- the plan: how long the end takes, how long training gets ---------------------------
 
@@ -2315,12 +2199,10 @@ def measure_end(tr):
         parts["checkpoint"] = time.monotonic() - t
     return 1.25 * sum(parts.values()) + 3.0, parts
 
-
 def budget_start(tr):
     """The elapsed time from which this process's --budget counts: its session's start when the run
     is planned over sessions, else 0 (a resumed run's budget includes the earlier runs)."""
     return tr.session_start if tr.cfg.sessions > 1 else 0.0
-
 
 def sessions_plan(tr, reserve):
     """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds: this
@@ -2330,12 +2212,10 @@ def sessions_plan(tr, reserve):
     per_session = session_end - (tr.clock() - tr.t0 + tr.session_start)  # from now: data loading is spent
     return session_end, session_end + max(0, tr.cfg.sessions - tr.session) * per_session, per_session
 
-
 def plan(tr):
     """Fix the plan (sessions_plan: the budget minus the end's reserve), timed on rank 0 (sampling
     all alone: an upper bound when the ranks share it) and the same on every rank."""
     tr.session_end, tr.train_seconds, tr.per_session = on_main(lambda: planned_seconds(tr), tr.world)
-
 
 def planned_seconds(tr):
     """sessions_plan with the end timed on this device; a budget too short is refused."""
@@ -2362,16 +2242,13 @@ def planned_seconds(tr):
                f"{reserve:.0f} s kept for the end ({how})")
     return session_end, train_seconds, per_session
 
-
 REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
-
 
 def planned_images(images_seen, since, elapsed, train_seconds):
     """The images the run will have shown by the end of training at the pace since `since`,
     (elapsed, images_seen) when this process's training began."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
     return images_seen + rate * max(train_seconds - elapsed, 0.0)
-
 
 def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
     """What the run will show at this pace (planned_images); the passes over the photos name the
@@ -2380,7 +2257,6 @@ def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
     total = planned_images(images_seen, since, elapsed, train_seconds)
     return (f"at {rate:,.0f} images/s, about {total:,.0f} images by the end of training: "
             f"{passes_words(total / max(n_photos, 1))} over the {n_photos:,} photos")
-
 
 def replan(tr):
     """Time the end again once training is warm and move the end of training to fit it: later
@@ -2404,7 +2280,6 @@ def replan(tr):
     tr.log(f"re-planned once warm: {reserve:.0f} s kept for the end (twice its warm timing: a machine twice as "
            f"slow still fits); training until {fmt_time(tr.session_end)} (was {fmt_time(before)}){why}")
 
-
 def once_warm(tr, since):
     """At a tenth of the session's training: the end timed again (a measured reserve) and the pace
     (pace_line, timed from `since`) logged. True."""
@@ -2413,7 +2288,6 @@ def once_warm(tr, since):
     tr.log("pace       " + pace_line(tr.images_seen, since, tr.elapsed, tr.train_seconds, len(tr.images)))
     follow_plan(tr, planned_images(tr.images_seen, since, tr.elapsed, tr.train_seconds), "the pace")
     return True
-
 
 # ---- logs, pictures and interim zips -----------------------------------------------------
 
@@ -2438,7 +2312,6 @@ def log_interval(tr, p, steps, seconds):
         rollback(tr, "loss is NaN or diverged")
     return finite
 
-
 @torch.no_grad()
 def save_fixed_grid(tr, name):
     was = tr.G_ema.training
@@ -2446,7 +2319,6 @@ def save_fixed_grid(tr, name):
     imgs = tr.G_ema(tr.fixed_z, tr.fixed_y)
     tr.G_ema.train(was)
     save_grid(to_uint8(imgs), os.path.join(tr.cfg.out, name))
-
 
 def progress_grid(tr):
     """grid-STEP.png; past keep_grids files every other older one goes and the interval doubles,
@@ -2460,14 +2332,12 @@ def progress_grid(tr):
             os.remove(os.path.join(tr.cfg.out, name))
         tr.grid_every *= 2
 
-
 def prepare_for_sampling(tr, G):
     """What sampling needs beyond the weights: the model's own step (cvae: clusters of the
     training latents) and standing batch-norm statistics."""
     if hasattr(tr.model, "before_sampling"):
         tr.model.before_sampling(G, to_float(tr.images))
     refresh_batchnorm(G, tr.cfg, tr.n_classes, tr.device)
-
 
 def sample_zip(tr, G, deadline=None, world=ALONE):
     """images.zip from G. With several ranks each samples its slice (rank 0 samples a slice
@@ -2494,7 +2364,6 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
             parts[k] = part(k)
     return zip_images(np.concatenate(parts), cfg, deadline, tr.clock)
 
-
 def sampling_truncation(cfg, images_seen, n_photos):
     """The truncation to sample with (None: the plain normal): the setting, or, left to the plan
     and no plan made yet (a run that ended before its pace), the one for the passes it made."""
@@ -2503,12 +2372,10 @@ def sampling_truncation(cfg, images_seen, n_photos):
         t = truncation_for_passes(images_seen / max(n_photos, 1))
     return t if t > 0 else None
 
-
 def zip_images(images, cfg, deadline=None, clock=time.monotonic):
     path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=clock)
     verify_zip(path, n=cfg.n_samples)  # Kaggle's 10,000, or the count a shorter run asked for
     return path
-
 
 def interim_zip(tr):
     """images.zip from a copy of the EMA generator now: a valid submission exists from the first
@@ -2522,7 +2389,6 @@ def interim_zip(tr):
     except Exception as exc:
         tr.log(f"interim images.zip failed ({type(exc).__name__}: {exc}); training goes on")
 
-
 # ---- the end: images.zip before the deadline, whatever happened -------------------------
 
 def ready_to_sample(tr):
@@ -2532,7 +2398,6 @@ def ready_to_sample(tr):
         rollback(tr, "non-finite weights at the end")
     prepare_for_sampling(tr, tr.G_ema)
     tr.bn_refreshed = True
-
 
 def end_deadline(tr):
     """(the clock reading the end must finish by, the budget's own end). The budget is a plan:
@@ -2544,7 +2409,6 @@ def end_deadline(tr):
     if os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
         return end, end
     return (tr.t0 + tr.cfg.hard_limit if tr.cfg.hard_limit > 0 else math.inf), end
-
 
 def finish(tr, failure=None):
     """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
@@ -2592,7 +2456,6 @@ def finish(tr, failure=None):
         raise RunFailed(failure, path)
     return path
 
-
 def help_finish(tr, deadline):
     """finish() on a rank other than 0: its random state into the checkpoint, its slice of the
     images to rank 0 (or the error, and rank 0 samples that slice)."""
@@ -2604,13 +2467,11 @@ def help_finish(tr, deadline):
         return None
     return sample_zip(tr, tr.G_ema, deadline, tr.world)
 
-
 def out_of_time(tr, failure, exc):
     path = os.path.join(tr.cfg.out, "images.zip")
     kept = "the interim images.zip is kept" if os.path.exists(path) else "no images.zip written"
     return RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept})",
                      path if os.path.exists(path) else None)
-
 
 def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, device="cpu"):
     """images.zip beside checkpoint `path`, from its EMA generator rebuilt on `device`, before the
@@ -2624,7 +2485,6 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
                       deadline=deadline, clock=clock)
     return zip_images(images, cfg, deadline, clock), ckpt["step"]
 
-
 def ema_generator(ckpt, model_cls, device, which=None):
     """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig);
     which: the index of an extra EMA copy (ema_extra) instead. One written mid-run (periodic,
@@ -2637,7 +2497,6 @@ def ema_generator(ckpt, model_cls, device, which=None):
         refresh_batchnorm(G, cfg, ckpt["n_classes"], device)
     return G.eval(), cfg
 
-
 def seed_and_tune(cfg, device):
     """The run's seeds, and TF32 and cuDNN's autotuner on CUDA (fp32 matmuls in TF32)."""
     torch.manual_seed(cfg.seed)
@@ -2648,24 +2507,14 @@ def seed_and_tune(cfg, device):
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-
-MODEL_SPECIFIC = (("lecam", 0.0, "LeCam (biggan does)"), ("d_width", 0, "it"), ("d_steps", 1, "it"))  # (setting, off)
-
-
 def check_model_options(cfg, model, n_classes=None, device="cpu"):
-    """Options only some models apply, and (given n_classes) the built model's own contract
-    (generator_problem): an error listing each problem, rather than silently nothing or a traceback
-    mid-run."""
-    applies = getattr(model, "applies", ())
-    problems = [f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}"
-                for name, off, what in MODEL_SPECIFIC if getattr(cfg, name) != off and name not in applies]
-    if "diffaug" in cfg.augment and "diffaug" not in applies:
-        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment "
-                           "(biggan and dcgan do)")
+    """Settings the model does not read (unread_settings), and (given n_classes) the built model's
+    own contract (generator_problem): an error listing each problem, rather than silently nothing or
+    a traceback mid-run."""
+    problems = unread_settings(cfg, model.name)
     broken = generator_problem(model, cfg, n_classes, device) if n_classes is not None else None
     if problems or broken:
         raise ValueError("; ".join(problems + ([f"model check: {broken}"] if broken else [])))
-
 
 @torch.no_grad()
 def generator_problem(model, cfg, n_classes, device):
@@ -2688,7 +2537,6 @@ def generator_problem(model, cfg, n_classes, device):
         return f"{call} returned {shape} for 2 images; the run needs (2, 3, 64, 64): NCHW images in [-1, 1]"
     return None
 
-
 def ema_copy(G):
     """The EMA generator: a frozen copy of G in eval mode."""
     G_ema = copy.deepcopy(G).eval()
@@ -2696,12 +2544,10 @@ def ema_copy(G):
         p.requires_grad_(False)
     return G_ema
 
-
 def fixed_noise(cfg, n_classes, device):
     """The z (seed 1234) and breeds of the 64 progress-grid images: the same in every grid of a run."""
     z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(device)
     return z, ((torch.arange(64) % max(n_classes, 1)).to(device) if n_classes else None)
-
 
 class Trainer:
     """Holds the models, the resident data and the schedule; `run()` trains and writes images.zip."""
@@ -2790,7 +2636,6 @@ class Trainer:
             raise RankStopped(failure)
         return finish(self, failure)
 
-
 def world_line(world, device, cfg):
     """The start block's line on the ranks: each one's device, the global batch."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -2800,13 +2645,11 @@ def world_line(world, device, cfg):
             + ", ".join(f"rank {r} {d}" for r, d in enumerate(devices))
             + f"; global batch {world.size} x {cfg.batch_size} = {world.size * cfg.batch_size}, learning rates as set")
 
-
 def fmt_time(seconds):
     seconds = int(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
-
 
 def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None, world=ALONE,
           same_session=False):
@@ -2830,22 +2673,11 @@ def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=prin
 # missing GPU, stops the run in seconds, before any cleaning.
 
 KAGGLE_INPUT = "/kaggle/input"
-
-
 KAGGLE_WORKING = "/kaggle/working"
-
-
 KAGGLE_TMP = "/kaggle/tmp"
-
-
 KAGGLE_BUDGET = "8h45m"  # Kaggle stops a kernel at 9 h: keep 15 minutes to spare
-
-
 KAGGLE_MARGIN = 15 * 60.0  # those 15 minutes: the wall is a kernel's budget plus these
-
-
 NOTEBOOK_ARGS = ("-f",)  # what Jupyter adds to sys.argv (-f kernel.json): tolerated, nothing else is
-
 
 def kaggle_paths():
     """Kaggle's input, working and scratch folders (DOGKIT_KAGGLE_* override them, for tests)."""
@@ -2853,17 +2685,14 @@ def kaggle_paths():
     return (env("DOGKIT_KAGGLE_INPUT", KAGGLE_INPUT), env("DOGKIT_KAGGLE_WORKING", KAGGLE_WORKING),
             env("DOGKIT_KAGGLE_TMP", KAGGLE_TMP))
 
-
 def _entries(path):
     try:
         return sorted(os.scandir(path), key=lambda e: e.name)
     except OSError:
         return []
 
-
 def _has_photos(path):
     return any(e.is_file() and e.name.lower().endswith(PHOTO_EXTS) for e in _entries(path))
-
 
 def _walk(root, depth=5):
     """(folder, its entries) breadth-first down to depth levels (attached datasets are shallow)."""
@@ -2875,7 +2704,6 @@ def _walk(root, depth=5):
             yield folder, entries
             below += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
         level = below
-
 
 def find_competition_data(root):
     """The competition's photos and boxes under Kaggle's input root, in any layout it was published
@@ -2910,7 +2738,6 @@ def find_competition_data(root):
             break
     return {"dataset": dataset, "photos": photos, "annotations": annotations, "layout": layout}
 
-
 def ignored_inputs(root, dataset):
     """The other attached datasets (never trained on): [(folder, photos in it)]."""
     out = []
@@ -2921,9 +2748,7 @@ def ignored_inputs(root, dataset):
             out.append((entry.path, n))
     return out
 
-
 MAX_UNZIPPED_BYTES = 8 << 30  # all-dogs.zip holds 0.8 GB of photos
-
 
 def unzip(path, scratch, log=print):
     """Extract a zip into scratch/<its name>/ (zipfile drops absolute and '..' parts of names). An
@@ -2957,7 +2782,6 @@ def unzip(path, scratch, log=print):
     os.replace(partial, target)
     return target
 
-
 def kaggle_data(root, scratch_candidates, log=print):
     """(photos folder, Annotation folder or None) of the competition on Kaggle, zips extracted to the
     first writable scratch folder; everything else attached is ignored, with a line saying so."""
@@ -2979,72 +2803,55 @@ def kaggle_data(root, scratch_candidates, log=print):
             "(attach the competition's Annotation.zip for far better crops)")
     return photos, annotations
 
-
-# The training options, one table for the kernel's argparse and `dogkit train` (click):
-# (flag, type, default, choices, help). None as a default: the model's setting (or, for --data,
-# --budget, --out and --log-every, what the place the run starts in implies).
-TRAIN_OPTIONS = (
-    ("--data", str, None, None, "photos (any layout clean-data reads) or a cache .npz; on Kaggle: the "
-                                "competition's data under /kaggle/input"),
-    ("--budget", str, None, None, f"wall clock for the whole run, sampling and zip included: 30s, 8m, 9h "
-                                  f"(default: {KAGGLE_BUDGET} on Kaggle, else 8m)"),
-    ("--out", str, None, None, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: "
-                               "/kaggle/working on Kaggle, else submission)"),
-    ("--resume", str, None, None, "checkpoint.pt to continue from (same model and settings; a new --budget "
-                                  "re-plans the end)"),
-    ("--sessions", int, None, None, "sessions the run is planned over, --budget each, the learning rate annealed "
-                                    "in the last; each continues the one before (--resume; on Kaggle its output "
-                                    "attached) (default 1; on Kaggle the kernel's KAGGLE_SESSIONS)"),
-    ("--preset", str, None, None, "a published recipe in full over the model's settings, e.g. fifth-place (biggan); "
-                                  "the options given here still win (default: none, or the kernel's PRESET)"),
-    ("--seed", int, 0, None, "random seed (default 0)"),
-    ("--steps", int, 0, None, "also stop after this many steps (default 0: the budget alone decides)"),
-    ("--width", int, None, None, "channel width (default: the model's)"),
-    ("--batch-size", int, None, None, "batch size (default: the model's)"),
-    ("--truncation", float, None, None, "redraw z values beyond +-T for the final images (default: the model's; "
-                                        "0 = none, -1 = from the passes the run will make)"),
-    ("--n-samples", int, 10_000, None, "images in the zip (default 10000, what Kaggle takes)"),
-    ("--device", str, "auto", None, "auto (the GPU if any; on Kaggle a GPU is required), cuda, cuda:1, cpu"),
-    ("--gpus", int, None, None, "GPUs to train on, one process each, with --device auto or cuda (default: every "
-                                "visible GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
-    ("--log-every", float, None, None, "seconds between log lines (default: 300 on Kaggle, else 30)"),
-    ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
-    ("--memory-format", str, "contiguous", MEMORY_FORMATS,
-     "channels_last: NHWC weights and batches, the layout of tensor cores (default contiguous)"),
-    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan and dcgan)"),
-    ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
-                                           "scaling, eager: T4, P100)"),
-    ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),
-    ("--lecam", float, None, None, "LeCam regularisation weight (biggan; default 0: off)"),
-    ("--d-width", int, None, None, "the discriminator's channel width (biggan; default: twice --width)"),
-    ("--d-steps", int, None, None, "discriminator steps per generator step (biggan, wgan-gp; default: the model's)"),
-    ("--ema-kimg", float, None, None, "EMA half-life in thousands of images, ramped up over the first images "
-                                      "(StyleGAN2-ADA; default 0: the model's fixed decay and start)"),
-    ("--ema-fraction", float, None, None, "EMA half-life as a fraction of the images the run will show, set from "
-                                          "its pace (biggan's default 0.1; 0: the fixed --ema-kimg or decay)"),
-    ("--ema-extra", str, "", None, "half-lives (thousands of images) of extra EMA copies kept in the checkpoints "
-                                   "for evaluation, e.g. 2,10,50 (default none)"),
+# The command line of the kernel and `dogkit train`: every setting of SETTINGS as --name-with-dashes
+# (its type, choices and help from there; not given, the model's value holds), except NOT_OPTIONS,
+# and these options, which are not settings or whose default depends on where the run starts:
+# (flag, type, help).
+RUN_OPTIONS = (
+    ("--data", str, "photos (any layout clean-data reads) or a cache .npz; on Kaggle: the competition's data "
+                          "under /kaggle/input"),
+    ("--budget", str, f"wall clock for the whole run, sampling and zip included: 30s, 8m, 9h (default: "
+                            f"{KAGGLE_BUDGET} on Kaggle, else 8m)"),
+    ("--out", str, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: /kaggle/working on "
+                         "Kaggle, else submission)"),
+    ("--log-every", float, "seconds between log lines (default: 300 on Kaggle, else 30)"),
+    ("--sessions", int, "sessions the run is planned over, --budget each, the learning rate annealed in the last; "
+                              "each continues the one before (--resume; on Kaggle its output attached) (default 1; on "
+                              "Kaggle the kernel's KAGGLE_SESSIONS)"),
+    ("--resume", str, "checkpoint.pt to continue from (same model and settings; a new --budget re-plans the end)"),
+    ("--preset", str, "a published recipe in full over the model's settings, e.g. fifth-place (biggan); the "
+                            "options given here still win (default: none, or the kernel's PRESET)"),
+    ("--gpus", int, "GPUs to train on, one process each, with --device auto or cuda (default: every visible "
+                          "GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
 )
+NOT_OPTIONS = ("model", "hard_limit")  # the model the kernel holds; Kaggle's wall, set by the kernel alone
 
-
-MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam", "d_width", "d_steps",
-                   "ema_kimg", "ema_fraction")
-
+def train_options():
+    """Every option of the command line: (flag, type, choices or None, help), RUN_OPTIONS first."""
+    taken = {flag[2:].replace("-", "_") for flag, *_ in RUN_OPTIONS}
+    out = [(flag, kind, None, text) for flag, kind, text in RUN_OPTIONS]
+    for name, default, values, models, text in SETTINGS:
+        if name not in taken and name not in NOT_OPTIONS:
+            only = f"; read by {', '.join(models)}" if models else ""
+            out.append(("--" + name.replace("_", "-"), type(default), values if isinstance(values, Choices) else None,
+                        f"{text} (default: the model's{only})"))
+    return out
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train a dog generator and write images.zip.")
-    parser.error = lambda message: stop(2, f"error: {message} (--help lists the options)")  # one line
-    for flag, kind, default, choices, text in TRAIN_OPTIONS:
-        parser.add_argument(flag, type=kind, default=default, choices=choices, help=text)
+    parser = argparse.ArgumentParser(description="Train a dog generator and write images.zip. Any setting of the "
+                                     "settings cell can be given as --name-with-dashes: it wins over the cell.")
+    parser.error = lambda message: stop(EXIT_USAGE, f"error: {message} (--help lists the options)")  # one line
+    options = train_options()
+    for flag, kind, choices, text in options:
+        parser.add_argument(flag, type=kind, choices=choices, help=text)
     args, unknown = parser.parse_known_args(argv)
     stray = [a for a in unknown if a.startswith("-") and a not in NOTEBOOK_ARGS and not a.endswith(".json")]
     if stray:
-        flags = [option[0] for option in TRAIN_OPTIONS]
+        flags = [option[0] for option in options]
         hints = [a + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(a.split("=")[0], flags, 1))
                  for a in stray]
         parser.error(f"unrecognized arguments: {' '.join(hints)}")
     return args
-
 
 def with_preset(settings, presets, name):
     """The model's settings with preset `name` over them (None or '': as they are); an unknown
@@ -3056,33 +2863,33 @@ def with_preset(settings, presets, name):
                                                   "this model has no presets"))
     return {**settings, **presets[name]}
 
-
 def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET,
-                        kaggle_sessions=1, presets=None):
+                        kaggle_sessions=1, presets=None, model=None):
     """TrainConfig from a model's settings, the preset opts['preset'] names (with_preset) and the
-    options of TRAIN_OPTIONS (a dict by dest name), checked; the defaults that depend on where the
-    run starts are filled in here, once."""
-    cfg = with_settings(TrainConfig(), with_preset(settings, presets, opts.get("preset")))
+    command-line options (train_options, a dict by dest name; None: not given), checked; the
+    defaults that depend on where the run starts are filled in here, once. model: its name, whose
+    unread settings are refused here, before any work (unread_settings)."""
+    cfg = with_settings(TrainConfig(**({"model": model} if model else {})),
+                        with_preset(settings, presets, opts.get("preset")))
     sessions = opts.get("sessions") or (kaggle_sessions if on_kaggle else 1)
     if sessions < 1:
         raise ValueError(f"sessions {sessions}: give 1 or more")
-    overrides = {"data": opts["data"] or "", "sessions": sessions,
-                 "out": opts["out"] or (working if on_kaggle else "submission"),
-                 "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
-                 # Kaggle's wall: its 9 hours, the kernel's budget and the builder's 15 minutes, less one for the output
-                 "hard_limit": parse_budget(kaggle_budget) + KAGGLE_MARGIN - 60.0 if on_kaggle else 0.0,
-                 "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
-                 "device": opts["device"], "graph": opts["graph"], "snapshots": opts["snapshots"],
-                 "memory_format": opts["memory_format"], "ema_extra": opts["ema_extra"],
-                 "log_every": opts["log_every"] if opts["log_every"] is not None else (300.0 if on_kaggle else 30.0)}
-    overrides.update({k: opts[k] for k in MODEL_OVERRIDES if opts.get(k) is not None})
+    overrides = {k: v for k, v in opts.items() if k in SETTING and k not in NOT_OPTIONS and v is not None}
+    overrides.update({"data": opts.get("data") or "", "sessions": sessions,
+                      "out": opts.get("out") or (working if on_kaggle else "submission"),
+                      "budget": parse_budget(opts.get("budget") or (kaggle_budget if on_kaggle else "8m")),
+                      # Kaggle's wall: its 9 hours, the kernel's budget and the builder's 15 minutes, less one
+                      "hard_limit": parse_budget(kaggle_budget) + KAGGLE_MARGIN - 60.0 if on_kaggle else 0.0,
+                      "log_every": opts["log_every"] if opts.get("log_every") is not None else
+                      (300.0 if on_kaggle else 30.0)})
     cfg = with_settings(cfg, overrides)
     if output_problem(cfg.out, folder=True):
         raise RunError(f"--out {output_problem(cfg.out, folder=True)}")
     parse_snapshots(cfg.snapshots)
     parse_ema_extra(cfg.ema_extra)
+    if model and unread_settings(cfg, model):
+        raise ValueError("; ".join(unread_settings(cfg, model)))
     return cfg
-
 
 def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1, presets=None, preset=None):
     """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure.
@@ -3107,7 +2914,6 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_ses
               f"--reference data/ref.npz (made once by: dogkit reference PHOTOS -o data/ref.npz)", flush=True)
     return path
 
-
 def show_results(out):
     """In a notebook: the final samples and the loss curves under the cell (files stay as they are)."""
     if notebook_shell() is None:
@@ -3125,14 +2931,11 @@ def show_results(out):
     if curves:
         show_png(curves)
 
-
 class KernelStopped(Exception):
     """The run stopping in a notebook: the cell's error is its one line, nothing more."""
 
-
 def _one_line(shell, etype, value, tb, tb_offset=None):
     shell._showtraceback(etype, value, [str(value)])  # the error IPython shows: the line alone
-
 
 def stop(code, message=None):
     """End the run with an exit code and its one line. A script (or a forked rank): the line on
@@ -3146,40 +2949,36 @@ def stop(code, message=None):
     shell.set_custom_exc((KernelStopped,), _one_line)
     raise KernelStopped(message or f"stopped with exit code {code} (the line above says why)")
 
-
 def exit_on_error(fn, rank=None):
-    """fn()'s result, or one line on stderr and an exit code: 2 bad input or a device that cannot
-    run, 1 training failed (images.zip still written when it could be), 130 interrupted, 3 this
-    rank stopped because another one failed (that one says why), 70 a bug (its traceback in a
-    file). rank: a forked rank's number (its parent says the interrupt and the zip)."""
+    """fn()'s result, or one line on stderr and its exit code from the one table (runtime.EXIT_*,
+    the same as every dogkit command's). rank: a forked rank's number (its parent says the
+    interrupt and the zip)."""
     who = f"rank {rank}: " if rank else ""
     try:
         return fn()
     except KernelStopped:  # stopped already, with its line
         raise
     except RankStopped:
-        stop(3)
+        stop(EXIT_RANK_STOPPED)
     except SystemExit as exc:  # argparse's usage error, a rank's exit code passed on: said already
         if exc.code:
-            stop(exc.code if isinstance(exc.code, int) else 2)
+            stop(exc.code if isinstance(exc.code, int) else EXIT_USAGE)
         raise
     except (RunError, DataError, ValueError) as exc:
-        stop(2, f"{who}error: {exc}")
+        stop(EXIT_BAD_INPUT, f"{who}error: {exc}")
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trainer saved checkpoint.pt and said how to resume
-        stop(130, None if rank else "error: interrupted; resume with --resume CHECKPOINT")
+        stop(EXIT_INTERRUPTED, None if rank else "error: interrupted; resume with --resume CHECKPOINT")
     except RunFailed as exc:
         kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
-        stop(1, f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"))
+        stop(EXIT_TRAINING_FAILED, f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"))
     except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
-        stop(2, f"{who}error: {type(exc).__name__}: {exc}")
+        stop(EXIT_BAD_INPUT, f"{who}error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
         stop(BUG_EXIT, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in "
                        f"{save_traceback()}")
 
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
 
 def world_size(gpus, device):
     """(ranks, their device type): with --device auto or cuda every visible GPU (or --gpus of
@@ -3198,18 +2997,17 @@ def world_size(gpus, device):
     size = gpus or n
     return (size, "cuda") if size > 1 else (1, None)
 
-
 def run(model_cls, settings, args, t0):
     input_root, working, tmp = kaggle_paths()
     on_kaggle = args.data is None and os.path.isdir(input_root)
     if args.data is None and not on_kaggle:
         raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
     cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget, args.kaggle_sessions,
-                              args.presets)
+                              args.presets, model_cls.name)
     if args.preset:
         print(f"preset     {args.preset}: its settings over the model's (each cited to its source in the "
               f"settings), the options given here over both", flush=True)
-    size, device_type = world_size(args.gpus, args.device)
+    size, device_type = world_size(args.gpus, cfg.device)
     resume, ckpt = args.resume, None
     if on_kaggle and cfg.sessions > 1 and resume is None:
         resume, ckpt = earlier_session(input_root, cfg.out)
@@ -3218,12 +3016,11 @@ def run(model_cls, settings, args, t0):
         print(f"continues  {check_continuation(ckpt, resume, cfg, model_cls.name)}", flush=True)
         del ckpt  # training loads it again, onto its device
     if size == 1:
-        device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
+        device = pick_device(cfg.device, require_gpu=on_kaggle)  # seconds, before any cleaning
         return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
     started = time.time()
     codes = launch(rank_main, size, device_type, (model_cls, cfg, resume, t0, on_kaggle))
     return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume, started)
-
 
 def earlier_session(input_root, working):
     """The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
@@ -3250,12 +3047,10 @@ def earlier_session(input_root, working):
                   f"on", flush=True)
     return best, kept
 
-
 def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
     """One forked rank of a multi-GPU kernel: exit code 0 when it finished."""
     exit_on_error(lambda: run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle), world.rank)
     return 0
-
 
 def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=False):
     """Check the device(s), print the start block, clean the data (rank 0), train, zip (same_session:
@@ -3280,7 +3075,6 @@ def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=
     cfg = with_settings(cfg, {"data": data.pop("source")})
     return train(cfg, model_cls, resume=resume, data=data, t0=t0, world=world, same_session=same_session)
 
-
 def check_devices(world, device, on_kaggle):
     """Every rank checks its GPU; rank 0 names the first that cannot run and all stop."""
     try:
@@ -3292,16 +3086,15 @@ def check_devices(world, device, on_kaggle):
             raise RunError(f"rank {rank}: {problem}") if world.main else RankStopped(problem)
     return device
 
-
 def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, started=0.0):
     """The parent of a multi-GPU run, once its ranks have exited: rank 0's own exit code when it
     ended (it wrote images.zip whenever it could). When rank 0 itself died (a lost GPU, an NCCL
     timeout) the run goes on here, on one device, from this run's last checkpoint (written after
     `started`, a time.time()) or the start, until the same deadline; when too little time is left
     for that, images.zip is sampled from the checkpoint."""
-    if codes[0] == 130:
+    if codes[0] == EXIT_INTERRUPTED:
         raise KeyboardInterrupt  # rank 0 saved checkpoint.pt
-    if codes[0] in (1, 2):  # rank 0 said why, after writing images.zip when it could
+    if codes[0] in (EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED):  # rank 0 said why, after writing images.zip when it could
         sys.exit(codes[0])
     if codes[0] == 0:
         return os.path.join(cfg.out, "images.zip")

@@ -40,8 +40,7 @@ FRONT = (
     ("dogkit.core.models.common", None),
     ("dogkit.core.augment", None),
     ("Recipe: the schedule, the EMA, the settings that follow the plan, one training step, sampling",
-     [("dogkit.core.train", ("lr_multiplier", "ema_weight", "half_life_weight", "TRUNCATION_FROM_PLAN",
-                             "TRUNCATION_BY_PASSES", "truncation_for_passes", "from_plan", "set_schedule",
+     [("dogkit.core.train", ("lr_multiplier", "ema_weight", "half_life_weight", "TRUNCATION_BY_PASSES", "truncation_for_passes", "from_plan", "set_schedule",
                              "draw_batch", "train_step")),
       ("dogkit.core.sample", ("truncated_normal", "generate"))]),
     ("The training loop: one function, top to bottom (nanoGPT's train.py is the model)",
@@ -141,14 +140,22 @@ def statement_source(lines: list[str], node: ast.stmt, first: int, banners: bool
     return "\n".join(lines[start:node.end_lineno])
 
 
-def kept_source(source: str, tree: ast.Module, keep: set[int]) -> str:
+def kept_source(source: str, tree: ast.Module, keep: set[int], blank: int = 2) -> str:
     """The module's banner comment and its kept statements, each with the comment lines right above
-    it; two blank lines between top-level statements."""
+    it; `blank` blank lines between top-level statements (two in the front, PEP 8's; one in the
+    collapsed machinery), none between statements the module itself writes together (a block of
+    constants)."""
     lines = source.splitlines()
     first = first_line(tree)
     banner = [ln for ln in lines[:first] if ln.startswith("#")]
-    chunks = [statement_source(lines, node, first) for node in tree.body if id(node) in keep]
-    body = "\n\n\n".join(chunks)
+    body, last = "", None
+    for node in tree.body:
+        if id(node) in keep:
+            text = statement_source(lines, node, first)
+            start = node.end_lineno - text.count("\n")  # the line its text (comments included) starts on
+            together = last is not None and start == last.end_lineno + 1
+            body += ("\n" if together else "\n" * (blank + 1)) + text if body else text
+            last = node
     return "\n".join(banner) + ("\n\n" if banner else "") + body
 
 
@@ -247,6 +254,18 @@ def sessions_block(sessions: int) -> str:
             f"KAGGLE_SESSIONS = {sessions}")
 
 
+def other_settings_block(entry) -> str:
+    """The settings block's list of what else the model reads, at their defaults, each with its help
+    (settings.model_settings): every knob of the model and its recipe in one place."""
+    from dogkit.core.settings import model_settings
+
+    rows = [row for row in model_settings(entry.name) if row[0] not in entry.settings]
+    width = max(len(f"{n}={d!r}") for n, d, *_ in rows)
+    return (f"\n# The other settings {entry.name} reads, at their defaults (add any to the dict above; each is also an\n"
+            "# option, e.g. --lr-final 0.1; every setting with its range: SETTINGS, below the MACHINERY line):\n"
+            + "\n".join(f"#   {f'{n}={d!r}':<{width}}  {text}" for n, d, _, _, text in rows))
+
+
 def preset_block(presets: dict) -> str:
     """The settings block's PRESET: which published recipe (above) the run follows, if any."""
     names = " or ".join(f'"{n}"' for n in presets)
@@ -258,7 +277,7 @@ def preset_block(presets: dict) -> str:
 def build(name: str, budget: str = "9h", sessions: int = 1) -> str:
     """The kernel's text. budget: Kaggle's limit; the kernel plans for it minus 15 minutes.
     sessions: the Kaggle sessions a run is planned over (KAGGLE_SESSIONS)."""
-    from dogkit.core.train import parse_budget
+    from dogkit.core.settings import parse_budget
 
     seconds = parse_budget(budget) - SAFETY_MARGIN_S
     if seconds <= 0:
@@ -270,6 +289,7 @@ def build(name: str, budget: str = "9h", sessions: int = 1) -> str:
     if sessions < 1:
         raise SystemExit(f"build_kernel: --sessions {sessions}: give 1 or more")
     settings_code, sources[entry.cls.__module__] = lift_settings(sources[entry.cls.__module__], settings_name)
+    settings_code += other_settings_block(entry)
     presets_name = next((k for k, v in vars(inspect.getmodule(entry.cls)).items() if v is entry.presets), None)
     if entry.presets:
         presets_code, sources[entry.cls.__module__] = lift_settings(sources[entry.cls.__module__], presets_name)
@@ -290,12 +310,12 @@ def build(name: str, budget: str = "9h", sessions: int = 1) -> str:
             text, ids = picked_source(mod_name, picks, sources, trees)
             front.append(text)
             taken |= ids
-    back = [kept_source(sources[m], trees[m], keep - taken) for m in modules
+    back = [kept_source(sources[m], trees[m], keep - taken, blank=1) for m in modules
             if m not in whole and any(id(n) in keep - taken for n in trees[m].body)]
     sections = front + [MACHINERY] + back
     settings_block = (
         "# ---------------------------------------------------------------------------------------------\n"
-        "# Settings: the model's hyper-parameters (anything TrainConfig below names can go here)\n"
+        "# Settings: the model's hyper-parameters (any setting of SETTINGS below can go here)\n"
         "# ---------------------------------------------------------------------------------------------\n"
         + settings_code
     )
@@ -343,7 +363,7 @@ def used_imports(nodes: list[ast.stmt], code: str) -> list[ast.stmt]:
 
 def notebook_intro(name: str, budget: str, sessions: int) -> str:
     """The notebook's first cell: what it does, what to attach, where the result is, how to score it."""
-    from dogkit.core.train import parse_budget
+    from dogkit.core.settings import parse_budget
 
     train = hours_minutes(parse_budget(budget) - SAFETY_MARGIN_S)
     several = (f"\n\nThis run is planned over **{sessions} sessions** (`KAGGLE_SESSIONS` below): from the second "

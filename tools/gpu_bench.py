@@ -172,13 +172,13 @@ def train_config(e, data, out, device="auto"):
                          f"data, out, budget, snapshots, device; one GPU, one session, no resume)")
     opts = dict(defaults, **options, data=data, out=out, budget=e["budget"], device=device,
                 snapshots=",".join(f"{p:g}" for p in e.get("snapshots", [])))
-    return kernel.config_from_options(entry.settings, opts, presets=entry.presets)
+    return kernel.config_from_options(entry.settings, opts, presets=entry.presets, model=entry.name)
 
 
 def probe_configs(e):
     """[(model, batch size, precision, memory format)] of a throughput entry, checked."""
     from dogkit.core import registry
-    from dogkit.core.train import MEMORY_FORMATS, PRECISIONS
+    from dogkit.core.settings import MEMORY_FORMATS, PRECISIONS
 
     bad = [m for m in e["models"] + e.get("profile", []) if m not in registry.MODEL_NAMES]
     bad += [p for p in e["precisions"] if p not in PRECISIONS]
@@ -192,7 +192,7 @@ def probe_configs(e):
 
 def estimate(e, score_s_per_image, n_images) -> float:
     """Seconds an entry needs on the GPU, from its budget and the overheads above."""
-    from dogkit.core.train import parse_budget
+    from dogkit.core.settings import parse_budget
 
     if e["kind"] == "throughput":
         return len(probe_configs(e)) * (e["seconds"] + PROBE_OVERHEAD_S) + len(e.get("profile", [])) * PROFILE_S

@@ -323,7 +323,7 @@ def plot_scaling(rows, out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dogkit.core.train import parse_budget
+    from dogkit.core.settings import parse_budget
 
     fig, ax = plt.subplots(figsize=(6, 4))
     exact = [r for r in rows if r["kind"] == "run" and r["mifid"] is not None]

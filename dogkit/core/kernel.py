@@ -20,11 +20,13 @@ import zipfile
 from dogkit.core.data import (MAX_PHOTO_BYTES, DataError, PHOTO_EXTS, breed_of, load_dataset, shown_name, summary_lines,
                               zip_entry_problem)
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
-from dogkit.core.runtime import (BUG_EXIT, PRECISIONS, RunError, machine_lines, output_problem, pick_device,
+from dogkit.core.runtime import (BUG_EXIT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED,
+                                 EXIT_USAGE, RunError, machine_lines, output_problem, pick_device,
                                  save_traceback, writable_dir)
 from dogkit.core.sample import curve_png, notebook_shell, show_png
-from dogkit.core.train import (AUGMENTS, MEMORY_FORMATS, RunFailed, TrainConfig, check_continuation, parse_budget,
-                               parse_ema_extra, parse_snapshots, read_checkpoint, train, with_settings,
+from dogkit.core.settings import (SETTING, SETTINGS, Choices, TrainConfig, parse_budget, unread_settings,
+                                  with_settings)
+from dogkit.core.train import (RunFailed, check_continuation, parse_ema_extra, parse_snapshots, read_checkpoint, train,
                                zip_from_checkpoint)
 
 KAGGLE_INPUT = "/kaggle/input"
@@ -168,64 +170,53 @@ def kaggle_data(root, scratch_candidates, log=print):
     return photos, annotations
 
 
-# The training options, one table for the kernel's argparse and `dogkit train` (click):
-# (flag, type, default, choices, help). None as a default: the model's setting (or, for --data,
-# --budget, --out and --log-every, what the place the run starts in implies).
-TRAIN_OPTIONS = (
-    ("--data", str, None, None, "photos (any layout clean-data reads) or a cache .npz; on Kaggle: the "
-                                "competition's data under /kaggle/input"),
-    ("--budget", str, None, None, f"wall clock for the whole run, sampling and zip included: 30s, 8m, 9h "
-                                  f"(default: {KAGGLE_BUDGET} on Kaggle, else 8m)"),
-    ("--out", str, None, None, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: "
-                               "/kaggle/working on Kaggle, else submission)"),
-    ("--resume", str, None, None, "checkpoint.pt to continue from (same model and settings; a new --budget "
-                                  "re-plans the end)"),
-    ("--sessions", int, None, None, "sessions the run is planned over, --budget each, the learning rate annealed "
-                                    "in the last; each continues the one before (--resume; on Kaggle its output "
-                                    "attached) (default 1; on Kaggle the kernel's KAGGLE_SESSIONS)"),
-    ("--preset", str, None, None, "a published recipe in full over the model's settings, e.g. fifth-place (biggan); "
-                                  "the options given here still win (default: none, or the kernel's PRESET)"),
-    ("--seed", int, 0, None, "random seed (default 0)"),
-    ("--steps", int, 0, None, "also stop after this many steps (default 0: the budget alone decides)"),
-    ("--width", int, None, None, "channel width (default: the model's)"),
-    ("--batch-size", int, None, None, "batch size (default: the model's)"),
-    ("--truncation", float, None, None, "redraw z values beyond +-T for the final images (default: the model's; "
-                                        "0 = none, -1 = from the passes the run will make)"),
-    ("--n-samples", int, 10_000, None, "images in the zip (default 10000, what Kaggle takes)"),
-    ("--device", str, "auto", None, "auto (the GPU if any; on Kaggle a GPU is required), cuda, cuda:1, cpu"),
-    ("--gpus", int, None, None, "GPUs to train on, one process each, with --device auto or cuda (default: every "
-                                "visible GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
-    ("--log-every", float, None, None, "seconds between log lines (default: 300 on Kaggle, else 30)"),
-    ("--graph", str, "auto", ("auto", "off"), "capture the training step in a CUDA graph (default auto)"),
-    ("--memory-format", str, "contiguous", MEMORY_FORMATS,
-     "channels_last: NHWC weights and batches, the layout of tensor cores (default contiguous)"),
-    ("--augment", str, None, AUGMENTS, "augmentation (default: the model's; +diffaug: biggan and dcgan)"),
-    ("--precision", str, None, PRECISIONS, "fp32 (default), bf16 (sm_80+: A100, H100), fp16 (autocast + loss "
-                                           "scaling, eager: T4, P100)"),
-    ("--snapshots", str, "", None, "progress points that keep a checkpoint copy, e.g. 0.25,0.5 (default none)"),
-    ("--lecam", float, None, None, "LeCam regularisation weight (biggan; default 0: off)"),
-    ("--d-width", int, None, None, "the discriminator's channel width (biggan; default: twice --width)"),
-    ("--d-steps", int, None, None, "discriminator steps per generator step (biggan, wgan-gp; default: the model's)"),
-    ("--ema-kimg", float, None, None, "EMA half-life in thousands of images, ramped up over the first images "
-                                      "(StyleGAN2-ADA; default 0: the model's fixed decay and start)"),
-    ("--ema-fraction", float, None, None, "EMA half-life as a fraction of the images the run will show, set from "
-                                          "its pace (biggan's default 0.1; 0: the fixed --ema-kimg or decay)"),
-    ("--ema-extra", str, "", None, "half-lives (thousands of images) of extra EMA copies kept in the checkpoints "
-                                   "for evaluation, e.g. 2,10,50 (default none)"),
+# The command line of the kernel and `dogkit train`: every setting of SETTINGS as --name-with-dashes
+# (its type, choices and help from there; not given, the model's value holds), except NOT_OPTIONS,
+# and these options, which are not settings or whose default depends on where the run starts:
+# (flag, type, help).
+RUN_OPTIONS = (
+    ("--data", str, "photos (any layout clean-data reads) or a cache .npz; on Kaggle: the competition's data "
+                          "under /kaggle/input"),
+    ("--budget", str, f"wall clock for the whole run, sampling and zip included: 30s, 8m, 9h (default: "
+                            f"{KAGGLE_BUDGET} on Kaggle, else 8m)"),
+    ("--out", str, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: /kaggle/working on "
+                         "Kaggle, else submission)"),
+    ("--log-every", float, "seconds between log lines (default: 300 on Kaggle, else 30)"),
+    ("--sessions", int, "sessions the run is planned over, --budget each, the learning rate annealed in the last; "
+                              "each continues the one before (--resume; on Kaggle its output attached) (default 1; on "
+                              "Kaggle the kernel's KAGGLE_SESSIONS)"),
+    ("--resume", str, "checkpoint.pt to continue from (same model and settings; a new --budget re-plans the end)"),
+    ("--preset", str, "a published recipe in full over the model's settings, e.g. fifth-place (biggan); the "
+                            "options given here still win (default: none, or the kernel's PRESET)"),
+    ("--gpus", int, "GPUs to train on, one process each, with --device auto or cuda (default: every visible "
+                          "GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
 )
-MODEL_OVERRIDES = ("width", "batch_size", "truncation", "augment", "precision", "lecam", "d_width", "d_steps",
-                   "ema_kimg", "ema_fraction")
+NOT_OPTIONS = ("model", "hard_limit")  # the model the kernel holds; Kaggle's wall, set by the kernel alone
+
+
+def train_options():
+    """Every option of the command line: (flag, type, choices or None, help), RUN_OPTIONS first."""
+    taken = {flag[2:].replace("-", "_") for flag, *_ in RUN_OPTIONS}
+    out = [(flag, kind, None, text) for flag, kind, text in RUN_OPTIONS]
+    for name, default, values, models, text in SETTINGS:
+        if name not in taken and name not in NOT_OPTIONS:
+            only = f"; read by {', '.join(models)}" if models else ""
+            out.append(("--" + name.replace("_", "-"), type(default), values if isinstance(values, Choices) else None,
+                        f"{text} (default: the model's{only})"))
+    return out
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train a dog generator and write images.zip.")
-    parser.error = lambda message: stop(2, f"error: {message} (--help lists the options)")  # one line
-    for flag, kind, default, choices, text in TRAIN_OPTIONS:
-        parser.add_argument(flag, type=kind, default=default, choices=choices, help=text)
+    parser = argparse.ArgumentParser(description="Train a dog generator and write images.zip. Any setting of the "
+                                     "settings cell can be given as --name-with-dashes: it wins over the cell.")
+    parser.error = lambda message: stop(EXIT_USAGE, f"error: {message} (--help lists the options)")  # one line
+    options = train_options()
+    for flag, kind, choices, text in options:
+        parser.add_argument(flag, type=kind, choices=choices, help=text)
     args, unknown = parser.parse_known_args(argv)
     stray = [a for a in unknown if a.startswith("-") and a not in NOTEBOOK_ARGS and not a.endswith(".json")]
     if stray:
-        flags = [option[0] for option in TRAIN_OPTIONS]
+        flags = [option[0] for option in options]
         hints = [a + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(a.split("=")[0], flags, 1))
                  for a in stray]
         parser.error(f"unrecognized arguments: {' '.join(hints)}")
@@ -244,29 +235,31 @@ def with_preset(settings, presets, name):
 
 
 def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET,
-                        kaggle_sessions=1, presets=None):
+                        kaggle_sessions=1, presets=None, model=None):
     """TrainConfig from a model's settings, the preset opts['preset'] names (with_preset) and the
-    options of TRAIN_OPTIONS (a dict by dest name), checked; the defaults that depend on where the
-    run starts are filled in here, once."""
-    cfg = with_settings(TrainConfig(), with_preset(settings, presets, opts.get("preset")))
+    command-line options (train_options, a dict by dest name; None: not given), checked; the
+    defaults that depend on where the run starts are filled in here, once. model: its name, whose
+    unread settings are refused here, before any work (unread_settings)."""
+    cfg = with_settings(TrainConfig(**({"model": model} if model else {})),
+                        with_preset(settings, presets, opts.get("preset")))
     sessions = opts.get("sessions") or (kaggle_sessions if on_kaggle else 1)
     if sessions < 1:
         raise ValueError(f"sessions {sessions}: give 1 or more")
-    overrides = {"data": opts["data"] or "", "sessions": sessions,
-                 "out": opts["out"] or (working if on_kaggle else "submission"),
-                 "budget": parse_budget(opts["budget"] or (kaggle_budget if on_kaggle else "8m")),
-                 # Kaggle's wall: its 9 hours, the kernel's budget and the builder's 15 minutes, less one for the output
-                 "hard_limit": parse_budget(kaggle_budget) + KAGGLE_MARGIN - 60.0 if on_kaggle else 0.0,
-                 "seed": opts["seed"], "steps": opts["steps"], "n_samples": opts["n_samples"],
-                 "device": opts["device"], "graph": opts["graph"], "snapshots": opts["snapshots"],
-                 "memory_format": opts["memory_format"], "ema_extra": opts["ema_extra"],
-                 "log_every": opts["log_every"] if opts["log_every"] is not None else (300.0 if on_kaggle else 30.0)}
-    overrides.update({k: opts[k] for k in MODEL_OVERRIDES if opts.get(k) is not None})
+    overrides = {k: v for k, v in opts.items() if k in SETTING and k not in NOT_OPTIONS and v is not None}
+    overrides.update({"data": opts.get("data") or "", "sessions": sessions,
+                      "out": opts.get("out") or (working if on_kaggle else "submission"),
+                      "budget": parse_budget(opts.get("budget") or (kaggle_budget if on_kaggle else "8m")),
+                      # Kaggle's wall: its 9 hours, the kernel's budget and the builder's 15 minutes, less one
+                      "hard_limit": parse_budget(kaggle_budget) + KAGGLE_MARGIN - 60.0 if on_kaggle else 0.0,
+                      "log_every": opts["log_every"] if opts.get("log_every") is not None else
+                      (300.0 if on_kaggle else 30.0)})
     cfg = with_settings(cfg, overrides)
     if output_problem(cfg.out, folder=True):
         raise RunError(f"--out {output_problem(cfg.out, folder=True)}")
     parse_snapshots(cfg.snapshots)
     parse_ema_extra(cfg.ema_extra)
+    if model and unread_settings(cfg, model):
+        raise ValueError("; ".join(unread_settings(cfg, model)))
     return cfg
 
 
@@ -334,30 +327,29 @@ def stop(code, message=None):
 
 
 def exit_on_error(fn, rank=None):
-    """fn()'s result, or one line on stderr and an exit code: 2 bad input or a device that cannot
-    run, 1 training failed (images.zip still written when it could be), 130 interrupted, 3 this
-    rank stopped because another one failed (that one says why), 70 a bug (its traceback in a
-    file). rank: a forked rank's number (its parent says the interrupt and the zip)."""
+    """fn()'s result, or one line on stderr and its exit code from the one table (runtime.EXIT_*,
+    the same as every dogkit command's). rank: a forked rank's number (its parent says the
+    interrupt and the zip)."""
     who = f"rank {rank}: " if rank else ""
     try:
         return fn()
     except KernelStopped:  # stopped already, with its line
         raise
     except RankStopped:
-        stop(3)
+        stop(EXIT_RANK_STOPPED)
     except SystemExit as exc:  # argparse's usage error, a rank's exit code passed on: said already
         if exc.code:
-            stop(exc.code if isinstance(exc.code, int) else 2)
+            stop(exc.code if isinstance(exc.code, int) else EXIT_USAGE)
         raise
     except (RunError, DataError, ValueError) as exc:
-        stop(2, f"{who}error: {exc}")
+        stop(EXIT_BAD_INPUT, f"{who}error: {exc}")
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trainer saved checkpoint.pt and said how to resume
-        stop(130, None if rank else "error: interrupted; resume with --resume CHECKPOINT")
+        stop(EXIT_INTERRUPTED, None if rank else "error: interrupted; resume with --resume CHECKPOINT")
     except RunFailed as exc:
         kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
-        stop(1, f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"))
+        stop(EXIT_TRAINING_FAILED, f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"))
     except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
-        stop(2, f"{who}error: {type(exc).__name__}: {exc}")
+        stop(EXIT_BAD_INPUT, f"{who}error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file
         stop(BUG_EXIT, f"{who}error: internal error, a bug in dogkit ({type(exc).__name__}: {exc}); traceback in "
                        f"{save_traceback()}")
@@ -391,11 +383,11 @@ def run(model_cls, settings, args, t0):
     if args.data is None and not on_kaggle:
         raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
     cfg = config_from_options(settings, vars(args), on_kaggle, working, args.kaggle_budget, args.kaggle_sessions,
-                              args.presets)
+                              args.presets, model_cls.name)
     if args.preset:
         print(f"preset     {args.preset}: its settings over the model's (each cited to its source in the "
               f"settings), the options given here over both", flush=True)
-    size, device_type = world_size(args.gpus, args.device)
+    size, device_type = world_size(args.gpus, cfg.device)
     resume, ckpt = args.resume, None
     if on_kaggle and cfg.sessions > 1 and resume is None:
         resume, ckpt = earlier_session(input_root, cfg.out)
@@ -404,7 +396,7 @@ def run(model_cls, settings, args, t0):
         print(f"continues  {check_continuation(ckpt, resume, cfg, model_cls.name)}", flush=True)
         del ckpt  # training loads it again, onto its device
     if size == 1:
-        device = pick_device(args.device, require_gpu=on_kaggle)  # seconds, before any cleaning
+        device = pick_device(cfg.device, require_gpu=on_kaggle)  # seconds, before any cleaning
         return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
     started = time.time()
     codes = launch(rank_main, size, device_type, (model_cls, cfg, resume, t0, on_kaggle))
@@ -485,9 +477,9 @@ def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, 
     timeout) the run goes on here, on one device, from this run's last checkpoint (written after
     `started`, a time.time()) or the start, until the same deadline; when too little time is left
     for that, images.zip is sampled from the checkpoint."""
-    if codes[0] == 130:
+    if codes[0] == EXIT_INTERRUPTED:
         raise KeyboardInterrupt  # rank 0 saved checkpoint.pt
-    if codes[0] in (1, 2):  # rank 0 said why, after writing images.zip when it could
+    if codes[0] in (EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED):  # rank 0 said why, after writing images.zip when it could
         sys.exit(codes[0])
     if codes[0] == 0:
         return os.path.join(cfg.out, "images.zip")

@@ -32,14 +32,16 @@ MODELS = {}
 
 def register(cls, settings, summary, presets=None):
     """Add a model under its class's `name`; refuses a class that breaks the model contract, a
-    setting TrainConfig does not know (in its settings or a preset), or a name taken twice."""
-    from dogkit.core.train import with_settings, TrainConfig
+    setting TrainConfig does not know or the model does not read (in its settings or a preset), or a
+    name taken twice."""
+    from dogkit.core.settings import TrainConfig, unread_settings, with_settings
 
     problems = contract_problems(cls)
     presets = presets or {}
     for name, values in {"settings": {}, **{f"preset {p!r}": v for p, v in presets.items()}}.items():
         try:
-            with_settings(with_settings(TrainConfig(), settings), values)
+            cfg = with_settings(with_settings(TrainConfig(), settings), values)
+            problems += [f"{name}: {p}" for p in unread_settings(cfg, getattr(cls, "name", ""))]
         except ValueError as exc:
             problems.append(f"{name}: {exc}")
     if getattr(cls, "name", None) in MODELS:

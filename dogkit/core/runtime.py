@@ -165,7 +165,13 @@ def output_problem(path, folder=False):
     return None
 
 
-BUG_EXIT = 70  # the exit code of an exception nobody expected (the CLI's and the kernels')
+# Exit codes, one table for every dogkit command and every kernel (README, "Exit codes"):
+EXIT_BAD_INPUT = 1  # a path, file, setting or device that cannot be used: one line naming it and the rule
+EXIT_USAGE = 2  # an unknown option, or a value its parser cannot read: the parser's line
+EXIT_RANK_STOPPED = 3  # a rank of a multi-GPU run stopped because another failed (that one says why)
+EXIT_TRAINING_FAILED = 4  # training broke off (NaN storm, clock, lost GPU): images.zip still written if it could be
+BUG_EXIT = 70  # an exception nobody expected: a bug, its traceback in TRACEBACK_FILE
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: temporary files removed, a training run's checkpoint saved
 TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
 
 

@@ -19,7 +19,6 @@ import re
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,15 +28,12 @@ from dogkit.core.augment import random_resized_crop_flip, to_float
 from dogkit.core.data import load_dataset
 from dogkit.core.distributed import (ALONE, RankStopped, agree, all_mean, all_objects, average_in_step, broadcast_state,
                                      gather_objects, on_main)
-from dogkit.core.runtime import PRECISIONS, RunError, make_grad_scaler, pick_device, resolve_precision
+from dogkit.core.runtime import RunError, make_grad_scaler, pick_device, resolve_precision
+from dogkit.core.settings import TRUNCATION_FROM_PLAN, TrainConfig, reads, unread_settings, with_settings
 from dogkit.core.sample import (TRUNCATION_MIN, OutOfTime, atomic_path, encode_pngs, generate, remove_stale_temps,
                                 save_grid, show_png, to_uint8, verify_zip, write_zip)
 
 
-AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug", "flip+diffaug-t",
-            "flip+diffaug-tc")  # DiffAugment: -t translation, -tc translation + cutout, plain: colour too
-MEMORY_FORMATS = ("contiguous", "channels_last")
-TRUNCATION_FROM_PLAN = -1.0  # truncation setting: the sampling truncation follows the planned passes
 # The truncations measured best at a number of passes over the photos, (passes, truncation); between
 # two points log-linear, beyond them held (truncation_for_passes):
 #  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
@@ -46,16 +42,6 @@ TRUNCATION_FROM_PLAN = -1.0  # truncation setting: the sampling truncation follo
 #    seeds (2.7 SE) and of none (README, CPU proxies). The winners' 9-hour runs (~700 passes) sampled
 #    at 0.8 and 1.0, the 5th place at none (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
 TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 1.0))
-CHOICES = {"augment": AUGMENTS, "precision": PRECISIONS, "graph": ("auto", "off"), "memory_format": MEMORY_FORMATS,
-           "loss": ("bce", "hinge"), "strategy": ("box", "square", "aspect", "pad")}
-# The ranges numeric settings must lie in, [low, high] (None: no bound); a value outside is an error.
-RANGES = {"budget": (1.0, 30 * 24 * 3600.0), "seed": (0, 2 ** 63 - 1), "steps": (0, None), "sessions": (1, 1000),
-          "batch_size": (1, 1 << 16), "z_dim": (1, 1 << 12), "width": (1, 1 << 12), "d_width": (0, 1 << 12),
-          "d_steps": (1, 100), "g_steps": (1, 100), "n_samples": (1, 1_000_000), "truncation": (0.0, 100.0),
-          "ema_fraction": (0.0, 1.0),
-          "log_every": (0.0, None), "grid_every": (0.0, None), "checkpoint_every": (0.0, None),
-          "zip_every": (0.0, None), "hard_limit": (0.0, None), "lecam": (0.0, 100.0), "ema_kimg": (0.0, 1e6), "image_size": (8, 512),
-          "lr_g": (0.0, 1.0), "lr_d": (0.0, 1.0), "ema_decay": (0.0, 1.0), "keep_grids": (0, 10_000)}
 
 
 class RunFailed(RuntimeError):
@@ -65,126 +51,6 @@ class RunFailed(RuntimeError):
     def __init__(self, cause, zip_path=None):
         super().__init__(cause)
         self.cause, self.zip_path = cause, zip_path
-
-
-@dataclass
-class TrainConfig:
-    # run
-    data: str = ""
-    out: str = "runs/run"
-    budget: float = 9 * 3600.0 - 15 * 60  # seconds for the whole run, sampling and zip included: the plan
-    hard_limit: float = 0.0  # seconds the platform lets this process run (a Kaggle kernel: 9 h), the wall the end
-    #                          of a run with no images.zip yet may run up to; 0: none (a local run)
-    seed: int = 0
-    device: str = "auto"
-    steps: int = 0  # stop after this many steps as well (0: only the budget decides)
-    sessions: int = 1  # sessions the run is planned over, `budget` each, each continuing the last one's checkpoint
-    # model and optimiser (each model's settings override these)
-    model: str = "dcgan"
-    batch_size: int = 32
-    z_dim: int = 128
-    width: int = 64
-    d_width: int = 0  # the discriminator's channel width (biggan; 0: twice width, the winners' G 32 / D 64)
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    real_label: float = 1.0
-    input_noise: float = 0.0
-    d_steps: int = 1  # critic steps per call (wgan-gp, biggan)
-    g_steps: int = 1  # generator steps per call (wgan-gp)
-    gp_weight: float = 10.0  # gradient penalty (wgan-gp)
-    kl_weight: float = 1.0  # KL term of the VAE loss (cvae)
-    clusters: int = 1000  # K-means clusters of training latents for sampling (cvae)
-    recycle: int = 3  # passes of each sample back through the VAE (cvae)
-    loss: str = "bce"
-    lecam: float = 0.0  # LeCam regularisation weight (biggan; 0: off; Tseng et al. used 0.3 with DiffAugment)
-    lecam_decay: float = 0.99  # decay of LeCam's moving averages of D's outputs
-    lecam_start: int = 1000  # D steps before those averages start (until then: the batch's own means)
-    augment: str = "crop-flip"  # one of AUGMENTS; "+diffaug" only for models that apply it (biggan, dcgan)
-    # schedule, as functions of p
-    lr_decay_start: float = 0.5
-    lr_final: float = 0.1
-    ema_start: float = 0.25
-    ema_decay: float = 0.999  # per batch_size images (a step of N GPUs decays by its N-th power: ema_weight)
-    ema_kimg: float = 0.0  # > 0: the EMA's half-life in thousands of images (StyleGAN2-ADA), instead of decay/start
-    ema_fraction: float = 0.0  # > 0: the EMA's half-life as this fraction of the images the run is planned to show
-    #                            (set from the pace, a tenth into training), instead of ema_decay; from ema_start
-    ema_rampup: float = 0.05  # with ema_kimg: the half-life is at most this fraction of the images seen so far
-    ema_extra: str = ""  # half-lives (kimg) of extra EMA copies kept beside G_ema for evaluation, e.g. "2,10,50"
-    # data cleaning (when --data is not a cache file)
-    strategy: str = "pad"
-    image_size: int = 64
-    # sampling
-    n_samples: int = 10_000
-    truncation: float = 0.0  # 0: plain normal z; -1: from the planned passes (truncation_for_passes)
-    # machinery
-    log_every: float = 30.0
-    grid_every: float = 300.0
-    checkpoint_every: float = 300.0
-    snapshots: str = ""  # progress points that keep a checkpoint copy, e.g. "0.25,0.5" (scaling curves)
-    keep_grids: int = 8  # progress grids kept in the run folder (thinned evenly; Kaggle keeps 500 files)
-    zip_every: float = 3600.0  # seconds between interim images.zip from the EMA (insurance on long runs)
-    max_rollbacks: int = 8  # a NaN storm: stop training after this many rollbacks and write the zip
-    reserve: float = -1.0  # seconds kept for sampling and the zip (-1: measured at start)
-    graph: str = "auto"  # capture the step in a CUDA graph: auto | off
-    precision: str = "fp32"  # fp32 (TF32 where the GPU has it) | bf16 (sm_80+) | fp16 (autocast + loss scaling)
-    memory_format: str = "contiguous"  # channels_last: NHWC weights and batches (tensor cores' layout)
-
-
-def parse_budget(text):
-    """'30s', '8m', '9h', '1h30m' -> seconds (a number, not text, is taken as seconds). A bare
-    number as text is refused: '--budget 9' could mean 9 hours as easily as 9 seconds."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", str(text).strip().lower())
-    if not parts or "".join(a + b for a, b in parts) != str(text).strip().lower():
-        raise ValueError(f"budget {text!r}: give a number with its unit, e.g. 30s, 8m, 9h or 1h30m")
-    return sum(float(a) * {"s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
-
-
-def range_problem(name, value):
-    """Why a numeric setting's value is out of RANGES (or not finite), or None."""
-    if name == "truncation" and value == TRUNCATION_FROM_PLAN:
-        return None
-    low, high = RANGES.get(name, (None, None))
-    if (isinstance(value, int) or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high):
-        return None
-    bounds = (f" from {low}" if low is not None else "") + (f" to {high}" if high is not None else "")
-    return f"{name}={value!r}: must be a finite number{bounds}" + (
-        f" (or {TRUNCATION_FROM_PLAN:g}: from the planned passes)" if name == "truncation" else "")
-
-
-def with_settings(cfg, settings):
-    """A copy of cfg with settings applied; an unknown name, a wrong type or a value outside its
-    choices is an error listing every such setting, not a no-op."""
-    types = {f.name: {"str": str, "int": int, "float": float}.get(f.type, f.type)
-             for f in dataclasses.fields(TrainConfig)}
-    problems = [f"unknown setting {k!r}" for k in sorted(set(settings) - set(types))]
-    for k, v in settings.items():
-        if k not in types:
-            continue
-        kind = types[k]
-        if kind is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-            problems.append(f"{k}={v!r}: must be {kind.__name__}")
-        elif k in CHOICES and v not in CHOICES[k]:
-            problems.append(f"{k}={v!r}: choose from {', '.join(CHOICES[k])}")
-        elif kind in (int, float) and range_problem(k, v):
-            problems.append(range_problem(k, v))
-        elif k == "truncation" and 0 < v < TRUNCATION_MIN:
-            problems.append(f"truncation={v!r}: give 0 (none) or {TRUNCATION_MIN} or more")
-    if not problems and settings.get("ema_kimg", 0) > 0 and settings.get("ema_fraction", 0) > 0:
-        problems.append(f"ema_kimg={settings['ema_kimg']!r} and ema_fraction={settings['ema_fraction']!r}: the EMA's "
-                        "half-life is one or the other (set the unused one to 0)")
-    if problems:
-        raise ValueError("; ".join(problems))
-    if "ema_fraction" not in settings and (settings.get("ema_kimg", 0) > 0 or "ema_decay" in settings):
-        settings = {**settings, "ema_fraction": 0.0}  # an EMA given explicitly wins over one left to the plan
-    elif settings.get("ema_fraction", 0) > 0 and "ema_kimg" not in settings:
-        settings = {**settings, "ema_kimg": 0.0}
-    return dataclasses.replace(cfg, **{k: float(v) if types[k] is float else v for k, v in settings.items()})
 
 
 def parse_snapshots(text):
@@ -237,11 +103,13 @@ def ema_line(cfg):
 
 def settings_line(cfg, model):
     """The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
-    (for a model that applies it) and the sampling truncation, whichever cell or option set them."""
-    parts = [f"batch {cfg.batch_size}", f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)", f"augment {cfg.augment}"]
+    (for a model that reads it) and the sampling truncation, whichever cell or option set them."""
+    name = getattr(model, "name", "")
+    lr = f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)" if reads(name, "lr_d") else f"lr {cfg.lr_g:g}"
+    parts = [f"batch {cfg.batch_size}", lr, f"augment {cfg.augment}"]
     if getattr(model, "d_width", None):
         parts.insert(1, f"width {cfg.width} (G) {model.d_width} (D)")
-    if "lecam" in getattr(model, "applies", ()):
+    if reads(name, "lecam"):
         parts.append(f"LeCam {cfg.lecam:g} from D step {cfg.lecam_start}" if cfg.lecam else "LeCam off")
     parts.append("truncation from the planned passes" if cfg.truncation == TRUNCATION_FROM_PLAN
                  else f"truncation {cfg.truncation:g}" if cfg.truncation else "no truncation")
@@ -1104,19 +972,11 @@ def seed_and_tune(cfg, device):
         torch.backends.cudnn.benchmark = True
 
 
-MODEL_SPECIFIC = (("lecam", 0.0, "LeCam (biggan does)"), ("d_width", 0, "it"), ("d_steps", 1, "it"))  # (setting, off)
-
-
 def check_model_options(cfg, model, n_classes=None, device="cpu"):
-    """Options only some models apply, and (given n_classes) the built model's own contract
-    (generator_problem): an error listing each problem, rather than silently nothing or a traceback
-    mid-run."""
-    applies = getattr(model, "applies", ())
-    problems = [f"{name}={getattr(cfg, name):g}: model {model.name} does not apply {what}"
-                for name, off, what in MODEL_SPECIFIC if getattr(cfg, name) != off and name not in applies]
-    if "diffaug" in cfg.augment and "diffaug" not in applies:
-        problems.insert(0, f"augment {cfg.augment!r}: model {model.name} does not apply DiffAugment "
-                           "(biggan and dcgan do)")
+    """Settings the model does not read (unread_settings), and (given n_classes) the built model's
+    own contract (generator_problem): an error listing each problem, rather than silently nothing or
+    a traceback mid-run."""
+    problems = unread_settings(cfg, model.name)
     broken = generator_problem(model, cfg, n_classes, device) if n_classes is not None else None
     if problems or broken:
         raise ValueError("; ".join(problems + ([f"model check: {broken}"] if broken else [])))

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from dogkit.core import kernel as K
+from dogkit.core import registry
 from dogkit.core import runtime
 from dogkit.metrics.submission import load_submission
 
@@ -142,7 +143,7 @@ def test_a_run_continues_in_the_next_kaggle_session_from_its_attached_output(fak
                            (("--width", "8"), "trained with other settings: width 4 (this run: 8)")):
         shutil.rmtree(fake_kaggle["tmp"] / "scratch", ignore_errors=True)
         refused = run_kernel(env, *args, *extra)
-        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+        assert refused.returncode == 1 and message in refused.stderr, refused.stderr[-2000:]
         assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
         assert not (fake_kaggle["tmp"] / "scratch").exists()  # refused before any cleaning
 
@@ -151,7 +152,7 @@ def test_no_gpu_on_kaggle_stops_at_once_before_cleaning(fake_kaggle):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     proc = run_kernel(fake_kaggle["env"], timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr.startswith("error: no GPU: this notebook runs without an accelerator")
     assert "GPU T4 x2" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -177,8 +178,8 @@ def test_a_gpu_this_torch_cannot_run_stops_before_cleaning(fake_kaggle, monkeypa
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(K, "kaggle_data", lambda *a, **k: pytest.fail("cleaning started"))
     with pytest.raises(SystemExit) as exit_:
-        K.main(object, {}, argv=[])
-    assert exit_.value.code == 2
+        K.main(registry.get("dcgan").cls, {}, argv=[])
+    assert exit_.value.code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert err.startswith("error: Tesla P100-PCIE-16GB (sm_60) cannot run torch ")

@@ -12,14 +12,15 @@ import torch
 
 from dogkit.core import registry
 from dogkit.core.train import (TrainConfig, Trainer, ema_weight, load_checkpoint, lr_multiplier, measure_end,
-                               pace_line, parse_budget, train, train_step, with_settings)
+                               pace_line, train, train_step, with_settings)
+from dogkit.core.settings import parse_budget
 from dogkit.core.runtime import RunError
 from dogkit.metrics.submission import load_submission
 
 
-def tiny_cfg(tmp_path, **over):
-    entry = registry.get("dcgan")
-    cfg = with_settings(TrainConfig(), entry.settings)
+def tiny_cfg(tmp_path, model="dcgan", **over):
+    entry = registry.get(model)
+    cfg = with_settings(TrainConfig(model=model), entry.settings)
     base = dict(out=str(tmp_path), width=4, batch_size=8, n_samples=64, reserve=0.0, log_every=0.0,
                 grid_every=1e9, checkpoint_every=1e9, device="cpu", budget=1e6)
     base.update(over)
@@ -73,12 +74,13 @@ def test_a_per_step_decay_averages_over_the_same_images_on_one_gpu_or_two():
     assert "half-life 10k images" in ema_line(with_settings(cfg, {"ema_kimg": 10.0}))
 
 
-def test_the_settings_line_names_the_levers_each_model_applies():
+def test_the_settings_line_names_the_levers_each_model_reads():
     """Batch, learning rates, augmentation and truncation for every model; LeCam only for one that
-    applies it (on or off); a setting changed by an option shows its new value."""
+    reads it (on or off), D's learning rate only for a model with a D; a setting changed by an
+    option shows its new value."""
     from dogkit.core.train import settings_line
 
-    biggan, dcgan = SimpleNamespace(applies=("diffaug", "lecam")), SimpleNamespace(applies=("diffaug",))
+    biggan, dcgan, cvae = (SimpleNamespace(name=n) for n in ("biggan", "dcgan", "cvae"))
     cfg = with_settings(TrainConfig(), registry.get("biggan").settings)
     assert settings_line(cfg, biggan) == ("settings   batch 64, lr 0.0001 (G) 0.0004 (D), augment flip, LeCam off, "
                                           "truncation from the planned passes")
@@ -86,6 +88,7 @@ def test_the_settings_line_names_the_levers_each_model_applies():
     assert settings_line(on, biggan) == ("settings   batch 32, lr 0.0001 (G) 0.0004 (D), augment flip+diffaug, "
                                          "LeCam 0.3 from D step 1000, no truncation")
     assert "LeCam" not in settings_line(cfg, dcgan) and "LeCam" not in settings_line(cfg, SimpleNamespace())
+    assert settings_line(TrainConfig(), cvae).startswith("settings   batch 32, lr 0.0002, augment crop-flip, ")
     built = registry.get("biggan").cls(with_settings(cfg, {"width": 4}), 3, "cpu")  # D twice as wide unless set
     assert settings_line(with_settings(cfg, {"width": 4}), built).startswith("settings   batch 64, width 4 (G) 8 (D), ")
 
@@ -166,7 +169,7 @@ def test_d_width_and_d_steps_reach_the_discriminator(tmp_path, tiny_dataset):
     trainer.run()
     assert trainer.model.D.linear.weight.shape[1] == 16 * 8 and trainer.model.G.blocks[-1].conv2.weight.shape[0] == 8
     assert trainer.images_seen == 2 * 2 * 4  # two real batches a step
-    with pytest.raises(ValueError, match="d_width=8: model dcgan does not apply it"):
+    with pytest.raises(ValueError, match=r"d_width=8: model dcgan does not read it \(biggan does\)"):
         Trainer(tiny_cfg(tmp_path, d_width=8), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
 
 
@@ -305,7 +308,7 @@ def test_augment_is_checked(tmp_path, tiny_dataset):
     with pytest.raises(ValueError, match="choose from"):
         Trainer(tiny_cfg(tmp_path, augment="flipp"), registry.get("dcgan").cls, data=tiny_dataset, log=lambda m: None)
     with pytest.raises(ValueError, match="does not apply DiffAugment"):
-        Trainer(tiny_cfg(tmp_path, augment="flip+diffaug"), registry.get("gan").cls, data=tiny_dataset,
+        Trainer(tiny_cfg(tmp_path, "gan", augment="flip+diffaug"), registry.get("gan").cls, data=tiny_dataset,
                 log=lambda m: None)
 
 
@@ -581,7 +584,7 @@ def test_a_refused_start_destroys_nothing_and_leaves_nothing(tmp_path, tiny_data
     for out in (trained, empty):
         res = CliRunner().invoke(main, ["train", "--model", "dcgan", "--data", str(data), "--budget", "20s",
                                         "--out", str(out), "--width", "4", "--device", "cpu"])
-        assert res.exit_code == 2, res.output
+        assert res.exit_code == 1, res.output  # bad input (README, exit codes)
         assert "is too short on this device" in res.output and "Traceback" not in res.output
     assert (trained / "checkpoint.pt").read_bytes() == b"a trained checkpoint"
     assert sorted(p.name for p in trained.iterdir()) == ["checkpoint.pt"]
@@ -773,7 +776,7 @@ def test_the_checkpoint_counts_the_real_images_seen(tmp_path, tiny_dataset):
     """wgan-gp draws a real batch per critic step: the trainer counts what the model draws, and
     tools/gpu_bench reads that count (no per-model special case)."""
     entry = registry.get("wgan-gp")
-    cfg = with_settings(tiny_cfg(tmp_path, steps=3), dict(entry.settings, width=4, batch_size=8, out=str(tmp_path)))
+    cfg = tiny_cfg(tmp_path, "wgan-gp", steps=3)
     train(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert cfg.d_steps > 1 and ckpt["images_seen"] == 3 * cfg.d_steps * 8

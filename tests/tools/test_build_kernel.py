@@ -34,7 +34,7 @@ def test_the_front_reads_settings_model_recipe_loop_and_the_machinery_follows(na
     behind it."""
     text = build_kernel.build(name)
     lines = text.splitlines()
-    settings = lines.index("# Settings: the model's hyper-parameters (anything TrainConfig below names can go here)")
+    settings = lines.index("# Settings: the model's hyper-parameters (any setting of SETTINGS below can go here)")
     machinery = next(i for i, ln in enumerate(lines) if ln.startswith("# MACHINERY."))
     front, back = "\n".join(lines[settings:machinery]), "\n".join(lines[machinery:])
     entry = registry.get(name)

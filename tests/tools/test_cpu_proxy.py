@@ -44,7 +44,7 @@ def test_bad_entries_are_refused_with_every_problem(tmp_path):
     with pytest.raises(gpu_bench.BenchError) as err:
         cpu_proxy.load_queue(write_queue(tmp_path / "q.json", [bad, entry(id="b"), worse]))
     text = str(err.value)
-    for needle in ("unknown key 'extra'", "id used twice", "does not apply DiffAugment", "gan does not apply LeCam",
+    for needle in ("unknown key 'extra'", "id used twice", "does not apply DiffAugment", "lecam=0.3: model gan does not read it",
                    "images 0"):
         assert needle in text, needle
     with pytest.raises(gpu_bench.BenchError) as err:

@@ -185,7 +185,6 @@ class BigGAN:
 
     name = "biggan"
     conditional = True
-    applies = ("diffaug", "lecam", "d_width", "d_steps")  # DiffAugment, LeCam, D's own width, several D steps
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg

@@ -16,11 +16,8 @@ class ModelContract:
         name: the registry name, written into checkpoints ("dcgan").
         conditional: True when G and D take breed labels (G(z, labels)); the trainer then passes
             the data's breeds and samples them class-balanced.
-    Optional class attributes:
-        applies: the model-specific settings its step reads, of "diffaug" (an augment setting with
-            "+diffaug": the step passes what D sees through diff_augment), "lecam", "d_width",
-            "d_steps" (train.MODEL_SPECIFIC); any of them set for a model that does not list it is
-            an error.
+    The settings a model reads beyond every model's are named in settings.SETTINGS (its models
+    column; DIFFAUG_MODELS for "+diffaug"); setting one for a model not named there is an error.
     __init__(cfg, n_classes, device): builds everything on device from a TrainConfig.
     Instance attributes after __init__:
         G: the generator, an nn.Module called as G(z, labels) (labels None when unconditional),

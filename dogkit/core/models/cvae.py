@@ -14,7 +14,7 @@ from torch import nn
 
 from dogkit.core.models.common import adam, backward_step
 
-CVAE_SETTINGS = dict(lr_g=1e-3, lr_d=1e-3, beta1=0.9, beta2=0.999, batch_size=64, z_dim=128, width=32,
+CVAE_SETTINGS = dict(lr_g=1e-3, beta1=0.9, beta2=0.999, batch_size=64, z_dim=128, width=32,
                      augment="flip", kl_weight=1.0, clusters=1000, recycle=3, lr_decay_start=0.3)
 
 

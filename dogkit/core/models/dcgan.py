@@ -60,7 +60,6 @@ class DCGAN:
 
     name = "dcgan"
     conditional = False
-    applies = ("diffaug",)
 
     def __init__(self, cfg, n_classes, device):
         self.cfg = cfg

@@ -65,7 +65,6 @@ def he_init(module):
 
 class WGANGP:
     name = "wgan-gp"
-    applies = ("d_steps",)
     conditional = False
 
     def __init__(self, cfg, n_classes, device):
