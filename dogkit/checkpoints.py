@@ -20,7 +20,8 @@ import os
 import torch
 
 from dogkit.core.registry import get
-from dogkit.core.sample import atomic_path, generate, save_grid, write_zip
+from dogkit.core.data import atomic_path
+from dogkit.core.sample import generate, save_grid, write_zip
 from dogkit.core.runtime import RunError
 from dogkit.core.train import CHECKPOINT_FORMAT, batchnorms, ema_generator, pick_device, read_checkpoint
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from dogkit.checkpoints import BN_STATS
-from dogkit.core.runtime import BUG_EXIT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_USAGE, TRACEBACK_FILE, save_traceback
+from dogkit.core.runtime import BUG_EXIT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, TRACEBACK_FILE, save_traceback
 from dogkit.core.registry import MODEL_NAMES
 
 
@@ -69,6 +69,28 @@ def _writable(path, folder=False) -> None:
     problem = output_problem(path, folder)
     if problem:
         _fail(problem)
+
+
+force_option = click.option("--force", is_flag=True,
+                            help="Replace an existing output (without it, an existing output is refused).")
+
+
+def _existing_output(out, force: bool, up_to_date=None) -> bool:
+    """The one rule for an output that exists (README, Commands): nothing is replaced without a
+    word. When up_to_date() says the file already holds what this command would make (the same
+    inputs and settings: clean-data, reference), that is said and the command is done (True);
+    otherwise it is refused in one line unless --force, and then the replacement is said."""
+    if not os.path.lexists(out):
+        return False
+    if up_to_date is not None and not force:
+        same = up_to_date()
+        if same:
+            click.echo(f"up to date {out}: {same} (--force makes it again)")
+            return True
+    if not force:
+        _fail(f"{out}: exists (an earlier output); give another -o, or --force to replace it")
+    click.echo(f"replacing  {out} (--force)", err=True)
+    return False
 
 
 EXPECTED = (ValueError, OSError, MemoryError)  # bad input, a disk or the machine: one line, exit 1
@@ -143,7 +165,8 @@ def main(debug):
 @device_option
 @click.option("--limit", type=click.IntRange(2, None), default=None,
               help="Use N photos spread over the breeds (a seeded, class-balanced pick; not comparable with a full reference).")
-def reference(source, out, inception_weights, batch_size, device, limit):
+@force_option
+def reference(source, out, inception_weights, batch_size, device, limit, force):
     """Reference statistics of real photos (folder, recursive, or zip).
 
     Each photo is converted to RGB and resized to 64x64 with LANCZOS, as the competition did.
@@ -152,12 +175,19 @@ def reference(source, out, inception_weights, batch_size, device, limit):
     \b
     dogkit reference ../shared/data/stanford-dogs-crops -o data/ref.npz
     dogkit reference /kaggle/input/generative-dog-images/all-dogs.zip -o data/ref-kaggle.npz
+
+    A finished reference of the same photos, network and --limit is not made again: the command
+    says it is up to date (--force makes it again; another existing file at -o needs --force).
     """
     from dogkit.metrics.reference import build_reference
+
+    from dogkit.metrics.reference import reference_up_to_date
 
     _writable(out)
     _threads()
     model, info = _load_network(inception_weights)
+    if _existing_output(out, force, lambda: reference_up_to_date(out, source, info["digest"], limit)):
+        return
     click.echo(f"inception weights: {info['source']}", err=True)
     try:
         ref = build_reference(source, out, model, info, _device(device), batch_size=batch_size,
@@ -187,13 +217,19 @@ def reference(source, out, inception_weights, batch_size, device, limit):
 @click.option("--sqrtm", type=click.Choice(["auto", "scipy", "eigh"]), default="auto", show_default=True,
               help="FID's matrix square root: scipy (the competition's code), eigh (symmetric "
                    "eigensolves, seconds on a GPU, same value to 1e-7), auto (eigh on CUDA).")
-def score(submission, reference_path, strict, as_json, inception_weights, batch_size, device, sqrtm):
+@click.option("--sample", default=0, show_default=True, type=click.IntRange(0, None),
+              help="Score only a seeded sample of this many of the images (the rules still checked on all): a "
+                   "first number in a minute, not comparable with a full score. 0: all of them.")
+def score(submission, reference_path, strict, as_json, inception_weights, batch_size, device, sqrtm, sample):
     """Local MiFID of images.zip (or a folder), computed like the competition's metric.
 
     \b
     dogkit score submission/images.zip --reference data/ref.npz
-    dogkit sample runs/dcgan/checkpoint.pt -n 500 -o submission/quick.zip
-    dogkit score submission/quick.zip --reference data/ref.npz --no-strict --json
+    dogkit score submission/images.zip --reference data/ref.npz --sample 500     # a first number, fast
+    dogkit score submission/images.zip --reference data/ref.npz --json
+
+    The features are kept in a cache (~/.cache/dogkit, or DOGKIT_CACHE): `dogkit report` of the
+    same images reads them instead of computing them again.
     """
     from dogkit.metrics.reference import load_reference
     from dogkit.metrics.score import score as run_score
@@ -218,8 +254,8 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     if ref.provenance.get("weights", {}).get("digest") not in (None, info["digest"]):
         click.echo("warning: reference was made with other Inception weights", err=True)
     try:
-        result = run_score(images, ref, model, _device(device), strict=strict,
-                           batch_size=batch_size, progress=not as_json, sqrtm=sqrtm)
+        result = run_score(images, ref, model, _device(device), strict=strict, batch_size=batch_size,
+                           progress=not as_json, sqrtm=sqrtm, sample=sample, network_digest=info["digest"])
     except ValueError as exc:  # a number that cannot be computed is an error, never a printed NaN
         _fail(f"{reference_path}: {exc}")
     result["seconds"] = round(time.time() - t0, 2)  # decoding and rules included
@@ -228,11 +264,14 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
     if as_json:
         click.echo(json.dumps(result, allow_nan=False))
         return
-    click.echo(f"images     {result['n_images']}")
-    click.echo(f"FID        {result['fid']:.4f}")
+    sampled = result["n_images"] < result["sampled_from"]
+    click.echo(f"images     {result['n_images']:,}" + (f" of {result['sampled_from']:,} (a seeded sample: not "
+                                                         "comparable with a full score)" if sampled else ""))
+    mark = f"   (a sample of {result['n_images']:,})" if sampled else ""
+    click.echo(f"FID        {result['fid']:.4f}{mark}")
     click.echo(f"distance   {result['distance']:.4f}   (mean nearest 1-|cos| to the reference)")
     click.echo(f"d_thr      {result['distance_thresholded']:.4f}   (d if d < 0.1, else 1)")
-    click.echo(f"MiFID      {result['mifid']:.4f}")
+    click.echo(f"MiFID      {result['mifid']:.4f}{mark}")
     click.echo(f"seconds    {result['seconds']:.1f}")
 
 
@@ -248,18 +287,20 @@ def score(submission, reference_path, strict, as_json, inception_weights, batch_
               help="Apply the submission rules (10,000 64x64 RGB PNGs) before reporting.")
 @click.option("--inception-weights", type=Existing(), default=None, help=WEIGHTS_HELP)
 @device_option
-def report(submission, reference_path, run_dir, out, strict, inception_weights, device):
+@force_option
+def report(submission, reference_path, run_dir, out, strict, inception_weights, device, force):
     """Why a submission scores what it scores: PNGs, OUT/report.html (self-contained) and report.json.
 
     \b
     dogkit report submission/images.zip --reference data/ref.npz --run runs/dcgan -o report/
     """
-    from dogkit.metrics.features import extract
     from dogkit.metrics.reference import load_photos, load_reference
     from dogkit.metrics.report import build_report, read_log
+    from dogkit.metrics.score import submission_features
     from dogkit.metrics.submission import SubmissionError, load_submission
 
     _writable(out, folder=True)
+    _existing_output(Path(out) / "report.html", force)
     try:
         images = load_submission(submission, strict=strict)
         ref = load_reference(reference_path)
@@ -270,9 +311,11 @@ def report(submission, reference_path, run_dir, out, strict, inception_weights, 
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     _threads()
-    model, _ = _load_network(inception_weights)
+    model, info = _load_network(inception_weights)
     dev = _device(device)
-    gen = extract(model, images.pixels, dev, batch_size=100, progress=True, desc="report")
+    gen, notes = submission_features(images, model, dev, progress=True, network_digest=info["digest"], desc="report")
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
     source = Path(ref.provenance.get("source", ""))
 
     def real_photos(rows):
@@ -325,7 +368,8 @@ def export_inception(out, fmt):
 @click.option("--codec", type=click.Choice(["avif", "webp", "webp-lossless"]), default="avif", show_default=True,
               help="Image storage in the cache (avif: 4:4:4 quality 91, about 56 MB for 22,000 crops; "
                    "webp: quality 92, 4:2:0, smaller and less faithful; webp-lossless: about 150 MB).")
-def clean_data(source, out, annotations, size, strategy, min_side, margin, preview, strict, workers, codec):
+@force_option
+def clean_data(source, out, annotations, size, strategy, min_side, margin, preview, strict, workers, codec, force):
     """Raw dog photos -> one crop per annotated dog -> one compact cache file.
 
     \b
@@ -338,6 +382,16 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
         _fail(f"{out}: the cache file must end in .npz")
     for path in (out, preview) if preview else (out,):
         _writable(path)
+    settings = {"strategy": strategy, "size": int(size), "min_side": min_side, "margin": margin}
+    if preview:
+        _existing_output(preview, force)
+    if _existing_output(out, force, lambda: _cache_up_to_date(out, source, annotations, settings, codec)):
+        if preview:
+            from dogkit.core.data import load_cache
+
+            _preview(load_cache(out), preview)
+            click.echo(f"preview    {preview} (from {out})")
+        return
     try:
         data = clean(source, annotations, int(size), strategy, min_side, margin, workers=workers,
                      progress=True, log=lambda m: click.echo(m, err=True))
@@ -363,6 +417,28 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
     if preview:
         _preview(data, preview)
         click.echo(f"preview    {preview}")
+
+
+def _cache_up_to_date(out, source, annotations, settings, codec):
+    """What the cache at out holds, in words, when it is what clean-data would write now (the same
+    photos by name and size, settings and codec); else None (another input, or not a cache)."""
+    import numpy as np
+
+    from dogkit.core.data import DataError, discover, fingerprint
+
+    try:
+        with np.load(out, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+        old = meta["settings"]
+        if meta.get("codec") != codec or any(old.get(k) != v for k, v in settings.items()) or \
+                old.get("source") != os.path.abspath(source):
+            return None
+        _, items, _, _ = discover(source, annotations)
+        if old.get("fingerprint") != fingerprint(items):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, DataError):
+        return None
+    return f"{len(meta['breeds'])} breeds cleaned from the same {len(items):,} photos with the same settings"
 
 
 def _preview(data, path, n=48):
@@ -413,17 +489,25 @@ def train(model, **opts):
     from dogkit.core import registry
     from dogkit.core.data import DataError
     from dogkit.core.distributed import RankStopped
-    from dogkit.core.kernel import config_from_options
-    from dogkit.core.runtime import EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED, RunError
-    from dogkit.core.train import RunFailed, train as run_train, with_settings
+    from dogkit.core.kernel import config_from_options, earlier_run_line
+    from dogkit.core.runtime import EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED, RunError, claim_folder, release_folder
+    from dogkit.core.train import RunFailed, train as run_train
+    from dogkit.core.settings import with_settings
 
     entry = registry.get(model)
     try:
         cfg = config_from_options(entry.settings, opts, presets=entry.presets, model=model)
         world, device = _torchrun_world(cfg.device, opts["gpus"])
+        if world.main and not opts["resume"] and earlier_run_line(cfg.out):
+            click.echo(earlier_run_line(cfg.out), err=True)
         if world.size > 1:
             cfg = with_settings(cfg, {"device": str(device)})
-        run_train(cfg, entry.cls, resume=opts["resume"], log=lambda m: click.echo(m, err=True), world=world)
+        lock = claim_folder(cfg.out) if world.main else None  # two runs on one --out: refused
+        try:
+            run_train(cfg, entry.cls, resume=opts["resume"], log=lambda m: click.echo(m, err=True), world=world)
+        finally:
+            if lock:
+                release_folder(lock)
     except RankStopped:
         sys.exit(EXIT_RANK_STOPPED)  # another rank failed and says why
     except (ValueError, DataError, RunError) as exc:  # bad input or settings: exit 1, as everywhere
@@ -470,12 +554,14 @@ def _torchrun_world(device, gpus):
               help="Batch-norm statistics: re-estimated after training (what the kernels do), the running averages "
                    "of training (eval mode), or each batch's own (batches of the training batch size).")
 @device_option
-def sample(checkpoint, out, n_images, truncation, seed, grid, bn, device):
+@force_option
+def sample(checkpoint, out, n_images, truncation, seed, grid, bn, device, force):
     """Sample a checkpoint's EMA generator into a zip of PNGs, checked with the scorer's rules.
 
     \b
-    dogkit sample runs/dcgan/checkpoint.pt -o submission/images.zip --truncation 1.0
+    dogkit sample runs/dcgan/checkpoint.pt -o submission/t1.zip --truncation 1.0
     dogkit sample runs/big/checkpoint.pt -o runs/big/batch-bn.zip --bn batch
+    dogkit sample runs/dcgan/checkpoint.pt -o submission/images.zip --force    # replaces the kernel's zip
     """
     from dogkit.checkpoints import load_generator, sample_to_zip
     from dogkit.core.runtime import RunError
@@ -487,6 +573,7 @@ def sample(checkpoint, out, n_images, truncation, seed, grid, bn, device):
               "no z value and would never finish redrawing)")
     for path in (out, grid) if grid else (out,):
         _writable(path)
+        _existing_output(path, force)  # a kernel's images.zip is never replaced without a word
     try:
         generator = load_generator(checkpoint, _device(device), bn=bn)
     except RunError as exc:  # missing, truncated, another format, or a pickle with code: refused

@@ -26,12 +26,12 @@ Contents (line numbers):
     475  The training loop
     541  MACHINERY (below: nothing to read to change the model)
     548  Data
-   1104  Several GPUs
-   1319  The machine
-   1487  Sampling
-   1638  Settings
-   1794  Training
-   2717  Entry point
+   1153  Several GPUs
+   1368  The machine
+   1578  Sampling
+   1705  Settings
+   1861  Training
+   2784  Entry point
 """
 import argparse
 import contextlib
@@ -698,6 +698,55 @@ def open_zip(path):
         return _OPEN_ZIPS[key]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise DataError(f"{shown_name(path)}: not a readable zip ({exc})") from None
+
+# ---- writing files: one way out ---------------------------------------------------------------
+
+TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """The one way every output is written: a temporary name beside `path` (its extension kept, so
+    np.savez and PIL write exactly there), renamed onto `path` when the block succeeds, removed
+    when it fails or is interrupted, so the earlier file stays whole until the new one is (a kill -9
+    leaves the temporary: remove_stale_temps). A write that fails on the disk (full, read-only) is
+    one OSError naming the path."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem}{TEMP_MARK}{os.getpid()}{ext}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is None:  # said already (a nested write)
+            raise
+        raise OSError(f"{path}: {(exc.strerror or str(exc)).lower()} (nothing written: the earlier file, if any, "
+                      f"is as it was)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+def remove_stale_temps(folder):
+    """Remove what a killed writer left half-written in folder (a process that is still running
+    keeps its own); returns the names removed."""
+    gone = []
+    for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
+        pid = re.search(re.escape(TEMP_MARK) + r"(\d+)", name)
+        if pid and not process_alive(int(pid.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                gone.append(name)
+    return gone
+
+def process_alive(pid):
+    """Whether a process pid runs on this machine (this one included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
 
 # ---- finding the inputs ----------------------------------------------------------------------
 
@@ -1452,9 +1501,51 @@ def writable_dir(candidates):
             continue
     raise RunError(f"no writable scratch folder among {', '.join(p for p in candidates if p)}")
 
+RUN_LOCK = ".dogkit-run.lock"  # in a run folder while a run writes there: its process id
+
+def claim_folder(folder):
+    """Claim a run folder for this process before any work (two runs on one --out would interleave
+    their logs and checkpoints): the lock file's path. A lock of a process that is still running
+    is a RunError naming it; one left by a killed run (or by this process: a notebook's earlier
+    cell) is taken over. release_folder() gives it back."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, RUN_LOCK)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as fh:
+                    pid = int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None  # being written this instant, or torn by a kill: looked at again
+            if pid and pid != os.getpid() and process_alive(pid):
+                raise RunError(f"{folder}: another run (process {pid}) is writing there, its lock {path}; give "
+                               f"another --out, or wait for it") from None
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            time.sleep(0.05)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return path
+    raise RunError(f"{folder}: its lock {path} cannot be taken (another run starting there?); give another --out")
+
+def release_folder(path):
+    """Give back a run folder claimed by claim_folder (only this process's own lock)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(path) as fh:
+            if int(fh.read().split()[0]) == os.getpid():
+                os.remove(path)
+
 def output_problem(path, folder=False):
     """Why path cannot be written as an output file (folder=True: folder), or None; checked before
-    any work: a folder (file) in its place, a file above it, a folder above it not writable."""
+    any work: a folder (file) in its place, a link to nowhere (writing would replace the link
+    with a file), a file above it, a folder above it not writable."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"{path}: a symbolic link to {os.readlink(path)}, which does not exist (remove the link or give "
+                "another path)")
     path = os.path.abspath(path)
     if os.path.exists(path) and os.path.isdir(path) != folder:
         return f"{path}: is a {'file (give a folder)' if folder else 'folder (give a file name)'}"
@@ -1491,33 +1582,9 @@ def save_traceback(path=TRACEBACK_FILE):
 N_SUBMISSION = 10_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRUNCATION_MIN = 0.04  # the smallest truncation BigGAN's sweep used; redrawing for a smaller one would not end
-TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
 
 class OutOfTime(RuntimeError):
     """Work that would pass its deadline stops at the next batch instead."""
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """A temporary name beside `path` to write to: renamed onto `path` when the block succeeds,
-    removed when it fails or is interrupted (a kill -9 leaves it: remove_stale_temps)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_MARK}{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-def remove_stale_temps(folder):
-    """Remove what a killed run left half-written in folder; returns the names removed."""
-    gone = []
-    for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
-        if TEMP_MARK in name:
-            os.remove(os.path.join(folder, name))
-            gone.append(name)
-    return gone
 
 def check_deadline(deadline, clock, what):
     if deadline is not None and clock() > deadline:
@@ -2672,7 +2739,7 @@ class Trainer:
         if self.world.main:
             if self.continues:
                 carry_log(self.continues, self.cfg.out, self.log)
-            with open(os.path.join(self.cfg.out, "options.json"), "w") as fh:
+            with atomic_path(os.path.join(self.cfg.out, "options.json")) as tmp, open(tmp, "w") as fh:
                 json.dump(dict(dataclasses.asdict(self.given), world_size=self.world.size), fh, indent=2)
         try:
             failure = train_loop(self)
@@ -3058,20 +3125,35 @@ def run(model_cls, settings, args, t0):
     if args.preset:
         print(f"preset     {args.preset}: its settings over the model's (each cited to its source in the "
               f"settings), the options given here over both", flush=True)
-    size, device_type = world_size(args.gpus, cfg.device)
-    resume, ckpt = args.resume, None
-    if on_kaggle and cfg.sessions > 1 and resume is None:
-        resume, ckpt = earlier_session(input_root, cfg.out)
-    if resume:  # refused in seconds, before any cleaning, when it cannot be continued
-        ckpt = read_checkpoint(resume) if ckpt is None else ckpt
-        print(f"continues  {check_continuation(ckpt, resume, cfg, model_cls.name)}", flush=True)
-        del ckpt  # training loads it again, onto its device
-    if size == 1:
-        device = pick_device(cfg.device, require_gpu=on_kaggle)  # seconds, before any cleaning
-        return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
-    started = time.time()
-    codes = launch(rank_main, size, device_type, (model_cls, cfg, resume, t0, on_kaggle))
-    return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume, started)
+    lock = claim_folder(cfg.out)  # before any work: two runs on one --out would interleave their files
+    try:
+        size, device_type = world_size(args.gpus, cfg.device)
+        resume, ckpt = args.resume, None
+        if on_kaggle and cfg.sessions > 1 and resume is None:
+            resume, ckpt = earlier_session(input_root, cfg.out)
+        if resume:  # refused in seconds, before any cleaning, when it cannot be continued
+            ckpt = read_checkpoint(resume) if ckpt is None else ckpt
+            print(f"continues  {check_continuation(ckpt, resume, cfg, model_cls.name)}", flush=True)
+            del ckpt  # training loads it again, onto its device
+        elif earlier_run_line(cfg.out):
+            print(earlier_run_line(cfg.out), flush=True)
+        if size == 1:
+            device = pick_device(cfg.device, require_gpu=on_kaggle)  # seconds, before any cleaning
+            return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
+        started = time.time()
+        codes = launch(rank_main, size, device_type, (model_cls, cfg, resume, t0, on_kaggle))
+        return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume, started)
+    finally:
+        release_folder(lock)
+
+RUN_FILES = ("images.zip", "checkpoint.pt")  # what a run folder holds that a new run replaces
+
+def earlier_run_line(out):
+    """The start block's line when out holds an earlier run's files that this new run will replace
+    (the rule for outputs: never replaced without a word), or ''."""
+    found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
+    return (f"replaces   {', '.join(found)} in {out}, an earlier run's, as this run writes its own (--resume "
+            f"{os.path.join(out, 'checkpoint.pt')} continues that run instead; another --out keeps it)") if found else ""
 
 def earlier_session(input_root, working):
     """The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from dogkit.core import registry  # noqa: E402
 from dogkit.core.data import load_dataset  # noqa: E402
-from dogkit.core.train import Trainer, TrainConfig, train_loop, with_settings  # noqa: E402
+from dogkit.core.train import Trainer, train_loop  # noqa: E402
+from dogkit.core.settings import TrainConfig, with_settings
 
 
 def measure(entry, data, mode, seconds, batch_size, device, precision=None, memory_format=None):

@@ -70,7 +70,7 @@ def proxy_config(e, seed=0, out="x"):
     """The TrainConfig of one run of a proxy entry (every option checked; the runner sets FIXED)."""
     from dogkit.core import registry
     from dogkit.core.kernel import with_preset
-    from dogkit.core.train import TrainConfig, with_settings
+    from dogkit.core.settings import TrainConfig, with_settings
 
     options = dict(e.get("options") or {})
     preset = options.pop("preset", None)

@@ -8,6 +8,7 @@
 #   square  a square of the box's shorter side, centred in the box (most public kernels)
 #   aspect  report 001's DCGAN: keep only boxes with aspect ratio in [0.8, 1.25], then squash
 #   pad     grow the box by a margin to a square, shift it inside the photo, reflect-pad the rest
+import contextlib
 import hashlib
 import io
 import json
@@ -189,6 +190,59 @@ def open_zip(path):
         return _OPEN_ZIPS[key]
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise DataError(f"{shown_name(path)}: not a readable zip ({exc})") from None
+
+
+# ---- writing files: one way out ---------------------------------------------------------------
+
+TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """The one way every output is written: a temporary name beside `path` (its extension kept, so
+    np.savez and PIL write exactly there), renamed onto `path` when the block succeeds, removed
+    when it fails or is interrupted, so the earlier file stays whole until the new one is (a kill -9
+    leaves the temporary: remove_stale_temps). A write that fails on the disk (full, read-only) is
+    one OSError naming the path."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem}{TEMP_MARK}{os.getpid()}{ext}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno is None:  # said already (a nested write)
+            raise
+        raise OSError(f"{path}: {(exc.strerror or str(exc)).lower()} (nothing written: the earlier file, if any, "
+                      f"is as it was)") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def remove_stale_temps(folder):
+    """Remove what a killed writer left half-written in folder (a process that is still running
+    keeps its own); returns the names removed."""
+    gone = []
+    for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
+        pid = re.search(re.escape(TEMP_MARK) + r"(\d+)", name)
+        if pid and not process_alive(int(pid.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+                gone.append(name)
+    return gone
+
+
+def process_alive(pid):
+    """Whether a process pid runs on this machine (this one included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
 
 
 # ---- finding the inputs ----------------------------------------------------------------------
@@ -574,17 +628,10 @@ def save_cache(path, dataset, workers=None, codec=DEFAULT_CODEC):
     meta = {"format": CACHE_FORMAT, "codec": codec, "codec_options": options,
             "shape": list(images.shape[1:]), "breeds": dataset["breeds"], "settings": dataset["settings"],
             "summary": dataset["summary"]}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.npz")
-    try:
+    with atomic_path(path) as tmp:
         np.savez(tmp, blob=np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets=offsets,
                  labels=dataset["labels"], meta=json.dumps(meta),
                  names_utf8=np.frombuffer("\n".join(map(shown_name, dataset["names"])).encode(), dtype=np.uint8))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return os.path.getsize(path)
 
 

@@ -20,7 +20,7 @@ import zipfile
 from dogkit.core.data import (MAX_PHOTO_BYTES, DataError, PHOTO_EXTS, breed_of, load_dataset, shown_name, summary_lines,
                               zip_entry_problem)
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
-from dogkit.core.runtime import (BUG_EXIT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED,
+from dogkit.core.runtime import (BUG_EXIT, EXIT_BAD_INPUT, claim_folder, release_folder, EXIT_INTERRUPTED, EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED,
                                  EXIT_USAGE, RunError, machine_lines, output_problem, pick_device,
                                  save_traceback, writable_dir)
 from dogkit.core.sample import curve_png, notebook_shell, show_png
@@ -387,20 +387,37 @@ def run(model_cls, settings, args, t0):
     if args.preset:
         print(f"preset     {args.preset}: its settings over the model's (each cited to its source in the "
               f"settings), the options given here over both", flush=True)
-    size, device_type = world_size(args.gpus, cfg.device)
-    resume, ckpt = args.resume, None
-    if on_kaggle and cfg.sessions > 1 and resume is None:
-        resume, ckpt = earlier_session(input_root, cfg.out)
-    if resume:  # refused in seconds, before any cleaning, when it cannot be continued
-        ckpt = read_checkpoint(resume) if ckpt is None else ckpt
-        print(f"continues  {check_continuation(ckpt, resume, cfg, model_cls.name)}", flush=True)
-        del ckpt  # training loads it again, onto its device
-    if size == 1:
-        device = pick_device(cfg.device, require_gpu=on_kaggle)  # seconds, before any cleaning
-        return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
-    started = time.time()
-    codes = launch(rank_main, size, device_type, (model_cls, cfg, resume, t0, on_kaggle))
-    return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume, started)
+    lock = claim_folder(cfg.out)  # before any work: two runs on one --out would interleave their files
+    try:
+        size, device_type = world_size(args.gpus, cfg.device)
+        resume, ckpt = args.resume, None
+        if on_kaggle and cfg.sessions > 1 and resume is None:
+            resume, ckpt = earlier_session(input_root, cfg.out)
+        if resume:  # refused in seconds, before any cleaning, when it cannot be continued
+            ckpt = read_checkpoint(resume) if ckpt is None else ckpt
+            print(f"continues  {check_continuation(ckpt, resume, cfg, model_cls.name)}", flush=True)
+            del ckpt  # training loads it again, onto its device
+        elif earlier_run_line(cfg.out):
+            print(earlier_run_line(cfg.out), flush=True)
+        if size == 1:
+            device = pick_device(cfg.device, require_gpu=on_kaggle)  # seconds, before any cleaning
+            return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
+        started = time.time()
+        codes = launch(rank_main, size, device_type, (model_cls, cfg, resume, t0, on_kaggle))
+        return after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume, started)
+    finally:
+        release_folder(lock)
+
+
+RUN_FILES = ("images.zip", "checkpoint.pt")  # what a run folder holds that a new run replaces
+
+
+def earlier_run_line(out):
+    """The start block's line when out holds an earlier run's files that this new run will replace
+    (the rule for outputs: never replaced without a word), or ''."""
+    found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
+    return (f"replaces   {', '.join(found)} in {out}, an earlier run's, as this run writes its own (--resume "
+            f"{os.path.join(out, 'checkpoint.pt')} continues that run instead; another --out keeps it)") if found else ""
 
 
 def earlier_session(input_root, working):

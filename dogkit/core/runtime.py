@@ -5,14 +5,18 @@
 # accelerator was left off) and nobody watches it for 9 hours, so everything here is checked in
 # the first seconds, before the data is cleaned: a GPU this torch build cannot run stops the run
 # with one line naming the GPU, the torch version and the fix. Uses torch <= 2.2 APIs only.
+import contextlib
 import os
 import platform
 import sys
 import tempfile
+import time
 
 import numpy as np
 import PIL
 import torch
+
+from dogkit.core.data import process_alive
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -151,9 +155,54 @@ def writable_dir(candidates):
     raise RunError(f"no writable scratch folder among {', '.join(p for p in candidates if p)}")
 
 
+RUN_LOCK = ".dogkit-run.lock"  # in a run folder while a run writes there: its process id
+
+
+def claim_folder(folder):
+    """Claim a run folder for this process before any work (two runs on one --out would interleave
+    their logs and checkpoints): the lock file's path. A lock of a process that is still running
+    is a RunError naming it; one left by a killed run (or by this process: a notebook's earlier
+    cell) is taken over. release_folder() gives it back."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, RUN_LOCK)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as fh:
+                    pid = int(fh.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None  # being written this instant, or torn by a kill: looked at again
+            if pid and pid != os.getpid() and process_alive(pid):
+                raise RunError(f"{folder}: another run (process {pid}) is writing there, its lock {path}; give "
+                               f"another --out, or wait for it") from None
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+            time.sleep(0.05)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return path
+    raise RunError(f"{folder}: its lock {path} cannot be taken (another run starting there?); give another --out")
+
+
+def release_folder(path):
+    """Give back a run folder claimed by claim_folder (only this process's own lock)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(path) as fh:
+            if int(fh.read().split()[0]) == os.getpid():
+                os.remove(path)
+
+
 def output_problem(path, folder=False):
     """Why path cannot be written as an output file (folder=True: folder), or None; checked before
-    any work: a folder (file) in its place, a file above it, a folder above it not writable."""
+    any work: a folder (file) in its place, a link to nowhere (writing would replace the link
+    with a file), a file above it, a folder above it not writable."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"{path}: a symbolic link to {os.readlink(path)}, which does not exist (remove the link or give "
+                "another path)")
     path = os.path.abspath(path)
     if os.path.exists(path) and os.path.isdir(path) != folder:
         return f"{path}: is a {'file (give a folder)' if folder else 'folder (give a file name)'}"

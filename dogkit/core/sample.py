@@ -1,7 +1,6 @@
 # ---------------------------------------------------------------------------------------------
 # Sampling: truncated z, PNGs written straight into images.zip, sample grids
 # ---------------------------------------------------------------------------------------------
-import contextlib
 import io
 import os
 import struct
@@ -14,39 +13,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dogkit.core.data import atomic_path
+
 N_SUBMISSION = 10_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRUNCATION_MIN = 0.04  # the smallest truncation BigGAN's sweep used; redrawing for a smaller one would not end
-TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
 
 
 class OutOfTime(RuntimeError):
     """Work that would pass its deadline stops at the next batch instead."""
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """A temporary name beside `path` to write to: renamed onto `path` when the block succeeds,
-    removed when it fails or is interrupted (a kill -9 leaves it: remove_stale_temps)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_MARK}{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_temps(folder):
-    """Remove what a killed run left half-written in folder; returns the names removed."""
-    gone = []
-    for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
-        if TEMP_MARK in name:
-            os.remove(os.path.join(folder, name))
-            gone.append(name)
-    return gone
 
 
 def check_deadline(deadline, clock, what):

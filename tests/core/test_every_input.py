@@ -415,9 +415,11 @@ def sigterm_while_writing(script, folder, **popen):
 
     proc = subprocess.Popen([sys.executable, "-c", script], **popen)
     deadline = time.monotonic() + 120
-    while not any(".tmp" in n for n in os.listdir(folder)) and time.monotonic() < deadline:
+    from dogkit.core.data import TEMP_MARK
+
+    while not any(TEMP_MARK in n for n in os.listdir(folder)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert any(".tmp" in n for n in os.listdir(folder)), "the write never started"
+    assert any(TEMP_MARK in n for n in os.listdir(folder)), "the write never started"
     proc.send_signal(signal.SIGTERM)
     return proc
 
@@ -651,3 +653,14 @@ def test_a_kernel_given_a_missing_data_path_calls_it_missing(tmp_path):
                            str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr  # bad input, as in every dogkit command (README, exit codes)
     assert proc.stderr.strip().splitlines()[-1] == f"error: {missing}: does not exist", proc.stderr
+
+
+def test_click_usage_errors_exit_with_the_tables_usage_code():
+    """The one table of exit codes (runtime.EXIT_*): click's own usage line is EXIT_USAGE and the
+    CLI's bad input EXIT_BAD_INPUT, as the kernels' are."""
+    import click
+
+    from dogkit.core.runtime import EXIT_BAD_INPUT, EXIT_USAGE
+
+    assert click.UsageError.exit_code == EXIT_USAGE and cli.BadInput.exit_code == EXIT_BAD_INPUT
+    assert invoke(["score", "--no-such-option"])[0] == EXIT_USAGE

@@ -6,7 +6,7 @@ import torch
 from dogkit.core import registry
 from dogkit.core.sample import generate, truncated_normal
 from dogkit.core.settings import DIFFAUG_MODELS
-from dogkit.core.train import TrainConfig, with_settings
+from dogkit.core.settings import TrainConfig, with_settings
 
 
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)

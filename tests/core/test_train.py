@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from dogkit.core import registry
-from dogkit.core.train import (TrainConfig, Trainer, ema_weight, load_checkpoint, lr_multiplier, measure_end,
-                               pace_line, train, train_step, with_settings)
-from dogkit.core.settings import parse_budget
+from dogkit.core.train import (Trainer, ema_weight, load_checkpoint, lr_multiplier, measure_end, pace_line, train,
+                               train_step)
+from dogkit.core.settings import TrainConfig, parse_budget, with_settings
 from dogkit.core.runtime import RunError
 from dogkit.metrics.submission import load_submission
 

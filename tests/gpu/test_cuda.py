@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dogkit.core import registry
-from dogkit.core.train import TrainConfig, Trainer, load_checkpoint, save_checkpoint, with_settings
+from dogkit.core.train import Trainer, load_checkpoint, save_checkpoint
+from dogkit.core.settings import TrainConfig, with_settings
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by tools/gpu_bench.py run)")
 

@@ -162,3 +162,53 @@ def test_the_partial_reference_is_saved_every_minute_and_an_interrupt_says_how_t
         assert int(p["done"]) == 6  # 80 s after the start: saved past the minute, not at 500 photos
     assert (f"Error: interrupted: the photos done up to the last minute are kept in {out}.partial.npz; the same "
             f"command resumes there: dogkit reference {tmp_path / 'photos'} -o {out}") in res.output
+
+
+@pytest.mark.slow  # three FIDs of 2,048 features: ~40 s on 2 cores
+def test_a_sampled_score_and_the_feature_cache(tmp_path, monkeypatch):
+    """--sample scores a seeded sample (the rules still read every image) and says so; a full score
+    keeps its features in the cache, which a later sample, score or report of the same images reads
+    instead of computing; one changed pixel misses. A fake feature network: what is tested is the
+    path, not Inception's values."""
+    from dogkit import cli
+    from dogkit.metrics import features as feat
+    from dogkit.metrics.score import submission_features
+    from dogkit.metrics.submission import load_submission
+
+    monkeypatch.setenv("DOGKIT_CACHE", str(tmp_path / "cache"))
+    model, info = MeanNet(), {"digest": "fake-net", "source": "test"}
+    monkeypatch.setattr(cli, "_load_network", lambda weights: (model, info))
+    write_photos(tmp_path / "real", 12)
+    R.build_reference(tmp_path / "real", tmp_path / "ref.npz", model, info, "cpu", batch_size=4, progress=False)
+    sub = tmp_path / "sub"
+    write_photos(sub, 40, seed=1, size=(64, 64))
+    for jpg in sorted(sub.glob("*.jpg")):
+        Image.open(jpg).save(jpg.with_suffix(".png"))
+        jpg.unlink()
+    rows, real_extract = [], feat.extract
+    monkeypatch.setattr(feat, "extract", lambda m, pixels, *a, **k: rows.append(len(pixels)) or real_extract(
+        m, pixels, *a, **k))
+    score = ["score", str(sub), "--reference", str(tmp_path / "ref.npz"), "--no-strict", "--sqrtm", "eigh"]
+
+    res = CliRunner().invoke(main, score + ["--sample", "10"])
+    assert res.exit_code == 0 and rows == [10], res.output
+    assert "images     10 of 40 (a seeded sample: not comparable with a full score)" in res.output
+    assert "(a sample of 10)" in res.output and "a seeded sample of 10 of the 40 images" in res.output
+    assert not (tmp_path / "cache").exists()  # a sample's features are not kept
+    sampled = submission_features(load_submission(sub, strict=False), model, "cpu", sample=10)[0]
+    res = CliRunner().invoke(main, score + ["--json"])
+    full = json.loads(res.stdout)
+    assert (full["n_images"], full["sampled_from"], rows) == (40, 40, [10, 10, 40])
+    assert len(list((tmp_path / "cache" / "features").glob("*.npy"))) == 1
+    images = load_submission(sub, strict=False)
+    cached, notes = submission_features(images, model, "cpu", sample=10, network_digest="fake-net")
+    assert rows == [10, 10, 40] and "read from the cache" in notes[-1]
+    np.testing.assert_allclose(cached, sampled, rtol=1e-5, atol=1e-6)  # the same 10 rows
+    res = CliRunner().invoke(main, ["report", str(sub), "--reference", str(tmp_path / "ref.npz"), "-o",
+                                    str(tmp_path / "report")])
+    assert res.exit_code == 0 and rows == [10, 10, 40] and "read from the cache" in res.output, res.output
+    reported = json.loads((tmp_path / "report" / "report.json").read_text())["mifid"]
+    assert reported == pytest.approx(full["mifid"], rel=1e-5)  # scipy's sqrtm there, eigh here
+    images.pixels[3, 0, 0, 0] ^= 1
+    submission_features(images, model, "cpu", network_digest="fake-net")
+    assert rows == [10, 10, 40, 40]  # one pixel changed: computed again

@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from dogkit.cli import main
 from dogkit.core import registry
-from dogkit.core.train import TrainConfig, train, with_settings
+from dogkit.core.train import train
+from dogkit.core.settings import TrainConfig, with_settings
 from dogkit.metrics.submission import load_submission
 
 

@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import truncation_sweep  # noqa: E402
 
 from dogkit.core import registry  # noqa: E402
-from dogkit.core.train import TrainConfig, train, with_settings  # noqa: E402
+from dogkit.core.train import train  # noqa: E402
+from dogkit.core.settings import TrainConfig, with_settings
 from dogkit.metrics import fid as F  # noqa: E402
 
 

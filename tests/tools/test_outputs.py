@@ -1,0 +1,211 @@
+"""The one rule for outputs (README, Commands): nothing is replaced without a word. A command whose
+output exists refuses in one line unless --force (and then says what it replaced); clean-data and
+reference say "up to date" and stop when the file already holds what they would make; a training
+run says which earlier run's files in its folder it replaces."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import ROOT
+from dogkit import cli
+from dogkit.core import registry
+from dogkit.core.kernel import earlier_run_line
+from dogkit.core.settings import TrainConfig, with_settings
+from dogkit.core.train import train
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+def photos(folder, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    for breed in ("n02085620-Chihuahua", "n02110958-pug"):
+        (folder / breed).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(folder / breed / f"{breed[:9]}_{i}.jpg")
+    return folder
+
+
+def test_clean_data_again_is_up_to_date_and_another_input_is_refused(tmp_path):
+    src, out = photos(tmp_path / "dogs"), tmp_path / "c.npz"
+    assert invoke("clean-data", src, "-o", out, "--codec", "webp").exit_code == 0
+    before = digest(out)
+    res = invoke("clean-data", src, "-o", out, "--codec", "webp", "--preview", tmp_path / "p.png")
+    assert res.exit_code == 0 and f"up to date {out}: 2 breeds cleaned from the same 12 photos" in res.output
+    assert digest(out) == before and (tmp_path / "p.png").exists()  # the preview made from the cache
+    res = invoke("clean-data", src, "-o", out, "--codec", "webp", "--size", "96")  # other settings
+    assert res.exit_code == 1 and res.stderr.strip() == (f"Error: {out}: exists (an earlier output); give another -o, "
+                                                         "or --force to replace it")
+    photos(tmp_path / "dogs", n=7)  # another photo: another input
+    assert invoke("clean-data", src, "-o", out, "--codec", "webp").exit_code == 1 and digest(out) == before
+    res = invoke("clean-data", src, "-o", out, "--codec", "webp", "--force")
+    assert res.exit_code == 0 and f"replacing  {out} (--force)" in res.stderr and digest(out) != before
+
+
+class MeanNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2048)
+
+    def forward(self, x):
+        return [torch.relu(self.proj(x.mean(dim=(2, 3)))).view(len(x), 2048, 1, 1)]
+
+
+def test_a_finished_reference_is_up_to_date(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "_load_network", lambda weights: (MeanNet(), {"digest": "fake", "source": "test"}))
+    src, out = photos(tmp_path / "dogs"), tmp_path / "ref.npz"
+    assert invoke("reference", src, "-o", out, "--batch-size", "4").exit_code == 0
+    before = digest(out)
+    res = invoke("reference", src, "-o", out)
+    assert res.exit_code == 0 and f"up to date {out}: 12 photos of the same 12, the same network" in res.output
+    res = invoke("reference", src, "-o", out, "--limit", "4")  # another pick: another reference
+    assert res.exit_code == 1 and "exists (an earlier output)" in res.stderr and digest(out) == before
+    assert invoke("reference", src, "-o", out, "--limit", "4", "--force").exit_code == 0
+    assert json.loads(str(np.load(out)["provenance"]))["count"] == 4
+
+
+def test_sample_never_replaces_a_zip_without_force(tmp_path, tiny_dataset):
+    entry = registry.get("dcgan")
+    cfg = with_settings(TrainConfig(model="dcgan"), dict(entry.settings, width=4, batch_size=8, steps=2, device="cpu",
+                                                         out=str(tmp_path / "run"), budget=1e6, reserve=0.0,
+                                                         n_samples=16))
+    train(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
+    kernels_zip = tmp_path / "run" / "images.zip"
+    before = digest(kernels_zip)
+    res = invoke("sample", tmp_path / "run" / "checkpoint.pt", "-o", kernels_zip, "-n", "8")
+    assert res.exit_code == 1 and "exists (an earlier output)" in res.stderr and digest(kernels_zip) == before
+    res = invoke("sample", tmp_path / "run" / "checkpoint.pt", "-o", kernels_zip, "-n", "8", "--force")
+    assert res.exit_code == 0 and "replacing" in res.stderr and digest(kernels_zip) != before
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.html").write_text("an earlier report")
+    res = invoke("report", kernels_zip, "--reference", kernels_zip, "-o", report)
+    assert res.exit_code == 1 and "report.html: exists" in res.stderr
+    assert (report / "report.html").read_text() == "an earlier report"
+
+
+def test_a_new_run_names_the_earlier_run_it_replaces(tmp_path):
+    assert earlier_run_line(str(tmp_path)) == ""
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    line = earlier_run_line(str(tmp_path))
+    assert line.startswith(f"replaces   images.zip in {tmp_path}, an earlier run's") and "--resume" in line
+
+
+def full_disk(monkeypatch, module, name):
+    """Make module.name (np.savez, torch.save, ...) write half its file and then fail as a full disk does."""
+    def write_half(path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, name, write_half)
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_earlier_one_stays_whole(tmp_path, monkeypatch, tiny_dataset):
+    """clean-data, reference and sample on a disk that fills up mid-write: exit 1, one line with the
+    path and 'no space left on device', the earlier output byte for byte, no temporary file left.
+    The fault is injected at the write (np.savez, torch.save / zipfile): the layer under every
+    output is the one atomic write (dogkit.core.sample.atomic_path)."""
+    import zipfile
+
+    import dogkit.core.data as D
+    import dogkit.core.sample as S
+    import dogkit.metrics.reference as R
+
+    src = photos(tmp_path / "dogs")
+    out = tmp_path / "out"
+    out.mkdir()
+    cache, ref, zip_path = out / "c.npz", out / "ref.npz", out / "images.zip"
+    for path in (cache, ref, zip_path):
+        path.write_bytes(b"the earlier output")
+    monkeypatch.setattr(cli, "_load_network", lambda weights: (MeanNet(), {"digest": "fake", "source": "test"}))
+    full_disk(monkeypatch, D.np, "savez")
+    res = invoke("clean-data", src, "-o", cache, "--codec", "webp", "--force")
+    assert res.exit_code == 1 and res.stderr.strip().splitlines()[-1] == (
+        f"Error: {cache}: no space left on device (nothing written: the earlier file, if any, is as it was)")
+    monkeypatch.setattr(R.np, "savez", D.np.savez)  # the same numpy: reference's final write fails too
+    res = invoke("reference", src, "-o", ref, "--force")
+    assert res.exit_code == 1 and f"Error: {ref}: no space left on device" in res.stderr
+    monkeypatch.undo()
+    entry = registry.get("dcgan")
+    cfg = with_settings(TrainConfig(model="dcgan"), dict(entry.settings, width=4, batch_size=8, steps=1, device="cpu",
+                                                         out=str(tmp_path / "run"), budget=1e6, reserve=0.0,
+                                                         n_samples=8))
+    train(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
+    monkeypatch.setattr(S.zipfile, "ZipFile", lambda path, *a, **k: full_disk_zip(path))
+    res = invoke("sample", tmp_path / "run" / "checkpoint.pt", "-o", zip_path, "-n", "8", "--force")
+    assert res.exit_code == 1 and f"Error: {zip_path}: no space left on device" in res.stderr, res.output
+    monkeypatch.setattr(S.zipfile, "ZipFile", zipfile.ZipFile)
+    for path in (cache, ref, zip_path):
+        assert path.read_bytes() == b"the earlier output", path
+    assert sorted(p.name for p in out.iterdir()) == ["c.npz", "images.zip", "ref.npz"]  # no temporary left
+
+
+def full_disk_zip(path):
+    with open(path, "wb") as fh:
+        fh.write(b"PK half")
+    raise OSError(28, "No space left on device")
+
+
+def test_a_dangling_link_as_an_output_is_refused_before_any_work(tmp_path):
+    link = tmp_path / "c.npz"
+    link.symlink_to(tmp_path / "nowhere" / "c.npz")
+    res = invoke("clean-data", photos(tmp_path / "dogs"), "-o", link)
+    assert res.exit_code == 1 and res.stderr.strip() == (
+        f"Error: {link}: a symbolic link to {tmp_path / 'nowhere' / 'c.npz'}, which does not exist (remove the link or "
+        "give another path)")
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_killed_writers_temporary_is_removed_and_a_running_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from dogkit.core.data import TEMP_MARK, remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".ref.partial{TEMP_MARK}{int(dead.stdout)}.npz").write_bytes(b"torn")
+    (tmp_path / f".ref{TEMP_MARK}{os.getpid()}.npz").write_bytes(b"being written")
+    assert remove_stale_temps(tmp_path) == [f".ref.partial{TEMP_MARK}{int(dead.stdout)}.npz"]
+    assert [p.name for p in tmp_path.iterdir()] == [f".ref{TEMP_MARK}{os.getpid()}.npz"]
+
+
+def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tmp_path):
+    """A run folder is claimed before any work: a second run there while the first one's process
+    runs is refused in one line naming that process and its lock; a lock a killed run left, or
+    this process's own (a notebook's earlier cell), is taken over; the claim is given back."""
+    import os
+    import subprocess
+    import sys
+
+    from dogkit.core.runtime import RUN_LOCK, RunError, claim_folder, release_folder
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / RUN_LOCK).write_text(f"{other.pid}\n")
+        with pytest.raises(RunError) as err:
+            claim_folder(str(tmp_path))
+        assert str(err.value) == (f"{tmp_path}: another run (process {other.pid}) is writing there, its lock "
+                                  f"{tmp_path / RUN_LOCK}; give another --out, or wait for it")
+        kernel = subprocess.run([sys.executable, str(ROOT / "kernels" / "dcgan.py"), "--data", str(tmp_path / "x.npz"),
+                                 "--out", str(tmp_path), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+        assert kernel.returncode == 1 and kernel.stderr.strip() == f"error: {err.value}", kernel.stderr
+        assert (tmp_path / RUN_LOCK).read_text() == f"{other.pid}\n"  # the other run's lock, untouched
+    finally:
+        other.kill()
+        other.wait()
+    path = claim_folder(str(tmp_path))  # its process is gone: taken over
+    assert (tmp_path / RUN_LOCK).read_text() == f"{os.getpid()}\n" and claim_folder(str(tmp_path)) == path
+    release_folder(path)
+    assert not (tmp_path / RUN_LOCK).exists()
