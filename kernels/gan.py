@@ -26,12 +26,12 @@ Contents (line numbers):
     387  The training loop
     453  MACHINERY (below: nothing to read to change the model)
     460  Data
-   1065  Several GPUs
-   1280  The machine
-   1490  Sampling
-   1617  Settings
-   1773  Training
-   2696  Entry point
+   1084  Several GPUs
+   1299  The machine
+   1514  Sampling
+   1641  Settings
+   1798  Training
+   2721  Entry point
 """
 import argparse
 import contextlib
@@ -488,9 +488,10 @@ def _number(text):
     return int(value) if math.isfinite(value) and abs(value) < 1e9 else None
 
 def parse_annotation(xml_bytes, name="annotation"):
-    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...]) in pixels.
+    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...] in pixels, the <filename>
+    it names or None).
 
-    Only the boxes matter (the photo's own size is read from the photo): a missing or
+    The boxes are what matters (the photo's own size is read from the photo): a missing or
     non-numeric <size> gives width/height None and keeps the boxes."""
     try:
         root = ET.fromstring(xml_bytes)
@@ -503,7 +504,7 @@ def parse_annotation(xml_bytes, name="annotation"):
         if None in coords:
             raise DataError(f"{name}: an <object> lacks a numeric <bndbox>")
         boxes.append(tuple(coords))
-    return width, height, boxes
+    return width, height, boxes, (root.findtext("filename") or "").strip() or None
 
 def clamp_box(box, width, height):
     """Clamp a box to the photo; None when nothing of it is left (zero area)."""
@@ -844,13 +845,20 @@ def process_photo(item, strategy, size, min_side, margin):
     boxes, n_boxes = [(0, 0, width, height)], 0
     if item["xml"]:
         try:
-            _, _, found = parse_annotation(read_file(item["xml"], MAX_XML_BYTES), shown_name(item["xml"]))
-            if found:
-                boxes, n_boxes = found, len(found)
-            else:
-                events.append(("annotation without box: whole photo used", name))
+            *size_given, found, named = parse_annotation(read_file(item["xml"], MAX_XML_BYTES), shown_name(item["xml"]))
         except Exception as exc:  # any bad XML costs this photo its boxes, never the run
+            size_given, found, named = None, [], None
             events.append(("malformed annotation: whole photo used", f"{name} ({exc})"))
+        other = annotation_problem(name, named, size_given, (width, height))
+        if other:  # its boxes are another photo's: no crop of this one can be trusted
+            return [], events + [(other, f"{name} (its annotation: {named}, {size_given})")], 0
+        if size_given and None not in size_given and tuple(size_given) != (width, height):
+            events.append(("annotation's <size> is not the photo's: boxes used as given", name))
+        if len(found) > MAX_BOXES:
+            events.append((f"more than {MAX_BOXES} boxes: the first {MAX_BOXES} used", name))
+        boxes, n_boxes = (found[:MAX_BOXES], len(found)) if found else (boxes, 0)
+        if not found and size_given is not None:
+            events.append(("annotation without box: whole photo used", name))
     elif "annotations" in item:
         events.append(("photo without annotation: whole photo used", name))
     crops = []
@@ -871,6 +879,17 @@ def process_photo(item, strategy, size, min_side, margin):
             continue
         crops.append((resize(np.ascontiguousarray(cut(pixels, region)), size), k))
     return crops, events, n_boxes
+
+MAX_BOXES = 64  # boxes used of one photo (Stanford's most: a handful): one photo never floods the data
+
+def annotation_problem(name, named, size_given, size):
+    """Why a photo's annotation is another photo's, or None: its <filename> names another file and
+    its <size> (when it gives one) is not this photo's either."""
+    if not named or os.path.splitext(os.path.basename(named))[0] == os.path.splitext(os.path.basename(name))[0]:
+        return None
+    if size_given and None not in size_given and tuple(size_given) == tuple(size):
+        return None  # another name but this photo's size: a renamed copy, its boxes still fit
+    return "annotation names another photo: photo skipped"
 
 def map_chunks(fn, jobs, workers, done=lambda result: None):
     """[fn(job) for job in jobs], in worker processes when there are several of both; done(result)
@@ -1419,7 +1438,9 @@ def claim_folder(folder):
     """Claim a run folder for this process before any work (two runs on one --out would interleave
     their logs and checkpoints): the lock file's path. A lock of a process that is still running
     is a RunError naming it; one left by a killed run (or by this process: a notebook's earlier
-    cell) is taken over. release_folder() gives it back."""
+    cell) is taken over. release_folder() gives it back (and the folder, when this claim made it
+    and the run left nothing in it: a refused start leaves no trace)."""
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, RUN_LOCK)
     for _ in range(3):
@@ -1440,7 +1461,7 @@ def claim_folder(folder):
             time.sleep(0.05)
             continue
         with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()}\n")
+            fh.write(f"{os.getpid()}\n" + ("created\n" if created else ""))
         return path
     raise RunError(f"{folder}: its lock {path} cannot be taken (another run starting there?); give another --out")
 
@@ -1448,8 +1469,11 @@ def release_folder(path):
     """Give back a run folder claimed by claim_folder (only this process's own lock)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open(path) as fh:
-            if int(fh.read().split()[0]) == os.getpid():
-                os.remove(path)
+            words = fh.read().split()
+        if int(words[0]) == os.getpid():
+            os.remove(path)
+            if "created" in words and not os.listdir(os.path.dirname(path)):
+                os.rmdir(os.path.dirname(path))
 
 def output_problem(path, folder=False):
     """Why path cannot be written as an output file (folder=True: folder), or None; checked before
@@ -1679,7 +1703,8 @@ SETTINGS = (
                                         "not ema_decay and ema_start"),
     ("ema_fraction", 0.0, UNIT, None, "> 0: the EMA's half-life as this fraction of the images the run will show "
                                       "(set from its pace), instead of ema_decay; from ema_start"),
-    ("ema_rampup", 0.05, (0.0, 1000.0), None, "with ema_kimg: the half-life is at most this fraction of the images seen"),
+    ("ema_rampup", 0.05, (0.0, 1000.0), None, "with ema_kimg: the half-life is at most this fraction of the images "
+                                              "seen"),
     ("ema_extra", "", None, None, "half-lives (kimg) of extra EMA copies kept for evaluation, e.g. 2,10,50"),
     # the data (when data is not a cache file) and the samples
     ("strategy", "pad", Choices(STRATEGIES), None, "how a dog's box becomes a square crop"),
@@ -3064,8 +3089,10 @@ def earlier_run_line(out):
     """The start block's line when out holds an earlier run's files that this new run will replace
     (the rule for outputs: never replaced without a word), or ''."""
     found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
+    if not found:
+        return ""
     return (f"replaces   {', '.join(found)} in {out}, an earlier run's, as this run writes its own (--resume "
-            f"{os.path.join(out, 'checkpoint.pt')} continues that run instead; another --out keeps it)") if found else ""
+            f"{os.path.join(out, 'checkpoint.pt')} continues that run instead; another --out keeps it)")
 
 def earlier_session(input_root, working):
     """The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
@@ -3139,7 +3166,7 @@ def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, 
     for that, images.zip is sampled from the checkpoint."""
     if codes[0] == EXIT_INTERRUPTED:
         raise KeyboardInterrupt  # rank 0 saved checkpoint.pt
-    if codes[0] in (EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED):  # rank 0 said why, after writing images.zip when it could
+    if codes[0] in (EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED):  # rank 0 said why (and wrote the zip)
         sys.exit(codes[0])
     if codes[0] == 0:
         return os.path.join(cfg.out, "images.zip")

@@ -59,9 +59,10 @@ def _number(text):
 
 
 def parse_annotation(xml_bytes, name="annotation"):
-    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...]) in pixels.
+    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...] in pixels, the <filename>
+    it names or None).
 
-    Only the boxes matter (the photo's own size is read from the photo): a missing or
+    The boxes are what matters (the photo's own size is read from the photo): a missing or
     non-numeric <size> gives width/height None and keeps the boxes."""
     try:
         root = ET.fromstring(xml_bytes)
@@ -74,7 +75,7 @@ def parse_annotation(xml_bytes, name="annotation"):
         if None in coords:
             raise DataError(f"{name}: an <object> lacks a numeric <bndbox>")
         boxes.append(tuple(coords))
-    return width, height, boxes
+    return width, height, boxes, (root.findtext("filename") or "").strip() or None
 
 
 def clamp_box(box, width, height):
@@ -442,13 +443,20 @@ def process_photo(item, strategy, size, min_side, margin):
     boxes, n_boxes = [(0, 0, width, height)], 0
     if item["xml"]:
         try:
-            _, _, found = parse_annotation(read_file(item["xml"], MAX_XML_BYTES), shown_name(item["xml"]))
-            if found:
-                boxes, n_boxes = found, len(found)
-            else:
-                events.append(("annotation without box: whole photo used", name))
+            *size_given, found, named = parse_annotation(read_file(item["xml"], MAX_XML_BYTES), shown_name(item["xml"]))
         except Exception as exc:  # any bad XML costs this photo its boxes, never the run
+            size_given, found, named = None, [], None
             events.append(("malformed annotation: whole photo used", f"{name} ({exc})"))
+        other = annotation_problem(name, named, size_given, (width, height))
+        if other:  # its boxes are another photo's: no crop of this one can be trusted
+            return [], events + [(other, f"{name} (its annotation: {named}, {size_given})")], 0
+        if size_given and None not in size_given and tuple(size_given) != (width, height):
+            events.append(("annotation's <size> is not the photo's: boxes used as given", name))
+        if len(found) > MAX_BOXES:
+            events.append((f"more than {MAX_BOXES} boxes: the first {MAX_BOXES} used", name))
+        boxes, n_boxes = (found[:MAX_BOXES], len(found)) if found else (boxes, 0)
+        if not found and size_given is not None:
+            events.append(("annotation without box: whole photo used", name))
     elif "annotations" in item:
         events.append(("photo without annotation: whole photo used", name))
     crops = []
@@ -469,6 +477,19 @@ def process_photo(item, strategy, size, min_side, margin):
             continue
         crops.append((resize(np.ascontiguousarray(cut(pixels, region)), size), k))
     return crops, events, n_boxes
+
+
+MAX_BOXES = 64  # boxes used of one photo (Stanford's most: a handful): one photo never floods the data
+
+
+def annotation_problem(name, named, size_given, size):
+    """Why a photo's annotation is another photo's, or None: its <filename> names another file and
+    its <size> (when it gives one) is not this photo's either."""
+    if not named or os.path.splitext(os.path.basename(named))[0] == os.path.splitext(os.path.basename(name))[0]:
+        return None
+    if size_given and None not in size_given and tuple(size_given) == tuple(size):
+        return None  # another name but this photo's size: a renamed copy, its boxes still fit
+    return "annotation names another photo: photo skipped"
 
 
 def map_chunks(fn, jobs, workers, done=lambda result: None):

@@ -20,9 +20,9 @@ import zipfile
 from dogkit.core.data import (MAX_PHOTO_BYTES, DataError, PHOTO_EXTS, breed_of, load_dataset, shown_name, summary_lines,
                               zip_entry_problem)
 from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_main, visible_gpus
-from dogkit.core.runtime import (BUG_EXIT, EXIT_BAD_INPUT, claim_folder, release_folder, EXIT_INTERRUPTED, EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED,
-                                 EXIT_USAGE, RunError, machine_lines, output_problem, pick_device,
-                                 save_traceback, writable_dir)
+from dogkit.core.runtime import (BUG_EXIT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED,
+                                 EXIT_USAGE, RunError, claim_folder, machine_lines, output_problem, pick_device,
+                                 release_folder, save_traceback, writable_dir)
 from dogkit.core.sample import curve_png, notebook_shell, show_png
 from dogkit.core.settings import (SETTING, SETTINGS, Choices, TrainConfig, parse_budget, unread_settings,
                                   with_settings)
@@ -416,8 +416,10 @@ def earlier_run_line(out):
     """The start block's line when out holds an earlier run's files that this new run will replace
     (the rule for outputs: never replaced without a word), or ''."""
     found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
+    if not found:
+        return ""
     return (f"replaces   {', '.join(found)} in {out}, an earlier run's, as this run writes its own (--resume "
-            f"{os.path.join(out, 'checkpoint.pt')} continues that run instead; another --out keeps it)") if found else ""
+            f"{os.path.join(out, 'checkpoint.pt')} continues that run instead; another --out keeps it)")
 
 
 def earlier_session(input_root, working):
@@ -496,7 +498,7 @@ def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, 
     for that, images.zip is sampled from the checkpoint."""
     if codes[0] == EXIT_INTERRUPTED:
         raise KeyboardInterrupt  # rank 0 saved checkpoint.pt
-    if codes[0] in (EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED):  # rank 0 said why, after writing images.zip when it could
+    if codes[0] in (EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED):  # rank 0 said why (and wrote the zip)
         sys.exit(codes[0])
     if codes[0] == 0:
         return os.path.join(cfg.out, "images.zip")

@@ -162,7 +162,9 @@ def claim_folder(folder):
     """Claim a run folder for this process before any work (two runs on one --out would interleave
     their logs and checkpoints): the lock file's path. A lock of a process that is still running
     is a RunError naming it; one left by a killed run (or by this process: a notebook's earlier
-    cell) is taken over. release_folder() gives it back."""
+    cell) is taken over. release_folder() gives it back (and the folder, when this claim made it
+    and the run left nothing in it: a refused start leaves no trace)."""
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, RUN_LOCK)
     for _ in range(3):
@@ -183,7 +185,7 @@ def claim_folder(folder):
             time.sleep(0.05)
             continue
         with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()}\n")
+            fh.write(f"{os.getpid()}\n" + ("created\n" if created else ""))
         return path
     raise RunError(f"{folder}: its lock {path} cannot be taken (another run starting there?); give another --out")
 
@@ -192,8 +194,11 @@ def release_folder(path):
     """Give back a run folder claimed by claim_folder (only this process's own lock)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open(path) as fh:
-            if int(fh.read().split()[0]) == os.getpid():
-                os.remove(path)
+            words = fh.read().split()
+        if int(words[0]) == os.getpid():
+            os.remove(path)
+            if "created" in words and not os.listdir(os.path.dirname(path)):
+                os.rmdir(os.path.dirname(path))
 
 
 def output_problem(path, folder=False):

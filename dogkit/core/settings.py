@@ -73,7 +73,8 @@ SETTINGS = (
                                         "not ema_decay and ema_start"),
     ("ema_fraction", 0.0, UNIT, None, "> 0: the EMA's half-life as this fraction of the images the run will show "
                                       "(set from its pace), instead of ema_decay; from ema_start"),
-    ("ema_rampup", 0.05, (0.0, 1000.0), None, "with ema_kimg: the half-life is at most this fraction of the images seen"),
+    ("ema_rampup", 0.05, (0.0, 1000.0), None, "with ema_kimg: the half-life is at most this fraction of the images "
+                                              "seen"),
     ("ema_extra", "", None, None, "half-lives (kimg) of extra EMA copies kept for evaluation, e.g. 2,10,50"),
     # the data (when data is not a cache file) and the samples
     ("strategy", "pad", Choices(STRATEGIES), None, "how a dog's box becomes a square crop"),

@@ -47,7 +47,7 @@ def test_each_strategy_recovers_each_dog_exactly(annotation_dir, strategy):
     chosen = multi + files[::40]
     checked = 0
     for path in chosen:
-        width, height, boxes = D.parse_annotation(path.read_bytes(), path)
+        width, height, boxes, _ = D.parse_annotation(path.read_bytes(), path)
         photo = coordinate_image(width, height)
         for box in boxes:
             clamped = D.clamp_box(box, width, height)
@@ -100,7 +100,7 @@ def make_kaggle_layout(root, annotation_dir, n_per_breed=6):
         files = sorted(breed_dir.iterdir())
         multi = [f for f in files if len(D.parse_annotation(f.read_bytes())[2]) > 1][:2]
         for f in list(dict.fromkeys(multi + files))[:n_per_breed]:
-            width, height, boxes = D.parse_annotation(f.read_bytes())
+            width, height, boxes, _ = D.parse_annotation(f.read_bytes())
             img = np.full((height, width, 3), 40, np.uint8)
             for k, (x0, y0, x1, y1) in enumerate(boxes):
                 img[y0:y1, x0:x1] = (200, 30 * (k + 1), 90)
@@ -335,3 +335,60 @@ def test_a_16_bit_greyscale_png_keeps_its_grey_rather_than_clipping_to_white():
                                         ((-80, -80, -10, -10), "box outside the photo")])
 def test_an_unusable_box_is_counted_under_its_own_reason(box, reason):
     assert D.clamp_box(box, 100, 100) is None and D.unusable_box(box, 100, 100) == reason
+
+
+def test_real_data_quirks_are_used_or_skipped_with_a_named_reason(tmp_path):
+    """As the Stanford Dogs and Kaggle files really come: a PNG named .jpg and a CMYK JPEG are used;
+    a JPEG with an EXIF orientation is cropped where its box says on the stored pixels (the boxes
+    refer to them); a header claiming 40,000 x 40,000 pixels, and an annotation naming another
+    photo (another name, another size), are skipped; 200 boxes on one photo give 64 crops; an
+    annotation whose <size> is not the photo's is used and counted. None ends the run."""
+    import struct
+    import zlib
+
+    synset, breed = "n02000001", "n02000001-dog"
+    photos, ann = tmp_path / "Images" / breed, tmp_path / "Annotation" / breed
+    photos.mkdir(parents=True)
+    ann.mkdir(parents=True)
+
+    def xml(stem, boxes, size=(120, 80), named=None):
+        objs = "".join(f"<object><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox>"
+                       "</object>" for a, b, c, d in boxes)
+        (ann / stem).write_text(f"<annotation><filename>{named or stem}</filename><size><width>{size[0]}</width>"
+                                f"<height>{size[1]}</height></size>{objs}</annotation>")
+
+    left_red = np.zeros((80, 120, 3), np.uint8)
+    left_red[:, :60] = (220, 20, 20)
+    left_red[:, 60:] = (20, 20, 220)
+    Image.fromarray(left_red).save(photos / f"{synset}_1.jpg", "PNG")  # a PNG named .jpg
+    xml(f"{synset}_1", [(0, 0, 60, 80)])
+    Image.fromarray(left_red).convert("CMYK").save(photos / f"{synset}_2.jpg")
+    xml(f"{synset}_2", [(60, 0, 120, 80)])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view": a viewer shows it upright, the boxes refer to the stored pixels
+    Image.fromarray(left_red).save(photos / f"{synset}_3.jpg", exif=exif.tobytes(), quality=95)
+    xml(f"{synset}_3", [(60, 0, 120, 80)])
+    ihdr = struct.pack(">IIBBBBB", 40_000, 40_000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    (photos / f"{synset}_4.jpg").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    xml(f"{synset}_4", [(0, 0, 10, 10)])
+    Image.fromarray(left_red).save(photos / f"{synset}_5.jpg")
+    xml(f"{synset}_5", [(0, 0, 60, 80)], size=(500, 375), named=f"{synset}_99")  # another photo's
+    Image.fromarray(left_red).save(photos / f"{synset}_6.jpg")
+    xml(f"{synset}_6", [(i % 64, 0, i % 64 + 56, 80) for i in range(200)])  # the first 64 all different
+    Image.fromarray(left_red).save(photos / f"{synset}_7.jpg")
+    xml(f"{synset}_7", [(0, 0, 60, 80)], size=(121, 80))
+    data = D.clean(str(tmp_path), strategy="box", margin=0.0, workers=1, log=lambda m: None)
+    events, examples = data["summary"]["events"], data["summary"]["examples"]
+    names = [os.path.basename(n) for n in data["names"]]
+    assert events["annotation names another photo: photo skipped"] == 1
+    assert f"{synset}_5.jpg" in examples["annotation names another photo: photo skipped"]
+    assert any("decompression bomb" in k for k in events) and not any(f"{synset}_4" in n for n in names)
+    assert events["more than 64 boxes: the first 64 used"] == 1
+    assert events["annotation's <size> is not the photo's: boxes used as given"] == 1
+    assert events["converted from CMYK"] == 1
+    by_photo = lambda k: [img for n, img in zip(names, data["images"]) if n.startswith(f"{synset}_{k}")]
+    assert len(by_photo(6)) == 64 and len(by_photo(5)) == 0
+    red = lambda img: img[..., 0].mean() > 150 > img[..., 2].mean()  # noqa: E731
+    blue = lambda img: img[..., 2].mean() > 150 > img[..., 0].mean()  # noqa: E731
+    assert red(by_photo(1)[0]) and blue(by_photo(2)[0]) and blue(by_photo(3)[0]) and red(by_photo(7)[0])

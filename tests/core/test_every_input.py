@@ -462,7 +462,7 @@ cli.main()
                                            .encode(), st.text(max_size=12), st.text(max_size=12)))
 def test_fuzz_annotations_parse_or_raise_a_data_error(xml):
     try:
-        _, _, boxes = D.parse_annotation(xml)
+        _, _, boxes, _ = D.parse_annotation(xml)
     except D.DataError:
         return
     assert all(isinstance(c, int) and abs(c) < 1e9 for b in boxes for c in b)

@@ -32,7 +32,8 @@ def photos(folder, n=6, seed=0):
     for breed in ("n02085620-Chihuahua", "n02110958-pug"):
         (folder / breed).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save(folder / breed / f"{breed[:9]}_{i}.jpg")
+            pixels = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / breed / f"{breed[:9]}_{i}.jpg")
     return folder
 
 
@@ -198,8 +199,9 @@ def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tmp_path):
             claim_folder(str(tmp_path))
         assert str(err.value) == (f"{tmp_path}: another run (process {other.pid}) is writing there, its lock "
                                   f"{tmp_path / RUN_LOCK}; give another --out, or wait for it")
-        kernel = subprocess.run([sys.executable, str(ROOT / "kernels" / "dcgan.py"), "--data", str(tmp_path / "x.npz"),
-                                 "--out", str(tmp_path), "--device", "cpu"], capture_output=True, text=True, timeout=120)
+        args = ["--data", str(tmp_path / "x.npz"), "--out", str(tmp_path), "--device", "cpu"]
+        kernel = subprocess.run([sys.executable, str(ROOT / "kernels" / "dcgan.py"), *args], capture_output=True,
+                                text=True, timeout=120)
         assert kernel.returncode == 1 and kernel.stderr.strip() == f"error: {err.value}", kernel.stderr
         assert (tmp_path / RUN_LOCK).read_text() == f"{other.pid}\n"  # the other run's lock, untouched
     finally:
@@ -208,4 +210,6 @@ def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tmp_path):
     path = claim_folder(str(tmp_path))  # its process is gone: taken over
     assert (tmp_path / RUN_LOCK).read_text() == f"{os.getpid()}\n" and claim_folder(str(tmp_path)) == path
     release_folder(path)
-    assert not (tmp_path / RUN_LOCK).exists()
+    assert not (tmp_path / RUN_LOCK).exists() and tmp_path.is_dir()
+    release_folder(claim_folder(str(tmp_path / "new")))  # made by the claim, left empty: removed
+    assert not (tmp_path / "new").exists()
