@@ -213,3 +213,71 @@ def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tmp_path):
     assert not (tmp_path / RUN_LOCK).exists() and tmp_path.is_dir()
     release_folder(claim_folder(str(tmp_path / "new")))  # made by the claim, left empty: removed
     assert not (tmp_path / "new").exists()
+
+
+KILLED_REFERENCE = """
+import sys, time, numpy as np, torch
+from dogkit.metrics import features as feat, reference as R
+class MeanNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 2048)
+    def forward(self, x):
+        return [torch.relu(self.proj(x.mean(dim=(2, 3)))).view(len(x), 2048, 1, 1)]
+torch.manual_seed(0)
+real = feat.pool3
+def slow(*args):
+    time.sleep(0.05)  # time for the test to kill it anywhere
+    return real(*args)
+feat.pool3 = slow
+np_savez = np.savez
+def slow_savez(path, **arrays):
+    np_savez(path, **arrays)
+    time.sleep(0.3)  # a partial's temporary stays in place a while: a kill may land in it
+R.np.savez = slow_savez
+R.build_reference({src!r}, {out!r}, MeanNet(), {{"digest": "fake", "source": "test"}}, "cpu", batch_size=1,
+                  checkpoint_every=2, progress=False)
+"""
+
+
+def test_a_reference_killed_anywhere_resumes_from_its_last_whole_state(tmp_path):
+    """kill -9 a reference build at several moments (inside a partial's write, between batches):
+    the next run never meets a torn file, resumes from the last whole partial, removes the dead
+    writer's temporaries, and ends with the features of an uninterrupted build."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dogkit.core.data import TEMP_MARK
+    from dogkit.metrics import reference as R
+
+    src, out = photos(tmp_path / "dogs"), tmp_path / "ref.npz"
+    script = KILLED_REFERENCE.format(src=str(src), out=str(out))
+    partial = out.with_name(out.name + ".partial.npz")
+    temp = lambda: [p.name for p in tmp_path.iterdir() if TEMP_MARK in p.name]  # noqa: E731
+    done = []
+    for moment in ("between batches", "in a write", "in a write"):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                partial.exists() and (temp() if moment == "in a write" else not temp())):
+            time.sleep(0.005)
+        assert proc.poll() is None, "the build ended before it was killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists()
+        with np.load(partial) as p:  # whole, never torn: the last complete state
+            assert p["features"].shape == (int(p["done"]), 2048)
+            done.append(int(p["done"]))
+    assert done == sorted(done) and 0 < done[-1] < 12, done  # each run went on from the last
+    logs = []
+    torch.manual_seed(0)  # the network the killed runs had
+    ref = R.build_reference(src, out, MeanNet(), {"digest": "fake", "source": "test"}, "cpu", batch_size=1,
+                            checkpoint_every=2, progress=False, log=logs.append)
+    assert any(f"resuming {out}: {done[-1]}/12" in m for m in logs), logs
+    assert temp() == [] and not partial.exists()
+    torch.manual_seed(0)
+    fresh = R.build_reference(src, tmp_path / "fresh.npz", MeanNet(), {"digest": "fake", "source": "test"}, "cpu",
+                              batch_size=4, progress=False)
+    np.testing.assert_allclose(ref.features, fresh.features, rtol=1e-5, atol=1e-6)
