@@ -484,11 +484,12 @@ MAX_BOXES = 64  # boxes used of one photo (Stanford's most: a handful): one phot
 
 def annotation_problem(name, named, size_given, size):
     """Why a photo's annotation is another photo's, or None: its <filename> names another file and
-    its <size> (when it gives one) is not this photo's either."""
+    its <size> is not this photo's either (one of the two alone: a renamed copy, or a size written
+    oddly; its boxes are used)."""
     if not named or os.path.splitext(os.path.basename(named))[0] == os.path.splitext(os.path.basename(name))[0]:
         return None
-    if size_given and None not in size_given and tuple(size_given) == tuple(size):
-        return None  # another name but this photo's size: a renamed copy, its boxes still fit
+    if not size_given or None in size_given or tuple(size_given) == tuple(size):
+        return None
     return "annotation names another photo: photo skipped"
 
 

@@ -28,17 +28,18 @@ def jpeg(rng, width, height):
     return buf.getvalue()
 
 
-def voc(width, height, boxes, size_text=None):
+def voc(name, width, height, boxes, size_text=None):
     size = "" if size_text == "missing" else (
         f"<size><width>{size_text or width}</width><height>{size_text or height}</height><depth>3</depth></size>")
     objs = "".join(f"<object><name>dog</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax>"
                    f"<ymax>{d}</ymax></bndbox></object>" for a, b, c, d in boxes)
-    return f"<annotation><filename>x</filename>{size}{objs}</annotation>".encode()
+    return f"<annotation><filename>{name}</filename>{size}{objs}</annotation>".encode()  # its own, as Stanford's
 
 
 def competition_zips(folder, n=24, seed=0):
     """all-dogs.zip and Annotation.zip as the competition shipped them; returns the box count.
-    Two annotations have a <size> that is missing or written '500.0': their boxes still count."""
+    Two annotations have a <size> that is missing or written '500.0' (not the photo's): their boxes
+    still count."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True)
     boxes = 0
@@ -50,7 +51,7 @@ def competition_zips(folder, n=24, seed=0):
             photos.writestr(f"all-dogs/{stem}.jpg", jpeg(rng, 160, 120))
             dogs = [(10, 10, 90, 100)] + ([(80, 20, 150, 110)] if i % 3 == 0 else [])
             size_text = {0: "missing", 1: "500.0"}.get(i)
-            notes.writestr(f"Annotation/{BREEDS[i % 2]}/{stem}", voc(160, 120, dogs, size_text))
+            notes.writestr(f"Annotation/{BREEDS[i % 2]}/{stem}", voc(stem, 160, 120, dogs, size_text))
             boxes += len(dogs)
     return boxes
 

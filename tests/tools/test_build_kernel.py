@@ -65,17 +65,18 @@ def test_the_notebook_is_the_kernel_in_sections(name):
     assert [h for h in headings if h[:3] == "## " and h not in ("## Machinery", "## Run")] == [
         f"## {k}. {t}" for k, t in enumerate(sections, 1)]
     assert headings[-1] == "## Run" and headings.index("## Machinery") == sections.index("Data")
-    assert all(h.startswith(("## ", "#### ")) for h in headings)  # "####": a part of a machinery section
+    assert [h for h in headings if not h.startswith(("## ", "#### "))] == []  # "####": a part of machinery
     # the front is open; every machinery cell is collapsed on Kaggle (still run), the run cell open
     machinery = next(i for i, c in enumerate(nb.cells) if c.source.startswith("## Machinery"))
-    assert all(c.metadata == {} for c in nb.cells[:machinery] + nb.cells[-2:])
+    assert [(i, c.metadata) for i, c in enumerate(nb.cells[:machinery] + nb.cells[-2:]) if c.metadata != {}] == []
     hidden = [c for c in nb.cells[machinery:-2] if c.cell_type == "code"]
     assert hidden and all(c.metadata == {"_kg_hide-input": True} for c in hidden)
     assert max(len(c.source.splitlines()) for c in hidden) < 600  # cut at the parts' banners
     assert "_SETTINGS = dict(" in nb.cells[1].source and nb.cells[-1].source.startswith("if __name__ == ")
     intro = nb.cells[0].source
-    assert all(w in intro for w in ("Generative Dog Images", "GPU T4 x2", "8h45m", "/kaggle/working/images.zip",
-                                    "dogkit score"))
+    missing = [w for w in ("Generative Dog Images", "GPU T4 x2", "8h45m", "/kaggle/working/images.zip",
+                           "dogkit score") if w not in intro]
+    assert missing == [], f"the notebook's first cell lacks {missing}: {intro[:300]}"
 
 
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
