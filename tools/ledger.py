@@ -274,14 +274,26 @@ def table_proxy(rows):
     return out
 
 
+PROXY_SHORT_ROWS = 12  # the README's view stays a front page: the best rows, the rest in docs/results.md
+
+
 def table_proxy_short(rows):
-    """The README's view of table_proxy: per group, each arm's generator, seeds, KID and verdict."""
+    """The README's view of table_proxy: each arm's generator, seeds, KID and verdict, the best
+    PROXY_SHORT_ROWS of them and a line saying how many more the full table holds."""
     out = ["| CPU proxy | arm | generator | seeds | KID x1e3 | against the group's best |", "|---|---|---|---|---|---|"]
-    for model, subset, _, a, judged in judged_arms(rows):
+    arms = list(judged_arms(rows))
+    if len(arms) > PROXY_SHORT_ROWS:
+        more = len(arms) - PROXY_SHORT_ROWS
+        arms = arms[:PROXY_SHORT_ROWS]
+    else:
+        more = 0
+    for model, subset, _, a, judged in arms:
         generator = re.sub(r" \((decay|half-life) [^)]*\)", "", a["note"])  # "G_ema (decay ...)": G_ema
         generator = re.sub(r": half-life ([\d.]+k) images", r" (\1)", generator)  # several copies: their half-lives
         out.append(f"| {model}, {subset:,} crops, {passes_text(a['passes'])} passes | {a['entry'].removeprefix('proxy-')} | "
                    f"{generator} | {a['seeds']} | {1e3 * a['kid']:.1f} ± {1e3 * a['kid_err']:.1f} | {judged} |")
+    if more:
+        out.append(f"| ... | {more} more | | | | [the full table](docs/results.md#cpu-proxies-the-many-passes-regime) |")
     return out
 
 

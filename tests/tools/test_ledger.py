@@ -19,6 +19,19 @@ def test_the_tables_are_generated_from_the_committed_ledger():
     assert mifids == sorted(mifids) and len(mifids) <= 5  # best first
 
 
+def test_the_readmes_proxy_view_stays_bounded_and_says_how_many_more():
+    """However many proxy rows the ledger gains, the README shows the best PROXY_SHORT_ROWS and one
+    line naming how many more docs/results.md holds (the README stays a front page)."""
+    rows = [r for r in ledger.load() if r.get("kind") == "proxy"]
+    arms = list(ledger.judged_arms(rows))
+    assert len(arms) > ledger.PROXY_SHORT_ROWS  # the committed ledger already holds more
+    short = ledger.table_proxy_short(rows)
+    assert len(short) == 2 + ledger.PROXY_SHORT_ROWS + 1
+    assert short[-1].startswith(f"| ... | {len(arms) - ledger.PROXY_SHORT_ROWS} more |")
+    few = [r for r in rows if r["entry"] == "proxy-biggan-flip"]
+    assert not any("more |" in line for line in ledger.table_proxy_short(few))
+
+
 def test_a_bad_row_lists_every_problem():
     with pytest.raises(ledger.LedgerError, match=r"unknown key 'mifd'.*fid is required.*mifid is required"):
         ledger.check_row({"kind": "run", "model": "dcgan", "budget": "8m", "distance": 0.2, "device": "x",
