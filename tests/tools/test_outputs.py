@@ -217,13 +217,9 @@ def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tmp_path):
 
 KILLED_REFERENCE = """
 import sys, time, numpy as np, torch
+sys.path[:0] = [{tests!r}, {tests!r} + "/tools"]
+from test_outputs import MeanNet
 from dogkit.metrics import features as feat, reference as R
-class MeanNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(3, 2048)
-    def forward(self, x):
-        return [torch.relu(self.proj(x.mean(dim=(2, 3)))).view(len(x), 2048, 1, 1)]
 torch.manual_seed(0)
 real = feat.pool3
 def slow(*args):
@@ -253,7 +249,7 @@ def test_a_reference_killed_anywhere_resumes_from_its_last_whole_state(tmp_path)
     from dogkit.metrics import reference as R
 
     src, out = photos(tmp_path / "dogs"), tmp_path / "ref.npz"
-    script = KILLED_REFERENCE.format(src=str(src), out=str(out))
+    script = KILLED_REFERENCE.format(tests=str(ROOT / "tests"), src=str(src), out=str(out))
     partial = out.with_name(out.name + ".partial.npz")
     temp = lambda: [p.name for p in tmp_path.iterdir() if TEMP_MARK in p.name]  # noqa: E731
     done = []
