@@ -31,7 +31,8 @@ MEANINGS = {
     "coverage": "Share of real neighbourhoods that hold at least one generated image (diversity).",
     "kid": "Kernel Inception Distance: unbiased MMD^2 with a cubic kernel, unbiased at any sample size.",
     "breed_accuracy": "Held-out accuracy of the breed classifier on real photos (how much to trust the breeds).",
-    "breed_entropy": "Entropy (bits) of the predicted breed histogram; log2(120) = 6.9 is all breeds equally.",
+    "breed_entropy": "Entropy (bits) of the predicted breed histogram; log2({n}) = {max:.1f} is all {n} breeds the "
+                     "reference knows equally.",
     "mean_top1_confidence": "Mean top-1 breed probability: low values mean dogs of no recognisable breed.",
 }
 
@@ -226,6 +227,7 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
     if breeds:
         _breed_plot(breeds, out / "breeds.png")
         numbers.update({k: breeds[k] for k in ("breed_accuracy", "breed_entropy", "mean_top1_confidence")})
+        numbers["reference_breeds"] = len(breeds["breeds"])
         numbers["top5"] = breeds["top5"]
     curves = _curves_plot(run, out / "curves.png") if run else None
 
@@ -242,7 +244,9 @@ def build_report(images, gen_features, reference, out: Path, run: Path | None = 
         sections.append(("Breeds", None, NO_BREEDS.format(labelled=int((labels >= 0).sum()), n=len(breed_names))))
     if curves:
         sections.append(("Training curves", "curves.png", curves))
-    rows = "".join(f"<tr><td>{k}</td><td>{numbers[k]:.4f}</td><td>{html.escape(MEANINGS.get(k, ''))}</td></tr>"
+    n_breeds = numbers.get("reference_breeds", 120)
+    meanings = {k: v.format(n=n_breeds, max=math.log2(max(n_breeds, 1))) for k, v in MEANINGS.items()}
+    rows = "".join(f"<tr><td>{k}</td><td>{numbers[k]:.4f}</td><td>{html.escape(meanings.get(k, ''))}</td></tr>"
                    for k in ("fid", "distance", "mifid", "kid", "precision", "recall", "density", "coverage",
                              "breed_accuracy", "breed_entropy", "mean_top1_confidence") if k in numbers)
     if "kid_std" in numbers:

@@ -73,6 +73,8 @@ def test_report_holds_every_section_and_the_numbers(report_dir):
         assert key in numbers, key
     for png in ("grid.png", "memorization.png", "closest_pairs.png", "breeds.png", "curves.png"):
         assert (report_dir / png).stat().st_size > 0
+    n = numbers["reference_breeds"]  # the entropy's ceiling is that of the breeds the reference knows, not 120
+    assert n == 2 and "log2(2) = 1.0 is all 2 breeds the reference knows equally." in page
 
 
 def test_report_renders_in_a_headless_browser(request, tmp_path):
