@@ -27,7 +27,6 @@ class BadInput(click.ClickException):
     exit_code = EXIT_BAD_INPUT
 
 
-
 def _fail(message: str) -> None:
     """One clear line on stderr and the bad-input exit code."""
     raise BadInput(message)
@@ -179,9 +178,7 @@ def reference(source, out, inception_weights, batch_size, device, limit, force):
     A finished reference of the same photos, network and --limit is not made again: the command
     says it is up to date (--force makes it again; another existing file at -o needs --force).
     """
-    from dogkit.metrics.reference import build_reference
-
-    from dogkit.metrics.reference import reference_up_to_date
+    from dogkit.metrics.reference import build_reference, reference_up_to_date
 
     _writable(out)
     _threads()
@@ -199,7 +196,7 @@ def reference(source, out, inception_weights, batch_size, device, limit, force):
         kept = f"the photos done up to the last minute are kept in {partial}" if partial.exists() else "nothing kept yet"
         again = " ".join(["dogkit", "reference", str(source), "-o", str(out)] + (["--limit", str(limit)] if limit else []))
         click.echo(f"Error: interrupted: {kept}; the same command resumes there: {again}", err=True)
-        raise click.exceptions.Exit(130)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED)
     click.echo(f"wrote {out}: {ref.provenance['count']} photos, features {ref.features.shape}")
 
 
