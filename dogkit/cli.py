@@ -495,8 +495,9 @@ def train(model, **opts):
     try:
         cfg = config_from_options(entry.settings, opts, presets=entry.presets, model=model)
         world, device = _torchrun_world(cfg.device, opts["gpus"])
-        if world.main and not opts["resume"] and earlier_run_line(cfg.out):
-            click.echo(earlier_run_line(cfg.out), err=True)
+        replaced = earlier_run_line(cfg.out) if world.main and not opts["resume"] else ""
+        if replaced:
+            click.echo(replaced, err=True)
         if world.size > 1:
             cfg = with_settings(cfg, {"device": str(device)})
         lock = claim_folder(cfg.out) if world.main else None  # two runs on one --out: refused

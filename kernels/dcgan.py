@@ -3161,8 +3161,8 @@ def run(model_cls, settings, args, t0):
             ckpt = read_checkpoint(resume) if ckpt is None else ckpt
             print(f"continues  {check_continuation(ckpt, resume, cfg, model_cls.name)}", flush=True)
             del ckpt  # training loads it again, onto its device
-        elif earlier_run_line(cfg.out):
-            print(earlier_run_line(cfg.out), flush=True)
+        elif replaced := earlier_run_line(cfg.out):
+            print(replaced, flush=True)
         if size == 1:
             device = pick_device(cfg.device, require_gpu=on_kaggle)  # seconds, before any cleaning
             return run_rank(ALONE, device, model_cls, cfg, resume, t0, on_kaggle)
