@@ -511,8 +511,7 @@ def train(model, **opts):
     except (ValueError, DataError, RunError) as exc:  # bad input or settings: exit 1, as everywhere
         _fail(str(exc))
     except RunFailed as exc:
-        kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
-        click.echo(f"Error: training failed ({exc.cause}); {kept}", err=True)
+        click.echo(f"Error: {exc.line()}", err=True)
         sys.exit(EXIT_TRAINING_FAILED)
 
 

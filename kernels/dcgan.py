@@ -26,12 +26,12 @@ Contents (line numbers):
     475  The training loop
     541  MACHINERY (below: nothing to read to change the model)
     548  Data
-   1173  Several GPUs
-   1388  The machine
-   1603  Sampling
-   1730  Settings
-   1887  Training
-   2810  Entry point
+   1181  Several GPUs
+   1396  The machine
+   1611  Sampling
+   1738  Settings
+   1895  Training
+   2852  Entry point
 """
 import argparse
 import contextlib
@@ -704,35 +704,43 @@ def open_zip(path):
 
 TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
 
+class WriteError(OSError):
+    """An output the disk would not take (full, read-only): one line naming the path; the earlier
+    file, if any, is as it was."""
+
 @contextlib.contextmanager
 def atomic_path(path):
     """The one way every output is written: a temporary name beside `path` (its extension kept, so
     np.savez and PIL write exactly there), renamed onto `path` when the block succeeds, removed
     when it fails or is interrupted, so the earlier file stays whole until the new one is (a kill -9
-    leaves the temporary: remove_stale_temps). A write that fails on the disk (full, read-only) is
-    one OSError naming the path."""
+    leaves the temporary: the next write of `path` removes it, remove_stale_temps). A write that
+    fails on the disk (full, read-only) is one OSError naming the path."""
     folder, name = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(name)
     tmp = os.path.join(folder, f".{stem}{TEMP_MARK}{os.getpid()}{ext}")
     try:
         os.makedirs(folder, exist_ok=True)
+        remove_stale_temps(folder, name)
         yield tmp
         os.replace(tmp, path)
+    except WriteError:  # said already (a nested write)
+        raise
     except OSError as exc:
-        if exc.errno is None:  # said already (a nested write)
-            raise
-        raise OSError(f"{path}: {(exc.strerror or str(exc)).lower()} (nothing written: the earlier file, if any, "
-                      f"is as it was)") from None
+        raise WriteError(f"{path}: {(exc.strerror or str(exc)).lower()} (nothing written: the earlier file, if any, "
+                         f"is as it was)") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
 
-def remove_stale_temps(folder):
-    """Remove what a killed writer left half-written in folder (a process that is still running
-    keeps its own); returns the names removed."""
+def remove_stale_temps(folder, of=None):
+    """Remove what a killed writer left half-written in folder (only the temporaries of file `of`,
+    when given; a process that is still running keeps its own); returns the names removed."""
     gone = []
+    stem, ext = os.path.splitext(of or "")
+    pattern = (re.escape(f".{stem}{TEMP_MARK}") + r"(\d+)" + re.escape(ext) if of else
+               r".*" + re.escape(TEMP_MARK) + r"(\d+).*")
     for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
-        pid = re.search(re.escape(TEMP_MARK) + r"(\d+)", name)
+        pid = re.fullmatch(pattern, name)
         if pid and not process_alive(int(pid.group(1))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
@@ -1904,6 +1912,12 @@ class RunFailed(RuntimeError):
         super().__init__(cause)
         self.cause, self.zip_path = cause, zip_path
 
+    def line(self):
+        """The one line every command and kernel ends a failed run with (after 'error: ')."""
+        kept = f"{self.zip_path} was still written from the last good generator" if self.zip_path else \
+            "no images.zip from this run"
+        return f"training failed ({self.cause}); {kept}"
+
 def parse_snapshots(text):
     """'0.25,0.5' -> [0.25, 0.5]: progress points in (0, 1) where a run keeps a checkpoint copy."""
     points = sorted(float(t) for t in str(text).replace(" ", "").split(",") if t)
@@ -2187,6 +2201,8 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     path = os.path.join(folder or tr.cfg.out, name)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
+    if name == "checkpoint.pt" and folder is None:
+        tr.saved_step = tr.step  # the checkpoint.pt there is this run's from here on
     return path
 
 def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
@@ -2529,6 +2545,7 @@ def interim_zip(tr):
         G = copy.deepcopy(tr.G_ema)
         prepare_for_sampling(tr, G)
         sample_zip(tr, G)
+        tr.zip_step = tr.step
         tr.log(f"interim images.zip at step {tr.step} ({time.monotonic() - t:.0f} s)")
     except Exception as exc:
         tr.log(f"interim images.zip failed ({type(exc).__name__}: {exc}); training goes on")
@@ -2543,14 +2560,25 @@ def ready_to_sample(tr):
     prepare_for_sampling(tr, tr.G_ema)
     tr.bn_refreshed = True
 
+def kept_zip(tr):
+    """In words, the images.zip in the output folder when it is this run's (an interim one, or one
+    written before this run was resumed there), else None (none, or an earlier run's: replaced)."""
+    if not os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
+        return None
+    if tr.zip_step is not None:
+        return f"the interim images.zip of step {tr.zip_step} is kept"
+    if tr.continues and os.path.abspath(tr.continues) == os.path.abspath(tr.cfg.out):
+        return "the images.zip written before this run was resumed is kept"
+    return None
+
 def end_deadline(tr):
     """(the clock reading the end must finish by, the budget's own end). The budget is a plan:
-    with an images.zip in the output folder, sampling stops at its end rather than overrun and
-    that zip is kept; with none, a good generator is never thrown away for want of time, and the
-    end runs on up to the platform's own wall (hard_limit from this process's start: a Kaggle
-    kernel's 9 hours), with no wall at all for a local run."""
+    with an images.zip of this run in the output folder (kept_zip), sampling stops at its end rather
+    than overrun and that zip is kept; with none, a good generator is never thrown away for want of
+    time, and the end runs on up to the platform's own wall (hard_limit from this process's start:
+    a Kaggle kernel's 9 hours), with no wall at all for a local run."""
     end = tr.t0 - tr.session_start + budget_start(tr) + tr.cfg.budget  # on tr.clock, the zip included
-    if os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
+    if kept_zip(tr):
         return end, end
     return (tr.t0 + tr.cfg.hard_limit if tr.cfg.hard_limit > 0 else math.inf), end
 
@@ -2566,14 +2594,22 @@ def finish(tr, failure=None):
     t, began = time.monotonic(), tr.clock()
     try:
         ready_to_sample(tr)
-        checkpoint_together(tr) if world.size > 1 else save_checkpoint(tr)
+        try:
+            checkpoint_together(tr) if world.size > 1 else save_checkpoint(tr)
+        except WriteError as exc:  # the zip matters more: it is sampled from the generator in memory
+            tr.log(f"WARNING    {exc}: checkpoint.pt not written, images.zip is sampled from the generator in memory")
+            failure = f"{failure + '; ' if failure else ''}checkpoint.pt not written ({exc})"
         save_fixed_grid(tr, "samples.png")
         path = sample_zip(tr, tr.G_ema, deadline, world)
     except OutOfTime as exc:
         raise out_of_time(tr, failure, exc) from None
+    except WriteError as exc:
+        raise disk_full(tr, failure, exc) from None
     except Exception as exc:  # e.g. a CUDA error: the device cannot sample any more
         tr.log("sampling failed: " + traceback.format_exc().rstrip())
         cause = f"{failure + '; ' if failure else ''}the end failed on {tr.device} ({type(exc).__name__}: {exc})"
+        if tr.saved_step is None:  # the checkpoint.pt there (if any) is not this run's
+            raise RunFailed(f"{cause}; no checkpoint of this run to sample instead", None) from None
         try:  # a failed CUDA context cannot be used again: the CPU
             _, step = zip_from_checkpoint(os.path.join(tr.cfg.out, "checkpoint.pt"), type(tr.model), deadline,
                                           tr.clock)
@@ -2612,10 +2648,16 @@ def help_finish(tr, deadline):
     return sample_zip(tr, tr.G_ema, deadline, tr.world)
 
 def out_of_time(tr, failure, exc):
-    path = os.path.join(tr.cfg.out, "images.zip")
-    kept = "the interim images.zip is kept" if os.path.exists(path) else "no images.zip written"
-    return RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept})",
-                     path if os.path.exists(path) else None)
+    kept = kept_zip(tr)
+    return RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept or 'no images.zip written'})",
+                     os.path.join(tr.cfg.out, "images.zip") if kept else None)
+
+def disk_full(tr, failure, exc):
+    """The end could not write an output (WriteError): sampling again would meet the same disk."""
+    kept = kept_zip(tr) or ("the images.zip there is an earlier run's, not this one's" if os.path.exists(
+        os.path.join(tr.cfg.out, "images.zip")) else "no images.zip written")
+    return RunFailed(f"{failure + '; ' if failure else ''}{exc} ({kept})",
+                     os.path.join(tr.cfg.out, "images.zip") if kept_zip(tr) else None)
 
 def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, device="cpu"):
     """images.zip beside checkpoint `path`, from its EMA generator rebuilt on `device`, before the
@@ -2748,7 +2790,7 @@ class Trainer:
         self.ema_w, self.ema_w_value = torch.tensor(1.0, device=self.device), 1.0
         self.loss_sum = self.graph = None
         self.good = None  # in-memory copy of the last good training state (rollback target)
-        self.bn_refreshed = False
+        self.bn_refreshed, self.zip_step, self.saved_step = False, None, None  # this run's last zip, checkpoint
         self.continues = None  # the folder of the checkpoint this run continues (load_checkpoint)
         self.grid_every = cfg.grid_every
         self.fixed_z, self.fixed_y = fixed_noise(cfg, self.n_classes, self.device)  # the progress grids'
@@ -3113,8 +3155,7 @@ def exit_on_error(fn, rank=None):
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trainer saved checkpoint.pt and said how to resume
         stop(EXIT_INTERRUPTED, None if rank else "error: interrupted; resume with --resume CHECKPOINT")
     except RunFailed as exc:
-        kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
-        stop(EXIT_TRAINING_FAILED, f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"))
+        stop(EXIT_TRAINING_FAILED, f"{who}error: " + (f"training failed ({exc.cause})" if rank else exc.line()))
     except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
         stop(EXIT_BAD_INPUT, f"{who}error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file

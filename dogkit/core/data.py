@@ -198,36 +198,45 @@ def open_zip(path):
 TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
 
 
+class WriteError(OSError):
+    """An output the disk would not take (full, read-only): one line naming the path; the earlier
+    file, if any, is as it was."""
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """The one way every output is written: a temporary name beside `path` (its extension kept, so
     np.savez and PIL write exactly there), renamed onto `path` when the block succeeds, removed
     when it fails or is interrupted, so the earlier file stays whole until the new one is (a kill -9
-    leaves the temporary: remove_stale_temps). A write that fails on the disk (full, read-only) is
-    one OSError naming the path."""
+    leaves the temporary: the next write of `path` removes it, remove_stale_temps). A write that
+    fails on the disk (full, read-only) is one OSError naming the path."""
     folder, name = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(name)
     tmp = os.path.join(folder, f".{stem}{TEMP_MARK}{os.getpid()}{ext}")
     try:
         os.makedirs(folder, exist_ok=True)
+        remove_stale_temps(folder, name)
         yield tmp
         os.replace(tmp, path)
+    except WriteError:  # said already (a nested write)
+        raise
     except OSError as exc:
-        if exc.errno is None:  # said already (a nested write)
-            raise
-        raise OSError(f"{path}: {(exc.strerror or str(exc)).lower()} (nothing written: the earlier file, if any, "
-                      f"is as it was)") from None
+        raise WriteError(f"{path}: {(exc.strerror or str(exc)).lower()} (nothing written: the earlier file, if any, "
+                         f"is as it was)") from None
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
-def remove_stale_temps(folder):
-    """Remove what a killed writer left half-written in folder (a process that is still running
-    keeps its own); returns the names removed."""
+def remove_stale_temps(folder, of=None):
+    """Remove what a killed writer left half-written in folder (only the temporaries of file `of`,
+    when given; a process that is still running keeps its own); returns the names removed."""
     gone = []
+    stem, ext = os.path.splitext(of or "")
+    pattern = (re.escape(f".{stem}{TEMP_MARK}") + r"(\d+)" + re.escape(ext) if of else
+               r".*" + re.escape(TEMP_MARK) + r"(\d+).*")
     for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
-        pid = re.search(re.escape(TEMP_MARK) + r"(\d+)", name)
+        pid = re.fullmatch(pattern, name)
         if pid and not process_alive(int(pid.group(1))):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))

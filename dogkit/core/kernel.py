@@ -346,8 +346,7 @@ def exit_on_error(fn, rank=None):
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trainer saved checkpoint.pt and said how to resume
         stop(EXIT_INTERRUPTED, None if rank else "error: interrupted; resume with --resume CHECKPOINT")
     except RunFailed as exc:
-        kept = f"{exc.zip_path} was still written from the last good generator" if exc.zip_path else "no images.zip"
-        stop(EXIT_TRAINING_FAILED, f"{who}error: training failed ({exc.cause})" + ("" if rank else f"; {kept}"))
+        stop(EXIT_TRAINING_FAILED, f"{who}error: " + (f"training failed ({exc.cause})" if rank else exc.line()))
     except (OSError, MemoryError) as exc:  # a disk, a file, the machine: one line
         stop(EXIT_BAD_INPUT, f"{who}error: {type(exc).__name__}: {exc}")
     except Exception as exc:  # nobody expected it: a bug, said in one line, the traceback kept in a file

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from dogkit.core.augment import random_resized_crop_flip, to_float
-from dogkit.core.data import atomic_path, load_dataset, remove_stale_temps
+from dogkit.core.data import WriteError, atomic_path, load_dataset, remove_stale_temps
 from dogkit.core.distributed import (ALONE, RankStopped, agree, all_mean, all_objects, average_in_step, broadcast_state,
                                      gather_objects, on_main)
 from dogkit.core.runtime import RunError, make_grad_scaler, pick_device, resolve_precision
@@ -51,6 +51,12 @@ class RunFailed(RuntimeError):
     def __init__(self, cause, zip_path=None):
         super().__init__(cause)
         self.cause, self.zip_path = cause, zip_path
+
+    def line(self):
+        """The one line every command and kernel ends a failed run with (after 'error: ')."""
+        kept = f"{self.zip_path} was still written from the last good generator" if self.zip_path else \
+            "no images.zip from this run"
+        return f"training failed ({self.cause}); {kept}"
 
 
 def parse_snapshots(text):
@@ -475,6 +481,8 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     path = os.path.join(folder or tr.cfg.out, name)
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
+    if name == "checkpoint.pt" and folder is None:
+        tr.saved_step = tr.step  # the checkpoint.pt there is this run's from here on
     return path
 
 
@@ -841,6 +849,7 @@ def interim_zip(tr):
         G = copy.deepcopy(tr.G_ema)
         prepare_for_sampling(tr, G)
         sample_zip(tr, G)
+        tr.zip_step = tr.step
         tr.log(f"interim images.zip at step {tr.step} ({time.monotonic() - t:.0f} s)")
     except Exception as exc:
         tr.log(f"interim images.zip failed ({type(exc).__name__}: {exc}); training goes on")
@@ -857,14 +866,26 @@ def ready_to_sample(tr):
     tr.bn_refreshed = True
 
 
+def kept_zip(tr):
+    """In words, the images.zip in the output folder when it is this run's (an interim one, or one
+    written before this run was resumed there), else None (none, or an earlier run's: replaced)."""
+    if not os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
+        return None
+    if tr.zip_step is not None:
+        return f"the interim images.zip of step {tr.zip_step} is kept"
+    if tr.continues and os.path.abspath(tr.continues) == os.path.abspath(tr.cfg.out):
+        return "the images.zip written before this run was resumed is kept"
+    return None
+
+
 def end_deadline(tr):
     """(the clock reading the end must finish by, the budget's own end). The budget is a plan:
-    with an images.zip in the output folder, sampling stops at its end rather than overrun and
-    that zip is kept; with none, a good generator is never thrown away for want of time, and the
-    end runs on up to the platform's own wall (hard_limit from this process's start: a Kaggle
-    kernel's 9 hours), with no wall at all for a local run."""
+    with an images.zip of this run in the output folder (kept_zip), sampling stops at its end rather
+    than overrun and that zip is kept; with none, a good generator is never thrown away for want of
+    time, and the end runs on up to the platform's own wall (hard_limit from this process's start:
+    a Kaggle kernel's 9 hours), with no wall at all for a local run."""
     end = tr.t0 - tr.session_start + budget_start(tr) + tr.cfg.budget  # on tr.clock, the zip included
-    if os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
+    if kept_zip(tr):
         return end, end
     return (tr.t0 + tr.cfg.hard_limit if tr.cfg.hard_limit > 0 else math.inf), end
 
@@ -881,14 +902,22 @@ def finish(tr, failure=None):
     t, began = time.monotonic(), tr.clock()
     try:
         ready_to_sample(tr)
-        checkpoint_together(tr) if world.size > 1 else save_checkpoint(tr)
+        try:
+            checkpoint_together(tr) if world.size > 1 else save_checkpoint(tr)
+        except WriteError as exc:  # the zip matters more: it is sampled from the generator in memory
+            tr.log(f"WARNING    {exc}: checkpoint.pt not written, images.zip is sampled from the generator in memory")
+            failure = f"{failure + '; ' if failure else ''}checkpoint.pt not written ({exc})"
         save_fixed_grid(tr, "samples.png")
         path = sample_zip(tr, tr.G_ema, deadline, world)
     except OutOfTime as exc:
         raise out_of_time(tr, failure, exc) from None
+    except WriteError as exc:
+        raise disk_full(tr, failure, exc) from None
     except Exception as exc:  # e.g. a CUDA error: the device cannot sample any more
         tr.log("sampling failed: " + traceback.format_exc().rstrip())
         cause = f"{failure + '; ' if failure else ''}the end failed on {tr.device} ({type(exc).__name__}: {exc})"
+        if tr.saved_step is None:  # the checkpoint.pt there (if any) is not this run's
+            raise RunFailed(f"{cause}; no checkpoint of this run to sample instead", None) from None
         try:  # a failed CUDA context cannot be used again: the CPU
             _, step = zip_from_checkpoint(os.path.join(tr.cfg.out, "checkpoint.pt"), type(tr.model), deadline,
                                           tr.clock)
@@ -929,10 +958,17 @@ def help_finish(tr, deadline):
 
 
 def out_of_time(tr, failure, exc):
-    path = os.path.join(tr.cfg.out, "images.zip")
-    kept = "the interim images.zip is kept" if os.path.exists(path) else "no images.zip written"
-    return RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept})",
-                     path if os.path.exists(path) else None)
+    kept = kept_zip(tr)
+    return RunFailed(f"{failure + '; ' if failure else ''}out of time: {exc} ({kept or 'no images.zip written'})",
+                     os.path.join(tr.cfg.out, "images.zip") if kept else None)
+
+
+def disk_full(tr, failure, exc):
+    """The end could not write an output (WriteError): sampling again would meet the same disk."""
+    kept = kept_zip(tr) or ("the images.zip there is an earlier run's, not this one's" if os.path.exists(
+        os.path.join(tr.cfg.out, "images.zip")) else "no images.zip written")
+    return RunFailed(f"{failure + '; ' if failure else ''}{exc} ({kept})",
+                     os.path.join(tr.cfg.out, "images.zip") if kept_zip(tr) else None)
 
 
 def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, device="cpu"):
@@ -1073,7 +1109,7 @@ class Trainer:
         self.ema_w, self.ema_w_value = torch.tensor(1.0, device=self.device), 1.0
         self.loss_sum = self.graph = None
         self.good = None  # in-memory copy of the last good training state (rollback target)
-        self.bn_refreshed = False
+        self.bn_refreshed, self.zip_step, self.saved_step = False, None, None  # this run's last zip, checkpoint
         self.continues = None  # the folder of the checkpoint this run continues (load_checkpoint)
         self.grid_every = cfg.grid_every
         self.fixed_z, self.fixed_y = fixed_noise(cfg, self.n_classes, self.device)  # the progress grids'

@@ -188,8 +188,7 @@ def build_reference(source: str | Path, out: str | Path, model, model_info: dict
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_savez(out, mu=mu, sigma=sigma, features=feats, names=np.array(names),
                   provenance=json.dumps(provenance))
-    if partial.exists():
-        partial.unlink()
+    partial.unlink(missing_ok=True)  # (a second build of the same file at once may have removed it)
     return Reference(mu, sigma, feats, names, provenance)
 
 

@@ -72,7 +72,7 @@ def test_ranks_keep_identical_parameters_and_draw_their_own_batches(tmp_path, ti
         torch.testing.assert_close(a, r1["G_ema"][name], rtol=0, atol=0, msg=name)
     assert not torch.equal(r0["first_batch"], r1["first_batch"])  # each rank its own real photos
     init = DCGAN(tiny_cfg(tmp_path), 0, torch.device("cpu")).G.state_dict()
-    assert any(not torch.equal(init[k], v) for k, v in r0["G"].items())  # it trained
+    assert [k for k, v in r0["G"].items() if not torch.equal(init[k], v)], "no weight of G changed: it never trained"
     assert len(load_submission(tmp_path / "run" / "images.zip", strict=False).pixels) == 64
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rank_rngs"]) == 2
@@ -280,7 +280,7 @@ def test_a_step_edited_to_call_backward_and_step_itself_still_averages_over_the_
     assert two_ranks(plain_kernel_ranks, tmp_path / "plain_dcgan.py", tmp_path, tiny_dataset) == [0, 0]
     r0, r1 = (torch.load(tmp_path / f"plain{r}.pt", weights_only=True) for r in (0, 1))
     init = DCGAN(tiny_cfg(tmp_path), 0, torch.device("cpu"))
-    assert any(not torch.equal(v, r0[f"G.{k}"]) for k, v in init.G.named_parameters())  # it trained
+    assert [k for k, v in init.G.named_parameters() if not torch.equal(v, r0[f"G.{k}"])], "G never trained"
     for name, a in r0.items():
         torch.testing.assert_close(a, r1[name], rtol=0, atol=0, msg=name)
 

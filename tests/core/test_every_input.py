@@ -78,7 +78,8 @@ def test_special_files_are_skipped_and_odd_names_survive_the_cache(hostile_folde
     events = data["summary"]["events"]
     assert events["unreadable file or zip entry"] == 4  # FIFO, /dev/zero, dangling, loop: skipped, no hang
     assert len(data["images"]) == 8
-    assert any("\\xff\\xfe" in n for n in data["names"]) and any("new\\nline" in n for n in data["names"])
+    for odd in ("\\xff\\xfe", "new\\nline"):
+        assert [n for n in data["names"] if odd in n], (odd, data["names"])
     D.save_cache(str(tmp_path / "c.npz"), data, workers=1, codec="webp")
     back = D.load_cache(str(tmp_path / "c.npz"))
     assert back["names"] == data["names"]  # one name per crop: a newline shifts nothing
@@ -465,7 +466,7 @@ def test_fuzz_annotations_parse_or_raise_a_data_error(xml):
         _, _, boxes, _ = D.parse_annotation(xml)
     except D.DataError:
         return
-    assert all(isinstance(c, int) and abs(c) < 1e9 for b in boxes for c in b)
+    assert [c for b in boxes for c in b if not (isinstance(c, int) and abs(c) < 1e9)] == [], boxes
 
 
 GOOD_PNG = png_bytes(RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -514,7 +515,7 @@ def test_fuzz_references_load_finite_or_raise(tmp_path_factory, key, value, wher
         ref = R.load_reference(path)
     except ValueError:
         return
-    assert all(np.isfinite(a).all() for a in (ref.mu, ref.sigma, ref.features))
+    assert [k for k in ("mu", "sigma", "features") if not np.isfinite(getattr(ref, k)).all()] == []
 
 
 @FUZZ
@@ -536,7 +537,7 @@ def test_fuzz_log_lines_never_break_the_report(tmp_path_factory, records):
     run = tmp_path_factory.mktemp("run")
     (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     for row in read_log(run):
-        assert all(isinstance(v, str) or np.isfinite(v) for v in row.values())
+        assert [v for v in row.values() if not (isinstance(v, str) or np.isfinite(v))] == [], row
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))

@@ -95,20 +95,21 @@ def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
     for start in ("python     ", "device     cpu", "host       ", "precision  fp32", "budget     1h00m",
                   "settings   batch 8, lr 0.0005 (G) 0.0005 (D), augment crop-flip, no truncation\n"):
         assert start in log, start
-    assert "data       competition files (all-dogs.zip)" in log
-    assert "someones-cats (20 photos): not the competition's data, never trained on" in log
-    assert f"scratch    {fake_kaggle['tmp'] / 'scratch'}" in log
+    for line in ("data       competition files (all-dogs.zip)",
+                 "someones-cats (20 photos): not the competition's data, never trained on",
+                 f"scratch    {fake_kaggle['tmp'] / 'scratch'}"):
+        assert line in log, (line, log)
     boxes = fake_kaggle["boxes"]
-    assert f"photos     24  ({boxes} annotated boxes)" in log
-    assert f"crops      {boxes}  (2 breeds)" in log  # one crop per box, no cat, no box lost to <size>
+    assert f"photos     24  ({boxes} annotated boxes)" in log, log
+    assert f"crops      {boxes}  (2 breeds)" in log, log  # one crop per box, no cat, no box lost to <size>
     files = set(os.listdir(fake_kaggle["working"]))
     assert files - {f for f in files if f.startswith("grid-")} == {
-        "images.zip", "checkpoint.pt", "log.jsonl", "options.json", "samples.png"}
-    assert len(files) <= 13
+        "images.zip", "checkpoint.pt", "log.jsonl", "options.json", "samples.png"}, files
+    assert len(files) <= 13, sorted(files)
     images = load_submission(fake_kaggle["working"] / "images.zip", strict=True)
     assert images.pixels.shape == (10_000, 64, 64, 3)
     ckpt = torch.load(fake_kaggle["working"] / "checkpoint.pt", weights_only=True)
-    assert ckpt["step"] == 8 and ckpt["breeds"] == BREEDS
+    assert (ckpt["step"], ckpt["breeds"]) == (8, BREEDS)
 
 
 @pytest.mark.slow
@@ -124,19 +125,19 @@ def test_a_run_continues_in_the_next_kaggle_session_from_its_attached_output(fak
             "--log-every", "0", "--sessions", "2")
     first = run_kernel(env, *args, "--steps", "6")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "continues  nothing yet: no checkpoint.pt under" in first.stdout
-    assert "session 1 of 2 ends at step 6" in first.stdout
+    assert "continues  nothing yet: no checkpoint.pt under" in first.stdout, first.stdout
+    assert "session 1 of 2 ends at step 6" in first.stdout, first.stdout
     shutil.copytree(working, root / "dogkit-dcgan")  # Add Input -> Your Work: this notebook's output
     shutil.rmtree(working)
     working.mkdir()
     second = run_kernel(env, *args, "--steps", "10")
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.startswith(f"continues  session 2 of 2, from {root / 'dogkit-dcgan' / 'checkpoint.pt'}: "
-                                    f"step 6, ")
+                                    f"step 6, "), second.stdout[:2000]
     ckpt = torch.load(working / "checkpoint.pt", weights_only=True)
     assert (ckpt["step"], ckpt["session"]) == (10, 2)
     log = [json.loads(line) for line in (working / "log.jsonl").read_text().splitlines()]
-    assert [r["session"] for r in log] == [1] * 6 + [2] * 4 and [r["step"] for r in log] == list(range(1, 11))
+    assert [(r["session"], r["step"]) for r in log] == [(1 + (s > 6), s) for s in range(1, 11)]
     assert load_submission(working / "images.zip", strict=False).pixels.shape[0] == 100
     shutil.rmtree(root / "dogkit-dcgan")
     shutil.copytree(working, root / "dogkit-dcgan")
@@ -145,19 +146,19 @@ def test_a_run_continues_in_the_next_kaggle_session_from_its_attached_output(fak
         shutil.rmtree(fake_kaggle["tmp"] / "scratch", ignore_errors=True)
         refused = run_kernel(env, *args, *extra)
         assert refused.returncode == 1 and message in refused.stderr, refused.stderr[-2000:]
-        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
-        assert not (fake_kaggle["tmp"] / "scratch").exists()  # refused before any cleaning
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert not (fake_kaggle["tmp"] / "scratch").exists(), refused.stdout  # refused before any cleaning
 
 
 def test_no_gpu_on_kaggle_stops_at_once_before_cleaning(fake_kaggle):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     proc = run_kernel(fake_kaggle["env"], timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("error: no GPU: this notebook runs without an accelerator")
-    assert "GPU T4 x2" in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
-    assert not (fake_kaggle["tmp"] / "scratch").exists()  # nothing was extracted or cleaned
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.startswith("error: no GPU: this notebook runs without an accelerator"), proc.stderr
+    assert "GPU T4 x2" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (fake_kaggle["tmp"] / "scratch").exists(), proc.stdout  # nothing was extracted or cleaned
     assert os.listdir(fake_kaggle["working"]) == []
 
 
@@ -182,9 +183,9 @@ def test_a_gpu_this_torch_cannot_run_stops_before_cleaning(fake_kaggle, monkeypa
         K.main(registry.get("dcgan").cls, {}, argv=[])
     assert exit_.value.code == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert err.startswith("error: Tesla P100-PCIE-16GB (sm_60) cannot run torch ")
-    assert "sm_75 sm_80" in err and "GPU T4 x2" in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: Tesla P100-PCIE-16GB (sm_60) cannot run torch "), err
+    assert "sm_75 sm_80" in err and "GPU T4 x2" in err, err
 
 
 def test_a_failing_first_cuda_op_is_named(monkeypatch):
@@ -255,7 +256,8 @@ def test_missing_annotation_is_a_loud_warning_and_missing_data_an_error(tmp_path
     make_tree(tmp_path, {"dogs/all-dogs/a.jpg": b"x"})
     logs = []
     photos, annotations = K.kaggle_data(str(tmp_path), [str(tmp_path / "s")], log=logs.append)
-    assert annotations is None and any(m.startswith("WARNING    no Annotation/") for m in logs)
+    assert annotations is None, annotations
+    assert [m for m in logs if m.startswith("WARNING    no Annotation/")], logs
     with pytest.raises(runtime.RunError, match="no competition data under .*attach 'Generative Dog Images'"):
         K.kaggle_data(str(tmp_path / "dogs" / "all-dogs"), [str(tmp_path / "s")])
 

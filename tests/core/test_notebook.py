@@ -100,13 +100,13 @@ def test_the_py_pasted_into_one_cell_trains_and_shows_its_pictures(photos, tmp_p
     run = cells[1]
     assert errors_of(run) == [], run.outputs
     assert_no_traceback(cells)
-    assert text_of(run, "stderr") == ""  # no warning shown as a red block
+    assert text_of(run, "stderr") == "", text_of(run, "stderr")  # no warning shown as a red block
     log = text_of(run)
-    assert log.startswith("python     ") and "device     cpu" in log and "budget     1h00m" in log
-    assert log.rstrip().splitlines()[-1].startswith("next       score it with the competition's metric")
-    assert "\r" not in log  # one line per interval: nothing that floods a saved notebook
+    assert log.startswith("python     ") and "device     cpu" in log and "budget     1h00m" in log, log
+    assert log.rstrip().splitlines()[-1].startswith("next       score it with the competition's metric"), log[-2000:]
+    assert "\r" not in log, log  # one line per interval: nothing that floods a saved notebook
     assert load_submission(out / "images.zip", strict=True, n_images=64).pixels.shape == (64, 64, 64, 3)
-    assert len(pictures(run)) == 2  # the final samples and the loss curves, in the cell's output
+    assert len(pictures(run)) == 2, run.outputs  # the final samples and the loss curves, in the cell's output
 
 
 @pytest.mark.slow
@@ -124,8 +124,8 @@ def test_the_ipynb_as_built_runs_with_a_cell_of_arguments_and_shows_the_interval
     errors = [(i, e.ename, e.evalue) for i, c in enumerate(done) if c.cell_type == "code" for e in errors_of(c)]
     assert errors == [], errors  # (cell, error, its text): which cell failed and how
     run = done[-1]
-    assert "next       score it" in text_of(run)
-    assert len(pictures(run)) >= 3  # interval grids, the final samples, the loss curves
+    assert "next       score it" in text_of(run), text_of(run)[-3000:]
+    assert len(pictures(run)) >= 3, text_of(run)[-3000:]  # interval grids, the final samples, the loss curves
     assert len(load_submission(out / "images.zip", strict=True).names) == 10_000
 
 
@@ -145,7 +145,7 @@ def test_a_refusal_is_exactly_one_line_in_the_cell_not_a_traceback(photos, tmp_p
         line = errors[0]["traceback"][0]
         assert "\n" not in line.strip() and want in line, line
         assert text_of(cell, "stderr").strip() == "", text_of(cell, "stderr")  # the line is said once
-    assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists(), runs[1].outputs
 
 
 def test_two_cpu_ranks_forked_from_the_notebook_finish_and_leave_no_process(photos, tmp_path):
@@ -157,8 +157,8 @@ def test_two_cpu_ranks_forked_from_the_notebook_finish_and_leave_no_process(phot
     assert_no_traceback(cells)
     assert errors_of(cells[1]) == [], cells[1].outputs
     log = text_of(cells[1])
-    assert "world      2 ranks (gloo)" in log  # a forked rank's output reaches the cell
-    assert "next       score it" in log
+    assert "world      2 ranks (gloo)" in log, log  # a forked rank's output reaches the cell
+    assert "next       score it" in log, log[-3000:]
     assert text_of(cells[2]).strip() == "children 0"
     assert len(load_submission(out / "images.zip", strict=False).names) == 200
 
@@ -171,14 +171,14 @@ def test_a_second_session_continues_the_first_ones_attached_output(tmp_path):
     env = {"DOGKIT_KAGGLE_INPUT": str(root), "DOGKIT_KAGGLE_WORKING": str(working), "DOGKIT_KAGGLE_TMP": str(tmp_path / "t")}
     args = ("--budget", "10m", "--n-samples", "100", "--log-every", "0", "--sessions", "2", *TINY)
     first = execute([argv_cell(*args, "--steps", "4", env=env), kernel_cell("dcgan")])
-    assert errors_of(first[1]) == [] and "continues  nothing yet" in text_of(first[1])
+    assert errors_of(first[1]) == [] and "continues  nothing yet" in text_of(first[1]), first[1].outputs
     shutil.copytree(working, root / "dogkit-dcgan")  # the first session's output, attached
     shutil.rmtree(working)
     working.mkdir()
     second = execute([argv_cell(*args, "--steps", "7", env=env), kernel_cell("dcgan")])
     assert_no_traceback(first + second)
     assert errors_of(second[1]) == [], second[1].outputs
-    assert text_of(second[1]).startswith("continues  session 2 of 2, from ")
+    assert text_of(second[1]).startswith("continues  session 2 of 2, from "), text_of(second[1])[:2000]
 
 
 def test_the_stop_button_leaves_a_checkpoint_and_a_line_saying_how_to_resume(photos, tmp_path):
@@ -196,7 +196,7 @@ def test_the_stop_button_leaves_a_checkpoint_and_a_line_saying_how_to_resume(pho
     assert_no_traceback(cells)
     errors = errors_of(cells[1])
     assert len(errors) == 1 and "resume with --resume" in errors[0]["traceback"][0], cells[1].outputs
-    assert (out / "checkpoint.pt").exists()
+    assert (out / "checkpoint.pt").exists(), (sorted(os.listdir(out)), cells[1].outputs)
 
 
 @pytest.mark.slow

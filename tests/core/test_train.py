@@ -695,23 +695,25 @@ class SlowEndClock:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("earlier_zip", [False, True])
-def test_a_slow_end_runs_over_only_when_there_is_no_zip_to_keep(tmp_path, tiny_dataset, earlier_zip):
-    """The end needs ~20 s past a 300 s budget: with no images.zip yet it is let finish (the wall,
-    a Kaggle-like hard_limit, is far) and says so; with an earlier zip in the folder it stops on
-    time and that zip is kept."""
+@pytest.mark.parametrize("zip_there", ["none", "this run's interim", "an earlier run's"])
+def test_a_slow_end_runs_over_only_when_there_is_no_zip_of_this_run_to_keep(tmp_path, tiny_dataset, zip_there):
+    """The end needs ~20 s past a 300 s budget: with no images.zip of this run it is let finish (the
+    wall, a Kaggle-like hard_limit, is far) and says so, replacing an earlier run's zip; with this
+    run's interim zip in the folder it stops on time and that zip is kept."""
     from dogkit.core.train import RunFailed
 
-    if earlier_zip:
-        (tmp_path / "images.zip").write_bytes(b"an interim zip")
+    if zip_there == "an earlier run's":
+        (tmp_path / "images.zip").write_bytes(b"an earlier run's zip")
     clock, logs = SlowEndClock(), []
-    cfg = tiny_cfg(tmp_path, budget=300.0, hard_limit=1200.0, reserve=5.0, n_samples=10_000)
+    cfg = tiny_cfg(tmp_path, budget=300.0, hard_limit=1200.0, reserve=5.0, n_samples=10_000,
+                   zip_every=200.0 if zip_there == "this run's interim" else 3600.0)
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=logs.append,
                       hooks=[clock.hook])
-    if earlier_zip:
-        with pytest.raises(RunFailed, match="out of time.*the interim images.zip is kept"):
+    if zip_there == "this run's interim":
+        with pytest.raises(RunFailed, match="out of time.*the interim images.zip of step 2[0-9] is kept") as info:
             trainer.run()
-        assert clock.t <= 300.0 + 0.5 and (tmp_path / "images.zip").read_bytes() == b"an interim zip"
+        assert clock.t <= 300.0 + 0.5 and info.value.zip_path == str(tmp_path / "images.zip")
+        assert load_submission(info.value.zip_path, strict=True).pixels.shape == (10_000, 64, 64, 3)
         return
     path = trainer.run()
     assert 300.0 < clock.t <= 330.0
@@ -740,6 +742,65 @@ def test_interim_zips_and_thinned_grids_on_a_long_run(tmp_path, tiny_dataset):
     grids = [f for f in files if f.startswith("grid-")]
     assert 2 <= len(grids) <= 8
     assert set(files) - set(grids) == {"images.zip", "checkpoint.pt", "log.jsonl", "options.json", "samples.png"}
+
+
+def test_a_final_checkpoint_the_disk_refuses_costs_the_checkpoint_not_the_zip(tmp_path, tiny_dataset, monkeypatch):
+    """checkpoint.pt cannot be written at the end (a full disk): one warning line, the zip is still
+    sampled from the generator in memory (never from an older checkpoint), the earlier
+    checkpoint.pt stays byte for byte, and the run reports the failure with its zip."""
+    import dogkit.core.train as T
+    from dogkit.core.train import RunFailed
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"an earlier run's checkpoint")
+    save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if "checkpoint" in str(path):
+            raise OSError(28, "No space left on device")
+        return save(obj, path, *a, **k)
+
+    monkeypatch.setattr(T.torch, "save", full_disk)
+    logs = []
+    with pytest.raises(RunFailed) as info:
+        train(tiny_cfg(tmp_path, steps=3), registry.get("dcgan").cls, data=tiny_dataset, log=logs.append)
+    assert info.value.line() == (
+        f"training failed (checkpoint.pt not written ({tmp_path / 'checkpoint.pt'}: no space left on device (nothing "
+        f"written: the earlier file, if any, is as it was))); {tmp_path / 'images.zip'} was still written from the "
+        f"last good generator")
+    assert load_submission(tmp_path / "images.zip", strict=True, n_images=64).pixels.shape == (64, 64, 64, 3)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"an earlier run's checkpoint"
+    assert [m for m in logs if m.startswith("WARNING    ") and "checkpoint.pt not written" in m], logs
+    assert not [m for m in logs if "sampling failed" in m or "Traceback" in m], logs
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
+
+
+def test_a_zip_the_disk_refuses_is_said_and_an_earlier_runs_zip_is_not_called_this_ones(tmp_path, tiny_dataset,
+                                                                                        monkeypatch):
+    """images.zip cannot be written at the end: no second try from a checkpoint (the same disk),
+    the earlier run's zip there is named as such and left byte for byte, no temporary stays."""
+    import dogkit.core.sample as S
+    from dogkit.core.train import RunFailed
+
+    (tmp_path / "images.zip").write_bytes(b"an earlier run's zip")
+    real = S.zipfile.ZipFile
+
+    def full_disk(path, mode="r", *a, **k):
+        if mode != "w":
+            return real(path, mode, *a, **k)
+        with open(path, "wb") as fh:
+            fh.write(b"PK half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(S.zipfile, "ZipFile", full_disk)
+    logs = []
+    with pytest.raises(RunFailed) as info:
+        train(tiny_cfg(tmp_path, steps=3), registry.get("dcgan").cls, data=tiny_dataset, log=logs.append)
+    assert info.value.line() == (
+        f"training failed ({tmp_path / 'images.zip'}: no space left on device (nothing written: the earlier file, if "
+        f"any, is as it was) (the images.zip there is an earlier run's, not this one's)); no images.zip from this run")
+    assert (tmp_path / "images.zip").read_bytes() == b"an earlier run's zip"
+    assert not [m for m in logs if "sampling failed" in m], logs
+    assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
 
 
 def test_a_killed_runs_half_written_files_are_removed(tmp_path, tiny_dataset):

@@ -17,6 +17,7 @@ from dogkit.core import registry
 from dogkit.core.kernel import earlier_run_line
 from dogkit.core.settings import TrainConfig, with_settings
 from dogkit.core.train import train
+from dogkit.metrics.submission import load_submission
 
 
 def digest(path):
@@ -277,3 +278,243 @@ def test_a_reference_killed_anywhere_resumes_from_its_last_whole_state(tmp_path)
     fresh = R.build_reference(src, tmp_path / "fresh.npz", MeanNet(), {"digest": "fake", "source": "test"}, "cpu",
                               batch_size=4, progress=False)
     np.testing.assert_allclose(ref.features, fresh.features, rtol=1e-5, atol=1e-6)
+
+
+def test_a_reference_on_a_disk_that_fills_up_resumes_once_space_is_freed(tmp_path, monkeypatch):
+    """The disk fills up at the second partial save: the build stops with the one line naming the
+    partial and 'no space left on device', the first partial stays whole; once space is freed the
+    same command resumes from it and ends with the features of an uninterrupted build."""
+    from dogkit.core.data import WriteError
+    from dogkit.metrics import reference as R
+
+    src, out = photos(tmp_path / "dogs"), tmp_path / "ref.npz"
+    partial = out.with_name(out.name + ".partial.npz")
+    real, calls = R.np.savez, []
+
+    def fills_up(path, **arrays):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as fh:
+                fh.write(b"PK half")
+            raise OSError(28, "No space left on device")
+        return real(path, **arrays)
+
+    monkeypatch.setattr(R.np, "savez", fills_up)
+    torch.manual_seed(0)
+    with pytest.raises(WriteError) as err:
+        R.build_reference(src, out, MeanNet(), {"digest": "fake", "source": "test"}, "cpu", batch_size=2,
+                          checkpoint_every=2, progress=False)
+    assert str(err.value) == (f"{partial}: no space left on device (nothing written: the earlier file, if any, is "
+                              f"as it was)")
+    with np.load(partial) as p:
+        assert int(p["done"]) == 2
+    monkeypatch.setattr(R.np, "savez", real)  # space freed
+    logs = []
+    torch.manual_seed(0)
+    ref = R.build_reference(src, out, MeanNet(), {"digest": "fake", "source": "test"}, "cpu", batch_size=2,
+                            checkpoint_every=2, progress=False, log=logs.append)
+    assert f"resuming {out}: 2/12 photos already done" in logs, logs
+    torch.manual_seed(0)
+    fresh = R.build_reference(src, tmp_path / "fresh.npz", MeanNet(), {"digest": "fake", "source": "test"}, "cpu",
+                              batch_size=4, progress=False)
+    np.testing.assert_allclose(ref.features, fresh.features, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dogs", "fresh.npz", "ref.npz"]
+
+
+KILLED_TRAINING = """
+import sys, time, torch
+from dogkit.core import registry
+from dogkit.core.settings import TrainConfig, with_settings
+from dogkit.core.train import train
+save = torch.save
+def slow_save(obj, path, *a, **k):
+    save(obj, path, *a, **k)
+    time.sleep(0.3)  # the whole checkpoint in its temporary a while, before the rename: a kill may land there
+torch.save = slow_save
+entry = registry.get("dcgan")
+cfg = with_settings(TrainConfig(model="dcgan"), dict(entry.settings, width=4, batch_size=8, device="cpu", budget=1e6,
+                    reserve=0.0, n_samples=16, log_every=0.0, grid_every=1e9, checkpoint_every=0.0, data={data!r},
+                    out={out!r}, steps=int(sys.argv[2])))
+train(cfg, entry.cls, resume=sys.argv[1] or None)
+"""
+
+
+def test_a_training_run_killed_in_a_checkpoint_save_resumes_from_the_last_whole_one(tmp_path, tiny_dataset):
+    """kill -9 a run while it writes checkpoint.pt (the new one whole in its temporary, not yet
+    renamed) and between two saves: checkpoint.pt is always a whole checkpoint of a later step,
+    and the next run resumes from it, removes the dead writer's temporary and finishes its zip."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dogkit.core.data import TEMP_MARK, save_cache
+    from dogkit.core.train import read_checkpoint
+
+    cache, out = tmp_path / "tiny.npz", tmp_path / "run"
+    save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
+    script = KILLED_TRAINING.format(data=str(cache), out=str(out))
+    ckpt = out / "checkpoint.pt"
+    temp = lambda: [p.name for p in out.iterdir() if TEMP_MARK in p.name] if out.exists() else []  # noqa: E731
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    steps = []
+    for moment in ("in a write", "between writes", "in a write"):
+        resume = str(ckpt) if ckpt.exists() else ""
+        proc = subprocess.Popen([sys.executable, "-c", script, resume, "1000000"], cwd=ROOT, env=env)
+        deadline, last = time.monotonic() + 120, steps[-1] if steps else -1
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                ckpt.exists() and read_step(ckpt) > last + 1 and (temp() if moment == "in a write" else not temp())):
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before it was killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        steps.append(read_checkpoint(str(ckpt))["step"])  # whole, never torn
+    assert steps == sorted(steps) and len(set(steps)) == 3, steps  # each run went on from the last
+    assert temp(), "the last kill landed outside a write"
+    done = subprocess.run([sys.executable, "-c", script, str(ckpt), str(steps[-1] + 2)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed {ckpt}: step {steps[-1]}" in done.stdout and "left half-written" in done.stdout, done.stdout
+    assert read_checkpoint(str(ckpt))["step"] == steps[-1] + 2 and temp() == []
+    assert len(load_submission(out / "images.zip", strict=False, n_images=16).names) == 16
+
+
+def read_step(path):
+    from dogkit.core.runtime import RunError
+    from dogkit.core.train import read_checkpoint
+
+    try:
+        return read_checkpoint(str(path))["step"]
+    except RunError:  # replaced this very instant: looked at again
+        return -1
+
+
+KILLED_CLEANING = """
+import sys, time
+import numpy as np
+from dogkit import cli
+savez = np.savez
+def slow_savez(path, **arrays):
+    savez(path, **arrays)
+    time.sleep(30)  # the new cache whole in its temporary, not yet renamed: the test kills it here
+np.savez = slow_savez
+cli.main(["clean-data", {src!r}, "-o", {out!r}, "--codec", "webp", "--workers", "1", "--force"])
+"""
+
+
+def test_clean_data_killed_in_its_write_leaves_the_earlier_cache_and_a_rerun_removes_the_temporary(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dogkit.core.data import TEMP_MARK, load_cache
+
+    src, out = photos(tmp_path / "dogs"), tmp_path / "out" / "c.npz"
+    out.parent.mkdir()
+    out.write_bytes(b"the earlier cache")
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLEANING.format(src=str(src), out=str(out))], cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not any(
+            TEMP_MARK in p.name for p in out.parent.iterdir()):
+        time.sleep(0.01)
+    time.sleep(0.5)  # inside the write (its temporary whole, 30 s before the rename)
+    assert proc.poll() is None, "clean-data ended before it was killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert out.read_bytes() == b"the earlier cache"
+    assert [p.name for p in out.parent.iterdir() if TEMP_MARK in p.name]  # what a kill leaves, until...
+    res = invoke("clean-data", src, "-o", out, "--codec", "webp", "--workers", "1", "--force")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.npz"]  # ...the next write of that file
+    assert len(load_cache(str(out))["images"]) == 12
+
+
+def test_two_clean_data_runs_at_once_on_one_output_leave_one_whole_cache(tmp_path):
+    """The same command twice at once on the same -o: each writes its own temporary and renames it
+    whole, so the file is one run's result, never an interleaving of both, and no temporary stays."""
+    import subprocess
+    import sys
+
+    from dogkit.core.data import load_cache
+
+    src, out = photos(tmp_path / "dogs", n=20), tmp_path / "c.npz"
+    command = [sys.executable, "-m", "dogkit", "clean-data", str(src), "-o", str(out), "--codec", "webp",
+               "--workers", "1"]
+    procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [code for code, _, _ in results] == [0, 0], results
+    data = load_cache(str(out))
+    assert len(data["images"]) == 40 and data["breeds"] == ["n02085620-Chihuahua", "n02110958-pug"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "dogs"]
+
+
+@pytest.mark.slow
+def test_a_kernel_stalled_mid_run_past_its_budget_still_writes_its_zip_and_says_how_late(tmp_path, tiny_dataset):
+    """A real process slowed mid-run (stopped with SIGSTOP, the machine's other jobs at their
+    worst, for longer than the whole budget): with no images.zip yet and no platform wall (a local
+    run) it finishes its zip from the trained generator and says how late, against the plan."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dogkit.core.data import save_cache
+
+    cache, out = tmp_path / "tiny.npz", tmp_path / "run"
+    save_cache(cache, dict(tiny_dataset, settings={}, summary={}), workers=1, codec="webp-lossless")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "kernels" / "dcgan.py"), "--data", str(cache), "--out",
+                             str(out), "--device", "cpu", "--budget", "30s", "--reserve", "5", "--width", "4",
+                             "--batch-size", "8", "--n-samples", "64", "--log-every", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", DOGKIT_KAGGLE_INPUT=str(tmp_path / "none")))
+    deadline = time.monotonic() + 120
+    while not (out / "log.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(35)  # longer than the whole budget
+    proc.send_signal(signal.SIGCONT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert len(load_submission(out / "images.zip", strict=False, n_images=64).names) == 64
+    warning = next((m for m in stdout.splitlines() if m.startswith("WARNING    the end took ")), stdout)
+    late = int(re.search(r": (\d+) s past the budget", warning).group(1))
+    assert late >= 5 and warning.endswith("it was let run over (no wall: a local run)"), warning
+
+
+TWIN_REFERENCE = """
+import sys, torch
+sys.path[:0] = [{tests!r}, {tests!r} + "/tools"]
+from test_outputs import MeanNet
+from dogkit.metrics import reference as R
+torch.manual_seed(0)
+R.build_reference({src!r}, {out!r}, MeanNet(), {{"digest": "fake", "source": "test"}}, "cpu", batch_size=1,
+                  checkpoint_every=1, progress=False)
+"""
+
+
+def test_two_reference_builds_at_once_on_one_output_leave_one_whole_reference(tmp_path):
+    """Two builds of the same reference at once (each saving its partial after every photo, so they
+    meet in the partial and at its removal): both finish, the file is whole and holds the features
+    of one build, and neither a partial nor a temporary stays."""
+    import subprocess
+    import sys
+
+    from dogkit.metrics import reference as R
+
+    src, out = photos(tmp_path / "dogs", n=10), tmp_path / "ref.npz"
+    script = TWIN_REFERENCE.format(tests=str(ROOT / "tests"), src=str(src), out=str(out))
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [(p.wait(timeout=300), p.stderr.read()[-2000:]) for p in procs]
+    assert [code for code, _ in errors] == [0, 0], errors
+    torch.manual_seed(0)
+    fresh = R.build_reference(src, tmp_path / "fresh.npz", MeanNet(), {"digest": "fake", "source": "test"}, "cpu",
+                              batch_size=4, progress=False)
+    np.testing.assert_allclose(R.load_reference(out).features, fresh.features, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dogs", "fresh.npz", "ref.npz"]
