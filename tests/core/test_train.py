@@ -441,9 +441,9 @@ def test_passes_read_at_a_glance(passes, words):
     assert passes_words(passes) == words
 
 
-@pytest.mark.parametrize("passes,truncation", [(1, 1.5), (75, 1.5), (300, 1.0), (700, 1.0),
-                                               (150, 1.25),  # log-linear: 150 is halfway between 75 and 300
-                                               (100, round(1.5 - 0.5 * math.log(100 / 75) / math.log(4), 2))])
+@pytest.mark.parametrize("passes,truncation", [(1, 1.5), (75, 1.5), (300, 0.8), (700, 0.8),
+                                               (150, 1.15),  # log-linear: 150 is halfway between 75 and 300
+                                               (100, round(1.5 - 0.7 * math.log(100 / 75) / math.log(4), 2))])
 def test_truncation_follows_the_passes_between_the_measured_points(passes, truncation):
     from dogkit.core.train import truncation_for_passes
 
@@ -457,12 +457,12 @@ def test_settings_left_to_the_plan_are_set_from_the_planned_images():
 
     cfg = with_settings(TrainConfig(), {"ema_fraction": 0.1, "truncation": -1.0, "batch_size": 64})
     values = from_plan(cfg, 6_400_000, 20_000)  # 320 passes
-    assert values == {"ema_decay": pytest.approx(0.5 ** (64 / 640_000)), "truncation": 1.0}
+    assert values == {"ema_decay": pytest.approx(0.5 ** (64 / 640_000)), "truncation": 0.8}
     assert values["ema_decay"] ** (640_000 / 64) == pytest.approx(0.5)  # a half-life of 640k images
     assert plan_line(cfg, values, 6_400_000, 20_000, "the pace") == (
         "from plan  the pace: EMA half-life 10% of 6,400,000 images = 640.0k images (decay 0.999931 per 64 images "
-        "from p=0.25); truncation 1 for 320 passes over the 20,000 photos (1.5 at 75 passes or fewer, 1 at 300 "
-        "or more)")
+        "from p=0.25); truncation 0.8 for 320 passes over the 20,000 photos (1.5 at 75 passes or fewer, 0.8 at "
+        "300 or more)")
     assert from_plan(with_settings(cfg, {"ema_fraction": 0.0, "truncation": 1.5}), 6_400_000, 20_000) == {}
     assert from_plan(cfg, 10, 20_000)["ema_decay"] == 0.5  # never shorter than one batch
 

@@ -29,7 +29,8 @@ BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999,  # the 5th 
                        # behind: both off, untested at scale
                        augment="flip",
                        # -1: from the passes the run will make, 1.5 at 75 or fewer (the 8-minute H100 sweep)
-                       # to 1 at 300 or more (the CPU proxies): TRUNCATION_BY_PASSES
+                       # to 0.8 at 300 or more (the CPU proxies; the winners sampled at 0.8 and 1):
+                       # TRUNCATION_BY_PASSES
                        truncation=-1.0)
 
 BIGGAN_PRESETS = {
