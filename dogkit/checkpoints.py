@@ -117,5 +117,5 @@ def sample_images(generator, truncation=None, seed=0, n=10_000):
     statistics samples in batches of its training batch size, on any device)."""
     G, cfg, n_classes = generator
     batch = cfg["batch_size"] if getattr(G, "bn_stats", "standing") == "batch" else None
-    return generate(G, n, cfg["z_dim"], truncation or None, n_classes, batch_size=batch, seed=seed,
+    return generate(G, n, cfg["z_dim"], truncation, n_classes, batch_size=batch, seed=seed,
                     device=next(G.parameters()).device)

@@ -542,8 +542,8 @@ def _torchrun_world(device, gpus):
               help="The zip to write (atomically: an existing one is replaced only when it is complete).")
 @click.option("-n", "n_images", default=10_000, show_default=True, type=click.IntRange(1, 100_000),
               help="Images to write (10,000 for a submission).")
-@click.option("--truncation", type=click.FloatRange(0.0, 100.0), default=None,
-              help="Redraw z values beyond +-T, T >= 0.04 (default: the run's setting; 0 = none).")
+@click.option("--truncation", type=float, default=None,
+              help="Redraw z values beyond +-T, T from 0.04 to 100 (default: the run's setting; 0 = none).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2 ** 63 - 1),
               help="Sampling seed: the same seed, the same images.")
 @click.option("--grid", type=click.Path(), default=None, help="Also write a grid of the first 64 (PNG).")
@@ -562,12 +562,11 @@ def sample(checkpoint, out, n_images, truncation, seed, grid, bn, device, force)
     """
     from dogkit.checkpoints import load_generator, sample_to_zip
     from dogkit.core.runtime import RunError
-    from dogkit.core.sample import TRUNCATION_MIN
+    from dogkit.core.sample import truncation_problem
     from dogkit.metrics.submission import SubmissionError, load_submission
 
-    if truncation is not None and 0 < truncation < TRUNCATION_MIN:
-        _fail(f"--truncation {truncation}: give 0 (none) or {TRUNCATION_MIN} or more (a smaller one keeps almost "
-              "no z value and would never finish redrawing)")
+    if truncation_problem(truncation):
+        _fail(f"--{truncation_problem(truncation)}")
     for path in (out, grid) if grid else (out,):
         _writable(path)
         _existing_output(path, force)  # a kernel's images.zip is never replaced without a word
@@ -576,9 +575,9 @@ def sample(checkpoint, out, n_images, truncation, seed, grid, bn, device, force)
     except RunError as exc:  # missing, truncated, another format, or a pickle with code: refused
         _fail(str(exc))
     t = generator[1].get("truncation") if truncation is None else truncation
-    if not isinstance(t, (int, float, type(None))) or isinstance(t, bool):
-        _fail(f"{checkpoint}: its truncation {t!r} is not a number; give --truncation")
-    sample_to_zip(generator, out, t if t and t > 0 else None, seed=seed, n=n_images, grid=grid)
+    if truncation_problem(t):
+        _fail(f"{checkpoint}: its {truncation_problem(t)}; give --truncation")
+    sample_to_zip(generator, out, t, seed=seed, n=n_images, grid=grid)
     if n_images == 10_000:
         try:
             load_submission(out, strict=True)

@@ -29,9 +29,9 @@ Contents (line numbers):
    1118  Several GPUs
    1333  The machine
    1548  Sampling
-   1675  Settings
-   1832  Training
-   2789  Entry point
+   1687  Settings
+   1845  Training
+   2800  Entry point
 """
 import argparse
 import contextlib
@@ -370,11 +370,11 @@ def train_step(tr):
 
 def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
     """z ~ N(0, 1) with every value beyond +-threshold redrawn until none is (the 'truncation
-    trick' of BigGAN: resampling, not clipping). threshold None: the plain normal."""
+    trick' of BigGAN: resampling, not clipping). threshold None or 0: the plain normal."""
     z = torch.randn(shape, generator=generator)
-    if threshold is not None:
-        if not TRUNCATION_MIN <= threshold < float("inf"):
-            raise ValueError(f"truncation {threshold}: give {TRUNCATION_MIN} or more (or none)")
+    if truncation_problem(threshold):
+        raise ValueError(truncation_problem(threshold))
+    if threshold:
         bad = z.abs() > threshold
         while bad.any():
             z[bad] = torch.randn(int(bad.sum()), generator=generator)
@@ -1552,6 +1552,7 @@ def save_traceback(path=TRACEBACK_FILE):
 N_SUBMISSION = 10_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRUNCATION_MIN = 0.04  # the smallest truncation BigGAN's sweep used; redrawing for a smaller one would not end
+TRUNCATION_MAX = 100.0  # z beyond +-100 never occurs: any larger one is the plain normal by another name
 
 class OutOfTime(RuntimeError):
     """Work that would pass its deadline stops at the next batch instead."""
@@ -1559,6 +1560,17 @@ class OutOfTime(RuntimeError):
 def check_deadline(deadline, clock, what):
     if deadline is not None and clock() > deadline:
         raise OutOfTime(f"{what} passed the run's deadline")
+
+def truncation_problem(truncation):
+    """Why a value cannot be a sampling truncation, or None: 0 or None (none: the plain normal), or
+    a number from TRUNCATION_MIN to TRUNCATION_MAX. The one check of every sampling path (the
+    kernel's settings and end, dogkit sample, the sweep, the GPU queue)."""
+    t = truncation
+    if t is None or (not isinstance(t, bool) and isinstance(t, (int, float)) and (
+            t == 0 or (math.isfinite(t) and TRUNCATION_MIN <= t <= TRUNCATION_MAX))):
+        return None
+    return (f"truncation {t!r}: give 0 (none) or a number from {TRUNCATION_MIN} to {TRUNCATION_MAX:g} (a smaller "
+            f"one keeps almost no z value and would never finish redrawing)")
 
 def balanced_labels(n, n_classes, generator=None):
     """n labels covering every class equally (shuffled): class-balanced conditional sampling."""
@@ -1744,7 +1756,7 @@ SETTINGS = (
     ("strategy", "pad", Choices(STRATEGIES), None, "how a dog's box becomes a square crop"),
     ("image_size", 64, Choices(CROP_SIZES), None, "the crops' side in pixels (the models make 64)"),
     ("n_samples", 10_000, (1, 1_000_000), None, "images in the zip (Kaggle takes 10,000)"),
-    ("truncation", 0.0, (0.0, 100.0), None, f"redraw z values beyond +-T for the final images (0: none, "
+    ("truncation", 0.0, (0.0, TRUNCATION_MAX), None, f"redraw z values beyond +-T for the final images (0: none, "
                                             f"{TRUNCATION_FROM_PLAN:g}: from the passes the run will make)"),
     # the machinery
     ("log_every", 30.0, (0.0, None), None, "seconds between log lines"),
@@ -1784,16 +1796,17 @@ def setting_problem(name, value):
         return f"{name}={value!r}: must be {kind.__name__}"
     if isinstance(values, Choices):
         return None if value in values else f"{name}={value!r}: choose from {', '.join(map(str, values))}"
-    if kind is str or (name == "truncation" and value in (0.0, TRUNCATION_FROM_PLAN)):
+    if name == "truncation":  # sampling's own check (sample.truncation_problem), or left to the plan
+        wrong = value != TRUNCATION_FROM_PLAN and truncation_problem(value)
+        return f"{name}={value!r}: {wrong.split(': ', 1)[1]}, or {TRUNCATION_FROM_PLAN:g}: from the planned passes" \
+            if wrong else None
+    if kind is str:
         return None
     low, high = values
     if (kind is int or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high):
-        if name == "truncation" and value < TRUNCATION_MIN:
-            return f"truncation={value!r}: give 0 (none) or {TRUNCATION_MIN} or more"
         return None
     bounds = (f" from {low}" if low is not None else "") + (f" to {high}" if high is not None else "")
-    return f"{name}={value!r}: must be a finite number{bounds}" + (
-        f" (or {TRUNCATION_FROM_PLAN:g}: from the planned passes)" if name == "truncation" else "")
+    return f"{name}={value!r}: must be a finite number{bounds}"
 
 def with_settings(cfg, settings):
     """A copy of cfg with settings applied; an unknown name, a wrong type or a value outside its
@@ -2105,7 +2118,7 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "config": {**dataclasses.asdict(tr.given),  # as given, the truncation as it samples (every reader's)
-                   "truncation": sampling_truncation(tr.cfg, tr.images_seen, len(tr.images)) or 0.0},
+                   "truncation": sampling_truncation(tr.cfg, tr.images_seen, len(tr.images))},
         "planned": tr.planned,  # the settings that follow the plan (follow_plan), or None
         "model": tr.cfg.model,
         "step": tr.step,
@@ -2462,12 +2475,10 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
     return zip_images(np.concatenate(parts), cfg, deadline, tr.clock)
 
 def sampling_truncation(cfg, images_seen, n_photos):
-    """The truncation to sample with (None: the plain normal): the setting, or, left to the plan
-    and no plan made yet (a run that ended before its pace), the one for the passes it made."""
+    """The truncation to sample with (0: none): the setting, or, left to the plan and no plan made
+    yet (a run that ended before its pace), the one for the passes it made."""
     t = cfg.truncation
-    if t == TRUNCATION_FROM_PLAN:
-        t = truncation_for_passes(images_seen / max(n_photos, 1))
-    return t if t > 0 else None
+    return truncation_for_passes(images_seen / max(n_photos, 1)) if t == TRUNCATION_FROM_PLAN else t
 
 def zip_images(images, cfg, deadline=None, clock=time.monotonic):
     path = write_zip(images, os.path.join(cfg.out, "images.zip"), deadline=deadline, clock=clock)

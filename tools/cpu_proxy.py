@@ -412,9 +412,11 @@ def cmd_sweep(args):
     """The finished runs' final EMA generators at other truncations (the default one is measured)."""
     import torch
 
+    from dogkit.core.sample import parse_truncations
+
     check_n_images(args)
     entries = load_queue(args.queue)
-    truncations = [float(t) for t in args.truncations.split(",") if t]
+    truncations = parse_truncations(args.truncations)  # checked before any generator is loaded
     rows = ledger.load(args.ledger) if Path(args.ledger).exists() else []
     wanted = set(filter(None, args.only.split(",")))
     seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None

@@ -80,13 +80,12 @@ TOP_KEYS = {"format", "about", "entries"}
 def check_train(e):
     from dogkit.checkpoints import BN_STATS
 
-    from dogkit.core.sample import TRUNCATION_MIN
+    from dogkit.core.sample import truncation_problem
 
     problems = [f"bn {b!r}: choose from {', '.join(BN_STATS[1:])} (standing is always scored)"
                 for b in e.get("bn", []) if b not in BN_STATS[1:]]
-    problems += [f"truncations: {t!r} is not 0 (none) or a number from {TRUNCATION_MIN} to 100"
-                 for t in e.get("truncations", []) if isinstance(t, bool) or not isinstance(t, (int, float))
-                 or not (t == 0 or TRUNCATION_MIN <= t <= 100)]
+    problems += [f"truncations: {truncation_problem(t) or 'null: write 0 for none'}"
+                 for t in e.get("truncations", []) if t is None or truncation_problem(t)]
     try:
         train_config(e, data="x", out="x")
     except (ValueError, KeyError, TypeError) as exc:

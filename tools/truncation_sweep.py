@@ -22,12 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def parse_truncations(text: str) -> list[float]:
-    values = [float(t) for t in text.replace(" ", "").split(",") if t]
-    if not values or any(v < 0 for v in values):
-        raise ValueError(f"truncations {text!r}: give non-negative values, e.g. 0.8,1,1.5,0 (0 = none)")
-    return values
+from dogkit.core.sample import parse_truncations  # noqa: E402
 
 
 def done_rows(path: Path, checkpoint: str, n_images: int = 10_000, seed: int = 0) -> dict[float, dict]:

@@ -2,6 +2,7 @@
 # Sampling: truncated z, PNGs written straight into images.zip, sample grids
 # ---------------------------------------------------------------------------------------------
 import io
+import math
 import os
 import struct
 import sys
@@ -18,6 +19,7 @@ from dogkit.core.data import atomic_path
 N_SUBMISSION = 10_000
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRUNCATION_MIN = 0.04  # the smallest truncation BigGAN's sweep used; redrawing for a smaller one would not end
+TRUNCATION_MAX = 100.0  # z beyond +-100 never occurs: any larger one is the plain normal by another name
 
 
 class OutOfTime(RuntimeError):
@@ -29,13 +31,41 @@ def check_deadline(deadline, clock, what):
         raise OutOfTime(f"{what} passed the run's deadline")
 
 
+def truncation_problem(truncation):
+    """Why a value cannot be a sampling truncation, or None: 0 or None (none: the plain normal), or
+    a number from TRUNCATION_MIN to TRUNCATION_MAX. The one check of every sampling path (the
+    kernel's settings and end, dogkit sample, the sweep, the GPU queue)."""
+    t = truncation
+    if t is None or (not isinstance(t, bool) and isinstance(t, (int, float)) and (
+            t == 0 or (math.isfinite(t) and TRUNCATION_MIN <= t <= TRUNCATION_MAX))):
+        return None
+    return (f"truncation {t!r}: give 0 (none) or a number from {TRUNCATION_MIN} to {TRUNCATION_MAX:g} (a smaller "
+            f"one keeps almost no z value and would never finish redrawing)")
+
+
+def parse_truncations(text):
+    """'0.8,1,0' -> [0.8, 1.0, 0.0] (0: none), each checked by truncation_problem; every value
+    that is not one is listed in one ValueError."""
+    values, problems = [], []
+    for part in filter(None, str(text).replace(" ", "").split(",")):
+        try:
+            values.append(float(part))
+        except ValueError:
+            problems.append(f"{part!r} is not a number")
+            continue
+        problems += [truncation_problem(values[-1])] if truncation_problem(values[-1]) else []
+    if problems or not values:
+        raise ValueError(f"truncations {text!r}: " + ("; ".join(problems) or "give one or more, e.g. 0.8,1,0 (0: none)"))
+    return values
+
+
 def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
     """z ~ N(0, 1) with every value beyond +-threshold redrawn until none is (the 'truncation
-    trick' of BigGAN: resampling, not clipping). threshold None: the plain normal."""
+    trick' of BigGAN: resampling, not clipping). threshold None or 0: the plain normal."""
     z = torch.randn(shape, generator=generator)
-    if threshold is not None:
-        if not TRUNCATION_MIN <= threshold < float("inf"):
-            raise ValueError(f"truncation {threshold}: give {TRUNCATION_MIN} or more (or none)")
+    if truncation_problem(threshold):
+        raise ValueError(truncation_problem(threshold))
+    if threshold:
         bad = z.abs() > threshold
         while bad.any():
             z[bad] = torch.randn(int(bad.sum()), generator=generator)

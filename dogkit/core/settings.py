@@ -14,7 +14,7 @@ import re
 
 from dogkit.core.data import CROP_SIZES, STRATEGIES
 from dogkit.core.runtime import PRECISIONS
-from dogkit.core.sample import TRUNCATION_MIN
+from dogkit.core.sample import TRUNCATION_MAX, truncation_problem
 
 AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug", "flip+diffaug-t",
             "flip+diffaug-tc")  # DiffAugment: -t translation, -tc translation + cutout, plain: colour too
@@ -80,7 +80,7 @@ SETTINGS = (
     ("strategy", "pad", Choices(STRATEGIES), None, "how a dog's box becomes a square crop"),
     ("image_size", 64, Choices(CROP_SIZES), None, "the crops' side in pixels (the models make 64)"),
     ("n_samples", 10_000, (1, 1_000_000), None, "images in the zip (Kaggle takes 10,000)"),
-    ("truncation", 0.0, (0.0, 100.0), None, f"redraw z values beyond +-T for the final images (0: none, "
+    ("truncation", 0.0, (0.0, TRUNCATION_MAX), None, f"redraw z values beyond +-T for the final images (0: none, "
                                             f"{TRUNCATION_FROM_PLAN:g}: from the passes the run will make)"),
     # the machinery
     ("log_every", 30.0, (0.0, None), None, "seconds between log lines"),
@@ -122,16 +122,17 @@ def setting_problem(name, value):
         return f"{name}={value!r}: must be {kind.__name__}"
     if isinstance(values, Choices):
         return None if value in values else f"{name}={value!r}: choose from {', '.join(map(str, values))}"
-    if kind is str or (name == "truncation" and value in (0.0, TRUNCATION_FROM_PLAN)):
+    if name == "truncation":  # sampling's own check (sample.truncation_problem), or left to the plan
+        wrong = value != TRUNCATION_FROM_PLAN and truncation_problem(value)
+        return f"{name}={value!r}: {wrong.split(': ', 1)[1]}, or {TRUNCATION_FROM_PLAN:g}: from the planned passes" \
+            if wrong else None
+    if kind is str:
         return None
     low, high = values
     if (kind is int or math.isfinite(value)) and (low is None or value >= low) and (high is None or value <= high):
-        if name == "truncation" and value < TRUNCATION_MIN:
-            return f"truncation={value!r}: give 0 (none) or {TRUNCATION_MIN} or more"
         return None
     bounds = (f" from {low}" if low is not None else "") + (f" to {high}" if high is not None else "")
-    return f"{name}={value!r}: must be a finite number{bounds}" + (
-        f" (or {TRUNCATION_FROM_PLAN:g}: from the planned passes)" if name == "truncation" else "")
+    return f"{name}={value!r}: must be a finite number{bounds}"
 
 
 def with_settings(cfg, settings):

@@ -450,7 +450,7 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "config": {**dataclasses.asdict(tr.given),  # as given, the truncation as it samples (every reader's)
-                   "truncation": sampling_truncation(tr.cfg, tr.images_seen, len(tr.images)) or 0.0},
+                   "truncation": sampling_truncation(tr.cfg, tr.images_seen, len(tr.images))},
         "planned": tr.planned,  # the settings that follow the plan (follow_plan), or None
         "model": tr.cfg.model,
         "step": tr.step,
@@ -829,12 +829,10 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
 
 
 def sampling_truncation(cfg, images_seen, n_photos):
-    """The truncation to sample with (None: the plain normal): the setting, or, left to the plan
-    and no plan made yet (a run that ended before its pace), the one for the passes it made."""
+    """The truncation to sample with (0: none): the setting, or, left to the plan and no plan made
+    yet (a run that ended before its pace), the one for the passes it made."""
     t = cfg.truncation
-    if t == TRUNCATION_FROM_PLAN:
-        t = truncation_for_passes(images_seen / max(n_photos, 1))
-    return t if t > 0 else None
+    return truncation_for_passes(images_seen / max(n_photos, 1)) if t == TRUNCATION_FROM_PLAN else t
 
 
 def zip_images(images, cfg, deadline=None, clock=time.monotonic):

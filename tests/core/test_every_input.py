@@ -191,15 +191,16 @@ def test_a_tiny_truncation_is_refused_not_redrawn_forever():
                                   ["score", ".", "--reference", ".", "--batch-size", "0"],  # the range is what fails
                                   ["reference", ".", "-o", "r.npz", "--batch-size", "0"],
                                   ["sample", ".", "-n", "-5"], ["sample", ".", "--seed", str(2 ** 80)],
-                                  ["sample", ".", "--truncation", "-1"],
                                   ["clean-data", ".", "-o", "c.npz", "--workers", "0"],
                                   ["clean-data", ".", "-o", "c.npz", "--min-side", "0"]])
 def test_cli_options_out_of_range_are_one_usage_line(args):
     one_line_error(args, 2)
 
 
-def test_sample_refuses_a_tiny_truncation_before_loading_anything(tmp_path):
-    one_line_error(["sample", str(tmp_path), "--truncation", "1e-9"], 1, "0.04")
+@pytest.mark.parametrize("t", ["1e-9", "-1", "nan", "101"])
+def test_sample_refuses_a_truncation_sampling_cannot_take_before_loading_anything(tmp_path, t):
+    """The one truncation rule (sample.truncation_problem): a value outside it is bad input, exit 1."""
+    one_line_error(["sample", str(tmp_path), "--truncation", t], 1, "give 0 (none) or a number from 0.04 to 100")
 
 
 def test_frechet_distance_of_non_finite_statistics_is_an_error_not_a_hang():

@@ -28,8 +28,10 @@ def test_truncated_normal_resamples_beyond_the_threshold():
     assert z.abs().max() <= 0.5
     assert z.std() > 0.25  # resampled, not clipped: no pile-up at the edges
     assert (z.abs() > 0.49).float().mean() < 0.05
+    plain = torch.randn(3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(truncated_normal((3,), 0.0, torch.Generator().manual_seed(1)), plain)  # 0: none
     with pytest.raises(ValueError):
-        truncated_normal((3,), 0.0)
+        truncated_normal((3,), 0.01)
 
 
 def test_sampling_does_not_depend_on_the_batch_size():

@@ -120,3 +120,31 @@ def test_the_kernel_settings_block_lists_every_other_setting_the_model_reads(mod
     assert set(listed) | set(entry.settings) >= {row[0] for row in model_settings(model)}
     assert "#   gp_weight=" not in front and ("#   lecam=" in front) == (model == "biggan")
     ast.parse(text)
+
+
+@pytest.mark.parametrize("t", [0.01, -0.5, float("nan"), float("inf"), 101.0])
+def test_one_truncation_rule_for_every_sampling_path(t, tmp_path):
+    """0 (none) or 0.04 to 100, checked by sample.truncation_problem alone: sampling itself, the
+    settings (which add -1, from the plan) and `dogkit sample` refuse the same values in its words."""
+    from dogkit.core.sample import truncated_normal, truncation_problem
+
+    why = truncation_problem(t)
+    assert why == (f"truncation {t!r}: give 0 (none) or a number from 0.04 to 100 (a smaller one keeps almost no z "
+                   f"value and would never finish redrawing)")
+    with pytest.raises(ValueError) as err:
+        truncated_normal((2,), t)
+    assert str(err.value) == why
+    with pytest.raises(ValueError) as err:
+        with_settings(TrainConfig(), {"truncation": t})
+    assert str(err.value) == f"truncation={t!r}: {why.split(': ', 1)[1]}, or -1: from the planned passes"
+    (tmp_path / "c.pt").write_bytes(b"never read")
+    res = CliRunner().invoke(cli, ["sample", str(tmp_path / "c.pt"), "-o", str(tmp_path / "s.zip"),
+                                        "--truncation", str(t)])
+    assert res.exit_code == 1 and res.stderr.strip() == f"Error: --{why}", res.output
+
+
+def test_truncation_zero_or_none_is_the_plain_normal_and_the_bounds_are_allowed():
+    from dogkit.core.sample import truncation_problem
+
+    assert [truncation_problem(t) for t in (None, 0, 0.0, 0.04, 1, 100.0)] == [None] * 6
+    assert truncation_problem(True) and truncation_problem("1")

@@ -62,7 +62,11 @@ def test_sweep_scores_each_truncation_once_and_resumes(tmp_path, checkpoint, inc
     assert len((tmp_path / "sweep.jsonl").read_text().splitlines()) == 5
 
 
-@pytest.mark.parametrize("bad", ["", "-1", "0.5,-2"])
-def test_truncations_are_checked(bad):
-    with pytest.raises(ValueError, match="non-negative"):
+@pytest.mark.parametrize("bad,why", [("", "give one or more"), ("-1", "truncation -1.0: give 0 (none) or a number"),
+                                     ("0.5,0.01,x", "truncation 0.01: give 0 (none) or a number from 0.04 to 100 (a "
+                                                    "smaller one keeps almost no z value and would never finish "
+                                                    "redrawing); 'x' is not a number")])
+def test_truncations_are_checked_by_the_one_rule(bad, why):
+    with pytest.raises(ValueError) as err:
         truncation_sweep.parse_truncations(bad)
+    assert why in str(err.value)
