@@ -31,7 +31,7 @@ Contents (line numbers):
    1800  Sampling
    1939  Settings
    2097  Training
-   3052  Entry point
+   3054  Entry point
 """
 import argparse
 import contextlib
@@ -2499,6 +2499,8 @@ def load_checkpoint(tr, path, same_session=False):
         tr.train_seconds = tr.session_end = ckpt["train_seconds"]  # (a new --budget re-plans the end)
         tr.per_session = ckpt.get("per_session") or 0.0
     tr.continues = os.path.dirname(os.path.abspath(path))  # its log is carried once the plan holds
+    if tr.continues == os.path.abspath(tr.cfg.out):  # the checkpoint.pt there is this run's, as resumed
+        tr.saved_step = tr.step
     tr.ema_w.fill_(ckpt["ema_w"])
     tr.ema_w_value = ckpt["ema_w"]
     size = ckpt.get("world_size", 1)
