@@ -2610,10 +2610,10 @@ def out_of_time(tr, failure, exc):
 
 def disk_full(tr, failure, exc):
     """The end could not write an output (WriteError): sampling again would meet the same disk."""
-    kept = kept_zip(tr) or ("the images.zip there is an earlier run's, not this one's" if os.path.exists(
-        os.path.join(tr.cfg.out, "images.zip")) else "no images.zip written")
-    return RunFailed(f"{failure + '; ' if failure else ''}{exc} ({kept})",
-                     os.path.join(tr.cfg.out, "images.zip") if kept_zip(tr) else None)
+    path, ours = os.path.join(tr.cfg.out, "images.zip"), kept_zip(tr)
+    kept = ours or ("the images.zip there is an earlier run's, not this one's" if os.path.exists(path) else
+                    "no images.zip written")
+    return RunFailed(f"{failure + '; ' if failure else ''}{exc} ({kept})", path if ours else None)
 
 def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, device="cpu"):
     """images.zip beside checkpoint `path`, from its EMA generator rebuilt on `device`, before the
