@@ -62,6 +62,7 @@ def no_hooks(rank):
     return []
 
 
+@pytest.mark.slow
 def test_ranks_keep_identical_parameters_and_draw_their_own_batches(tmp_path, tiny_dataset):
     assert two_ranks(train_ranks, tmp_path, tiny_dataset, 6, None, "run", no_hooks) == [0, 0]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))

@@ -269,6 +269,7 @@ def test_unknown_kernel_flags_are_errors_but_notebook_arguments_pass(capsys):
     assert "unrecognized arguments: --budjet" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_resumable_checkpoint_and_leaves_no_temp_file(tmp_path, tiny_dataset):
     """Kaggle (or a device command's time limit) stops a kernel with SIGTERM: it must save
     checkpoint.pt, exit 130 with one line, and leave nothing half-written."""

@@ -381,6 +381,7 @@ def test_reserve_is_timed_after_a_warm_up_of_the_same_shape(tmp_path, tiny_datas
     assert not (tmp_path / "checkpoint.pt").exists()  # timed in a scratch folder
 
 
+@pytest.mark.slow
 def test_a_cold_first_timing_of_the_end_is_corrected_once_warm(tmp_path, tiny_dataset, monkeypatch):
     """The first timing of the end pays a fresh machine's cold caches (here: 2 s a pass, under a
     fake clock); at p = 0.1 the end is timed again, warm, and training gets the difference."""
@@ -512,6 +513,7 @@ def test_a_run_that_ends_before_its_pace_samples_at_the_truncation_of_the_passes
     assert read_checkpoint(str(tmp_path / "checkpoint.pt"))["config"]["truncation"] == 1.5
 
 
+@pytest.mark.slow
 def test_an_end_timed_slower_once_warm_moves_the_end_of_training_earlier(tmp_path, tiny_dataset, monkeypatch):
     """The machine got busier after the start: the warm timing at p = 0.1 finds the end slower
     than planned, and training stops earlier so that the whole run still ends within the budget."""
@@ -663,6 +665,7 @@ def test_the_end_never_runs_past_the_platforms_wall(tmp_path, tiny_dataset):
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
 
 
+@pytest.mark.slow
 def test_a_local_run_with_no_zip_finishes_its_zip_however_late_and_says_by_how_much(tmp_path, tiny_dataset):
     """The budget is a plan: a local run (no wall) whose end takes far longer than the reserve left
     for it still writes its zip from the trained generator, and its log says the end's time against

@@ -1,4 +1,6 @@
-"""One test per submission rule: each builds a zip that breaks exactly that rule."""
+"""One test per submission rule: each builds a zip that breaks exactly that rule. The rules of one
+entry are checked in zips of SMALL entries (load_submission's n_images: the count strict mode
+demands); the count rule and a valid submission at the competition's 10,000."""
 import io
 import zipfile
 
@@ -9,10 +11,11 @@ from PIL import Image
 from conftest import png_bytes
 from dogkit.metrics.submission import N_IMAGES, SubmissionError, load_submission
 
+SMALL = 40  # entries in a zip whose count is not what is tested
 GOOD = png_bytes(np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
 
 
-def make_zip(path, entries, n=N_IMAGES):
+def make_zip(path, entries, n=SMALL):
     """n valid entries 00000.png ..., then `entries` (name -> bytes) replacing or adding."""
     names = {f"{i:05d}.png": GOOD for i in range(n)}
     names.update(entries)
@@ -25,9 +28,9 @@ def make_zip(path, entries, n=N_IMAGES):
     return path
 
 
-def violations(path, strict=True):
+def violations(path, strict=True, n_images=SMALL):
     with pytest.raises(SubmissionError) as err:
-        load_submission(path, strict=strict)
+        load_submission(path, strict=strict, n_images=n_images)
     return "\n".join(err.value.violations)
 
 
@@ -38,13 +41,14 @@ def encode(pixels, fmt="PNG"):
 
 
 def test_valid_submission_passes(tmp_path):
-    images = load_submission(make_zip(tmp_path / "ok.zip", {}))
+    images = load_submission(make_zip(tmp_path / "ok.zip", {}, n=N_IMAGES))
     assert images.pixels.shape == (N_IMAGES, 64, 64, 3)
 
 
 @pytest.mark.parametrize("n", [N_IMAGES - 1, N_IMAGES + 1])
 def test_wrong_count(tmp_path, n):
-    assert f"{n} entries, must be exactly 10000" in violations(make_zip(tmp_path / "n.zip", {}, n=n))
+    out = violations(make_zip(tmp_path / "n.zip", {}, n=n), n_images=N_IMAGES)
+    assert f"{n} entries, must be exactly 10000" in out
 
 
 def test_jpeg_named_png(tmp_path):
@@ -84,24 +88,24 @@ def test_corrupt_png(tmp_path):
 
 
 def test_nested_folder(tmp_path):
-    out = violations(make_zip(tmp_path / "d.zip", {"dogs/": None, "dogs/00000.png": GOOD}, n=N_IMAGES - 1))
+    out = violations(make_zip(tmp_path / "d.zip", {"dogs/": None, "dogs/00000.png": GOOD}, n=SMALL - 1))
     assert "dogs/: folders are not allowed" in out
     assert "dogs/00000.png: nested path" in out
 
 
 def test_macosx_entries(tmp_path):
-    out = violations(make_zip(tmp_path / "m.zip", {"__MACOSX/._00000.png": b"junk"}, n=N_IMAGES))
+    out = violations(make_zip(tmp_path / "m.zip", {"__MACOSX/._00000.png": b"junk"}, n=SMALL))
     assert "__MACOSX/._00000.png: __MACOSX/ entries are not allowed" in out
 
 
 def test_dotdot_path(tmp_path):
-    out = violations(make_zip(tmp_path / "p.zip", {"../evil.png": GOOD}, n=N_IMAGES - 1))
+    out = violations(make_zip(tmp_path / "p.zip", {"../evil.png": GOOD}, n=SMALL - 1))
     assert "../evil.png: unsafe path" in out
 
 
 def test_huge_claimed_size_is_refused_before_decompression(tmp_path):
     path = tmp_path / "bomb.zip"
-    make_zip(path, {}, n=N_IMAGES - 1)
+    make_zip(path, {}, n=SMALL - 1)
     with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("bomb.png", b"\x00" * (8 << 20))
     assert "bomb.png: claims 8388608 bytes uncompressed" in violations(path)
@@ -134,4 +138,4 @@ def test_no_strict_accepts_a_few_images_but_not_unreadable_ones(tmp_path):
     assert load_submission(folder, strict=False).pixels.shape == (3, 64, 64, 3)
     (folder / "bad.png").write_bytes(b"garbage")
     assert "bad.png: unreadable image" in violations(folder, strict=False)
-    assert "must be exactly 10000" in violations(folder, strict=True)
+    assert "must be exactly 10000" in violations(folder, strict=True, n_images=N_IMAGES)

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 import check_stacks  # noqa: E402
@@ -13,6 +15,7 @@ def rows(out):
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow
 def test_a_kernel_run_on_this_interpreter_counts(capsys):
     assert check_stacks.main(["--python", sys.executable, "--no-tests", "--kernels", "dcgan"]) == 0
     out = capsys.readouterr().out
@@ -22,6 +25,7 @@ def test_a_kernel_run_on_this_interpreter_counts(capsys):
     assert "| given | python " in out and "| none | not run | 1 of 1 wrote images.zip |" in out
 
 
+@pytest.mark.slow
 def test_a_failing_kernel_is_named_and_fails_the_check(capsys, monkeypatch):
     monkeypatch.setattr(check_stacks, "KERNEL_ARGS", check_stacks.KERNEL_ARGS + ["--widht", "8"])  # a typo
     assert check_stacks.main(["--python", sys.executable, "--no-tests", "--kernels", "gan"]) == 1
@@ -30,6 +34,7 @@ def test_a_failing_kernel_is_named_and_fails_the_check(capsys, monkeypatch):
     assert check_stacks.main(["--python", sys.executable, "--kernels", "nosuch"]) == 2
 
 
+@pytest.mark.slow
 def test_a_stack_that_cannot_be_made_is_a_failed_row_not_a_traceback(capsys, monkeypatch, tmp_path):
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     monkeypatch.setattr(check_stacks, "STACKS", {

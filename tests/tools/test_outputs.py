@@ -237,6 +237,7 @@ R.build_reference({src!r}, {out!r}, MeanNet(), {{"digest": "fake", "source": "te
 """
 
 
+@pytest.mark.slow
 def test_a_reference_killed_anywhere_resumes_from_its_last_whole_state(tmp_path):
     """kill -9 a reference build at several moments (inside a partial's write, between batches):
     the next run never meets a torn file, resumes from the last whole partial, removes the dead
@@ -339,6 +340,7 @@ train(cfg, entry.cls, resume=sys.argv[1] or None)
 """
 
 
+@pytest.mark.slow
 def test_a_training_run_killed_in_a_checkpoint_save_resumes_from_the_last_whole_one(tmp_path, tiny_dataset):
     """kill -9 a run while it writes checkpoint.pt (the new one whole in its temporary, not yet
     renamed) and between two saves: checkpoint.pt is always a whole checkpoint of a later step,
@@ -498,6 +500,7 @@ R.build_reference({src!r}, {out!r}, MeanNet(), {{"digest": "fake", "source": "te
 """
 
 
+@pytest.mark.slow
 def test_two_reference_builds_at_once_on_one_output_leave_one_whole_reference(tmp_path):
     """Two builds of the same reference at once (each saving its partial after every photo, so they
     meet in the partial and at its removal): both finish, the file is whole and holds the features
