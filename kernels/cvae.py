@@ -25,13 +25,13 @@ Contents (line numbers):
     261  Recipe
     426  The training loop
     492  MACHINERY (below: nothing to read to change the model)
-    499  Data
-   1132  Several GPUs
-   1347  The machine
-   1562  Sampling
-   1701  Settings
-   1859  Training
-   2816  Entry point
+    500  Data
+   1103  Several GPUs
+   1304  The machine
+   1502  Sampling
+   1632  Settings
+   1787  Training
+   2680  Entry point
 """
 import argparse
 import contextlib
@@ -493,6 +493,7 @@ def train_loop(tr):
 # MACHINERY. Everything below keeps a 9-hour run alive: data cleaning from any layout, the
 # machine checks, several GPUs, sampling and the zip, checkpoints, the time plan, the end and the
 # entry point. Nothing below needs reading to change the settings, the model or the recipe above.
+# Each function carries the first sentence of its docstring; the whole one is in dogkit/core.
 # =============================================================================================
 
 
@@ -527,11 +528,7 @@ def _number(text):
     return int(value) if math.isfinite(value) and abs(value) < 1e9 else None
 
 def parse_annotation(xml_bytes, name="annotation"):
-    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...] in pixels, the <filename>
-    it names or None).
-
-    The boxes are what matters (the photo's own size is read from the photo): a missing or
-    non-numeric <size> gives width/height None and keeps the boxes."""
+    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...] in pixels, the <filename> it names or None)."""
     try:
         root = ET.fromstring(xml_bytes)
     except ET.ParseError as exc:
@@ -564,10 +561,7 @@ def unusable_box(box, width, height):
     return "box outside the photo"
 
 def crop_region(box, width, height, strategy, margin=0.1, aspect_range=(0.8, 1.25)):
-    """The region (left, top, right, bottom) to cut for one dog, or None if the strategy drops it.
-
-    The region may reach outside the photo only with 'pad' (filled by reflection).
-    """
+    """The region (left, top, right, bottom) to cut for one dog, or None if the strategy drops it."""
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     if strategy == "box":
@@ -618,8 +612,7 @@ def shown_name(name):
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 def read_file(path, cap, name=None):
-    """The bytes of a regular file of at most cap bytes; a FIFO, a device, a broken or looping link
-    or a larger file is a DataError naming it (never a hang, never unbounded memory)."""
+    """The bytes of a regular file of at most cap bytes, or a DataError naming it."""
     name = shown_name(name or path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting
@@ -638,8 +631,7 @@ def read_file(path, cap, name=None):
 _OPEN_ZIPS = {}
 
 def open_zip(path):
-    """The zip at path, opened once per process and version of the file (a 20,579-entry zip's
-    directory is read once, not per photo; forked workers never share a file offset)."""
+    """The zip at path, opened once per process and version of the file."""
     try:
         st = os.stat(path)
         key = (os.getpid(), os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
@@ -656,16 +648,11 @@ def open_zip(path):
 TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it is renamed into place
 
 class WriteError(OSError):
-    """An output the disk would not take (full, read-only): one line naming the path; the earlier
-    file, if any, is as it was."""
+    """An output the disk would not take (full, read-only), in one line naming the path."""
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """The one way every output is written: a temporary name beside `path` (its extension kept, so
-    np.savez and PIL write exactly there), renamed onto `path` when the block succeeds, removed
-    when it fails or is interrupted, so the earlier file stays whole until the new one is (a kill -9
-    leaves the temporary: the next write of `path` removes it, remove_stale_temps). A write that
-    fails on the disk (full, read-only) is one OSError naming the path."""
+    """The one way every output is written: to a temporary name, renamed into place when whole."""
     folder, name = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(name)
     tmp = os.path.join(folder, f".{stem}{TEMP_MARK}{os.getpid()}{ext}")
@@ -684,8 +671,7 @@ def atomic_path(path):
             os.remove(tmp)
 
 def remove_stale_temps(folder, of=None):
-    """Remove what a killed writer left half-written in folder (only the temporaries of file `of`,
-    when given; a process that is still running keeps its own); returns the names removed."""
+    """Remove the temporaries a killed writer left in folder; returns the names removed."""
     gone = []
     stem, ext = os.path.splitext(of or "")
     pattern = (re.escape(f".{stem}{TEMP_MARK}") + r"(\d+)" + re.escape(ext) if of else
@@ -749,8 +735,7 @@ def _folder_items(source, ann_dir):
     return layout, items
 
 def _attach_annotations(items, ann_dir):
-    """Point each photo at its XML (by file stem; the XML's breed folder gives the synset);
-    returns how many annotations have no photo."""
+    """Point each photo at its XML; returns how many annotations have no photo."""
     xml_index = {}
     for dirpath, _, files in os.walk(ann_dir):
         for f in files:
@@ -767,10 +752,7 @@ def _attach_annotations(items, ann_dir):
     return len(set(xml_index) - used)
 
 def discover(source, annotations=None):
-    """Find photos, boxes and breeds. Returns (layout, items, breeds, notes).
-
-    items: list of dicts {name, path (or zip member), label, xml}; breeds: sorted synset-breed names.
-    """
+    """Find photos, boxes and breeds."""
     notes = Counter()
     ann_dir = None
     if os.path.isfile(source) and zipfile.is_zipfile(source):
@@ -817,8 +799,7 @@ ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 MAX_PHOTO_BYTES = 64 << 20  # a photo file larger than this is refused (Stanford Dogs' largest: ~2 MB)
 
 def zip_entry_problem(info, cap):
-    """Why a zip entry cannot be read safely (encrypted, another compression method, a claimed
-    size past cap), or None."""
+    """Why a zip entry cannot be read safely, or None."""
     if info.flag_bits & 0x1:
         return "encrypted entry (cannot be read)"
     if info.compress_type not in ZIP_METHODS:
@@ -828,8 +809,7 @@ def zip_entry_problem(info, cap):
     return None
 
 def read_zip_entry(zf, info, cap):
-    """The bytes of one entry, reading at most cap + 1 bytes whatever its header says; DataError
-    naming the entry and the rule for an unsafe, corrupt (CRC) or truncated entry."""
+    """The bytes of one zip entry, never more than cap, or a DataError naming the entry and the rule."""
     problem = zip_entry_problem(info, cap)
     if problem:
         raise DataError(f"{shown_name(info.filename)}: {problem}")
@@ -853,8 +833,7 @@ def _read_photo(item):
     return read_file(item["path"], MAX_PHOTO_BYTES, item["name"])
 
 def decode_rgb(data, name, events):
-    """A photo's bytes -> HWC uint8 RGB pixels (transparency over white); a conversion from another
-    mode is noted in events. Raises on a corrupt image, or one past PIL's pixel limit."""
+    """A photo's bytes as HWC uint8 RGB pixels (transparency over white)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # past MAX_IMAGE_PIXELS: refused
@@ -873,8 +852,7 @@ def decode_rgb(data, name, events):
             return np.asarray(img)
 
 def process_photo(item, strategy, size, min_side, margin):
-    """One photo -> (crops [(HWC uint8, box index)], events [(reason, name)], annotated boxes).
-    Never raises on bad input."""
+    """One photo -> (crops [(HWC uint8, box index)], events [(reason, name)], annotated boxes)."""
     events = []
     name = item["name"]
     try:
@@ -930,9 +908,7 @@ def process_photo(item, strategy, size, min_side, margin):
 MAX_BOXES = 64  # boxes used of one photo (Stanford's most: a handful): one photo never floods the data
 
 def annotation_problem(name, named, size_given, size):
-    """Why a photo's annotation is another photo's, or None: its <filename> names another file and
-    its <size> is not this photo's either (one of the two alone: a renamed copy, or a size written
-    oddly; its boxes are used)."""
+    """Why a photo's annotation is another photo's, or None."""
     if not named or os.path.splitext(os.path.basename(named))[0] == os.path.splitext(os.path.basename(name))[0]:
         return None
     if not size_given or None in size_given or tuple(size_given) == tuple(size):
@@ -940,10 +916,7 @@ def annotation_problem(name, named, size_given, size):
     return "annotation names another photo: photo skipped"
 
 def map_chunks(fn, jobs, workers, done=lambda result: None):
-    """[fn(job) for job in jobs], in worker processes when there are several of both; done(result)
-    as each arrives (in order). Where the system has fork the workers are forked, whatever Python's
-    default start method (forkserver from 3.14): a kernel's fn lives in a notebook's __main__,
-    which a fresh interpreter could not import."""
+    """[fn(job) for job in jobs], in forked worker processes when there are several of both."""
     results = []
     if workers > 1 and len(jobs) > 1:
         fork = "fork" in multiprocessing.get_all_start_methods()
@@ -1017,8 +990,7 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
             "events": events}
 
 def summary_lines(summary):
-    """The cleaning summary as aligned lines: input, counts, every drop or fix by reason with an
-    example (printed by `dogkit clean-data` and in a kernel's start block)."""
+    """The cleaning summary as aligned lines, every drop or fix by reason with an example."""
     if not summary:
         return []
     lines = [f"input      {summary.get('layout')}",
@@ -1077,8 +1049,7 @@ def cache_problems(z, meta):
     return [message for ok, message in checks if not ok]
 
 def load_cache(path):
-    """Read a cache file back into {images, labels, names, breeds, meta}; DataError naming the file
-    and every rule a corrupt, truncated or hand-made one breaks."""
+    """Read a cache file back into {images, labels, names, breeds, meta}, checked."""
     name = shown_name(path)
     try:
         z = np.load(path)
@@ -1147,8 +1118,7 @@ STEP_TIMEOUT = datetime.timedelta(minutes=5)  # a collective of the training ste
 CONTROL_TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 alone: cleaning, interim zips, the end
 
 class World:
-    """This process's place in the run: its rank, how many ranks, and the CPU (gloo) group that
-    carries control messages (None when alone)."""
+    """This process's place in the run: its rank, the number of ranks, the control group."""
 
     def __init__(self, rank=0, size=1, control=None):
         self.rank, self.size, self.control = rank, size, control
@@ -1173,8 +1143,7 @@ def free_port():
         return s.getsockname()[1]
 
 def join_world(rank, size, device, port=None):
-    """Join the process group (NCCL on CUDA, gloo on the CPU) and create the control group.
-    port None: torchrun's environment (MASTER_ADDR, MASTER_PORT) says where rank 0 listens."""
+    """Join the process group (NCCL on CUDA, gloo on the CPU) and create the control group."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # a collective that times out (a lost peer) aborts this process instead of hanging it:
@@ -1190,9 +1159,7 @@ def leave_world(world):
         dist.destroy_process_group()
 
 def agree(world, now, failed=False):
-    """(rank 0's clock reading, 1 + the highest failed rank or 0): what every rank decides by.
-    One all_reduce of two numbers on the CPU group: the ranks never disagree on when to log,
-    checkpoint or stop, and a rank that failed stops the others at their next step."""
+    """(rank 0's clock reading, 1 + the highest failed rank or 0): what every rank decides by."""
     if world.size == 1:
         return now, int(failed)
     msg = torch.tensor([now if world.main else -1e300, world.rank + 1.0 if failed else 0.0], dtype=torch.float64)
@@ -1213,11 +1180,7 @@ def average_gradients(params, world):
         offset += g.numel()
 
 def average_in_step(opt, world):
-    """Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
-    step may call loss.backward(); opt.step() itself and the ranks never drift apart, as
-    DistributedDataParallel guarantees. opt.average_now() averages ahead of the step (fp16: before
-    the loss scaler looks for an inf) so the step does not average again; it returns the call that
-    forgets this when the scaler skipped the step, so the next step averages its own gradients."""
+    """Make opt.step average the gradients over the ranks first, however a model's step calls it."""
     params = [p for group in opt.param_groups for p in group["params"]]
     step, done = opt.step, [False]
 
@@ -1260,8 +1223,7 @@ def share_object(obj, world):
     return box[0]
 
 def on_main(fn, world):
-    """fn() on rank 0 alone (data cleaning, the end's timing), its result on every rank. When it
-    raises, rank 0 raises that and the other ranks RankStopped."""
+    """fn() on rank 0 alone (data cleaning, the end's timing), its result on every rank."""
     if world.size == 1:
         return fn()
     result = failed = None
@@ -1297,9 +1259,7 @@ class RankStopped(RuntimeError):
     """This rank stops because another one failed (that rank reports why)."""
 
 def launch(target, size, device_type, args):
-    """Fork one process per rank, each running target(world, device, *args) after joining the
-    group; returns their exit codes in rank order. Once rank 0 has exited the others get a
-    minute to follow, then are stopped; Ctrl-C (or SIGTERM) here stops them all."""
+    """Fork one process per rank and wait for them; returns their exit codes in rank order."""
     ctx = torch.multiprocessing.get_context("fork")
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(target, rank, size, port, device_type, args))
@@ -1315,10 +1275,7 @@ def launch(target, size, device_type, args):
     return [p.exitcode for p in procs]
 
 def plain_streams():
-    """In a notebook sys.stdout is the kernel's message channel (ipykernel's OutStream), which a
-    forked process must not use, and whose fileno() is a copy of the terminal's, not the cell's:
-    write to the file descriptors 1 and 2 instead (ipykernel forwards those to the cell). Not
-    open(): in a notebook's namespace it is IPython's, which refuses them."""
+    """Point a forked rank's sys.stdout and sys.stderr at the file descriptors 1 and 2."""
     for name, fd in (("stdout", 1), ("stderr", 2)):
         if not isinstance(getattr(sys, name), io.TextIOWrapper):
             setattr(sys, name, os.fdopen(fd, "w", buffering=1, closefd=False))
@@ -1358,9 +1315,7 @@ class RunError(RuntimeError):
     """A run that cannot start or go on; str() is one line naming the cause and the fix."""
 
 def arch_supported(capability, arch_list):
-    """Whether a torch build for arch_list runs on a GPU of this compute capability: a cubin for
-    the same major version and an equal or lower minor (sm_80 runs on sm_86), or PTX (compute_XY)
-    for an equal or lower capability, which the driver compiles at load time."""
+    """Whether a torch build for arch_list runs on a GPU of this compute capability."""
     major, minor = capability
     for arch in arch_list:
         kind, _, digits = arch.partition("_")
@@ -1374,11 +1329,7 @@ def arch_supported(capability, arch_list):
     return False
 
 def pick_device(name="auto", require_gpu=False):
-    """The device to run on, checked before any real work. 'auto' takes CUDA when there is one.
-
-    Raises RunError (one line, with the fix) when the GPU cannot run this torch build (its
-    compute capability is not in torch.cuda.get_arch_list(), or a first tiny CUDA op fails), or
-    when require_gpu (a Kaggle run) finds no GPU. An explicit 'cpu' always runs."""
+    """The device to run on, checked before any real work. 'auto' takes CUDA when there is one."""
     if name in ("", "auto", None):
         if not torch.cuda.is_available():
             if require_gpu:
@@ -1416,10 +1367,7 @@ def pick_device(name="auto", require_gpu=False):
     return device
 
 def resolve_precision(requested, device):
-    """(the precision that will run, one line saying why). bf16 only on GPUs that compute in it
-    natively (compute capability 8.0+: A100, H100; torch.cuda.is_bf16_supported() also says yes
-    where it is emulated, T4 and P100); fp16 (autocast + GradScaler) on any CUDA GPU. On the CPU
-    both run as asked (slow there; fp16 needs torch.amp.GradScaler, torch 2.3+), for tests."""
+    """(the precision that will run, one line saying why)."""
     if requested not in PRECISIONS:
         raise RunError(f"precision {requested!r}: use one of {', '.join(PRECISIONS)}")
     if requested == "fp32":
@@ -1437,8 +1385,7 @@ def resolve_precision(requested, device):
     return "fp16", "fp16 autocast with a loss scaler per optimiser (weights and the EMA in fp32)"
 
 def make_grad_scaler(device, init_scale=2.0 ** 12):
-    """A GradScaler for fp16 training (torch.amp's from 2.3, torch.cuda.amp's before). It starts
-    at 2^12 rather than 2^16: fewer skipped steps at the start, and it grows when it can."""
+    """A GradScaler for fp16 training (torch.amp's from 2.3, torch.cuda.amp's before)."""
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device.type, init_scale=init_scale)
     return torch.cuda.amp.GradScaler(init_scale=init_scale)
@@ -1483,11 +1430,7 @@ def writable_dir(candidates):
 RUN_LOCK = ".dogkit-run.lock"  # in a run folder while a run writes there: its process id
 
 def claim_folder(folder):
-    """Claim a run folder for this process before any work (two runs on one --out would interleave
-    their logs and checkpoints): the lock file's path. A lock of a process that is still running
-    is a RunError naming it; one left by a killed run (or by this process: a notebook's earlier
-    cell) is taken over. release_folder() gives it back (and the folder, when this claim made it
-    and the run left nothing in it: a refused start leaves no trace)."""
+    """Claim a run folder for this process before any work; returns the lock to release."""
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, RUN_LOCK)
@@ -1524,9 +1467,7 @@ def release_folder(path):
                 os.rmdir(os.path.dirname(path))
 
 def output_problem(path, folder=False):
-    """Why path cannot be written as an output file (folder=True: folder), or None; checked before
-    any work: a folder (file) in its place, a link to nowhere (writing would replace the link
-    with a file), a file above it, a folder above it not writable."""
+    """Why path cannot be written as an output file (folder=True: folder), or None."""
     if os.path.islink(path) and not os.path.exists(path):
         return (f"{path}: a symbolic link to {os.readlink(path)}, which does not exist (remove the link or give "
                 "another path)")
@@ -1550,8 +1491,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: temporary files removed, a training
 TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
 
 def save_traceback(path=TRACEBACK_FILE):
-    """The exception being handled, its whole traceback written to path (a bug's, for its report,
-    while the user sees one line); returns path."""
+    """Write the traceback of the exception being handled to path; returns path."""
     import traceback
 
     with open(path, "w") as fh:
@@ -1576,9 +1516,7 @@ def check_deadline(deadline, clock, what):
         raise OutOfTime(f"{what} passed the run's deadline")
 
 def truncation_problem(truncation):
-    """Why a value cannot be a sampling truncation, or None: 0 or None (none: the plain normal), or
-    a number from TRUNCATION_MIN to TRUNCATION_MAX. The one check of every sampling path (the
-    kernel's settings and end, dogkit sample, the sweep, the GPU queue)."""
+    """Why a value cannot be a sampling truncation, or None."""
     t = truncation
     if t is None or (not isinstance(t, bool) and isinstance(t, (int, float)) and (
             t == 0 or (math.isfinite(t) and TRUNCATION_MIN <= t <= TRUNCATION_MAX))):
@@ -1597,15 +1535,13 @@ def to_uint8(images):
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 def encode_png(pixels):
-    """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
-    deprecated from Pillow 11.3)."""
+    """PNG bytes of one HWC uint8 RGB image."""
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
-    """PNG bytes of HWC uint8 images (zlib releases the GIL: threads), in chunks of 1,000 with a
-    deadline check between them."""
+    """PNG bytes of HWC uint8 images, encoded in threads."""
     blobs = []
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(images), 1000):
@@ -1614,8 +1550,7 @@ def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
     return blobs
 
 def write_zip(images, path, workers=8, deadline=None, clock=time.monotonic):
-    """Write HWC uint8 images as 00000.png ... into one flat zip, atomically (nothing is replaced
-    and nothing half-written is left when it fails or runs out of time)."""
+    """Write HWC uint8 images as 00000.png ... into one flat zip, atomically."""
     path = str(path)
     blobs = encode_pngs(images, workers, deadline, clock)
     with atomic_path(path) as tmp:
@@ -1645,23 +1580,19 @@ def verify_zip(path, n=N_SUBMISSION, size=64):
 NOTEBOOK_PID = os.getpid()  # the process that ran this code: in a notebook, the Jupyter kernel itself
 
 def notebook_shell():
-    """The Jupyter kernel's IPython shell when this process is the notebook's own (Kaggle runs
-    kernels so), else None: a script, a terminal IPython or a forked rank (whose messages would
-    corrupt the kernel's channel) shows no pictures."""
+    """The Jupyter kernel's IPython shell when this process is the notebook's own, else None."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None and os.getpid() == NOTEBOOK_PID else None
     return shell if getattr(shell, "kernel", None) is not None else None
 
 def show_png(png):
-    """Show a PNG (bytes or a file) in the notebook's output; a script run does nothing and never
-    imports IPython."""
+    """Show a PNG (bytes or a file) in the notebook's output; a script run does nothing and never imports IPython."""
     if notebook_shell() is not None:
         from IPython.display import Image as Picture, display
         display(Picture(data=png) if isinstance(png, bytes) else Picture(filename=png))
 
 def curve_png(records, keys, size=(720, 260)):
-    """PNG bytes of a line chart of the records' keys against their step (PIL only: the kernels
-    import no plotting library), each line with its name at its end."""
+    """PNG bytes of a line chart of the records' keys against their step."""
     from PIL import ImageDraw
 
     width, height, pad = size[0], size[1], 36
@@ -1791,8 +1722,7 @@ TrainConfig = dataclasses.make_dataclass("TrainConfig", [(n, type(d), dataclasse
                                                          for n, d, *_ in SETTINGS])
 
 def parse_budget(text):
-    """'30s', '8m', '9h', '1h30m' -> seconds (a number, not text, is taken as seconds). A bare
-    number as text is refused: '--budget 9' could mean 9 hours as easily as 9 seconds."""
+    """'30s', '8m', '9h', '1h30m' -> seconds (a number, not text, is taken as seconds)."""
     if isinstance(text, (int, float)):
         return float(text)
     parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", str(text).strip().lower())
@@ -1823,8 +1753,7 @@ def setting_problem(name, value):
     return f"{name}={value!r}: must be a finite number{bounds}"
 
 def with_settings(cfg, settings):
-    """A copy of cfg with settings applied; an unknown name, a wrong type or a value outside its
-    choices or range is an error listing every such setting, not a no-op."""
+    """A copy of cfg with settings applied, every wrong one refused."""
     problems = [f"unknown setting {k!r}" for k in sorted(set(settings) - set(SETTING))]
     problems += [p for p in (setting_problem(k, v) for k, v in settings.items() if k in SETTING) if p]
     if not problems and settings.get("ema_kimg", 0) > 0 and settings.get("ema_fraction", 0) > 0:
@@ -1845,8 +1774,7 @@ def reads(model_name, name):
     return models is None or model_name in models
 
 def unread_settings(cfg, model_name):
-    """The settings cfg gives (values other than their defaults) that model model_name does not
-    read, each in words naming the models that do: [] when none."""
+    """The settings cfg gives that model model_name does not read, each in words."""
     out = [f"{n}={getattr(cfg, n)!r}: model {model_name} does not read it ({', '.join(models)} "
            f"{'does' if len(models) == 1 else 'do'})" for n, default, _, models, _ in SETTINGS
            if not reads(model_name, n) and getattr(cfg, n) != default]
@@ -1869,8 +1797,7 @@ def unread_settings(cfg, model_name):
 # last good state, writes images.zip from it and only then reports the failure (RunFailed).
 
 class RunFailed(RuntimeError):
-    """Training stopped on an error, a NaN storm or the clock; `zip_path` is the images.zip the
-    run still wrote (from the last good generator), or None."""
+    """Training stopped on an error, a NaN storm or the clock; zip_path: the zip still written."""
 
     def __init__(self, cause, zip_path=None):
         super().__init__(cause)
@@ -1904,8 +1831,7 @@ def ema_line(cfg):
     return f"EMA        {start}: a half-life of {half / 1000:,.1f}k images on any number of GPUs"
 
 def settings_line(cfg, model):
-    """The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
-    (for a model that reads it) and the sampling truncation, whichever cell or option set them."""
+    """The start block's line on what shapes the samples."""
     name = getattr(model, "name", "")
     lr = f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)" if reads(name, "lr_d") else f"lr {cfg.lr_g:g}"
     parts = [f"batch {cfg.batch_size}", lr, f"augment {cfg.augment}"]
@@ -1940,9 +1866,7 @@ def plan_line(cfg, values, planned_images, n_photos, source):
     return f"from plan  {source}: " + "; ".join(parts)
 
 def follow_plan(tr, planned_images, source):
-    """Set the settings the run leaves to its plan (from_plan) from the images it will show, log
-    them with that figure and keep them for the checkpoint; the settings as given stay in
-    options.json. Nothing when the run sets them all itself."""
+    """Set the settings the run leaves to its plan from the images it will show, and log them."""
     values = from_plan(tr.given, planned_images, len(tr.images))
     if values:
         tr.planned = {"images": float(planned_images), "source": source, **values}
@@ -1973,8 +1897,7 @@ def refresh_images(G, cfg):
 
 @torch.no_grad()
 def refresh_batchnorm(G, cfg, n_classes, device):
-    """Standing statistics: batch-norm running stats of the EMA generator re-estimated from
-    fresh samples (cumulative average), since averaged weights do not match G's own stats."""
+    """Re-estimate the batch-norm statistics of G from fresh samples (standing statistics)."""
     bns = batchnorms(G)
     if not bns:
         return
@@ -1993,8 +1916,7 @@ def refresh_batchnorm(G, cfg, n_classes, device):
     G.eval()
 
 def resident(data, device):
-    """The training photos as one NCHW uint8 tensor on the device (and their labels), for the
-    whole run: batches are drawn there with no host round trip."""
+    """The training photos as one NCHW uint8 tensor on the device, and their labels."""
     images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).contiguous()
     return images.to(device), torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(device)
 
@@ -2078,8 +2000,7 @@ def rollback(tr, reason):
     tr.log(f"rollback #{tr.rollbacks} to the last good state ({reason}); lr x{tr.lr_scale:g}")
 
 def stopped_by(tr, exc):
-    """An error in the loop: the cause, with the last good state restored for the end (rank 0);
-    raised again when there is no good state yet, RunFailed on the other ranks."""
+    """The cause of an error in the loop, with the last good state restored for the end."""
     if tr.world.size > 1:
         tell_others(tr)
     if tr.good is None:
@@ -2122,8 +2043,7 @@ def seed_rank(cfg, world, step=0):
     torch.manual_seed(cfg.seed + 100_003 * (world.rank + 1) + 7 * step)
 
 def checkpoint_together(tr, name="checkpoint.pt"):
-    """save_checkpoint at a point every rank reaches together: every rank's random state goes in
-    (rank 0 writes), so a resume at the same world size continues exactly."""
+    """save_checkpoint at a point every rank reaches together, every rank's random state in it."""
     states = gather_objects(rng_state(tr), tr.world)
     return save_checkpoint(tr, name, states) if tr.world.main else None
 
@@ -2170,9 +2090,7 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     return path
 
 def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
-    """A checkpoint file read as data only (torch.load with weights_only: tensors, numbers,
-    strings, lists, dicts; a pickle that would run code is refused, never executed). RunError,
-    one line naming the file, for anything else: missing, truncated, another format."""
+    """A checkpoint file read as data only, checked."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -2192,17 +2110,13 @@ RUN_SETTINGS = ("data", "out", "budget", "hard_limit", "sessions", "device", "st
                 "memory_format", "ema_extra")  # where and how long a run goes: a continued run may change them
 
 def settings_differences(saved, cfg):
-    """The training settings (all but the model and RUN_SETTINGS) in which cfg differs from a
-    checkpoint's saved config, as 'name saved (this run: value)'."""
+    """The training settings in which cfg differs from a checkpoint's, in words."""
     defaults = dataclasses.asdict(TrainConfig())
     return [f"{k} {saved.get(k, v0)!r} (this run: {getattr(cfg, k)!r})" for k, v0 in defaults.items()
             if k not in RUN_SETTINGS and k != "model" and saved.get(k, v0) != getattr(cfg, k)]
 
 def check_continuation(ckpt, path, cfg, model_name, next_session=True):
-    """A RunError, one line naming the difference, unless checkpoint ckpt (read from path) can be
-    continued by a run of model_name under cfg: the same model, the same training settings and,
-    when the run is planned over sessions, a session still to come. Returns what it continues,
-    for the start block."""
+    """A RunError naming the difference unless checkpoint ckpt can be continued under cfg."""
     if ckpt.get("model") != model_name:
         raise RunError(f"{path}: a checkpoint of model {ckpt.get('model')!r}; this run trains {model_name!r}")
     differences = settings_differences(ckpt["config"], cfg)
@@ -2219,10 +2133,7 @@ def check_continuation(ckpt, path, cfg, model_name, next_session=True):
             f"{fmt_time(ckpt['elapsed'])} done in {done} session{'s' * (done > 1)}")
 
 def load_checkpoint(tr, path, same_session=False):
-    """Load the whole training state. With cfg.sessions > 1 the checkpoint's run goes on in the
-    next session (this process's clock, the plan re-timed), unless same_session (a multi-GPU run
-    going on in one process after rank 0 died); with one session, --budget counts the previous
-    runs' time too."""
+    """Load the whole training state."""
     ckpt = read_checkpoint(path, tr.device)
     check_continuation(ckpt, path, tr.cfg, tr.cfg.model, next_session=not same_session)
     tr.model.G.load_state_dict(ckpt["G"])
@@ -2275,9 +2186,7 @@ def load_checkpoint(tr, path, same_session=False):
            + (f"; session {tr.session} of {tr.cfg.sessions}" if tr.cfg.sessions > 1 else ""))
 
 def carry_log(folder, out, log=print):
-    """The earlier run's log.jsonl (beside the checkpoint a run continues) copied into the output
-    folder when that is another one (a new Kaggle session writes to an empty /kaggle/working), so
-    the log holds the whole run; an output folder that already has a log keeps its own."""
+    """Copy the earlier run's log.jsonl into the output folder when that is another one."""
     source, target = os.path.join(folder, "log.jsonl"), os.path.join(out, "log.jsonl")
     if not os.path.isfile(source) or os.path.abspath(folder) == os.path.abspath(out):
         return
@@ -2293,14 +2202,7 @@ def carry_log(folder, out, log=print):
 # ---- the plan: how long the end takes, how long training gets ---------------------------
 
 def measure_end(tr):
-    """Seconds the end of the run takes on this device, timed on its real path: the model's
-    preparation for sampling (cvae: K-means of the training latents; timed on a subset and
-    scaled), the batch-norm refresh and n_samples images in the sampling batch shape (second
-    pass: the first pays cuDNN's autotuning), PNG encoding of real training photos (more
-    detail than an untrained generator's flat images, so an upper bound) and a checkpoint
-    (written to a scratch folder: a start refused for a short budget leaves the output folder,
-    and any trained checkpoint.pt in it, as they were).
-    Returns (seconds x1.25 + 3 s, the parts)."""
+    """Seconds the end of the run takes on this device, timed on its real path, and the parts."""
     cfg, cuda = tr.cfg, tr.device.type == "cuda"
     G = copy.deepcopy(tr.G_ema)
     parts = {"prepare": 0.0}
@@ -2326,21 +2228,17 @@ def measure_end(tr):
     return 1.25 * sum(parts.values()) + 3.0, parts
 
 def budget_start(tr):
-    """The elapsed time from which this process's --budget counts: its session's start when the run
-    is planned over sessions, else 0 (a resumed run's budget includes the earlier runs)."""
+    """The elapsed time from which this process's --budget counts."""
     return tr.session_start if tr.cfg.sessions > 1 else 0.0
 
 def sessions_plan(tr, reserve):
-    """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds: this
-    session trains until its budget's end minus the reserve; the run's training time counts the
-    sessions still to come as long as this one's training."""
+    """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds."""
     session_end = budget_start(tr) + tr.cfg.budget - reserve
     per_session = session_end - (tr.clock() - tr.t0 + tr.session_start)  # from now: data loading is spent
     return session_end, session_end + max(0, tr.cfg.sessions - tr.session) * per_session, per_session
 
 def plan(tr):
-    """Fix the plan (sessions_plan: the budget minus the end's reserve), timed on rank 0 (sampling
-    all alone: an upper bound when the ranks share it) and the same on every rank."""
+    """Fix the plan, timed on rank 0 and the same on every rank."""
     tr.session_end, tr.train_seconds, tr.per_session = on_main(lambda: planned_seconds(tr), tr.world)
 
 def planned_seconds(tr):
@@ -2371,25 +2269,19 @@ def planned_seconds(tr):
 REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
 def planned_images(images_seen, since, elapsed, train_seconds):
-    """The images the run will have shown by the end of training at the pace since `since`,
-    (elapsed, images_seen) when this process's training began."""
+    """The images the run will have shown by the end of training at the pace since `since`."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
     return images_seen + rate * max(train_seconds - elapsed, 0.0)
 
 def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
-    """What the run will show at this pace (planned_images); the passes over the photos name the
-    regime (a 9-hour T4 x2 run: hundreds)."""
+    """What the run will show at this pace, in words."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
     total = planned_images(images_seen, since, elapsed, train_seconds)
     return (f"at {rate:,.0f} images/s, about {total:,.0f} images by the end of training: "
             f"{passes_words(total / max(n_photos, 1))} over the {n_photos:,} photos")
 
 def replan(tr):
-    """Time the end again once training is warm and move the end of training to fit it: later
-    when the first timing took too much (at start-up a fresh machine's cold caches can make the end
-    look several times longer than it is: a CPU run measured 200 s for 30 s of sampling, and every
-    second kept for nothing is a second not trained), earlier when the machine got busier and the
-    end is now slower, but never before now. Rank 0 times it; every rank gets the same plan."""
+    """Time the end again once training is warm and move the end of training to fit it."""
     def warm():
         _, parts = measure_end(tr)  # the parts as timed, warm
         reserve = 2.0 * sum(parts.values()) + 3.0  # kept: what a machine twice as slow would still fit
@@ -2407,8 +2299,7 @@ def replan(tr):
            f"slow still fits); training until {fmt_time(tr.session_end)} (was {fmt_time(before)}){why}")
 
 def once_warm(tr, since):
-    """At a tenth of the session's training: the end timed again (a measured reserve) and the pace
-    (pace_line, timed from `since`) logged. True."""
+    """At a tenth of the session's training: time the end again, log the pace, follow the plan."""
     if tr.cfg.reserve < 0:
         replan(tr)
     tr.log("pace       " + pace_line(tr.images_seen, since, tr.elapsed, tr.train_seconds, len(tr.images)))
@@ -2418,8 +2309,7 @@ def once_warm(tr, since):
 # ---- logs, pictures and interim zips -----------------------------------------------------
 
 def log_interval(tr, p, steps, seconds):
-    """Read the accumulated losses (the only host sync), write a log line and a log.jsonl record;
-    False (after a rollback) on NaN or a diverged loss."""
+    """Write a log line and a log.jsonl record; False (after a rollback) on a NaN or diverged loss."""
     sums = tr.loss_sum or {}
     means = {k: float(v) / max(steps, 1) for k, v in zip(sums, all_mean(list(sums.values()), tr.world))}
     for v in sums.values():
@@ -2447,9 +2337,7 @@ def save_fixed_grid(tr, name):
     save_grid(to_uint8(imgs), os.path.join(tr.cfg.out, name))
 
 def progress_grid(tr):
-    """grid-STEP.png; past keep_grids files every other older one goes and the interval doubles,
-    so a 9-hour run keeps a few evenly spaced grids, never hundreds. In a notebook it shows in the
-    cell's output too."""
+    """Write grid-STEP.png, thinning older grids so a long run keeps a few."""
     save_fixed_grid(tr, f"grid-{tr.step:07d}.png")
     show_png(os.path.join(tr.cfg.out, f"grid-{tr.step:07d}.png"))
     grids = sorted(f for f in os.listdir(tr.cfg.out) if re.fullmatch(r"grid-\d{7}\.png", f))
@@ -2459,15 +2347,13 @@ def progress_grid(tr):
         tr.grid_every *= 2
 
 def prepare_for_sampling(tr, G):
-    """What sampling needs beyond the weights: the model's own step (cvae: clusters of the
-    training latents) and standing batch-norm statistics."""
+    """Prepare G for sampling: the model's own step, then standing batch-norm statistics."""
     if hasattr(tr.model, "before_sampling"):
         tr.model.before_sampling(G, to_float(tr.images))
     refresh_batchnorm(G, tr.cfg, tr.n_classes, tr.device)
 
 def sample_zip(tr, G, deadline=None, world=ALONE):
-    """images.zip from G. With several ranks each samples its slice (rank 0 samples a slice
-    another rank could not), rank 0 gathers them and writes the zip; the others return None."""
+    """images.zip from G."""
     cfg = tr.cfg
     truncation = sampling_truncation(cfg, tr.images_seen, len(tr.images))
 
@@ -2491,8 +2377,7 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
     return zip_images(np.concatenate(parts), cfg, deadline, tr.clock)
 
 def sampling_truncation(cfg, images_seen, n_photos):
-    """The truncation to sample with (0: none): the setting, or, left to the plan and no plan made
-    yet (a run that ended before its pace), the one for the passes it made."""
+    """The truncation to sample with (0: none)."""
     t = cfg.truncation
     return truncation_for_passes(images_seen / max(n_photos, 1)) if t == TRUNCATION_FROM_PLAN else t
 
@@ -2502,8 +2387,7 @@ def zip_images(images, cfg, deadline=None, clock=time.monotonic):
     return path
 
 def interim_zip(tr):
-    """images.zip from a copy of the EMA generator now: a valid submission exists from the first
-    hour on, whatever happens later. A failure here is logged, not fatal."""
+    """Write images.zip from a copy of the EMA generator now (insurance); a failure is logged."""
     t = time.monotonic()
     try:
         G = copy.deepcopy(tr.G_ema)
@@ -2525,8 +2409,7 @@ def ready_to_sample(tr):
     tr.bn_refreshed = True
 
 def kept_zip(tr):
-    """In words, the images.zip in the output folder when it is this run's (an interim one, or one
-    written before this run was resumed there), else None (none, or an earlier run's: replaced)."""
+    """In words, the images.zip in the output folder when it is this run's, else None."""
     if not os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
         return None
     if tr.zip_step is not None:
@@ -2536,20 +2419,14 @@ def kept_zip(tr):
     return None
 
 def end_deadline(tr):
-    """(the clock reading the end must finish by, the budget's own end). The budget is a plan:
-    with an images.zip of this run in the output folder (kept_zip), sampling stops at its end rather
-    than overrun and that zip is kept; with none, a good generator is never thrown away for want of
-    time, and the end runs on up to the platform's own wall (hard_limit from this process's start:
-    a Kaggle kernel's 9 hours), with no wall at all for a local run."""
+    """(the clock reading the end must finish by, the budget's own end)."""
     end = tr.t0 - tr.session_start + budget_start(tr) + tr.cfg.budget  # on tr.clock, the zip included
     if kept_zip(tr):
         return end, end
     return (tr.t0 + tr.cfg.hard_limit if tr.cfg.hard_limit > 0 else math.inf), end
 
 def finish(tr, failure=None):
-    """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
-    deadline (end_deadline): sampling stops (keeping any earlier images.zip) rather than overrun.
-    Several ranks share the sampling when none failed; after a failure rank 0 ends alone."""
+    """The end: the final checkpoint, a grid and images.zip, all before the deadline."""
     deadline, budget_end = end_deadline(tr)
     world = tr.world if failure is None else ALONE
     if not world.main:
@@ -2601,8 +2478,7 @@ def finish(tr, failure=None):
     return path
 
 def help_finish(tr, deadline):
-    """finish() on a rank other than 0: its random state into the checkpoint, its slice of the
-    images to rank 0 (or the error, and rank 0 samples that slice)."""
+    """finish() on a rank other than 0: its random state and its slice of the images to rank 0."""
     gather_objects(rng_state(tr), tr.world)  # rank 0's checkpoint_together
     try:
         ready_to_sample(tr)
@@ -2624,8 +2500,7 @@ def disk_full(tr, failure, exc):
     return RunFailed(f"{failure + '; ' if failure else ''}{exc} ({kept})", path if ours else None)
 
 def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, device="cpu"):
-    """images.zip beside checkpoint `path`, from its EMA generator rebuilt on `device`, before the
-    deadline: the last resort when the training device (or a rank) died. Returns (zip, step)."""
+    """Write images.zip beside checkpoint `path` from its EMA generator; returns (zip, step)."""
     device = torch.device(device)
     ckpt = read_checkpoint(path, device)
     G, cfg = ema_generator(ckpt, model_cls, device)
@@ -2636,10 +2511,7 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
     return zip_images(images, cfg, deadline, clock), ckpt["step"]
 
 def ema_generator(ckpt, model_cls, device, which=None):
-    """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig);
-    which: the index of an extra EMA copy (ema_extra) instead. One written mid-run (periodic,
-    snapshot, interrupt), and every extra copy, gets its batch-norm statistics re-estimated
-    first, as the run's end does for G_ema."""
+    """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig)."""
     cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), device=str(device))
     G = model_cls(cfg, ckpt["n_classes"], device).G
     G.load_state_dict(ckpt["G_ema"] if which is None else ckpt["G_ema_extra"][which])
@@ -2658,9 +2530,7 @@ def seed_and_tune(cfg, device):
         torch.backends.cudnn.benchmark = True
 
 def check_model_options(cfg, model, n_classes=None, device="cpu"):
-    """Settings the model does not read (unread_settings), and (given n_classes) the built model's
-    own contract (generator_problem): an error listing each problem, rather than silently nothing or
-    a traceback mid-run."""
+    """Refuse the settings the model does not read, and a model that breaks its contract."""
     problems = unread_settings(cfg, model.name)
     broken = generator_problem(model, cfg, n_classes, device) if n_classes is not None else None
     if problems or broken:
@@ -2668,9 +2538,7 @@ def check_model_options(cfg, model, n_classes=None, device="cpu"):
 
 @torch.no_grad()
 def generator_problem(model, cfg, n_classes, device):
-    """Why the model's G breaks the contract a run relies on (G(z, labels) -> N x 3 x 64 x 64 images),
-    tried on 2 images of the last breed before any training, in one line naming the call; or None.
-    An edited model fails here in a second, not after the data is cleaned or at the end."""
+    """Why the model's G breaks the contract a run relies on, or None."""
     z = torch.randn(2, cfg.z_dim, device=device)
     labels = torch.full((2,), n_classes - 1, dtype=torch.long, device=device) if n_classes else None
     call = f"{type(model).__name__}.G(z, labels)" if n_classes else f"{type(model).__name__}.G(z)"
@@ -2764,8 +2632,7 @@ class Trainer:
                 self.log(f"removed {name}, left half-written by an earlier run that was killed")
 
     def run(self):
-        """Train until the budget's training time (or cfg.steps), then finish. Returns the zip path;
-        raises RunFailed, after writing the zip, when training stopped on an error or a NaN storm."""
+        """Train until the budget's training time (or cfg.steps), then finish."""
         if self.train_seconds is None:
             plan(self)
         if self.world.main:
@@ -2803,10 +2670,7 @@ def fmt_time(seconds):
 
 def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None, world=ALONE,
           same_session=False):
-    """Train model_cls under cfg (resuming from a checkpoint if given: load_checkpoint); returns the
-    zip path (None on ranks other than 0). Raises RunFailed (after writing the zip from the last
-    good state) when training broke off. world: this process's rank (distributed.join_world);
-    data is only needed on rank 0."""
+    """Train model_cls under cfg (resuming from a checkpoint if given); returns the images.zip path."""
     trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks, t0=t0, world=world)
     if resume:
         load_checkpoint(trainer, resume, same_session)
@@ -2856,10 +2720,7 @@ def _walk(root, depth=5):
         level = below
 
 def find_competition_data(root):
-    """The competition's photos and boxes under Kaggle's input root, in any layout it was published
-    in: {dataset, photos (folder or zip), annotations (folder, zip or None), layout}; None if absent.
-    Checked in order: all-dogs.zip / all-dogs/ (the competition), then Images/<synset>-<breed>/
-    (the Stanford Dogs dataset)."""
+    """The competition's photos and boxes under Kaggle's input root, or None."""
     photos = layout = None
     for folder, entries in _walk(root):
         names = {e.name: e for e in entries}
@@ -2901,9 +2762,7 @@ def ignored_inputs(root, dataset):
 MAX_UNZIPPED_BYTES = 8 << 30  # all-dogs.zip holds 0.8 GB of photos
 
 def unzip(path, scratch, log=print):
-    """Extract a zip into scratch/<its name>/ (zipfile drops absolute and '..' parts of names). An
-    entry past the photo cap, encrypted, in another method or corrupt is skipped and counted; more
-    than MAX_UNZIPPED_BYTES in all is refused."""
+    """Extract a zip into scratch/<its name>/ (zipfile drops absolute and '..' parts of names)."""
     target = os.path.join(scratch, os.path.splitext(os.path.basename(path))[0])
     if os.path.isdir(target):
         return target
@@ -2933,8 +2792,7 @@ def unzip(path, scratch, log=print):
     return target
 
 def kaggle_data(root, scratch_candidates, log=print):
-    """(photos folder, Annotation folder or None) of the competition on Kaggle, zips extracted to the
-    first writable scratch folder; everything else attached is ignored, with a line saying so."""
+    """(photos, annotations or None) of the competition on Kaggle, zips extracted to scratch."""
     found = find_competition_data(root)
     if found is None:
         raise RunError(f"no competition data under {root}: attach 'Generative Dog Images' (Add data -> "
@@ -3004,8 +2862,7 @@ def parse_args(argv):
     return args
 
 def with_preset(settings, presets, name):
-    """The model's settings with preset `name` over them (None or '': as they are); an unknown
-    name is an error listing the model's presets."""
+    """The model's settings with preset `name` over them."""
     if not name:
         return settings
     if name not in (presets or {}):
@@ -3015,10 +2872,7 @@ def with_preset(settings, presets, name):
 
 def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET,
                         kaggle_sessions=1, presets=None, model=None):
-    """TrainConfig from a model's settings, the preset opts['preset'] names (with_preset) and the
-    command-line options (train_options, a dict by dest name; None: not given), checked; the
-    defaults that depend on where the run starts are filled in here, once. model: its name, whose
-    unread settings are refused here, before any work (unread_settings)."""
+    """TrainConfig from a model's settings, a preset and the command-line options, checked."""
     cfg = with_settings(TrainConfig(**({"model": model} if model else {})),
                         with_preset(settings, presets, opts.get("preset")))
     sessions = opts.get("sessions") or (kaggle_sessions if on_kaggle else 1)
@@ -3042,11 +2896,7 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
     return cfg
 
 def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1, presets=None, preset=None):
-    """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure.
-    kaggle_budget: a session's wall clock on Kaggle (no --budget there); kaggle_sessions: the
-    sessions a run on Kaggle is planned over (no --sessions there); presets: the model's published
-    recipes, preset: the one the settings cell names (--preset wins). In a notebook, sys.argv is the
-    Jupyter kernel's own (-f kernel.json ...): no arguments, unless a cell set sys.argv."""
+    """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure."""
     t0 = time.monotonic()
     if argv is None:
         argv = [] if os.path.basename(sys.argv[0]).startswith("ipykernel") else sys.argv[1:]
@@ -3088,9 +2938,7 @@ def _one_line(shell, etype, value, tb, tb_offset=None):
     shell._showtraceback(etype, value, [str(value)])  # the error IPython shows: the line alone
 
 def stop(code, message=None):
-    """End the run with an exit code and its one line. A script (or a forked rank): the line on
-    stderr and sys.exit. In the notebook: an error whose text is the line alone (a SystemExit
-    would add IPython's 'An exception has occurred' and a warning); the cell still fails."""
+    """End the run with an exit code and its one line."""
     shell = notebook_shell()
     if shell is None:
         if message:
@@ -3100,9 +2948,7 @@ def stop(code, message=None):
     raise KernelStopped(message or f"stopped with exit code {code} (the line above says why)")
 
 def exit_on_error(fn, rank=None):
-    """fn()'s result, or one line on stderr and its exit code from the one table (runtime.EXIT_*,
-    the same as every dogkit command's). rank: a forked rank's number (its parent says the
-    interrupt and the zip)."""
+    """fn()'s result, or one line on stderr and its exit code from the one table."""
     who = f"rank {rank}: " if rank else ""
     try:
         return fn()
@@ -3130,9 +2976,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 def world_size(gpus, device):
-    """(ranks, their device type): with --device auto or cuda every visible GPU (or --gpus of
-    them), one process each; else one. Counted without starting CUDA, so workers can be forked.
-    DOGKIT_CPU_RANKS=N with --device cpu: N ranks on the CPU over gloo (a test path)."""
+    """(ranks, their device type) for --gpus and --device."""
     if gpus is not None and gpus < 1:
         raise RunError(f"--gpus {gpus}: give 1 or more")
     cpu_ranks = int(os.environ.get("DOGKIT_CPU_RANKS") or 0)
@@ -3180,8 +3024,7 @@ def run(model_cls, settings, args, t0):
 RUN_FILES = ("images.zip", "checkpoint.pt")  # what a run folder holds that a new run replaces
 
 def earlier_run_line(out):
-    """The start block's line when out holds an earlier run's files that this new run will replace
-    (the rule for outputs: never replaced without a word), or ''."""
+    """The start block's line naming an earlier run's files this run will replace, or ''."""
     found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
     if not found:
         return ""
@@ -3189,11 +3032,7 @@ def earlier_run_line(out):
             f"{os.path.join(out, 'checkpoint.pt')} continues that run instead; another --out keeps it)")
 
 def earlier_session(input_root, working):
-    """The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
-    earlier output attached under input_root (any depth up to 4), or left in the working folder by
-    Kaggle's "Files only" persistence; the one furthest on when there are several, as (path, the
-    checkpoint read); (None, None) for the first session. A file that is not a readable checkpoint
-    is an error, not a fresh start."""
+    """The checkpoint.pt a run planned over several Kaggle sessions continues from."""
     found = [os.path.join(working, "checkpoint.pt")] if os.path.isfile(os.path.join(working, "checkpoint.pt")) else []
     found += [e.path for _, entries in _walk(input_root, depth=4) for e in entries
               if e.name == "checkpoint.pt" and e.is_file()]
@@ -3219,8 +3058,7 @@ def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
     return 0
 
 def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=False):
-    """Check the device(s), print the start block, clean the data (rank 0), train, zip (same_session:
-    train.load_checkpoint)."""
+    """One rank's run: check the device, print the start block, clean the data, train, zip."""
     if world.size > 1:
         device = check_devices(world, device, on_kaggle)
     if world.main:
@@ -3253,11 +3091,7 @@ def check_devices(world, device, on_kaggle):
     return device
 
 def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, started=0.0):
-    """The parent of a multi-GPU run, once its ranks have exited: rank 0's own exit code when it
-    ended (it wrote images.zip whenever it could). When rank 0 itself died (a lost GPU, an NCCL
-    timeout) the run goes on here, on one device, from this run's last checkpoint (written after
-    `started`, a time.time()) or the start, until the same deadline; when too little time is left
-    for that, images.zip is sampled from the checkpoint."""
+    """The parent of a multi-GPU run, once its ranks have exited: rank 0's result, or go on alone."""
     if codes[0] == EXIT_INTERRUPTED:
         raise KeyboardInterrupt  # rank 0 saved checkpoint.pt
     if codes[0] in (EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED):  # rank 0 said why (and wrote the zip)

@@ -20,6 +20,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -50,7 +51,10 @@ MACHINERY = ("# " + "=" * 93 + "\n"
              "# MACHINERY. Everything below keeps a 9-hour run alive: data cleaning from any layout, the\n"
              "# machine checks, several GPUs, sampling and the zip, checkpoints, the time plan, the end and the\n"
              "# entry point. Nothing below needs reading to change the settings, the model or the recipe above.\n"
+             "# Each function carries the first sentence of its docstring; the whole one is in dogkit/core.\n"
              "# " + "=" * 93)
+LINE_LENGTH = 120  # the project's (pyproject.toml); a summary docstring that would pass it stops the build
+SENTENCE_END = re.compile(r"[.!?](?=\s+[A-Z]|$)")
 
 
 def dogkit_imports(tree: ast.Module) -> list[str]:
@@ -157,6 +161,35 @@ def kept_source(source: str, tree: ast.Module, keep: set[int], blank: int = 2) -
             body += ("\n" if together else "\n" * (blank + 1)) + text if body else text
             last = node
     return "\n".join(banner) + ("\n\n" if banner else "") + body
+
+
+def summarised(source: str, tree: ast.Module, kept: list[int]) -> tuple[str, ast.Module, list[str]]:
+    """The module with the multi-line docstrings of its kept statements (indices into tree.body)
+    cut to their summary (the first paragraph, else the first sentence) on one line (the machinery's: the whole text stays in dogkit/core),
+    re-parsed; and the docstrings whose first sentence does not fit on a line of LINE_LENGTH, each
+    named (the build refuses them)."""
+    lines, cuts, too_long = source.splitlines(), [], []
+    for node in (n for i in kept for n in ast.walk(tree.body[i])):
+        body = getattr(node, "body", None)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or not body:
+            continue
+        doc = body[0]
+        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
+                and doc.end_lineno > doc.lineno):
+            continue
+        raw = "\n".join(lines[doc.lineno - 1:doc.end_lineno])  # as written: escapes stay escapes
+        indent, prefix, quote = re.match(r'(\s*)([rRuU]?)("""|\'\'\')', raw).groups()
+        inner = raw.strip()[len(prefix) + 3:-3]
+        text = " ".join(re.split(r"\n\s*\n", inner)[0].split())  # PEP 257: the summary line's paragraph
+        end = SENTENCE_END.search(text)
+        line = f"{indent}{prefix}{quote}{text[:end.end()] if end else text}{quote}"
+        if len(line) > LINE_LENGTH:
+            too_long.append(f"{node.name} (line {doc.lineno}: its first sentence makes a line of {len(line)})")
+        cuts.append((doc.lineno, doc.end_lineno, line))
+    for first, last, line in sorted(cuts, reverse=True):
+        lines[first - 1:last] = [line]
+    text = "\n".join(lines) + "\n"
+    return text, ast.parse(text), too_long
 
 
 def picked_source(title: str, picks, sources: dict[str, str], trees: dict[str, ast.Module]) -> tuple[str, set[int]]:
@@ -310,8 +343,16 @@ def build(name: str, budget: str = "9h", sessions: int = 1) -> str:
             text, ids = picked_source(mod_name, picks, sources, trees)
             front.append(text)
             taken |= ids
-    back = [kept_source(sources[m], trees[m], keep - taken, blank=1) for m in modules
-            if m not in whole and any(id(n) in keep - taken for n in trees[m].body)]
+    back, too_long = [], []
+    for m in modules:  # the machinery: each statement as written, its docstrings cut to their first sentence
+        kept = [i for i, n in enumerate(trees[m].body) if id(n) in keep - taken]
+        if m not in whole and kept:
+            text, tree, long_ones = summarised(sources[m], trees[m], kept)
+            back.append(kept_source(text, tree, {id(tree.body[i]) for i in kept}, blank=1))
+            too_long += [f"{m}.{name}" for name in long_ones]
+    if too_long:
+        raise SystemExit("build_kernel: a machinery docstring's first sentence must fit on one line of "
+                         f"{LINE_LENGTH}: {'; '.join(too_long)}")
     sections = front + [MACHINERY] + back
     settings_block = (
         "# ---------------------------------------------------------------------------------------------\n"

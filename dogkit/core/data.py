@@ -157,7 +157,9 @@ def shown_name(name):
 
 
 def read_file(path, cap, name=None):
-    """The bytes of a regular file of at most cap bytes; a FIFO, a device, a broken or looping link
+    """The bytes of a regular file of at most cap bytes, or a DataError naming it.
+
+    The bytes of a regular file of at most cap bytes; a FIFO, a device, a broken or looping link
     or a larger file is a DataError naming it (never a hang, never unbounded memory)."""
     name = shown_name(name or path)
     try:
@@ -179,7 +181,9 @@ _OPEN_ZIPS = {}
 
 
 def open_zip(path):
-    """The zip at path, opened once per process and version of the file (a 20,579-entry zip's
+    """The zip at path, opened once per process and version of the file.
+
+    The zip at path, opened once per process and version of the file (a 20,579-entry zip's
     directory is read once, not per photo; forked workers never share a file offset)."""
     try:
         st = os.stat(path)
@@ -199,13 +203,17 @@ TEMP_MARK = ".dogkit-tmp"  # in the name of every file being written, until it i
 
 
 class WriteError(OSError):
-    """An output the disk would not take (full, read-only): one line naming the path; the earlier
+    """An output the disk would not take (full, read-only), in one line naming the path.
+
+    An output the disk would not take (full, read-only): one line naming the path; the earlier
     file, if any, is as it was."""
 
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """The one way every output is written: a temporary name beside `path` (its extension kept, so
+    """The one way every output is written: to a temporary name, renamed into place when whole.
+
+    The one way every output is written: a temporary name beside `path` (its extension kept, so
     np.savez and PIL write exactly there), renamed onto `path` when the block succeeds, removed
     when it fails or is interrupted, so the earlier file stays whole until the new one is (a kill -9
     leaves the temporary: the next write of `path` removes it, remove_stale_temps). A write that
@@ -229,7 +237,9 @@ def atomic_path(path):
 
 
 def remove_stale_temps(folder, of=None):
-    """Remove what a killed writer left half-written in folder (only the temporaries of file `of`,
+    """Remove the temporaries a killed writer left in folder; returns the names removed.
+
+    Remove what a killed writer left half-written in folder (only the temporaries of file `of`,
     when given; a process that is still running keeps its own); returns the names removed."""
     gone = []
     stem, ext = os.path.splitext(of or "")
@@ -300,7 +310,9 @@ def _folder_items(source, ann_dir):
 
 
 def _attach_annotations(items, ann_dir):
-    """Point each photo at its XML (by file stem; the XML's breed folder gives the synset);
+    """Point each photo at its XML; returns how many annotations have no photo.
+
+    Point each photo at its XML (by file stem; the XML's breed folder gives the synset);
     returns how many annotations have no photo."""
     xml_index = {}
     for dirpath, _, files in os.walk(ann_dir):
@@ -372,7 +384,9 @@ MAX_PHOTO_BYTES = 64 << 20  # a photo file larger than this is refused (Stanford
 
 
 def zip_entry_problem(info, cap):
-    """Why a zip entry cannot be read safely (encrypted, another compression method, a claimed
+    """Why a zip entry cannot be read safely, or None.
+
+    Why a zip entry cannot be read safely (encrypted, another compression method, a claimed
     size past cap), or None."""
     if info.flag_bits & 0x1:
         return "encrypted entry (cannot be read)"
@@ -384,7 +398,9 @@ def zip_entry_problem(info, cap):
 
 
 def read_zip_entry(zf, info, cap):
-    """The bytes of one entry, reading at most cap + 1 bytes whatever its header says; DataError
+    """The bytes of one zip entry, never more than cap, or a DataError naming the entry and the rule.
+
+    The bytes of one entry, reading at most cap + 1 bytes whatever its header says; DataError
     naming the entry and the rule for an unsafe, corrupt (CRC) or truncated entry."""
     problem = zip_entry_problem(info, cap)
     if problem:
@@ -412,7 +428,9 @@ def _read_photo(item):
 
 
 def decode_rgb(data, name, events):
-    """A photo's bytes -> HWC uint8 RGB pixels (transparency over white); a conversion from another
+    """A photo's bytes as HWC uint8 RGB pixels (transparency over white).
+
+    A photo's bytes -> HWC uint8 RGB pixels (transparency over white); a conversion from another
     mode is noted in events. Raises on a corrupt image, or one past PIL's pixel limit."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -492,7 +510,9 @@ MAX_BOXES = 64  # boxes used of one photo (Stanford's most: a handful): one phot
 
 
 def annotation_problem(name, named, size_given, size):
-    """Why a photo's annotation is another photo's, or None: its <filename> names another file and
+    """Why a photo's annotation is another photo's, or None.
+
+    Why a photo's annotation is another photo's, or None: its <filename> names another file and
     its <size> is not this photo's either (one of the two alone: a renamed copy, or a size written
     oddly; its boxes are used)."""
     if not named or os.path.splitext(os.path.basename(named))[0] == os.path.splitext(os.path.basename(name))[0]:
@@ -503,7 +523,9 @@ def annotation_problem(name, named, size_given, size):
 
 
 def map_chunks(fn, jobs, workers, done=lambda result: None):
-    """[fn(job) for job in jobs], in worker processes when there are several of both; done(result)
+    """[fn(job) for job in jobs], in forked worker processes when there are several of both.
+
+    [fn(job) for job in jobs], in worker processes when there are several of both; done(result)
     as each arrives (in order). Where the system has fork the workers are forked, whatever Python's
     default start method (forkserver from 3.14): a kernel's fn lives in a notebook's __main__,
     which a fresh interpreter could not import."""
@@ -583,7 +605,9 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
 
 
 def summary_lines(summary):
-    """The cleaning summary as aligned lines: input, counts, every drop or fix by reason with an
+    """The cleaning summary as aligned lines, every drop or fix by reason with an example.
+
+    The cleaning summary as aligned lines: input, counts, every drop or fix by reason with an
     example (printed by `dogkit clean-data` and in a kernel's start block)."""
     if not summary:
         return []
@@ -688,7 +712,9 @@ def cache_problems(z, meta):
 
 
 def load_cache(path):
-    """Read a cache file back into {images, labels, names, breeds, meta}; DataError naming the file
+    """Read a cache file back into {images, labels, names, breeds, meta}, checked.
+
+    Read a cache file back into {images, labels, names, breeds, meta}; DataError naming the file
     and every rule a corrupt, truncated or hand-made one breaks."""
     name = shown_name(path)
     try:

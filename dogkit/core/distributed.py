@@ -25,7 +25,9 @@ CONTROL_TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 alone: cleaning, inte
 
 
 class World:
-    """This process's place in the run: its rank, how many ranks, and the CPU (gloo) group that
+    """This process's place in the run: its rank, the number of ranks, the control group.
+
+    This process's place in the run: its rank, how many ranks, and the CPU (gloo) group that
     carries control messages (None when alone)."""
 
     def __init__(self, rank=0, size=1, control=None):
@@ -56,6 +58,7 @@ def free_port():
 
 def join_world(rank, size, device, port=None):
     """Join the process group (NCCL on CUDA, gloo on the CPU) and create the control group.
+
     port None: torchrun's environment (MASTER_ADDR, MASTER_PORT) says where rank 0 listens."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -99,7 +102,9 @@ def average_gradients(params, world):
 
 
 def average_in_step(opt, world):
-    """Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
+    """Make opt.step average the gradients over the ranks first, however a model's step calls it.
+
+    Make opt.step average the gradients over the ranks first (one all_reduce), so a model's
     step may call loss.backward(); opt.step() itself and the ranks never drift apart, as
     DistributedDataParallel guarantees. opt.average_now() averages ahead of the step (fp16: before
     the loss scaler looks for an inf) so the step does not average again; it returns the call that
@@ -191,7 +196,9 @@ class RankStopped(RuntimeError):
 
 
 def launch(target, size, device_type, args):
-    """Fork one process per rank, each running target(world, device, *args) after joining the
+    """Fork one process per rank and wait for them; returns their exit codes in rank order.
+
+    Fork one process per rank, each running target(world, device, *args) after joining the
     group; returns their exit codes in rank order. Once rank 0 has exited the others get a
     minute to follow, then are stopped; Ctrl-C (or SIGTERM) here stops them all."""
     ctx = torch.multiprocessing.get_context("fork")
@@ -210,7 +217,9 @@ def launch(target, size, device_type, args):
 
 
 def plain_streams():
-    """In a notebook sys.stdout is the kernel's message channel (ipykernel's OutStream), which a
+    """Point a forked rank's sys.stdout and sys.stderr at the file descriptors 1 and 2.
+
+    In a notebook sys.stdout is the kernel's message channel (ipykernel's OutStream), which a
     forked process must not use, and whose fileno() is a copy of the terminal's, not the cell's:
     write to the file descriptors 1 and 2 instead (ipykernel forwards those to the cell). Not
     open(): in a notebook's namespace it is IPython's, which refuses them."""

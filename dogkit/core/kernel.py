@@ -68,7 +68,9 @@ def _walk(root, depth=5):
 
 
 def find_competition_data(root):
-    """The competition's photos and boxes under Kaggle's input root, in any layout it was published
+    """The competition's photos and boxes under Kaggle's input root, or None.
+
+    The competition's photos and boxes under Kaggle's input root, in any layout it was published
     in: {dataset, photos (folder or zip), annotations (folder, zip or None), layout}; None if absent.
     Checked in order: all-dogs.zip / all-dogs/ (the competition), then Images/<synset>-<breed>/
     (the Stanford Dogs dataset)."""
@@ -149,7 +151,9 @@ def unzip(path, scratch, log=print):
 
 
 def kaggle_data(root, scratch_candidates, log=print):
-    """(photos folder, Annotation folder or None) of the competition on Kaggle, zips extracted to the
+    """(photos, annotations or None) of the competition on Kaggle, zips extracted to scratch.
+
+    (photos folder, Annotation folder or None) of the competition on Kaggle, zips extracted to the
     first writable scratch folder; everything else attached is ignored, with a line saying so."""
     found = find_competition_data(root)
     if found is None:
@@ -224,7 +228,9 @@ def parse_args(argv):
 
 
 def with_preset(settings, presets, name):
-    """The model's settings with preset `name` over them (None or '': as they are); an unknown
+    """The model's settings with preset `name` over them.
+
+    The model's settings with preset `name` over them (None or '': as they are); an unknown
     name is an error listing the model's presets."""
     if not name:
         return settings
@@ -236,7 +242,9 @@ def with_preset(settings, presets, name):
 
 def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET,
                         kaggle_sessions=1, presets=None, model=None):
-    """TrainConfig from a model's settings, the preset opts['preset'] names (with_preset) and the
+    """TrainConfig from a model's settings, a preset and the command-line options, checked.
+
+    TrainConfig from a model's settings, the preset opts['preset'] names (with_preset) and the
     command-line options (train_options, a dict by dest name; None: not given), checked; the
     defaults that depend on where the run starts are filled in here, once. model: its name, whose
     unread settings are refused here, before any work (unread_settings)."""
@@ -265,6 +273,7 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
 
 def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1, presets=None, preset=None):
     """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure.
+
     kaggle_budget: a session's wall clock on Kaggle (no --budget there); kaggle_sessions: the
     sessions a run on Kaggle is planned over (no --sessions there); presets: the model's published
     recipes, preset: the one the settings cell names (--preset wins). In a notebook, sys.argv is the
@@ -327,7 +336,9 @@ def stop(code, message=None):
 
 
 def exit_on_error(fn, rank=None):
-    """fn()'s result, or one line on stderr and its exit code from the one table (runtime.EXIT_*,
+    """fn()'s result, or one line on stderr and its exit code from the one table.
+
+    fn()'s result, or one line on stderr and its exit code from the one table (runtime.EXIT_*,
     the same as every dogkit command's). rank: a forked rank's number (its parent says the
     interrupt and the zip)."""
     who = f"rank {rank}: " if rank else ""
@@ -359,7 +370,9 @@ def _interrupt(signum, frame):
 
 
 def world_size(gpus, device):
-    """(ranks, their device type): with --device auto or cuda every visible GPU (or --gpus of
+    """(ranks, their device type) for --gpus and --device.
+
+    (ranks, their device type): with --device auto or cuda every visible GPU (or --gpus of
     them), one process each; else one. Counted without starting CUDA, so workers can be forked.
     DOGKIT_CPU_RANKS=N with --device cpu: N ranks on the CPU over gloo (a test path)."""
     if gpus is not None and gpus < 1:
@@ -412,7 +425,9 @@ RUN_FILES = ("images.zip", "checkpoint.pt")  # what a run folder holds that a ne
 
 
 def earlier_run_line(out):
-    """The start block's line when out holds an earlier run's files that this new run will replace
+    """The start block's line naming an earlier run's files this run will replace, or ''.
+
+    The start block's line when out holds an earlier run's files that this new run will replace
     (the rule for outputs: never replaced without a word), or ''."""
     found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
     if not found:
@@ -422,7 +437,9 @@ def earlier_run_line(out):
 
 
 def earlier_session(input_root, working):
-    """The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
+    """The checkpoint.pt a run planned over several Kaggle sessions continues from.
+
+    The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
     earlier output attached under input_root (any depth up to 4), or left in the working folder by
     Kaggle's "Files only" persistence; the one furthest on when there are several, as (path, the
     checkpoint read); (None, None) for the first session. A file that is not a readable checkpoint
@@ -454,7 +471,9 @@ def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
 
 
 def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=False):
-    """Check the device(s), print the start block, clean the data (rank 0), train, zip (same_session:
+    """One rank's run: check the device, print the start block, clean the data, train, zip.
+
+    Check the device(s), print the start block, clean the data (rank 0), train, zip (same_session:
     train.load_checkpoint)."""
     if world.size > 1:
         device = check_devices(world, device, on_kaggle)
@@ -490,7 +509,9 @@ def check_devices(world, device, on_kaggle):
 
 
 def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, started=0.0):
-    """The parent of a multi-GPU run, once its ranks have exited: rank 0's own exit code when it
+    """The parent of a multi-GPU run, once its ranks have exited: rank 0's result, or go on alone.
+
+    The parent of a multi-GPU run, once its ranks have exited: rank 0's own exit code when it
     ended (it wrote images.zip whenever it could). When rank 0 itself died (a lost GPU, an NCCL
     timeout) the run goes on here, on one device, from this run's last checkpoint (written after
     `started`, a time.time()) or the start, until the same deadline; when too little time is left

@@ -26,7 +26,9 @@ class RunError(RuntimeError):
 
 
 def arch_supported(capability, arch_list):
-    """Whether a torch build for arch_list runs on a GPU of this compute capability: a cubin for
+    """Whether a torch build for arch_list runs on a GPU of this compute capability.
+
+    Whether a torch build for arch_list runs on a GPU of this compute capability: a cubin for
     the same major version and an equal or lower minor (sm_80 runs on sm_86), or PTX (compute_XY)
     for an equal or lower capability, which the driver compiles at load time."""
     major, minor = capability
@@ -86,7 +88,9 @@ def pick_device(name="auto", require_gpu=False):
 
 
 def resolve_precision(requested, device):
-    """(the precision that will run, one line saying why). bf16 only on GPUs that compute in it
+    """(the precision that will run, one line saying why).
+
+    bf16 only on GPUs that compute in it
     natively (compute capability 8.0+: A100, H100; torch.cuda.is_bf16_supported() also says yes
     where it is emulated, T4 and P100); fp16 (autocast + GradScaler) on any CUDA GPU. On the CPU
     both run as asked (slow there; fp16 needs torch.amp.GradScaler, torch 2.3+), for tests."""
@@ -159,7 +163,9 @@ RUN_LOCK = ".dogkit-run.lock"  # in a run folder while a run writes there: its p
 
 
 def claim_folder(folder):
-    """Claim a run folder for this process before any work (two runs on one --out would interleave
+    """Claim a run folder for this process before any work; returns the lock to release.
+
+    Claim a run folder for this process before any work (two runs on one --out would interleave
     their logs and checkpoints): the lock file's path. A lock of a process that is still running
     is a RunError naming it; one left by a killed run (or by this process: a notebook's earlier
     cell) is taken over. release_folder() gives it back (and the folder, when this claim made it
@@ -202,7 +208,9 @@ def release_folder(path):
 
 
 def output_problem(path, folder=False):
-    """Why path cannot be written as an output file (folder=True: folder), or None; checked before
+    """Why path cannot be written as an output file (folder=True: folder), or None.
+
+    Why path cannot be written as an output file (folder=True: folder), or None; checked before
     any work: a folder (file) in its place, a link to nowhere (writing would replace the link
     with a file), a file above it, a folder above it not writable."""
     if os.path.islink(path) and not os.path.exists(path):
@@ -230,7 +238,9 @@ TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
 
 
 def save_traceback(path=TRACEBACK_FILE):
-    """The exception being handled, its whole traceback written to path (a bug's, for its report,
+    """Write the traceback of the exception being handled to path; returns path.
+
+    The exception being handled, its whole traceback written to path (a bug's, for its report,
     while the user sees one line); returns path."""
     import traceback
 

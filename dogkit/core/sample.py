@@ -32,7 +32,9 @@ def check_deadline(deadline, clock, what):
 
 
 def truncation_problem(truncation):
-    """Why a value cannot be a sampling truncation, or None: 0 or None (none: the plain normal), or
+    """Why a value cannot be a sampling truncation, or None.
+
+    Why a value cannot be a sampling truncation, or None: 0 or None (none: the plain normal), or
     a number from TRUNCATION_MIN to TRUNCATION_MAX. The one check of every sampling path (the
     kernel's settings and end, dogkit sample, the sweep, the GPU queue)."""
     t = truncation
@@ -113,7 +115,9 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 
 
 def encode_png(pixels):
-    """PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
+    """PNG bytes of one HWC uint8 RGB image.
+
+    PNG bytes of one HWC uint8 image (RGB: Pillow reads the mode off the array; naming it is
     deprecated from Pillow 11.3)."""
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
@@ -121,7 +125,9 @@ def encode_png(pixels):
 
 
 def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
-    """PNG bytes of HWC uint8 images (zlib releases the GIL: threads), in chunks of 1,000 with a
+    """PNG bytes of HWC uint8 images, encoded in threads.
+
+    PNG bytes of HWC uint8 images (zlib releases the GIL: threads), in chunks of 1,000 with a
     deadline check between them."""
     blobs = []
     with ThreadPoolExecutor(workers) as pool:
@@ -132,7 +138,9 @@ def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
 
 
 def write_zip(images, path, workers=8, deadline=None, clock=time.monotonic):
-    """Write HWC uint8 images as 00000.png ... into one flat zip, atomically (nothing is replaced
+    """Write HWC uint8 images as 00000.png ... into one flat zip, atomically.
+
+    Write HWC uint8 images as 00000.png ... into one flat zip, atomically (nothing is replaced
     and nothing half-written is left when it fails or runs out of time)."""
     path = str(path)
     blobs = encode_pngs(images, workers, deadline, clock)
@@ -167,7 +175,9 @@ NOTEBOOK_PID = os.getpid()  # the process that ran this code: in a notebook, the
 
 
 def notebook_shell():
-    """The Jupyter kernel's IPython shell when this process is the notebook's own (Kaggle runs
+    """The Jupyter kernel's IPython shell when this process is the notebook's own, else None.
+
+    The Jupyter kernel's IPython shell when this process is the notebook's own (Kaggle runs
     kernels so), else None: a script, a terminal IPython or a forked rank (whose messages would
     corrupt the kernel's channel) shows no pictures."""
     ipython = sys.modules.get("IPython")
@@ -184,7 +194,9 @@ def show_png(png):
 
 
 def curve_png(records, keys, size=(720, 260)):
-    """PNG bytes of a line chart of the records' keys against their step (PIL only: the kernels
+    """PNG bytes of a line chart of the records' keys against their step.
+
+    PNG bytes of a line chart of the records' keys against their step (PIL only: the kernels
     import no plotting library), each line with its name at its end."""
     from PIL import ImageDraw
 

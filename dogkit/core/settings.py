@@ -136,7 +136,9 @@ def setting_problem(name, value):
 
 
 def with_settings(cfg, settings):
-    """A copy of cfg with settings applied; an unknown name, a wrong type or a value outside its
+    """A copy of cfg with settings applied, every wrong one refused.
+
+    A copy of cfg with settings applied; an unknown name, a wrong type or a value outside its
     choices or range is an error listing every such setting, not a no-op."""
     problems = [f"unknown setting {k!r}" for k in sorted(set(settings) - set(SETTING))]
     problems += [p for p in (setting_problem(k, v) for k, v in settings.items() if k in SETTING) if p]
@@ -160,7 +162,9 @@ def reads(model_name, name):
 
 
 def unread_settings(cfg, model_name):
-    """The settings cfg gives (values other than their defaults) that model model_name does not
+    """The settings cfg gives that model model_name does not read, each in words.
+
+    The settings cfg gives (values other than their defaults) that model model_name does not
     read, each in words naming the models that do: [] when none."""
     out = [f"{n}={getattr(cfg, n)!r}: model {model_name} does not read it ({', '.join(models)} "
            f"{'does' if len(models) == 1 else 'do'})" for n, default, _, models, _ in SETTINGS

@@ -47,7 +47,9 @@ TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 0.8))
 
 
 class RunFailed(RuntimeError):
-    """Training stopped on an error, a NaN storm or the clock; `zip_path` is the images.zip the
+    """Training stopped on an error, a NaN storm or the clock; zip_path: the zip still written.
+
+    Training stopped on an error, a NaN storm or the clock; `zip_path` is the images.zip the
     run still wrote (from the last good generator), or None."""
 
     def __init__(self, cause, zip_path=None):
@@ -110,7 +112,9 @@ def ema_line(cfg):
 
 
 def settings_line(cfg, model):
-    """The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
+    """The start block's line on what shapes the samples.
+
+    The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
     (for a model that reads it) and the sampling truncation, whichever cell or option set them."""
     name = getattr(model, "name", "")
     lr = f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)" if reads(name, "lr_d") else f"lr {cfg.lr_g:g}"
@@ -174,7 +178,9 @@ def plan_line(cfg, values, planned_images, n_photos, source):
 
 
 def follow_plan(tr, planned_images, source):
-    """Set the settings the run leaves to its plan (from_plan) from the images it will show, log
+    """Set the settings the run leaves to its plan from the images it will show, and log them.
+
+    Set the settings the run leaves to its plan (from_plan) from the images it will show, log
     them with that figure and keep them for the checkpoint; the settings as given stay in
     options.json. Nothing when the run sets them all itself."""
     values = from_plan(tr.given, planned_images, len(tr.images))
@@ -213,7 +219,9 @@ def refresh_images(G, cfg):
 
 @torch.no_grad()
 def refresh_batchnorm(G, cfg, n_classes, device):
-    """Standing statistics: batch-norm running stats of the EMA generator re-estimated from
+    """Re-estimate the batch-norm statistics of G from fresh samples (standing statistics).
+
+    Standing statistics: batch-norm running stats of the EMA generator re-estimated from
     fresh samples (cumulative average), since averaged weights do not match G's own stats."""
     bns = batchnorms(G)
     if not bns:
@@ -234,7 +242,9 @@ def refresh_batchnorm(G, cfg, n_classes, device):
 
 
 def resident(data, device):
-    """The training photos as one NCHW uint8 tensor on the device (and their labels), for the
+    """The training photos as one NCHW uint8 tensor on the device, and their labels.
+
+    The training photos as one NCHW uint8 tensor on the device (and their labels), for the
     whole run: batches are drawn there with no host round trip."""
     images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).contiguous()
     return images.to(device), torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(device)
@@ -390,7 +400,9 @@ def rollback(tr, reason):
 
 
 def stopped_by(tr, exc):
-    """An error in the loop: the cause, with the last good state restored for the end (rank 0);
+    """The cause of an error in the loop, with the last good state restored for the end.
+
+    An error in the loop: the cause, with the last good state restored for the end (rank 0);
     raised again when there is no good state yet, RunFailed on the other ranks."""
     if tr.world.size > 1:
         tell_others(tr)
@@ -439,7 +451,9 @@ def seed_rank(cfg, world, step=0):
 
 
 def checkpoint_together(tr, name="checkpoint.pt"):
-    """save_checkpoint at a point every rank reaches together: every rank's random state goes in
+    """save_checkpoint at a point every rank reaches together, every rank's random state in it.
+
+    save_checkpoint at a point every rank reaches together: every rank's random state goes in
     (rank 0 writes), so a resume at the same world size continues exactly."""
     states = gather_objects(rng_state(tr), tr.world)
     return save_checkpoint(tr, name, states) if tr.world.main else None
@@ -489,7 +503,9 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
 
 
 def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
-    """A checkpoint file read as data only (torch.load with weights_only: tensors, numbers,
+    """A checkpoint file read as data only, checked.
+
+    A checkpoint file read as data only (torch.load with weights_only: tensors, numbers,
     strings, lists, dicts; a pickle that would run code is refused, never executed). RunError,
     one line naming the file, for anything else: missing, truncated, another format."""
     try:
@@ -513,7 +529,9 @@ RUN_SETTINGS = ("data", "out", "budget", "hard_limit", "sessions", "device", "st
 
 
 def settings_differences(saved, cfg):
-    """The training settings (all but the model and RUN_SETTINGS) in which cfg differs from a
+    """The training settings in which cfg differs from a checkpoint's, in words.
+
+    The training settings (all but the model and RUN_SETTINGS) in which cfg differs from a
     checkpoint's saved config, as 'name saved (this run: value)'."""
     defaults = dataclasses.asdict(TrainConfig())
     return [f"{k} {saved.get(k, v0)!r} (this run: {getattr(cfg, k)!r})" for k, v0 in defaults.items()
@@ -521,7 +539,9 @@ def settings_differences(saved, cfg):
 
 
 def check_continuation(ckpt, path, cfg, model_name, next_session=True):
-    """A RunError, one line naming the difference, unless checkpoint ckpt (read from path) can be
+    """A RunError naming the difference unless checkpoint ckpt can be continued under cfg.
+
+    A RunError, one line naming the difference, unless checkpoint ckpt (read from path) can be
     continued by a run of model_name under cfg: the same model, the same training settings and,
     when the run is planned over sessions, a session still to come. Returns what it continues,
     for the start block."""
@@ -599,7 +619,9 @@ def load_checkpoint(tr, path, same_session=False):
 
 
 def carry_log(folder, out, log=print):
-    """The earlier run's log.jsonl (beside the checkpoint a run continues) copied into the output
+    """Copy the earlier run's log.jsonl into the output folder when that is another one.
+
+    The earlier run's log.jsonl (beside the checkpoint a run continues) copied into the output
     folder when that is another one (a new Kaggle session writes to an empty /kaggle/working), so
     the log holds the whole run; an output folder that already has a log keeps its own."""
     source, target = os.path.join(folder, "log.jsonl"), os.path.join(out, "log.jsonl")
@@ -618,7 +640,9 @@ def carry_log(folder, out, log=print):
 # ---- the plan: how long the end takes, how long training gets ---------------------------
 
 def measure_end(tr):
-    """Seconds the end of the run takes on this device, timed on its real path: the model's
+    """Seconds the end of the run takes on this device, timed on its real path, and the parts.
+
+    Seconds the end of the run takes on this device, timed on its real path: the model's
     preparation for sampling (cvae: K-means of the training latents; timed on a subset and
     scaled), the batch-norm refresh and n_samples images in the sampling batch shape (second
     pass: the first pays cuDNN's autotuning), PNG encoding of real training photos (more
@@ -652,13 +676,17 @@ def measure_end(tr):
 
 
 def budget_start(tr):
-    """The elapsed time from which this process's --budget counts: its session's start when the run
+    """The elapsed time from which this process's --budget counts.
+
+    The elapsed time from which this process's --budget counts: its session's start when the run
     is planned over sessions, else 0 (a resumed run's budget includes the earlier runs)."""
     return tr.session_start if tr.cfg.sessions > 1 else 0.0
 
 
 def sessions_plan(tr, reserve):
-    """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds: this
+    """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds.
+
+    (session_end, train_seconds, per_session) for an end that needs `reserve` seconds: this
     session trains until its budget's end minus the reserve; the run's training time counts the
     sessions still to come as long as this one's training."""
     session_end = budget_start(tr) + tr.cfg.budget - reserve
@@ -667,7 +695,9 @@ def sessions_plan(tr, reserve):
 
 
 def plan(tr):
-    """Fix the plan (sessions_plan: the budget minus the end's reserve), timed on rank 0 (sampling
+    """Fix the plan, timed on rank 0 and the same on every rank.
+
+    Fix the plan (sessions_plan: the budget minus the end's reserve), timed on rank 0 (sampling
     all alone: an upper bound when the ranks share it) and the same on every rank."""
     tr.session_end, tr.train_seconds, tr.per_session = on_main(lambda: planned_seconds(tr), tr.world)
 
@@ -702,14 +732,18 @@ REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
 
 def planned_images(images_seen, since, elapsed, train_seconds):
-    """The images the run will have shown by the end of training at the pace since `since`,
+    """The images the run will have shown by the end of training at the pace since `since`.
+
+    The images the run will have shown by the end of training at the pace since `since`,
     (elapsed, images_seen) when this process's training began."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
     return images_seen + rate * max(train_seconds - elapsed, 0.0)
 
 
 def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
-    """What the run will show at this pace (planned_images); the passes over the photos name the
+    """What the run will show at this pace, in words.
+
+    What the run will show at this pace (planned_images); the passes over the photos name the
     regime (a 9-hour T4 x2 run: hundreds)."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
     total = planned_images(images_seen, since, elapsed, train_seconds)
@@ -718,7 +752,9 @@ def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
 
 
 def replan(tr):
-    """Time the end again once training is warm and move the end of training to fit it: later
+    """Time the end again once training is warm and move the end of training to fit it.
+
+    Time the end again once training is warm and move the end of training to fit it: later
     when the first timing took too much (at start-up a fresh machine's cold caches can make the end
     look several times longer than it is: a CPU run measured 200 s for 30 s of sampling, and every
     second kept for nothing is a second not trained), earlier when the machine got busier and the
@@ -741,7 +777,9 @@ def replan(tr):
 
 
 def once_warm(tr, since):
-    """At a tenth of the session's training: the end timed again (a measured reserve) and the pace
+    """At a tenth of the session's training: time the end again, log the pace, follow the plan.
+
+    At a tenth of the session's training: the end timed again (a measured reserve) and the pace
     (pace_line, timed from `since`) logged. True."""
     if tr.cfg.reserve < 0:
         replan(tr)
@@ -753,7 +791,9 @@ def once_warm(tr, since):
 # ---- logs, pictures and interim zips -----------------------------------------------------
 
 def log_interval(tr, p, steps, seconds):
-    """Read the accumulated losses (the only host sync), write a log line and a log.jsonl record;
+    """Write a log line and a log.jsonl record; False (after a rollback) on a NaN or diverged loss.
+
+    Read the accumulated losses (the only host sync), write a log line and a log.jsonl record;
     False (after a rollback) on NaN or a diverged loss."""
     sums = tr.loss_sum or {}
     means = {k: float(v) / max(steps, 1) for k, v in zip(sums, all_mean(list(sums.values()), tr.world))}
@@ -784,7 +824,9 @@ def save_fixed_grid(tr, name):
 
 
 def progress_grid(tr):
-    """grid-STEP.png; past keep_grids files every other older one goes and the interval doubles,
+    """Write grid-STEP.png, thinning older grids so a long run keeps a few.
+
+    grid-STEP.png; past keep_grids files every other older one goes and the interval doubles,
     so a 9-hour run keeps a few evenly spaced grids, never hundreds. In a notebook it shows in the
     cell's output too."""
     save_fixed_grid(tr, f"grid-{tr.step:07d}.png")
@@ -797,7 +839,9 @@ def progress_grid(tr):
 
 
 def prepare_for_sampling(tr, G):
-    """What sampling needs beyond the weights: the model's own step (cvae: clusters of the
+    """Prepare G for sampling: the model's own step, then standing batch-norm statistics.
+
+    What sampling needs beyond the weights: the model's own step (cvae: clusters of the
     training latents) and standing batch-norm statistics."""
     if hasattr(tr.model, "before_sampling"):
         tr.model.before_sampling(G, to_float(tr.images))
@@ -831,7 +875,9 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
 
 
 def sampling_truncation(cfg, images_seen, n_photos):
-    """The truncation to sample with (0: none): the setting, or, left to the plan and no plan made
+    """The truncation to sample with (0: none).
+
+    The truncation to sample with (0: none): the setting, or, left to the plan and no plan made
     yet (a run that ended before its pace), the one for the passes it made."""
     t = cfg.truncation
     return truncation_for_passes(images_seen / max(n_photos, 1)) if t == TRUNCATION_FROM_PLAN else t
@@ -844,7 +890,9 @@ def zip_images(images, cfg, deadline=None, clock=time.monotonic):
 
 
 def interim_zip(tr):
-    """images.zip from a copy of the EMA generator now: a valid submission exists from the first
+    """Write images.zip from a copy of the EMA generator now (insurance); a failure is logged.
+
+    images.zip from a copy of the EMA generator now: a valid submission exists from the first
     hour on, whatever happens later. A failure here is logged, not fatal."""
     t = time.monotonic()
     try:
@@ -869,7 +917,9 @@ def ready_to_sample(tr):
 
 
 def kept_zip(tr):
-    """In words, the images.zip in the output folder when it is this run's (an interim one, or one
+    """In words, the images.zip in the output folder when it is this run's, else None.
+
+    In words, the images.zip in the output folder when it is this run's (an interim one, or one
     written before this run was resumed there), else None (none, or an earlier run's: replaced)."""
     if not os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
         return None
@@ -893,7 +943,9 @@ def end_deadline(tr):
 
 
 def finish(tr, failure=None):
-    """Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
+    """The end: the final checkpoint, a grid and images.zip, all before the deadline.
+
+    Standing BN stats for the EMA, the final checkpoint, a grid and images.zip, all before the
     deadline (end_deadline): sampling stops (keeping any earlier images.zip) rather than overrun.
     Several ranks share the sampling when none failed; after a failure rank 0 ends alone."""
     deadline, budget_end = end_deadline(tr)
@@ -948,7 +1000,9 @@ def finish(tr, failure=None):
 
 
 def help_finish(tr, deadline):
-    """finish() on a rank other than 0: its random state into the checkpoint, its slice of the
+    """finish() on a rank other than 0: its random state and its slice of the images to rank 0.
+
+    finish() on a rank other than 0: its random state into the checkpoint, its slice of the
     images to rank 0 (or the error, and rank 0 samples that slice)."""
     gather_objects(rng_state(tr), tr.world)  # rank 0's checkpoint_together
     try:
@@ -974,7 +1028,9 @@ def disk_full(tr, failure, exc):
 
 
 def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, device="cpu"):
-    """images.zip beside checkpoint `path`, from its EMA generator rebuilt on `device`, before the
+    """Write images.zip beside checkpoint `path` from its EMA generator; returns (zip, step).
+
+    images.zip beside checkpoint `path`, from its EMA generator rebuilt on `device`, before the
     deadline: the last resort when the training device (or a rank) died. Returns (zip, step)."""
     device = torch.device(device)
     ckpt = read_checkpoint(path, device)
@@ -987,7 +1043,9 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
 
 
 def ema_generator(ckpt, model_cls, device, which=None):
-    """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig);
+    """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig).
+
+    (the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig);
     which: the index of an extra EMA copy (ema_extra) instead. One written mid-run (periodic,
     snapshot, interrupt), and every extra copy, gets its batch-norm statistics re-estimated
     first, as the run's end does for G_ema."""
@@ -1011,7 +1069,9 @@ def seed_and_tune(cfg, device):
 
 
 def check_model_options(cfg, model, n_classes=None, device="cpu"):
-    """Settings the model does not read (unread_settings), and (given n_classes) the built model's
+    """Refuse the settings the model does not read, and a model that breaks its contract.
+
+    Settings the model does not read (unread_settings), and (given n_classes) the built model's
     own contract (generator_problem): an error listing each problem, rather than silently nothing or
     a traceback mid-run."""
     problems = unread_settings(cfg, model.name)
@@ -1022,7 +1082,9 @@ def check_model_options(cfg, model, n_classes=None, device="cpu"):
 
 @torch.no_grad()
 def generator_problem(model, cfg, n_classes, device):
-    """Why the model's G breaks the contract a run relies on (G(z, labels) -> N x 3 x 64 x 64 images),
+    """Why the model's G breaks the contract a run relies on, or None.
+
+    Why the model's G breaks the contract a run relies on (G(z, labels) -> N x 3 x 64 x 64 images),
     tried on 2 images of the last breed before any training, in one line naming the call; or None.
     An edited model fails here in a second, not after the data is cleaned or at the end."""
     z = torch.randn(2, cfg.z_dim, device=device)
@@ -1225,7 +1287,9 @@ def fmt_time(seconds):
 
 def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None, world=ALONE,
           same_session=False):
-    """Train model_cls under cfg (resuming from a checkpoint if given: load_checkpoint); returns the
+    """Train model_cls under cfg (resuming from a checkpoint if given); returns the images.zip path.
+
+    Train model_cls under cfg (resuming from a checkpoint if given: load_checkpoint); returns the
     zip path (None on ranks other than 0). Raises RunFailed (after writing the zip from the last
     good state) when training broke off. world: this process's rank (distributed.join_world);
     data is only needed on rank 0."""

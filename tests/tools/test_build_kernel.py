@@ -203,3 +203,37 @@ def test_a_kaggle_folder_for_a_run_over_several_sessions(tmp_path, capsys):
     with pytest.raises(SystemExit):  # --continue means nothing for a one-session kernel
         build_kernel.main(["--model", "dcgan", "--kaggle", str(folder), "--user", "ann", "--continue"])
     assert "--continue goes with --kaggle DIR and --sessions 2 or more" in capsys.readouterr().err
+
+
+def test_the_machinery_carries_each_docstrings_summary_on_one_line():
+    """Past the MACHINERY line a function's docstring is its summary line in dogkit/core (the
+    whole text stays there); the front keeps its docstrings whole."""
+    import importlib
+    import inspect
+    text = build_kernel.build("biggan")
+    tree, machinery = ast.parse(text), text.splitlines().index(build_kernel.MACHINERY.splitlines()[1]) + 1
+    core = [importlib.import_module(f"dogkit.core.{m}") for m in
+            ("data", "distributed", "runtime", "sample", "settings", "train", "kernel")]
+    checked, whole_in_front = 0, 0
+    for node in tree.body:
+        doc = ast.get_docstring(node, clean=False) if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else None
+        if doc is None:
+            continue
+        source = next((inspect.getdoc(getattr(m, node.name)) for m in core if hasattr(m, node.name)), None)
+        if node.lineno < machinery:
+            whole_in_front += "\n" in doc
+            continue
+        assert "\n" not in doc, f"{node.name}: a machinery docstring of {doc.count(chr(10)) + 1} lines"
+        if source is not None:
+            assert " ".join(source.split()).startswith(doc), f"{node.name}: {doc!r} does not open {source!r}"
+            checked += 1
+    assert checked > 100 and whole_in_front > 5, (checked, whole_in_front)
+
+
+def test_a_summary_too_long_for_a_line_stops_the_build_naming_the_function():
+    source = ('def short():\n    """One line.\n\n    More text."""\n\n\n'
+              'def long():\n    """' + "A sentence far too long for one line " * 4 + 'ends here.\n    More."""\n')
+    tree = ast.parse(source)
+    text, new_tree, too_long = build_kernel.summarised(source, tree, [0, 1])
+    assert ast.get_docstring(new_tree.body[0]) == "One line."
+    assert len(too_long) == 1 and too_long[0].startswith("long (line 8: its first sentence makes a line of")
