@@ -41,7 +41,7 @@ FRONT = (
     ("dogkit.core.models.common", None),
     ("dogkit.core.augment", None),
     ("Recipe: the schedule, the EMA, the settings that follow the plan, one training step, sampling",
-     [("dogkit.core.train", ("lr_multiplier", "ema_weight", "half_life_weight", "TRUNCATION_BY_PASSES", "truncation_for_passes", "from_plan", "set_schedule",
+     [("dogkit.core.train", ("lr_multiplier", "ema_weight", "half_life_weight", "Ema", "TRUNCATION_BY_PASSES", "truncation_for_passes", "from_plan", "set_schedule",
                              "draw_batch", "train_step")),
       ("dogkit.core.sample", ("truncated_normal", "generate"))]),
     ("The training loop: one function, top to bottom (nanoGPT's train.py is the model)",

@@ -184,9 +184,9 @@ def variants(tr, last):
     how = (f"half-life {cfg.ema_kimg:g}k images" if cfg.ema_kimg > 0 else
            f"half-life {cfg.ema_fraction:.0%} of the run from p={cfg.ema_start:g}" if cfg.ema_fraction > 0 else
            f"decay {cfg.ema_decay:g} per step from p={cfg.ema_start:g}")
-    out = [(f"G_ema ({how})", tr.G_ema)]
+    out = [(f"G_ema ({how})", tr.ema.G)]
     if last:
-        out += [(f"extra EMA copy: half-life {k:g}k images", G) for k, G in zip(tr.extra_kimg, tr.G_extra)]
+        out += [(f"extra EMA copy: half-life {k:g}k images", G) for k, G in zip(tr.ema.kimg, tr.ema.extra)]
     return out
 
 
@@ -442,7 +442,7 @@ def cmd_sweep(args):
                    "command": f"python tools/cpu_proxy.py sweep --only {e['id']} --seeds {seed} --truncations {t:g}"}
             if t == (tr.cfg.truncation or 0) or run_key(row) in done:
                 continue
-            r = evaluate(tr, tr.G_ema, scorer, t)
+            r = evaluate(tr, tr.ema.G, scorer, t)
             row = ledger.append(measured(row, tr, r), args.ledger)
             done.add(run_key(row))
             say(f"{e['id']} seed {seed}: truncation {t:g}: KID {1e3 * row['kid']:.2f} +- {1e3 * row['kid_se']:.2f} "

@@ -96,6 +96,62 @@ def ema_weight(p, cfg, images_seen=0, world_size=1):
     return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay ** world_size
 
 
+class Ema:
+    """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
+
+    The part that owns the copies and their weights: each weight lives as a tensor (read by the
+    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
+    The extra copies (ema_extra: their half-lives in thousands of images) always follow
+    half_life_weight."""
+
+    def __init__(self, G, cfg, device):
+        self.G = ema_copy(G)
+        self.kimg = parse_ema_extra(cfg.ema_extra)
+        self.extra = [ema_copy(G) for _ in self.kimg]
+        self.w = [torch.tensor(1.0, device=device) for _ in range(1 + len(self.kimg))]
+        self.w_value = [1.0] * len(self.w)
+
+    def copies(self):
+        return [self.G] + self.extra
+
+    def set_weights(self, p, cfg, images_seen, world_size=1):
+        """Each copy's weight of the new parameters at progress p (G_ema's: ema_weight)."""
+        weights = [ema_weight(p, cfg, images_seen, world_size)]
+        weights += [half_life_weight(kimg, cfg, images_seen, world_size) for kimg in self.kimg]
+        for i, w in enumerate(weights):
+            if w != self.w_value[i]:  # at the switch, or every step of a ramp-up: no host sync
+                self.w[i].fill_(w)
+                self.w_value[i] = w
+
+    @torch.no_grad()
+    def update(self, G):
+        """Every copy a step toward G by its weight (a tensor: no host sync, graph-safe)."""
+        for G_ema, w in zip(self.copies(), self.w):
+            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                p_ema.lerp_(p, w)
+            for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+                b_ema.copy_(b)
+
+    def state(self):
+        """The checkpoint's EMA entries."""
+        return {"G_ema": self.G.state_dict(), "G_ema_extra": [G.state_dict() for G in self.extra],
+                "ema_extra_w": self.w_value[1:], "ema_w": self.w_value[0]}
+
+    def load(self, ckpt, log=print):
+        """The EMA of a checkpoint; extra copies it does not hold as this run has them start afresh."""
+        self.G.load_state_dict(ckpt["G_ema"])
+        extra = ckpt.get("G_ema_extra") or []
+        if len(extra) == len(self.extra):
+            for G, state in zip(self.extra, extra):
+                G.load_state_dict(state)
+            self.w_value[1:] = list(ckpt.get("ema_extra_w") or self.w_value[1:])
+        else:
+            log(f"extra EMA copies start afresh: the checkpoint has {len(extra)}, this run {len(self.extra)}")
+        self.w_value[0] = ckpt["ema_w"]
+        for t, w in zip(self.w, self.w_value):
+            t.fill_(w)
+
+
 def ema_line(cfg):
     """The start block's line on the EMA: its half-life in images, whatever the number of GPUs."""
     if cfg.ema_kimg > 0:
@@ -276,12 +332,8 @@ def train_step(tr):
         drawn = []  # the model draws as many batches as it needs (wgan-gp: one per critic step)
         losses = tr.model.step(lambda: drawn.append(1) or draw_batch(tr))
     tr.batches_per_step = len(drawn)
+    tr.ema.update(tr.model.G)  # G_ema (and any extra copies) a step toward G
     with torch.no_grad():
-        for G_ema, w in zip([tr.G_ema] + tr.G_extra, [tr.ema_w] + tr.extra_w):
-            for p_ema, p in zip(G_ema.parameters(), tr.model.G.parameters()):
-                p_ema.lerp_(p, w)  # a tensor weight: no host sync, graph-safe
-            for b_ema, b in zip(G_ema.buffers(), tr.model.G.buffers()):
-                b_ema.copy_(b)
         if tr.loss_sum is None:
             tr.loss_sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in losses.items()}
         for k, v in losses.items():
@@ -338,7 +390,7 @@ def graph_wanted(tr):
 
 
 def set_schedule(tr, p):
-    """The learning rates and the EMA weight at progress p, written in place (graph-safe)."""
+    """The learning rates and the EMA weights at progress p, written in place (graph-safe)."""
     scale = lr_multiplier(p, tr.cfg) * tr.lr_scale
     for opt, base in ((tr.model.opt_g, tr.cfg.lr_g), (tr.model.opt_d, tr.cfg.lr_d)):
         for group in (opt.param_groups if opt is not None else ()):
@@ -348,15 +400,7 @@ def set_schedule(tr, p):
                 group["lr"] = base * scale
     if tr.given.ema_fraction > 0 and tr.planned is None and p >= tr.cfg.ema_start and tr.images_seen and p > 0:
         follow_plan(tr, tr.images_seen / p, f"estimated at p={p:.2f}, before the pace")  # ema_start before REPLAN_AT
-    w = ema_weight(p, tr.cfg, tr.images_seen, tr.world.size)
-    if w != tr.ema_w_value:  # at the switch (every step of an ema_kimg ramp-up); never read back: no sync
-        tr.ema_w.fill_(w)
-        tr.ema_w_value = w
-    for i, kimg in enumerate(tr.extra_kimg):  # the extra copies: always by half-life
-        w = half_life_weight(kimg, tr.cfg, tr.images_seen, tr.world.size)
-        if w != tr.extra_w_value[i]:
-            tr.extra_w[i].fill_(w)
-            tr.extra_w_value[i] = w
+    tr.ema.set_weights(p, tr.cfg, tr.images_seen, tr.world.size)
 
 
 # ---- the safety net: the last good state, rollback --------------------------------------
@@ -366,7 +410,7 @@ def state_tensors(tr):
     out = list(tr.model.G.state_dict(keep_vars=True).values())
     if tr.model.D is not None:
         out += list(tr.model.D.state_dict(keep_vars=True).values())
-    for G_ema in [tr.G_ema] + tr.G_extra:
+    for G_ema in tr.ema.copies():
         out += list(G_ema.state_dict(keep_vars=True).values())
     for opt in tr.optimizers:
         for state in opt.state.values():
@@ -481,13 +525,10 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
         "n_classes": tr.n_classes,
         "G": tr.model.G.state_dict(),
         "D": tr.model.D.state_dict() if tr.model.D is not None else None,
-        "G_ema": tr.G_ema.state_dict(),
-        "G_ema_extra": [G.state_dict() for G in tr.G_extra],  # the ema_extra copies, in its order
-        "ema_extra_w": list(tr.extra_w_value),
+        **tr.ema.state(),  # G_ema, its weight, and the ema_extra copies in their order
         "opt_g": tr.model.opt_g.state_dict(),
         "opt_d": tr.model.opt_d.state_dict() if tr.model.opt_d is not None else None,
         "scalers": [opt.grad_scaler.state_dict() if opt.grad_scaler else None for opt in tr.optimizers],
-        "ema_w": tr.ema_w_value,
         "grid_every": tr.grid_every,
         "bn_refreshed": bool(tr.bn_refreshed),  # standing stats in G_ema (final checkpoint)
         "rng": rng_state(tr),
@@ -571,16 +612,7 @@ def load_checkpoint(tr, path, same_session=False):
     tr.model.G.load_state_dict(ckpt["G"])
     if tr.model.D is not None:
         tr.model.D.load_state_dict(ckpt["D"])
-    tr.G_ema.load_state_dict(ckpt["G_ema"])
-    extra = ckpt.get("G_ema_extra") or []
-    if len(extra) == len(tr.G_extra):
-        for G, state in zip(tr.G_extra, extra):
-            G.load_state_dict(state)
-        tr.extra_w_value = list(ckpt.get("ema_extra_w") or tr.extra_w_value)
-        for t, w in zip(tr.extra_w, tr.extra_w_value):
-            t.fill_(w)
-    else:
-        tr.log(f"extra EMA copies start afresh: the checkpoint has {len(extra)}, this run {len(tr.G_extra)}")
+    tr.ema.load(ckpt, tr.log)
     tr.model.opt_g.load_state_dict(ckpt["opt_g"])
     if tr.model.opt_d is not None:
         tr.model.opt_d.load_state_dict(ckpt["opt_d"])
@@ -606,8 +638,6 @@ def load_checkpoint(tr, path, same_session=False):
     tr.continues = os.path.dirname(os.path.abspath(path))  # its log is carried once the plan holds
     if tr.continues == os.path.abspath(tr.cfg.out):  # the checkpoint.pt there is this run's, as resumed
         tr.saved_step = tr.step
-    tr.ema_w.fill_(ckpt["ema_w"])
-    tr.ema_w_value = ckpt["ema_w"]
     size = ckpt.get("world_size", 1)
     if size == tr.world.size and (size == 1 or ckpt.get("rank_rngs")):
         set_rng_state(tr, ckpt["rank_rngs"][tr.world.rank] if size > 1 else ckpt["rng"])
@@ -651,7 +681,7 @@ def measure_end(tr):
     and any trained checkpoint.pt in it, as they were).
     Returns (seconds x1.25 + 3 s, the parts)."""
     cfg, cuda = tr.cfg, tr.device.type == "cuda"
-    G = copy.deepcopy(tr.G_ema)
+    G = copy.deepcopy(tr.ema.G)
     parts = {"prepare": 0.0}
     if hasattr(tr.model, "before_sampling"):
         n = min(len(tr.images), 4000 if cuda else 1000)
@@ -816,10 +846,10 @@ def log_interval(tr, p, steps, seconds):
 
 @torch.no_grad()
 def save_fixed_grid(tr, name):
-    was = tr.G_ema.training
-    tr.G_ema.eval()
-    imgs = tr.G_ema(tr.fixed_z, tr.fixed_y)
-    tr.G_ema.train(was)
+    was = tr.ema.G.training
+    tr.ema.G.eval()
+    imgs = tr.ema.G(tr.fixed_z, tr.fixed_y)
+    tr.ema.G.train(was)
     save_grid(to_uint8(imgs), os.path.join(tr.cfg.out, name))
 
 
@@ -896,7 +926,7 @@ def interim_zip(tr):
     hour on, whatever happens later. A failure here is logged, not fatal."""
     t = time.monotonic()
     try:
-        G = copy.deepcopy(tr.G_ema)
+        G = copy.deepcopy(tr.ema.G)
         prepare_for_sampling(tr, G)
         sample_zip(tr, G)
         tr.zip_step = tr.step
@@ -909,10 +939,10 @@ def interim_zip(tr):
 
 def ready_to_sample(tr):
     """The EMA generator finite (else the last good state) with what sampling needs."""
-    if not all(torch.isfinite(v).all() for v in tr.G_ema.state_dict().values() if v.is_floating_point()):
+    if not all(torch.isfinite(v).all() for v in tr.ema.G.state_dict().values() if v.is_floating_point()):
         tr.log("EMA generator is not finite: using the last good state")
         rollback(tr, "non-finite weights at the end")
-    prepare_for_sampling(tr, tr.G_ema)
+    prepare_for_sampling(tr, tr.ema.G)
     tr.bn_refreshed = True
 
 
@@ -962,7 +992,7 @@ def finish(tr, failure=None):
             tr.log(f"WARNING    {exc}: checkpoint.pt not written, images.zip is sampled from the generator in memory")
             failure = f"{failure + '; ' if failure else ''}checkpoint.pt not written ({exc})"
         save_fixed_grid(tr, "samples.png")
-        path = sample_zip(tr, tr.G_ema, deadline, world)
+        path = sample_zip(tr, tr.ema.G, deadline, world)
     except OutOfTime as exc:
         raise out_of_time(tr, failure, exc) from None
     except WriteError as exc:
@@ -1010,7 +1040,7 @@ def help_finish(tr, deadline):
     except Exception as exc:
         gather_objects(exc, tr.world)
         return None
-    return sample_zip(tr, tr.G_ema, deadline, tr.world)
+    return sample_zip(tr, tr.ema.G, deadline, tr.world)
 
 
 def out_of_time(tr, failure, exc):
@@ -1153,13 +1183,9 @@ class Trainer:
             self.log(line)
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))
-        self.G_ema = ema_copy(self.model.G)
-        self.extra_kimg = parse_ema_extra(cfg.ema_extra)  # extra EMA copies, kept for evaluation
-        self.G_extra = [ema_copy(self.model.G) for _ in self.extra_kimg]
-        self.extra_w, self.extra_w_value = [torch.tensor(1.0, device=self.device) for _ in self.G_extra], [1.0] * len(
-            self.G_extra)  # their weights, as tensors (graph-safe) and as numbers
+        self.ema = Ema(self.model.G, cfg, self.device)  # G_ema, and any extra copies kept for evaluation
         if world.size > 1:  # one start for all ranks, then each its own batches and noise
-            broadcast_state([m for m in (self.model.G, self.model.D, self.G_ema, *self.G_extra) if m is not None],
+            broadcast_state([m for m in (self.model.G, self.model.D, *self.ema.copies()) if m is not None],
                             world)
             seed_rank(cfg, world)
         self.step, self.images_seen = 0, 0  # steps, and real training images drawn so far (every rank's)
@@ -1170,7 +1196,6 @@ class Trainer:
         self.session, self.session_start = 1, 0.0  # this session (cfg.sessions), the elapsed it started at
         self.session_end = self.per_session = None  # the elapsed at which it stops training; a session's share
         self.lr_scale, self.rollbacks = 1.0, 0
-        self.ema_w, self.ema_w_value = torch.tensor(1.0, device=self.device), 1.0
         self.loss_sum = self.graph = None
         self.good = None  # in-memory copy of the last good training state (rollback target)
         self.bn_refreshed, self.zip_step, self.saved_step = False, None, None  # this run's last zip, checkpoint

@@ -52,7 +52,7 @@ def train_ranks(world, device, tmp_path, data, steps, resume, out, hooks_for_ran
         result.update(stopped=str(exc))
     params = {f"{part}.{k}": v.detach() for part, m in (("G", tr.model.G), ("D", tr.model.D))
               for k, v in m.named_parameters()}
-    torch.save({"params": params, "G": tr.model.G.state_dict(), "G_ema": tr.G_ema.state_dict(), "step": tr.step,
+    torch.save({"params": params, "G": tr.model.G.state_dict(), "G_ema": tr.ema.G.state_dict(), "step": tr.step,
                 "first_batch": drawn[0][0] if drawn else None}, tmp_path / f"rank{world.rank}.pt")
     (tmp_path / f"rank{world.rank}.json").write_text(json.dumps(result))
     return 0

@@ -112,15 +112,15 @@ def test_extra_ema_copies_average_by_their_half_lives_and_travel_in_the_checkpoi
     trainer.run()
     # set before the last step's images (88 of 96): half-lives min(20, 10 x 88) and min(1,000, 10 x 88) images
     assert trainer.images_seen == 96
-    assert trainer.extra_w_value == [pytest.approx(1 - 0.5 ** (8 / 20)), pytest.approx(1 - 0.5 ** (8 / 880))]
-    first = [p.clone() for p in trainer.G_extra[0].parameters()]
-    assert not all(torch.equal(a, b) for a, b in zip(first, trainer.G_extra[1].parameters()))
+    assert trainer.ema.w_value[1:] == [pytest.approx(1 - 0.5 ** (8 / 20)), pytest.approx(1 - 0.5 ** (8 / 880))]
+    first = [p.clone() for p in trainer.ema.extra[0].parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(first, trainer.ema.extra[1].parameters()))
     again = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "b")), registry.get("dcgan").cls, data=tiny_dataset,
                     log=lambda m: None)
     load_checkpoint(again, tmp_path / "checkpoint.pt")
-    for a, b in zip(trainer.G_extra[1].state_dict().values(), again.G_extra[1].state_dict().values()):
+    for a, b in zip(trainer.ema.extra[1].state_dict().values(), again.ema.extra[1].state_dict().values()):
         assert torch.equal(a, b)
-    assert again.extra_w_value == trainer.extra_w_value
+    assert again.ema.w_value[1:] == trainer.ema.w_value[1:]
     gen = export_generator(tmp_path / "checkpoint.pt", tmp_path / "g.pt", which=1)
     G, _, _ = load_generator(tmp_path / "g.pt", "cpu")
     assert gen["format"] == "dogkit-generator-1" and G(torch.zeros(2, cfg.z_dim), None).shape == (2, 3, 64, 64)
@@ -218,7 +218,7 @@ def test_resume_continues_exactly(tmp_path, tiny_dataset):
     assert resumed.step == straight.step == 12
     for a, b in zip(straight.model.G.state_dict().values(), resumed.model.G.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(straight.G_ema.parameters(), resumed.G_ema.parameters()):
+    for a, b in zip(straight.ema.G.parameters(), resumed.ema.G.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     la = [json.loads(x)["loss_d"] for x in open(tmp_path / "straight" / "log.jsonl")]
     lb = [json.loads(x)["loss_d"] for x in open(tmp_path / "half" / "log.jsonl")]
@@ -237,7 +237,7 @@ def test_nan_rolls_back_and_still_writes_the_zip(tmp_path, tiny_dataset):
     path = trainer.run()
     assert trainer.rollbacks >= 1
     assert any("rollback" in m for m in logs)
-    assert all(torch.isfinite(p).all() for p in trainer.G_ema.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.ema.G.parameters())
     assert trainer.lr_scale < 1.0
     assert (tmp_path / "images.zip").exists() and path.endswith("images.zip")
 
@@ -327,7 +327,7 @@ def test_precision_sets_the_compute_dtype_and_keeps_fp32_weights(tmp_path, tiny_
             break
     assert seen and set(seen) == {dtype}
     assert all(p.dtype == torch.float32 for p in trainer.model.G.parameters())
-    assert all(p.dtype == torch.float32 for p in trainer.G_ema.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.ema.G.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.G.parameters()))
     assert all(torch.isfinite(v) for v in losses.values())
 
@@ -373,7 +373,7 @@ def test_reserve_is_timed_after_a_warm_up_of_the_same_shape(tmp_path, tiny_datas
     assert [c[:2] for c in calls[:2]] == [("generate", 32), ("generate", 32)]  # the CPU probe
     encoded = calls[2][1]
     np.testing.assert_array_equal(encoded, tiny_dataset["images"][:32])
-    refresh = refresh_images(trainer.G_ema, trainer.cfg)
+    refresh = refresh_images(trainer.ema.G, trainer.cfg)
     assert refresh > 0
     assert parts["generate"] == pytest.approx(0.001 * (10_000 + refresh))
     assert parts["png"] == pytest.approx(0.002 * 10_000)
@@ -555,7 +555,7 @@ def test_reserve_of_the_vae_times_its_real_sampling_path(tmp_path, tiny_dataset,
     trainer = Trainer(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
     reserve, parts = measure_end(trainer)
     assert all(c[2] == 10 for c in calls if c[0] == "generate")  # clusters fitted: recycling runs
-    assert "prepare" in parts and int(trainer.G_ema.n_fitted) == 0  # on a copy, not the EMA itself
+    assert "prepare" in parts and int(trainer.ema.G.n_fitted) == 0  # on a copy, not the EMA itself
 
 
 def test_a_budget_too_short_for_the_end_is_refused_at_start(tmp_path, tiny_dataset):
@@ -873,7 +873,7 @@ def test_a_run_over_two_sessions_continues_exactly_where_the_first_stopped(tmp_p
     assert not any("ends at step" in m for m in logs)
     for a, b in zip(straight.model.G.state_dict().values(), second.model.G.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for a, b in zip(straight.G_ema.parameters(), second.G_ema.parameters()):
+    for a, b in zip(straight.ema.G.parameters(), second.ema.G.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     records = [json.loads(x) for x in open(tmp_path / "s2" / "log.jsonl")]
     assert [r["session"] for r in records] == [1] * 12 + [2] * 12

@@ -55,5 +55,5 @@ def test_a_checkpoint_round_trip_on_cuda(tmp_path, tiny_dataset):
     second = trainer_of(dataclasses.replace(cfg, out=str(tmp_path / "b")), tiny_dataset)
     load_checkpoint(second, path)
     assert second.step == first.step
-    for a, b in zip(first.G_ema.state_dict().values(), second.G_ema.state_dict().values()):
+    for a, b in zip(first.ema.G.state_dict().values(), second.ema.G.state_dict().values()):
         assert a.device.type == "cuda" and torch.equal(a, b)
