@@ -31,7 +31,7 @@ Contents (line numbers):
    1597  Sampling
    1727  Settings
    1882  Training
-   2756  Entry point
+   2779  Entry point
 """
 import argparse
 import contextlib
@@ -432,7 +432,7 @@ def from_plan(cfg, planned_images, n_photos):
 
 def set_schedule(tr, p):
     """The learning rates and the EMA weights at progress p, written in place (graph-safe)."""
-    scale = lr_multiplier(p, tr.cfg) * tr.lr_scale
+    scale = lr_multiplier(p, tr.cfg) * tr.safety.lr_scale
     for opt, base in ((tr.model.opt_g, tr.cfg.lr_g), (tr.model.opt_d, tr.cfg.lr_d)):
         for group in (opt.param_groups if opt is not None else ()):
             if torch.is_tensor(group["lr"]):
@@ -556,14 +556,14 @@ def train_loop(tr):
         else:
             train_step(tr)  # a real batch, D's update, G's update, the EMA
         count_step(tr)
-        if tr.good is None:
+        if tr.safety.good is None:
             keep_good_state(tr)  # the first good state: what a rollback returns to
 
         if now - last_log >= cfg.log_every:
             if log_interval(tr, p, tr.step - steps_at_log, now - last_log):
                 keep_good_state(tr)
-            elif tr.rollbacks >= cfg.max_rollbacks:
-                return f"NaN storm: {tr.rollbacks} rollbacks at step {tr.step}"
+            elif tr.safety.rollbacks >= cfg.max_rollbacks:
+                return f"NaN storm: {tr.safety.rollbacks} rollbacks at step {tr.step}"
             steps_at_log, last_log = tr.step, now
         if main and now - last_grid >= tr.grid_every:
             progress_grid(tr)
@@ -2073,13 +2073,39 @@ def state_tensors(tr):
             out += [v for v in state.values() if torch.is_tensor(v)]
     return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
 
+class SafetyNet:
+    """The last good training state and the rollbacks to it."""
+
+    def __init__(self):
+        self.good = None  # an in-memory copy of the last good training state: what a rollback returns to
+        self.rollbacks, self.lr_scale = 0, 1.0
+
+    def keep(self, tensors):
+        self.good = [t.detach().clone() for t in tensors]
+
+    @torch.no_grad()
+    def restore(self, tensors):
+        for t, saved in zip(tensors, self.good):
+            t.copy_(saved)
+
+    def roll_back(self, tensors):
+        """Restore the last good state and halve the learning rate."""
+        self.restore(tensors)
+        self.rollbacks += 1
+        self.lr_scale *= 0.5
+
+    def state(self):
+        """The checkpoint's entries."""
+        return {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+
+    def load(self, ckpt):
+        self.lr_scale, self.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
+
 def keep_good_state(tr):
-    tr.good = [t.detach().clone() for t in state_tensors(tr)]
+    tr.safety.keep(state_tensors(tr))
 
 def restore_good_state(tr):
-    with torch.no_grad():
-        for t, saved in zip(state_tensors(tr), tr.good):
-            t.copy_(saved)
+    tr.safety.restore(state_tensors(tr))
 
 def tell_others(tr):
     """A rank that failed tells the others (they stop at their next step's agree)."""
@@ -2089,16 +2115,14 @@ def tell_others(tr):
         pass
 
 def rollback(tr, reason):
-    restore_good_state(tr)
-    tr.rollbacks += 1
-    tr.lr_scale *= 0.5
-    tr.log(f"rollback #{tr.rollbacks} to the last good state ({reason}); lr x{tr.lr_scale:g}")
+    tr.safety.roll_back(state_tensors(tr))
+    tr.log(f"rollback #{tr.safety.rollbacks} to the last good state ({reason}); lr x{tr.safety.lr_scale:g}")
 
 def stopped_by(tr, exc):
     """The cause of an error in the loop, with the last good state restored for the end."""
     if tr.world.size > 1:
         tell_others(tr)
-    if tr.good is None:
+    if tr.safety.good is None:
         raise exc
     failure = (f"{type(exc).__name__} at step {tr.step}" + (f" on rank {tr.world.rank}" if tr.world.size > 1 else "")
                + f": {exc}")
@@ -2158,8 +2182,7 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
         "session_start": tr.session_start,  # elapsed when that session started
         "session_end": tr.session_end,  # elapsed when that session stops training
         "per_session": tr.per_session,  # training seconds a session gets (the plan of the sessions to come)
-        "lr_scale": tr.lr_scale,
-        "rollbacks": tr.rollbacks,
+        **tr.safety.state(),  # lr_scale, rollbacks
         "breeds": tr.breeds,
         "n_classes": tr.n_classes,
         "G": tr.model.G.state_dict(),
@@ -2242,7 +2265,7 @@ def load_checkpoint(tr, path, same_session=False):
     if ckpt.get("planned"):  # until this session's pace plans them again
         follow_plan(tr, ckpt["planned"]["images"], ckpt["planned"]["source"] + " (of the checkpoint's run)")
     tr.resumed_elapsed = tr.elapsed
-    tr.lr_scale, tr.rollbacks = ckpt["lr_scale"], ckpt["rollbacks"]
+    tr.safety.load(ckpt)
     tr.grid_every = ckpt.get("grid_every", tr.grid_every)
     tr.session, tr.session_start = ckpt.get("session", 1), tr.elapsed
     if same_session:  # the same clock and plan
@@ -2397,7 +2420,7 @@ def log_interval(tr, p, steps, seconds):
         v.zero_()
     finite = all(math.isfinite(v) and abs(v) < 1e4 for v in means.values())
     record = {"step": tr.step, "session": tr.session, "elapsed": round(tr.elapsed, 3), "p": round(p, 5),
-              "lr_g": tr.cfg.lr_g * lr_multiplier(p, tr.cfg) * tr.lr_scale,
+              "lr_g": tr.cfg.lr_g * lr_multiplier(p, tr.cfg) * tr.safety.lr_scale,
               "steps_per_s": round(steps / max(seconds, 1e-9), 2), **means}
     if tr.world.main:
         with open(os.path.join(tr.cfg.out, "log.jsonl"), "a") as fh:
@@ -2540,7 +2563,8 @@ def finish(tr, failure=None):
         raise RunFailed(f"{cause}; images.zip sampled on the CPU from checkpoint.pt (step {step})", path) from None
     tr.log(f"wrote {path}: {tr.cfg.n_samples} images in {time.monotonic() - t:.1f} s "
            f"(step {tr.step}, {tr.images_seen:,} images = {passes_words(tr.images_seen / len(tr.images))} over the "
-           f"{len(tr.images):,} photos, {tr.rollbacks} rollbacks{f', {world.size} ranks' if world.size > 1 else ''}); "
+           f"{len(tr.images):,} photos, {tr.safety.rollbacks} rollbacks"
+           f"{f', {world.size} ranks' if world.size > 1 else ''}); "
            f"trained {fmt_time(tr.elapsed - tr.resumed_elapsed)} of this run's {fmt_time(budget_end - tr.t0)}")
     late = tr.clock() - budget_end
     if late > 0:
@@ -2695,9 +2719,8 @@ class Trainer:
         self.train_seconds = None  # the whole run's training (every session's); p = elapsed / train_seconds
         self.session, self.session_start = 1, 0.0  # this session (cfg.sessions), the elapsed it started at
         self.session_end = self.per_session = None  # the elapsed at which it stops training; a session's share
-        self.lr_scale, self.rollbacks = 1.0, 0
+        self.safety = SafetyNet()  # the last good state, rollbacks
         self.loss_sum = self.graph = None
-        self.good = None  # in-memory copy of the last good training state (rollback target)
         self.bn_refreshed, self.zip_step, self.saved_step = False, None, None  # this run's last zip, checkpoint
         self.continues = None  # the folder of the checkpoint this run continues (load_checkpoint)
         self.grid_every = cfg.grid_every

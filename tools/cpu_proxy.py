@@ -266,7 +266,7 @@ def run_one(e, seed, args, scorer, data, done, say):
                 set_schedule(tr, tr.images_seen / e["images"])
                 train_step(tr)
                 count_step(tr)
-                if tr.good is None:
+                if tr.safety.good is None:
                     keep_good_state(tr)
                 now = time.monotonic()
                 tr.elapsed += now - t_last
@@ -274,7 +274,7 @@ def run_one(e, seed, args, scorer, data, done, say):
                 if now - last_log >= args.log_every:
                     if log_interval(tr, tr.images_seen / e["images"], tr.step - steps_at_log, now - last_log):
                         keep_good_state(tr)
-                    elif tr.rollbacks >= cfg.max_rollbacks:
+                    elif tr.safety.rollbacks >= cfg.max_rollbacks:
                         raise gpu_bench.BenchError(f"{e['id']} seed {seed}: NaN storm at step {tr.step}")
                     rate = (tr.images_seen - seen_at_log) / (now - last_log)
                     left = (e["images"] - tr.images_seen) / max(rate, 1e-9)

@@ -235,10 +235,10 @@ def test_nan_rolls_back_and_still_writes_the_zip(tmp_path, tiny_dataset):
     cfg = tiny_cfg(tmp_path, steps=10)
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, log=logs.append, hooks=[poison])
     path = trainer.run()
-    assert trainer.rollbacks >= 1
+    assert trainer.safety.rollbacks >= 1
     assert any("rollback" in m for m in logs)
     assert all(torch.isfinite(p).all() for p in trainer.ema.G.parameters())
-    assert trainer.lr_scale < 1.0
+    assert trainer.safety.lr_scale < 1.0
     assert (tmp_path / "images.zip").exists() and path.endswith("images.zip")
 
 

@@ -44,7 +44,7 @@ def test_low_precision_steps_stay_finite(model, precision, tmp_path, tiny_datase
     trainer.run()
     assert trainer.precision == precision
     # every step's losses finite by themselves (log_every 0: each one checked), none rescued by a rollback
-    assert trainer.rollbacks == 0 and trainer.lr_scale == 1.0 and trainer.step == 8
+    assert trainer.safety.rollbacks == 0 and trainer.safety.lr_scale == 1.0 and trainer.step == 8
 
 
 def test_a_checkpoint_round_trip_on_cuda(tmp_path, tiny_dataset):
