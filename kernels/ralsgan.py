@@ -31,7 +31,7 @@ Contents (line numbers):
    1532  Sampling
    1662  Settings
    1817  Training
-   2714  Entry point
+   2731  Entry point
 """
 import argparse
 import contextlib
@@ -463,24 +463,24 @@ def train_loop(tr):
     EMA: train_step, or its CUDA graph); then, when their time has come, a log line (a NaN rolls
     back), a grid, a checkpoint and an interim images.zip. Returns None, or why it stopped early."""
     cfg, main = tr.cfg, tr.world.main
-    start = tr.t0 - tr.session_start  # elapsed counts every session's time
+    start = tr.plan.t0 - tr.plan.session_start  # elapsed counts every session's time
     now, _ = agree(tr.world, tr.clock())
     last_log = last_grid = last_ckpt = last_zip = now
     steps_at_log, use_graph = tr.step, graph_wanted(tr)
-    snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > tr.elapsed / max(tr.train_seconds, 1e-9)]
+    snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)]
     first = budget_start(tr)
-    warm = tr.elapsed - first >= REPLAN_AT * (tr.session_end - first)  # past it: resumed
+    warm = tr.plan.elapsed - first >= REPLAN_AT * (tr.plan.session_end - first)  # past it: resumed
     since = (now - start, tr.images_seen)  # the pace is timed from here
     while True:
         now, failed = agree(tr.world, tr.clock())
         if failed:
             return f"rank {failed - 1} stopped at step {tr.step} (its error is above)"
-        tr.elapsed = now - start
-        if tr.elapsed >= tr.session_end or (cfg.steps and tr.step >= cfg.steps):
+        tr.plan.tick(now - start)
+        if tr.plan.elapsed >= tr.plan.session_end or (cfg.steps and tr.step >= cfg.steps):
             break
-        if not warm and tr.elapsed - first >= REPLAN_AT * (tr.session_end - first):
+        if not warm and tr.plan.elapsed - first >= REPLAN_AT * (tr.plan.session_end - first):
             warm = once_warm(tr, since)  # the end timed again, the pace, the settings that follow it
-        p = tr.elapsed / max(tr.train_seconds, 1e-9)
+        p = tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)
         set_schedule(tr, p)  # learning rates and EMA weight at progress p
 
         if use_graph and tr.graph is None:
@@ -508,14 +508,14 @@ def train_loop(tr):
             last_ckpt = now
         if snapshots and p >= snapshots[0]:
             checkpoint_together(tr, f"snapshot-p{snapshots.pop(0):g}.pt")
-        if now - last_zip >= cfg.zip_every and tr.session_end - tr.elapsed > cfg.zip_every / 4:
+        if now - last_zip >= cfg.zip_every and tr.plan.session_end - tr.plan.elapsed > cfg.zip_every / 4:
             if main:
                 interim_zip(tr)
             last_zip = now
         for hook in tr.hooks:  # last: a rank failing here meets the others at the next agree()
             hook(tr)
     if tr.step > steps_at_log:
-        log_interval(tr, tr.elapsed / max(tr.train_seconds, 1e-9), tr.step - steps_at_log, now - last_log)
+        log_interval(tr, tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9), tr.step - steps_at_log, now - last_log)
     return None
 
 
@@ -1994,6 +1994,41 @@ def graph_wanted(tr):
         return False
     return True
 
+class Plan:
+    """The time plan: how far the run is, when this session's training stops, the sessions."""
+
+    def __init__(self, t0):
+        self.t0 = t0
+        self.elapsed = self.resumed_elapsed = 0.0  # the run so far; what a resumed checkpoint had done
+        self.train_seconds = None  # the whole run's training (every session's)
+        self.session, self.session_start = 1, 0.0  # this session (cfg.sessions), the elapsed it started at
+        self.session_end = self.per_session = None  # the elapsed at which it stops training; a session's share
+
+    def fix(self, session_end, train_seconds, per_session=0.0):
+        self.session_end, self.train_seconds, self.per_session = session_end, train_seconds, per_session
+
+    def tick(self, elapsed):
+        self.elapsed = elapsed
+
+    def state(self):
+        """The checkpoint's entries."""
+        return {"elapsed": self.elapsed, "train_seconds": self.train_seconds, "session": self.session,
+                "session_start": self.session_start, "session_end": self.session_end,
+                "per_session": self.per_session}
+
+    def resume(self, ckpt, cfg, same_session=False):
+        """The plan of a checkpoint's run, going on."""
+        self.elapsed = self.resumed_elapsed = ckpt["elapsed"]
+        self.session, self.session_start = ckpt.get("session", 1), self.elapsed
+        if same_session:
+            self.session_start = ckpt.get("session_start", 0.0)
+            self.fix(ckpt.get("session_end") or ckpt["train_seconds"], ckpt["train_seconds"],
+                     ckpt.get("per_session") or 0.0)
+        elif cfg.sessions > 1:
+            self.session += 1
+        elif ckpt["config"]["budget"] == cfg.budget:
+            self.fix(ckpt["train_seconds"], ckpt["train_seconds"], ckpt.get("per_session") or 0.0)
+
 # ---- the safety net: the last good state, rollback --------------------------------------
 
 def state_tensors(tr):
@@ -2111,12 +2146,7 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
         "model": tr.cfg.model,
         "step": tr.step,
         "images_seen": tr.images_seen,  # real images drawn for training, all ranks together
-        "elapsed": tr.elapsed,
-        "train_seconds": tr.train_seconds,  # the whole run's training (every session's)
-        "session": tr.session,  # the session that wrote it (1, 2, ...: cfg.sessions)
-        "session_start": tr.session_start,  # elapsed when that session started
-        "session_end": tr.session_end,  # elapsed when that session stops training
-        "per_session": tr.per_session,  # training seconds a session gets (the plan of the sessions to come)
+        **tr.plan.state(),  # elapsed, the whole run's training seconds, the session and its plan
         **tr.safety.state(),  # lr_scale, rollbacks
         "breeds": tr.breeds,
         "n_classes": tr.n_classes,
@@ -2196,22 +2226,12 @@ def load_checkpoint(tr, path, same_session=False):
     for opt, state in zip(tr.optimizers, ckpt.get("scalers") or ()):
         if opt.grad_scaler is not None and state:
             opt.grad_scaler.load_state_dict(state)
-    tr.step, tr.elapsed, tr.images_seen = ckpt["step"], ckpt["elapsed"], ckpt.get("images_seen", 0)
+    tr.step, tr.images_seen = ckpt["step"], ckpt.get("images_seen", 0)
+    tr.plan.resume(ckpt, tr.cfg, same_session)
     if ckpt.get("planned"):  # until this session's pace plans them again
         follow_plan(tr, ckpt["planned"]["images"], ckpt["planned"]["source"] + " (of the checkpoint's run)")
-    tr.resumed_elapsed = tr.elapsed
     tr.safety.load(ckpt)
     tr.grid_every = ckpt.get("grid_every", tr.grid_every)
-    tr.session, tr.session_start = ckpt.get("session", 1), tr.elapsed
-    if same_session:  # the same clock and plan
-        tr.session_start = ckpt.get("session_start", 0.0)
-        tr.train_seconds = ckpt["train_seconds"]
-        tr.session_end, tr.per_session = ckpt.get("session_end") or tr.train_seconds, ckpt.get("per_session") or 0.0
-    elif tr.cfg.sessions > 1:  # the next session: its own clock, the plan re-timed
-        tr.session += 1
-    elif ckpt["config"]["budget"] == tr.cfg.budget:  # one session: the same budget keeps the same schedule
-        tr.train_seconds = tr.session_end = ckpt["train_seconds"]  # (a new --budget re-plans the end)
-        tr.per_session = ckpt.get("per_session") or 0.0
     tr.continues = os.path.dirname(os.path.abspath(path))  # its log is carried once the plan holds
     if tr.continues == os.path.abspath(tr.cfg.out):  # the checkpoint.pt there is this run's, as resumed
         tr.saved_step = tr.step
@@ -2221,8 +2241,8 @@ def load_checkpoint(tr, path, same_session=False):
     else:  # another world size, or saved by rank 0 alone (an interrupt): fresh streams per rank
         seed_rank(tr.cfg, tr.world, tr.step)
         tr.log(f"random streams start afresh: checkpoint of {size} rank(s), run of {tr.world.size}")
-    tr.log(f"resumed {path}: step {tr.step}, {tr.elapsed:.0f} s done"
-           + (f"; session {tr.session} of {tr.cfg.sessions}" if tr.cfg.sessions > 1 else ""))
+    tr.log(f"resumed {path}: step {tr.step}, {tr.plan.elapsed:.0f} s done"
+           + (f"; session {tr.plan.session} of {tr.cfg.sessions}" if tr.cfg.sessions > 1 else ""))
 
 def carry_log(folder, out, log=print):
     """Copy the earlier run's log.jsonl into the output folder when that is another one."""
@@ -2268,17 +2288,17 @@ def measure_end(tr):
 
 def budget_start(tr):
     """The elapsed time from which this process's --budget counts."""
-    return tr.session_start if tr.cfg.sessions > 1 else 0.0
+    return tr.plan.session_start if tr.cfg.sessions > 1 else 0.0
 
 def sessions_plan(tr, reserve):
     """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds."""
     session_end = budget_start(tr) + tr.cfg.budget - reserve
-    per_session = session_end - (tr.clock() - tr.t0 + tr.session_start)  # from now: data loading is spent
-    return session_end, session_end + max(0, tr.cfg.sessions - tr.session) * per_session, per_session
+    per_session = session_end - (tr.clock() - tr.plan.t0 + tr.plan.session_start)  # from now: data loading is spent
+    return session_end, session_end + max(0, tr.cfg.sessions - tr.plan.session) * per_session, per_session
 
 def plan(tr):
     """Fix the plan, timed on rank 0 and the same on every rank."""
-    tr.session_end, tr.train_seconds, tr.per_session = on_main(lambda: planned_seconds(tr), tr.world)
+    tr.plan.fix(*on_main(lambda: planned_seconds(tr), tr.world))
 
 def planned_seconds(tr):
     """sessions_plan with the end timed on this device; a budget too short is refused."""
@@ -2290,14 +2310,14 @@ def planned_seconds(tr):
         how = "measured: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + ", x1.25 + 3 s"
     session_end, train_seconds, per_session = sessions_plan(tr, reserve)
     if per_session < 0.1 * cfg.budget:
-        used = tr.clock() - tr.t0 + tr.session_start - budget_start(tr)  # earlier runs (resume), data loading
+        used = tr.clock() - tr.plan.t0 + tr.plan.session_start - budget_start(tr)  # earlier runs (resume), data loading
         need = math.ceil(1.5 * (used + reserve) / 0.9 / 60)  # half again: a busy machine times its end slower
         raise RunError(f"budget {fmt_time(cfg.budget)} is too short on this device: {used:.0f} s already "
                        f"spent and the end (sampling {cfg.n_samples} images, the zip) needs {reserve:.0f} s "
                        f"({how}); give --budget {need}m or more (half again as margin: a busy machine is "
                        f"slower when it times the end)")
     if cfg.sessions > 1:
-        tr.log(f"budget     {fmt_time(cfg.budget)} a session, session {tr.session} of {cfg.sessions}: training "
+        tr.log(f"budget     {fmt_time(cfg.budget)} a session, session {tr.plan.session} of {cfg.sessions}: training "
                f"until {fmt_time(session_end)} of the run's {fmt_time(train_seconds)} (the sessions to come "
                f"as long as this one), {reserve:.0f} s kept for the end ({how})")
     else:
@@ -2324,25 +2344,26 @@ def replan(tr):
     def warm():
         _, parts = measure_end(tr)  # the parts as timed, warm
         reserve = 2.0 * sum(parts.values()) + 3.0  # kept: what a machine twice as slow would still fit
-        end = max(tr.elapsed, budget_start(tr) + tr.cfg.budget - reserve)
-        gain = end - tr.session_end
-        per_session = tr.per_session + gain
-        return end, end + max(0, tr.cfg.sessions - tr.session) * per_session, per_session, reserve
+        end = max(tr.plan.elapsed, budget_start(tr) + tr.cfg.budget - reserve)
+        gain = end - tr.plan.session_end
+        per_session = tr.plan.per_session + gain
+        return end, end + max(0, tr.cfg.sessions - tr.plan.session) * per_session, per_session, reserve
 
-    before = tr.session_end
-    tr.session_end, tr.train_seconds, tr.per_session, reserve = on_main(warm, tr.world)
-    left = budget_start(tr) + tr.cfg.budget - tr.elapsed
+    before = tr.plan.session_end
+    *fixed, reserve = on_main(warm, tr.world)
+    tr.plan.fix(*fixed)
+    left = budget_start(tr) + tr.cfg.budget - tr.plan.elapsed
     why = (f"; it needs more than the {left:.0f} s left, so training stops now and the end may run over"
            if reserve > left else "")
     tr.log(f"re-planned once warm: {reserve:.0f} s kept for the end (twice its warm timing: a machine twice as "
-           f"slow still fits); training until {fmt_time(tr.session_end)} (was {fmt_time(before)}){why}")
+           f"slow still fits); training until {fmt_time(tr.plan.session_end)} (was {fmt_time(before)}){why}")
 
 def once_warm(tr, since):
     """At a tenth of the session's training: time the end again, log the pace, follow the plan."""
     if tr.cfg.reserve < 0:
         replan(tr)
-    tr.log("pace       " + pace_line(tr.images_seen, since, tr.elapsed, tr.train_seconds, len(tr.images)))
-    follow_plan(tr, planned_images(tr.images_seen, since, tr.elapsed, tr.train_seconds), "the pace")
+    tr.log("pace       " + pace_line(tr.images_seen, since, tr.plan.elapsed, tr.plan.train_seconds, len(tr.images)))
+    follow_plan(tr, planned_images(tr.images_seen, since, tr.plan.elapsed, tr.plan.train_seconds), "the pace")
     return True
 
 # ---- logs, pictures and interim zips -----------------------------------------------------
@@ -2354,14 +2375,14 @@ def log_interval(tr, p, steps, seconds):
     for v in sums.values():
         v.zero_()
     finite = all(math.isfinite(v) and abs(v) < 1e4 for v in means.values())
-    record = {"step": tr.step, "session": tr.session, "elapsed": round(tr.elapsed, 3), "p": round(p, 5),
+    record = {"step": tr.step, "session": tr.plan.session, "elapsed": round(tr.plan.elapsed, 3), "p": round(p, 5),
               "lr_g": tr.cfg.lr_g * lr_multiplier(p, tr.cfg) * tr.safety.lr_scale,
               "steps_per_s": round(steps / max(seconds, 1e-9), 2), **means}
     if tr.world.main:
         with open(os.path.join(tr.cfg.out, "log.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
     losses = " ".join(f"{k[5:] if k.startswith('loss_') else k} {v:.3f}" for k, v in means.items())
-    tr.log(f"step {tr.step:7d} | {fmt_time(tr.elapsed)}/{fmt_time(tr.train_seconds)} "
+    tr.log(f"step {tr.step:7d} | {fmt_time(tr.plan.elapsed)}/{fmt_time(tr.plan.train_seconds)} "
            f"({100 * p:3.0f}%) | {record['steps_per_s']:7.1f} it/s | {losses}")
     if not finite:
         rollback(tr, "loss is NaN or diverged")
@@ -2459,10 +2480,10 @@ def kept_zip(tr):
 
 def end_deadline(tr):
     """(the clock reading the end must finish by, the budget's own end)."""
-    end = tr.t0 - tr.session_start + budget_start(tr) + tr.cfg.budget  # on tr.clock, the zip included
+    end = tr.plan.t0 - tr.plan.session_start + budget_start(tr) + tr.cfg.budget  # on tr.clock, the zip included
     if kept_zip(tr):
         return end, end
-    return (tr.t0 + tr.cfg.hard_limit if tr.cfg.hard_limit > 0 else math.inf), end
+    return (tr.plan.t0 + tr.cfg.hard_limit if tr.cfg.hard_limit > 0 else math.inf), end
 
 def finish(tr, failure=None):
     """The end: the final checkpoint, a grid and images.zip, all before the deadline."""
@@ -2500,18 +2521,19 @@ def finish(tr, failure=None):
            f"(step {tr.step}, {tr.images_seen:,} images = {passes_words(tr.images_seen / len(tr.images))} over the "
            f"{len(tr.images):,} photos, {tr.safety.rollbacks} rollbacks"
            f"{f', {world.size} ranks' if world.size > 1 else ''}); "
-           f"trained {fmt_time(tr.elapsed - tr.resumed_elapsed)} of this run's {fmt_time(budget_end - tr.t0)}")
+           f"trained {fmt_time(tr.plan.elapsed - tr.plan.resumed_elapsed)} of this run's "
+           f"{fmt_time(budget_end - tr.plan.t0)}")
     late = tr.clock() - budget_end
     if late > 0:
         tr.log(f"WARNING    the end took {tr.clock() - began:.0f} s where the plan left it {budget_end - began:.0f} s "
                f"(the machine was slower than when the end was timed): {late:.0f} s past the budget; with no earlier "
                f"images.zip to keep, it was let run over" + (f" (the wall, {fmt_time(tr.cfg.hard_limit)}, is still "
-                                                            f"{tr.t0 + tr.cfg.hard_limit - tr.clock():.0f} s away)"
+                                                            f"{tr.plan.t0 + tr.cfg.hard_limit - tr.clock():.0f} s away)"
                                                             if tr.cfg.hard_limit > 0 else " (no wall: a local run)"))
-    if tr.session < tr.cfg.sessions:
-        tr.log(f"session {tr.session} of {tr.cfg.sessions} ends at step {tr.step} "
-               f"({100 * tr.elapsed / max(tr.train_seconds, 1e-9):.0f}% of the run's training): continue it in "
-               f"the next session (Kaggle: run this notebook again with this version's output attached; "
+    if tr.plan.session < tr.cfg.sessions:
+        tr.log(f"session {tr.plan.session} of {tr.cfg.sessions} ends at step {tr.step} "
+               f"({100 * tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9):.0f}% of the run's training): continue it "
+               f"in the next session (Kaggle: run this notebook again with this version's output attached; "
                f"locally: --resume {os.path.join(tr.cfg.out, 'checkpoint.pt')} --sessions {tr.cfg.sessions})")
     if failure:
         raise RunFailed(failure, path)
@@ -2616,7 +2638,7 @@ class Trainer:
         self.cfg, self.clock, self.hooks, self.world = cfg, clock, list(hooks), world
         self.given, self.planned = cfg, None  # the settings as given; those that follow the plan (follow_plan)
         self.log = log if world.main else (lambda message: None)  # rank 0 speaks for all
-        self.t0 = clock() if t0 is None else t0  # the budget counts from here: data cleaning included
+        self.plan = Plan(clock() if t0 is None else t0)  # the budget counts from t0: data cleaning included
         self.device = pick_device(cfg.device)
         self.precision, why = resolve_precision(cfg.precision, self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -2649,11 +2671,6 @@ class Trainer:
             seed_rank(cfg, world)
         self.step, self.images_seen = 0, 0  # steps, and real training images drawn so far (every rank's)
         self.batches_per_step = 1  # real batches one step draws (measured by train_step)
-        self.elapsed = 0.0  # seconds of the run so far (previous runs included when resumed)
-        self.resumed_elapsed = 0.0  # what a resumed checkpoint had done before this process
-        self.train_seconds = None  # the whole run's training (every session's); p = elapsed / train_seconds
-        self.session, self.session_start = 1, 0.0  # this session (cfg.sessions), the elapsed it started at
-        self.session_end = self.per_session = None  # the elapsed at which it stops training; a session's share
         self.safety = SafetyNet()  # the last good state, rollbacks
         self.loss_sum = self.graph = None
         self.bn_refreshed, self.zip_step, self.saved_step = False, None, None  # this run's last zip, checkpoint
@@ -2667,7 +2684,7 @@ class Trainer:
 
     def run(self):
         """Train until the budget's training time (or cfg.steps), then finish."""
-        if self.train_seconds is None:
+        if self.plan.train_seconds is None:
             plan(self)
         if self.world.main:
             if self.continues:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from dogkit.core import registry  # noqa: E402
 from dogkit.core.data import load_dataset  # noqa: E402
-from dogkit.core.train import Trainer, train_loop  # noqa: E402
+from dogkit.core.train import Plan, Trainer, train_loop  # noqa: E402
 from dogkit.core.settings import TrainConfig, with_settings
 
 
@@ -39,8 +39,8 @@ def measure(entry, data, mode, seconds, batch_size, device, precision=None, memo
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(cfg, entry.cls, data=data, log=lambda m: None)
-        trainer.t0 = trainer.clock()  # the clock starts with the loop: building the model is not measured
-        trainer.train_seconds = trainer.session_end = seconds
+        trainer.plan = Plan(trainer.clock())  # the clock starts with the loop: building the model is not measured
+        trainer.plan.fix(seconds, seconds)
         train_loop(trainer)  # the loop alone: no end (sampling, zip) to wait for
         rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
     steady = rows[1:] or rows
@@ -79,7 +79,7 @@ def profile(entry, data, device, steps=20, warmup=5, rows=15):
     with tempfile.TemporaryDirectory() as out:
         cfg = bench_config(entry, out, 1e6, device, graph="off", steps=warmup + steps, log_every=1e9)
         trainer = Trainer(cfg, entry.cls, data=data, log=lambda m: None, hooks=[window])
-        trainer.train_seconds = trainer.session_end = 1e6
+        trainer.plan.fix(1e6, 1e6)
         train_loop(trainer)
     return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows)
 

@@ -216,7 +216,7 @@ def open_run(e, seed, args, data, say):
     sub = take_subset(data, size, breeds, subset_seed)
     log = open(folder / "run.log", "a")
     tr = Trainer(cfg, registry.get(e["model"]).cls, data=sub, log=lambda m: log.write(m + "\n") or log.flush())
-    tr.train_seconds = tr.session_end = float(e["images"])  # never read by this loop: the schedule is p below
+    tr.plan.fix(float(e["images"]), float(e["images"]))  # never read by this loop: the schedule is p below
     ckpt, points_file = folder / "checkpoint.pt", folder / "points.json"
     passed = -1  # the last point whose rows and checkpoint are written
     if ckpt.exists():
@@ -242,7 +242,7 @@ def row_common(e, seed, cfg, args, scorer):
 def measured(row, tr, result):
     """A point's row: where the run is (steps, passes, training seconds) and what scored it."""
     return {**row, "steps": tr.step, "passes": round(tr.images_seen / row["subset"], 2),
-            "seconds": round(tr.elapsed, 1), "fid": round(result["fid"], 3),
+            "seconds": round(tr.plan.elapsed, 1), "fid": round(result["fid"], 3),
             "distance": round(result["distance"], 4), "kid": round(result["kid"], 6),
             "kid_se": round(result["kid_se"], 6)}
 
@@ -269,7 +269,7 @@ def run_one(e, seed, args, scorer, data, done, say):
                 if tr.safety.good is None:
                     keep_good_state(tr)
                 now = time.monotonic()
-                tr.elapsed += now - t_last
+                tr.plan.tick(tr.plan.elapsed + now - t_last)
                 t_last = now
                 if now - last_log >= args.log_every:
                     if log_interval(tr, tr.images_seen / e["images"], tr.step - steps_at_log, now - last_log):

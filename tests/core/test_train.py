@@ -196,7 +196,7 @@ def test_time_guard_under_a_simulated_clock(tmp_path, tiny_dataset):
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=lambda m: None,
                       hooks=[clock.hook])
     trainer.run()
-    assert trainer.train_seconds == 20.0
+    assert trainer.plan.train_seconds == 20.0
     assert trainer.step == 20  # one simulated second per step, 30 s budget - 10 s reserve
     assert clock.t <= cfg.budget
 
@@ -412,7 +412,7 @@ def test_a_cold_first_timing_of_the_end_is_corrected_once_warm(tmp_path, tiny_da
     first = next(m for m in logs if m.startswith("budget"))
     assert "training until 7m" in first  # the cold timing kept ~150 s of 600 for the end
     assert any(m.startswith("re-planned once warm") for m in logs)
-    assert trainer.train_seconds > 590 and trainer.elapsed > 590 and now[0] <= 600.0
+    assert trainer.plan.train_seconds > 590 and trainer.plan.elapsed > 590 and now[0] <= 600.0
     assert "trained 9m5" in logs[-1] and "of this run's 10m00s" in logs[-1]
     # the pace, timed after the re-plan at a constant 2 s a step, foretells the images the run showed
     pace = next(m for m in logs if m.startswith("pace"))
@@ -661,7 +661,7 @@ def test_the_end_never_runs_past_the_platforms_wall(tmp_path, tiny_dataset):
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=lambda m: None)
     with pytest.raises(RunFailed, match="out of time.*no images.zip written"):
         trainer.run()
-    assert trainer.t0 + cfg.budget < clock.t <= trainer.t0 + cfg.hard_limit + clock.dt
+    assert trainer.plan.t0 + cfg.budget < clock.t <= trainer.plan.t0 + cfg.hard_limit + clock.dt
     assert not [f for f in os.listdir(tmp_path) if "tmp" in f]
 
 
@@ -674,7 +674,7 @@ def test_a_local_run_with_no_zip_finishes_its_zip_however_late_and_says_by_how_m
     cfg = tiny_cfg(tmp_path, budget=100.0, reserve=2.0, n_samples=10_000)
     trainer = Trainer(cfg, registry.get("dcgan").cls, data=tiny_dataset, clock=clock, log=logs.append)
     path = trainer.run()
-    assert clock.t > trainer.t0 + cfg.budget + 30  # far past the budget
+    assert clock.t > trainer.plan.t0 + cfg.budget + 30  # far past the budget
     assert load_submission(path, strict=True).pixels.shape == (10_000, 64, 64, 3)
     warning = next(m for m in logs if m.startswith("WARNING    the end took "))
     took, left = map(int, re.search(r"the end took (\d+) s where the plan left it (\d+) s", warning).groups())
@@ -694,7 +694,7 @@ class SlowEndClock:
 
     def hook(self, trainer):
         self.t += 10.0
-        self.ending = self.t >= trainer.session_end
+        self.ending = self.t >= trainer.plan.session_end
 
 
 @pytest.mark.slow
@@ -864,11 +864,11 @@ def test_a_run_over_two_sessions_continues_exactly_where_the_first_stopped(tmp_p
     bit, as one 24 s run, and a log that holds both sessions."""
     straight, _ = run_session(tmp_path, tiny_dataset, "straight", 1, 24.0)
     first, logs = run_session(tmp_path, tiny_dataset, "s1", 2, 12.0)
-    assert (first.step, first.session, first.train_seconds) == (12, 1, 24.0)
+    assert (first.step, first.plan.session, first.plan.train_seconds) == (12, 1, 24.0)
     assert any("session 1 of 2 ends at step 12 (50% of the run's training)" in m for m in logs)
     assert load_submission(tmp_path / "s1" / "images.zip", strict=False).pixels.shape[0] == 64  # a zip each session
     second, logs = run_session(tmp_path, tiny_dataset, "s2", 2, 12.0, resume=tmp_path / "s1" / "checkpoint.pt")
-    assert (second.step, second.session, second.train_seconds) == (straight.step, 2, 24.0) == (24, 2, 24.0)
+    assert (second.step, second.plan.session, second.plan.train_seconds) == (straight.step, 2, 24.0) == (24, 2, 24.0)
     assert any("session 2 of 2: training until 0m24s of the run's 0m24s" in m for m in logs)
     assert not any("ends at step" in m for m in logs)
     for a, b in zip(straight.model.G.state_dict().values(), second.model.G.state_dict().values()):
@@ -904,10 +904,10 @@ def test_the_warm_re_plan_keeps_twice_the_end_it_times(tmp_path, tiny_dataset, m
     logs = []
     trainer = Trainer(tiny_cfg(tmp_path, reserve=-1.0, budget=600.0), registry.get("dcgan").cls, data=tiny_dataset,
                       log=logs.append, clock=lambda: 0.0)
-    trainer.session_end = trainer.train_seconds = trainer.per_session = 500.0
-    trainer.elapsed = 60.0
+    trainer.plan.fix(500.0, 500.0, 500.0)
+    trainer.plan.tick(60.0)
     monkeypatch.setattr(T, "measure_end", lambda tr: (1.25 * 40.0 + 3.0, {"generate": 30.0, "png": 10.0}))
     T.replan(trainer)
-    assert trainer.session_end == 600.0 - (2 * 40.0 + 3.0)
+    assert trainer.plan.session_end == 600.0 - (2 * 40.0 + 3.0)
     assert logs[-1].startswith("re-planned once warm: 83 s kept for the end (twice its warm timing: a machine twice "
                                "as slow still fits); training until 8m37s (was 8m20s)"), logs[-1]
