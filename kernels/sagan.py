@@ -31,7 +31,7 @@ Contents (line numbers):
    1540  Sampling
    1670  Settings
    1825  Training
-   2739  Entry point
+   2755  Entry point
 """
 import argparse
 import contextlib
@@ -2174,7 +2174,7 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
     if name == "checkpoint.pt" and folder is None:
-        tr.saved_step = tr.step  # the checkpoint.pt there is this run's from here on
+        tr.written.checkpoint(tr.step)  # the checkpoint.pt there is this run's from here on
     return path
 
 def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
@@ -2240,9 +2240,7 @@ def load_checkpoint(tr, path, same_session=False):
         follow_plan(tr, ckpt["planned"]["images"], ckpt["planned"]["source"] + " (of the checkpoint's run)")
     tr.safety.load(ckpt)
     tr.grid_every = ckpt.get("grid_every", tr.grid_every)
-    tr.continues = os.path.dirname(os.path.abspath(path))  # its log is carried once the plan holds
-    if tr.continues == os.path.abspath(tr.cfg.out):  # the checkpoint.pt there is this run's, as resumed
-        tr.saved_step = tr.step
+    tr.written.resumed(path, tr.cfg.out, tr.step)  # its log is carried once the plan holds
     size = ckpt.get("world_size", 1)
     if size == tr.world.size and (size == 1 or ckpt.get("rank_rngs")):
         set_rng_state(tr, ckpt["rank_rngs"][tr.world.rank] if size > 1 else ckpt["rng"])
@@ -2265,6 +2263,24 @@ def carry_log(folder, out, log=print):
     with atomic_path(target) as tmp, open(tmp, "w") as fh:
         fh.writelines(lines)
     log(f"copied the earlier log ({len(lines)} records) from {source}")
+
+class Written:
+    """What this run has written to its output folder: the end keeps or replaces by it."""
+
+    def __init__(self):
+        self.checkpoint_step = self.zip_step = self.continues = None
+
+    def checkpoint(self, step):
+        self.checkpoint_step = step
+
+    def zip(self, step):
+        self.zip_step = step
+
+    def resumed(self, path, out, step):
+        """A run resumed from checkpoint `path`: in its own folder, that checkpoint is this run's."""
+        self.continues = os.path.dirname(os.path.abspath(path))
+        if self.continues == os.path.abspath(out):
+            self.checkpoint_step = step
 
 # ---- the plan: how long the end takes, how long training gets ---------------------------
 
@@ -2461,7 +2477,7 @@ def interim_zip(tr):
         G = copy.deepcopy(tr.ema.G)
         prepare_for_sampling(tr, G)
         sample_zip(tr, G)
-        tr.zip_step = tr.step
+        tr.written.zip(tr.step)
         tr.log(f"interim images.zip at step {tr.step} ({time.monotonic() - t:.0f} s)")
     except Exception as exc:
         tr.log(f"interim images.zip failed ({type(exc).__name__}: {exc}); training goes on")
@@ -2480,9 +2496,9 @@ def kept_zip(tr):
     """In words, the images.zip in the output folder when it is this run's, else None."""
     if not os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
         return None
-    if tr.zip_step is not None:
-        return f"the interim images.zip of step {tr.zip_step} is kept"
-    if tr.continues and os.path.abspath(tr.continues) == os.path.abspath(tr.cfg.out):
+    if tr.written.zip_step is not None:
+        return f"the interim images.zip of step {tr.written.zip_step} is kept"
+    if tr.written.continues and os.path.abspath(tr.written.continues) == os.path.abspath(tr.cfg.out):
         return "the images.zip written before this run was resumed is kept"
     return None
 
@@ -2517,7 +2533,7 @@ def finish(tr, failure=None):
     except Exception as exc:  # e.g. a CUDA error: the device cannot sample any more
         tr.log("sampling failed: " + traceback.format_exc().rstrip())
         cause = f"{failure + '; ' if failure else ''}the end failed on {tr.device} ({type(exc).__name__}: {exc})"
-        if tr.saved_step is None:  # the checkpoint.pt there (if any) is not this run's
+        if tr.written.checkpoint_step is None:  # the checkpoint.pt there (if any) is not this run's
             raise RunFailed(f"{cause}; no checkpoint of this run to sample instead", None) from None
         try:  # a failed CUDA context cannot be used again: the CPU
             _, step = zip_from_checkpoint(os.path.join(tr.cfg.out, "checkpoint.pt"), type(tr.model), deadline,
@@ -2681,8 +2697,8 @@ class Trainer:
         self.batches_per_step = 1  # real batches one step draws (measured by train_step)
         self.safety = SafetyNet()  # the last good state, rollbacks
         self.loss_sum = self.graph = None
-        self.bn_refreshed, self.zip_step, self.saved_step = False, None, None  # this run's last zip, checkpoint
-        self.continues = None  # the folder of the checkpoint this run continues (load_checkpoint)
+        self.bn_refreshed = False  # standing batch-norm statistics in G_ema (the end's)
+        self.written = Written()  # this run's last checkpoint and interim zip, the folder it continues
         self.grid_every = cfg.grid_every
         self.fixed_z, self.fixed_y = fixed_noise(cfg, self.n_classes, self.device)  # the progress grids'
         if world.main:
@@ -2695,8 +2711,8 @@ class Trainer:
         if self.plan.train_seconds is None:
             plan(self)
         if self.world.main:
-            if self.continues:
-                carry_log(self.continues, self.cfg.out, self.log)
+            if self.written.continues:
+                carry_log(self.written.continues, self.cfg.out, self.log)
             with atomic_path(os.path.join(self.cfg.out, "options.json")) as tmp, open(tmp, "w") as fh:
                 json.dump(dict(dataclasses.asdict(self.given), world_size=self.world.size), fh, indent=2)
         try:
