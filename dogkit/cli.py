@@ -349,8 +349,8 @@ def export_inception(out, fmt):
 @main.command("clean-data")
 @click.argument("source", type=Existing())
 @click.option("-o", "--out", required=True, type=click.Path(), help="Cache file to write (.npz).")
-@click.option("--annotations", type=Existing(file_okay=False), default=None,
-              help="Annotation/ folder (found inside SOURCE by itself when present).")
+@click.option("--annotations", type=Existing(), default=None,
+              help="Annotation/ folder or Annotation.zip, read in place (a folder inside SOURCE is found by itself).")
 @click.option("--size", type=click.Choice(["64", "80", "96", "128"]), default="64", show_default=True,
               help="Crop side in pixels (above 64: for random-crop augmentation).")
 @click.option("--strategy", type=click.Choice(["box", "square", "aspect", "pad"]), default="pad",

@@ -26,12 +26,12 @@ Contents (line numbers):
     521  The training loop
     587  MACHINERY (below: nothing to read to change the model)
     595  Data
-   1198  Several GPUs
-   1399  The machine
-   1597  Sampling
-   1727  Settings
-   1882  Training
-   2812  Entry point
+   1215  Several GPUs
+   1416  The machine
+   1600  Sampling
+   1730  Settings
+   1885  Training
+   2815  Entry point
 """
 import argparse
 import contextlib
@@ -829,45 +829,56 @@ def _folder_items(source, ann_dir):
                       "synset": folder[0] if folder else _synset(os.path.basename(p)), "xml": None})
     return layout, items
 
-def _attach_annotations(items, ann_dir):
+def _annotation_index(ann):
+    """{photo stem: its XML} of an Annotation folder or zip, read in place."""
+    if os.path.isfile(ann) and zipfile.is_zipfile(ann):
+        return {os.path.splitext(os.path.basename(m))[0]: (ann, m) for m in open_zip(ann).namelist()
+                if not m.endswith("/") and not m.startswith("__MACOSX")}
+    return {os.path.splitext(f)[0]: os.path.join(dirpath, f) for dirpath, _, files in os.walk(ann) for f in files}
+
+def _xml_folder(xml):
+    """The name of the folder an XML (a path, or (zip, member)) sits in: its breed's."""
+    return os.path.basename(os.path.dirname(xml[1] if isinstance(xml, tuple) else xml))
+
+def _xml_name(xml):
+    return shown_name(f"{xml[0]}:{xml[1]}" if isinstance(xml, tuple) else xml)
+
+def _attach_annotations(items, index):
     """Point each photo at its XML; returns how many annotations have no photo."""
-    xml_index = {}
-    for dirpath, _, files in os.walk(ann_dir):
-        for f in files:
-            xml_index[os.path.splitext(f)[0]] = os.path.join(dirpath, f)
     used = set()
     for it in items:
-        stem = os.path.splitext(os.path.basename(it["path"]))[0]
-        it["xml"] = xml_index.get(stem)
+        stem = os.path.splitext(os.path.basename(it.get("path") or it["member"]))[0]
+        it["xml"] = index.get(stem)
         if it["xml"]:
             used.add(stem)
-            folder = breed_of(os.path.basename(os.path.dirname(it["xml"])))
+            folder = breed_of(_xml_folder(it["xml"]))
             if folder:
                 it["synset"] = folder[0]
-    return len(set(xml_index) - used)
+    return len(set(index) - used)
 
 def discover(source, annotations=None):
     """Find photos, boxes and breeds."""
-    notes = Counter()
-    ann_dir = None
+    notes, index = Counter(), {}
     if os.path.isfile(source) and zipfile.is_zipfile(source):
         layout, items = "zip of images", _zip_items(source)
     elif os.path.isdir(source):
-        ann_dir = annotations or _find_dir(source, "Annotation")
-        layout, items = _folder_items(source, ann_dir)
-        if ann_dir:
-            notes["annotation without photo"] = _attach_annotations(items, ann_dir)
+        annotations = annotations or _find_dir(source, "Annotation")
+        layout, items = _folder_items(source, annotations if annotations and os.path.isdir(annotations) else None)
     elif not os.path.lexists(source):
         raise DataError(f"{source}: does not exist")
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:
         raise DataError(f"{source}: no photos found ({', '.join(PHOTO_EXTS)})")
+    if annotations:  # a folder or a zip (the competition's Annotation.zip), read in place
+        index = _annotation_index(annotations)
+        layout = "Kaggle/Stanford layout with annotations"
+        notes["annotation without photo"] = _attach_annotations(items, index)
     base = Counter(os.path.basename(it["name"]) for it in items)
     notes["same file name in two folders"] = sum(c - 1 for c in base.values() if c > 1)
     names = {}
-    for dirpath, _, _ in os.walk(ann_dir) if ann_dir else ():
-        b = breed_of(os.path.basename(dirpath))
+    for xml in index.values():
+        b = breed_of(_xml_folder(xml))
         if b:
             names[b[0]] = b[1]
     for it in items:
@@ -921,6 +932,12 @@ def read_zip_entry(zf, info, cap):
 
 MAX_XML_BYTES = 1 << 20  # an annotation file larger than this is refused (Stanford's: under 1 KB)
 
+def _read_xml(xml):
+    if isinstance(xml, tuple):
+        zf = open_zip(xml[0])
+        return read_zip_entry(zf, zf.getinfo(xml[1]), MAX_XML_BYTES)
+    return read_file(xml, MAX_XML_BYTES)
+
 def _read_photo(item):
     if item.get("zip"):
         zf = open_zip(item["zip"])
@@ -965,7 +982,7 @@ def process_photo(item, strategy, size, min_side, margin):
     boxes, n_boxes = [(0, 0, width, height)], 0
     if item["xml"]:
         try:
-            *size_given, found, named = parse_annotation(read_file(item["xml"], MAX_XML_BYTES), shown_name(item["xml"]))
+            *size_given, found, named = parse_annotation(_read_xml(item["xml"]), _xml_name(item["xml"]))
         except Exception as exc:  # any bad XML costs this photo its boxes, never the run
             size_given, found, named = None, [], None
             events.append(("malformed annotation: whole photo used", f"{name} ({exc})"))
@@ -1507,20 +1524,6 @@ def machine_lines(device, precision_line=""):
     if precision_line:
         lines.append(f"precision  {precision_line}")
     return lines
-
-def writable_dir(candidates):
-    """The first of candidates that can be created and written to (a scratch folder)."""
-    for path in candidates:
-        if not path:
-            continue
-        try:
-            os.makedirs(path, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path):
-                pass
-            return path
-        except OSError:
-            continue
-    raise RunError(f"no writable scratch folder among {', '.join(p for p in candidates if p)}")
 
 RUN_LOCK = ".dogkit-run.lock"  # in a run folder while a run writes there: its process id
 
@@ -2820,16 +2823,14 @@ def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=prin
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
-KAGGLE_TMP = "/kaggle/tmp"
 KAGGLE_BUDGET = "8h45m"  # Kaggle stops a kernel at 9 h: keep 15 minutes to spare
 KAGGLE_MARGIN = 15 * 60.0  # those 15 minutes: the wall is a kernel's budget plus these
 NOTEBOOK_ARGS = ("-f",)  # what Jupyter adds to sys.argv (-f kernel.json): tolerated, nothing else is
 
 def kaggle_paths():
-    """Kaggle's input, working and scratch folders (DOGKIT_KAGGLE_* override them, for tests)."""
+    """Kaggle's input and working folders (DOGKIT_KAGGLE_* override them, for tests)."""
     env = os.environ.get
-    return (env("DOGKIT_KAGGLE_INPUT", KAGGLE_INPUT), env("DOGKIT_KAGGLE_WORKING", KAGGLE_WORKING),
-            env("DOGKIT_KAGGLE_TMP", KAGGLE_TMP))
+    return env("DOGKIT_KAGGLE_INPUT", KAGGLE_INPUT), env("DOGKIT_KAGGLE_WORKING", KAGGLE_WORKING)
 
 def _entries(path):
     try:
@@ -2891,40 +2892,8 @@ def ignored_inputs(root, dataset):
             out.append((entry.path, n))
     return out
 
-MAX_UNZIPPED_BYTES = 8 << 30  # all-dogs.zip holds 0.8 GB of photos
-
-def unzip(path, scratch, log=print):
-    """Extract a zip into scratch/<its name>/ (zipfile drops absolute and '..' parts of names)."""
-    target = os.path.join(scratch, os.path.splitext(os.path.basename(path))[0])
-    if os.path.isdir(target):
-        return target
-    partial, skipped = target + ".partial", []
-    try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise RunError(f"{path}: not a readable zip ({exc})") from None
-    with zf:
-        infos = zf.infolist()
-        if sum(i.file_size for i in infos) > MAX_UNZIPPED_BYTES:
-            raise RunError(f"{path}: claims more than {MAX_UNZIPPED_BYTES} bytes unzipped; not the competition's")
-        for info in infos:
-            problem = zip_entry_problem(info, MAX_PHOTO_BYTES)
-            try:
-                if problem is None:
-                    zf.extract(info, partial)  # reads at most the size the entry declares, checks the CRC
-            except OSError:  # the disk (full, read-only): the run's error, not this entry's
-                raise
-            except Exception as exc:
-                problem = f"corrupt entry ({type(exc).__name__}: {exc})"
-            if problem:
-                skipped.append(f"{shown_name(info.filename)}: {problem}")
-    if skipped:
-        log(f"skipped    {len(skipped)} entries of {path}, e.g. {skipped[0]}")
-    os.replace(partial, target)
-    return target
-
-def kaggle_data(root, scratch_candidates, log=print):
-    """(photos, annotations or None) of the competition on Kaggle, zips extracted to scratch."""
+def kaggle_data(root, log=print):
+    """(photos, annotations or None) of the competition on Kaggle, each a folder or a zip."""
     found = find_competition_data(root)
     if found is None:
         raise RunError(f"no competition data under {root}: attach 'Generative Dog Images' (Add data -> "
@@ -2933,11 +2902,6 @@ def kaggle_data(root, scratch_candidates, log=print):
     for folder, n in ignored_inputs(root, found["dataset"]):
         log(f"ignored    {folder} ({n} photos): not the competition's data, never trained on")
     photos, annotations = found["photos"], found["annotations"]
-    if photos.endswith(".zip") or (annotations or "").endswith(".zip"):
-        scratch = writable_dir(scratch_candidates)
-        log(f"scratch    {scratch} (zips extracted here)")
-        photos = unzip(photos, scratch, log) if photos.endswith(".zip") else photos
-        annotations = unzip(annotations, scratch, log) if (annotations or "").endswith(".zip") else annotations
     if annotations is None:
         log("WARNING    no Annotation/ found: whole photos are used, not the dogs' boxes "
             "(attach the competition's Annotation.zip for far better crops)")
@@ -3123,7 +3087,7 @@ def world_size(gpus, device):
     return (size, "cuda") if size > 1 else (1, None)
 
 def run(model_cls, settings, args, t0):
-    input_root, working, tmp = kaggle_paths()
+    input_root, working = kaggle_paths()
     on_kaggle = args.data is None and os.path.isdir(input_root)
     if args.data is None and not on_kaggle:
         raise RunError("--data is required outside Kaggle (a cache from `dogkit clean-data`, or photos)")
@@ -3198,8 +3162,7 @@ def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=
     cfg = with_settings(cfg, {"device": str(device)})
 
     def load():
-        input_root, _, tmp = kaggle_paths()
-        photos, annotations = (kaggle_data(input_root, [tmp, os.environ.get("TMPDIR"), "/tmp"]) if on_kaggle
+        photos, annotations = (kaggle_data(kaggle_paths()[0]) if on_kaggle
                                else (cfg.data, None))
         data = load_dataset(photos, cfg.image_size, cfg.strategy, annotations=annotations, progress=True,
                             log=lambda m: print(m, flush=True))

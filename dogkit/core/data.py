@@ -309,25 +309,39 @@ def _folder_items(source, ann_dir):
     return layout, items
 
 
-def _attach_annotations(items, ann_dir):
+def _annotation_index(ann):
+    """{photo stem: its XML} of an Annotation folder or zip, read in place.
+
+    An XML is a path, or (zip, member)."""
+    if os.path.isfile(ann) and zipfile.is_zipfile(ann):
+        return {os.path.splitext(os.path.basename(m))[0]: (ann, m) for m in open_zip(ann).namelist()
+                if not m.endswith("/") and not m.startswith("__MACOSX")}
+    return {os.path.splitext(f)[0]: os.path.join(dirpath, f) for dirpath, _, files in os.walk(ann) for f in files}
+
+
+def _xml_folder(xml):
+    """The name of the folder an XML (a path, or (zip, member)) sits in: its breed's."""
+    return os.path.basename(os.path.dirname(xml[1] if isinstance(xml, tuple) else xml))
+
+
+def _xml_name(xml):
+    return shown_name(f"{xml[0]}:{xml[1]}" if isinstance(xml, tuple) else xml)
+
+
+def _attach_annotations(items, index):
     """Point each photo at its XML; returns how many annotations have no photo.
 
-    Point each photo at its XML (by file stem; the XML's breed folder gives the synset);
-    returns how many annotations have no photo."""
-    xml_index = {}
-    for dirpath, _, files in os.walk(ann_dir):
-        for f in files:
-            xml_index[os.path.splitext(f)[0]] = os.path.join(dirpath, f)
+    By file stem; the XML's breed folder gives the photo's synset."""
     used = set()
     for it in items:
-        stem = os.path.splitext(os.path.basename(it["path"]))[0]
-        it["xml"] = xml_index.get(stem)
+        stem = os.path.splitext(os.path.basename(it.get("path") or it["member"]))[0]
+        it["xml"] = index.get(stem)
         if it["xml"]:
             used.add(stem)
-            folder = breed_of(os.path.basename(os.path.dirname(it["xml"])))
+            folder = breed_of(_xml_folder(it["xml"]))
             if folder:
                 it["synset"] = folder[0]
-    return len(set(xml_index) - used)
+    return len(set(index) - used)
 
 
 def discover(source, annotations=None):
@@ -335,26 +349,27 @@ def discover(source, annotations=None):
 
     items: list of dicts {name, path (or zip member), label, xml}; breeds: sorted synset-breed names.
     """
-    notes = Counter()
-    ann_dir = None
+    notes, index = Counter(), {}
     if os.path.isfile(source) and zipfile.is_zipfile(source):
         layout, items = "zip of images", _zip_items(source)
     elif os.path.isdir(source):
-        ann_dir = annotations or _find_dir(source, "Annotation")
-        layout, items = _folder_items(source, ann_dir)
-        if ann_dir:
-            notes["annotation without photo"] = _attach_annotations(items, ann_dir)
+        annotations = annotations or _find_dir(source, "Annotation")
+        layout, items = _folder_items(source, annotations if annotations and os.path.isdir(annotations) else None)
     elif not os.path.lexists(source):
         raise DataError(f"{source}: does not exist")
     else:
         raise DataError(f"{source}: not a folder or a zip of images")
     if not items:
         raise DataError(f"{source}: no photos found ({', '.join(PHOTO_EXTS)})")
+    if annotations:  # a folder or a zip (the competition's Annotation.zip), read in place
+        index = _annotation_index(annotations)
+        layout = "Kaggle/Stanford layout with annotations"
+        notes["annotation without photo"] = _attach_annotations(items, index)
     base = Counter(os.path.basename(it["name"]) for it in items)
     notes["same file name in two folders"] = sum(c - 1 for c in base.values() if c > 1)
     names = {}
-    for dirpath, _, _ in os.walk(ann_dir) if ann_dir else ():
-        b = breed_of(os.path.basename(dirpath))
+    for xml in index.values():
+        b = breed_of(_xml_folder(xml))
         if b:
             names[b[0]] = b[1]
     for it in items:
@@ -420,6 +435,13 @@ def read_zip_entry(zf, info, cap):
 MAX_XML_BYTES = 1 << 20  # an annotation file larger than this is refused (Stanford's: under 1 KB)
 
 
+def _read_xml(xml):
+    if isinstance(xml, tuple):
+        zf = open_zip(xml[0])
+        return read_zip_entry(zf, zf.getinfo(xml[1]), MAX_XML_BYTES)
+    return read_file(xml, MAX_XML_BYTES)
+
+
 def _read_photo(item):
     if item.get("zip"):
         zf = open_zip(item["zip"])
@@ -470,7 +492,7 @@ def process_photo(item, strategy, size, min_side, margin):
     boxes, n_boxes = [(0, 0, width, height)], 0
     if item["xml"]:
         try:
-            *size_given, found, named = parse_annotation(read_file(item["xml"], MAX_XML_BYTES), shown_name(item["xml"]))
+            *size_given, found, named = parse_annotation(_read_xml(item["xml"]), _xml_name(item["xml"]))
         except Exception as exc:  # any bad XML costs this photo its boxes, never the run
             size_given, found, named = None, [], None
             events.append(("malformed annotation: whole photo used", f"{name} ({exc})"))

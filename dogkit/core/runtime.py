@@ -144,21 +144,6 @@ def machine_lines(device, precision_line=""):
     return lines
 
 
-def writable_dir(candidates):
-    """The first of candidates that can be created and written to (a scratch folder)."""
-    for path in candidates:
-        if not path:
-            continue
-        try:
-            os.makedirs(path, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path):
-                pass
-            return path
-        except OSError:
-            continue
-    raise RunError(f"no writable scratch folder among {', '.join(p for p in candidates if p)}")
-
-
 RUN_LOCK = ".dogkit-run.lock"  # in a run folder while a run writes there: its process id
 
 

@@ -39,6 +39,12 @@ def photo(size=80, seed=0):
     return buf.getvalue()
 
 
+def xml(*boxes, size=(80, 80)):
+    objs = "".join(f"<object><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+                   for a, b, c, d in boxes)
+    return f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height></size>{objs}</annotation>"
+
+
 def invoke(args):
     """A dogkit command in-process: (exit code, stderr lines)."""
     res = CliRunner().invoke(cli.main, args)
@@ -556,20 +562,23 @@ def test_fuzz_option_values_are_one_line_or_accepted(tmp_path_factory, flag, val
     assert code in (1, 2) and sum("Error" in ln for ln in lines) == 1, (flag, value, code, lines)
 
 
-def test_the_kaggle_unzip_skips_oversized_and_corrupt_entries_and_caps_the_whole(tmp_path):
-    import dogkit.core.kernel as K
-
-    path = tmp_path / "all-dogs.zip"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+def test_the_competition_zips_are_read_in_place_hostile_entries_skipped_and_counted(tmp_path):
+    """all-dogs.zip and Annotation.zip as Kaggle ships them, cleaned without extracting: each photo
+    cropped by its box from the annotation zip, an oversized entry skipped with its reason."""
+    photos, notes = tmp_path / "all-dogs.zip", tmp_path / "Annotation.zip"
+    with zipfile.ZipFile(photos, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("all-dogs/n02085620_1.jpg", photo())
+        zf.writestr("all-dogs/n02085620_2.jpg", photo())
         zf.writestr("all-dogs/big.jpg", b"\0" * (D.MAX_PHOTO_BYTES + 1))  # a 64 MB entry from a small zip
-    logs = []
-    target = K.unzip(str(path), str(tmp_path / "scratch"), logs.append)
-    assert os.listdir(os.path.join(target, "all-dogs")) == ["n02085620_1.jpg"]
-    assert "skipped    1 entries" in logs[0] and "big.jpg" in logs[0]
-    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not a zip")
-    with pytest.raises(RunError, match="not a readable zip"):
-        K.unzip(str(tmp_path / "bad.zip"), str(tmp_path / "scratch"), logs.append)
+    with zipfile.ZipFile(notes, "w") as zf:
+        zf.writestr("Annotation/n02085620-Chihuahua/n02085620_1", xml((2, 2, 60, 70)))
+    data = D.clean(str(photos), annotations=str(notes), workers=1, log=lambda message: None)
+    events = data["summary"]["events"]
+    assert data["breeds"] == ["n02085620-Chihuahua"] and data["summary"]["layout"].startswith("Kaggle/Stanford")
+    assert events["photo without annotation: whole photo used"] == 1 and len(data["images"]) == 2, events
+    assert events["unreadable file or zip entry"] == 1 and "big.jpg" in data["summary"]["examples"][
+        "unreadable file or zip entry"], data["summary"]
+    assert sorted(os.listdir(tmp_path)) == ["Annotation.zip", "all-dogs.zip"]  # nothing extracted
 
 
 @pytest.mark.parametrize("error, code, text", [(TypeError("nobody expected"), 70, "a bug in dogkit"),

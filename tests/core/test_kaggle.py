@@ -70,12 +70,10 @@ def fake_kaggle(tmp_path):
     cats(root / "someones-cats" / "cats")
     working = tmp_path / "working"
     working.mkdir()
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
+    (tmp_path / "scratch").mkdir()
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
            "DOGKIT_KAGGLE_INPUT": str(root), "DOGKIT_KAGGLE_WORKING": str(working),
-           "DOGKIT_KAGGLE_TMP": str(blocker / "tmp"),  # unwritable: the kernel falls back to TMPDIR
-           "TMPDIR": str(tmp_path / "scratch")}
+           "TMPDIR": str(tmp_path / "scratch")}  # the zips are read in place: nothing is ever extracted here
     return {"root": root, "working": working, "boxes": boxes, "env": env, "tmp": tmp_path}
 
 
@@ -86,8 +84,8 @@ def run_kernel(env, *args, timeout=600):
 
 @pytest.mark.slow
 def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
-    """No --data: the kernel finds the competition zips, ignores the cats, falls back from an
-    unwritable /kaggle/tmp, prints the start block, and leaves a valid zip and a handful of files."""
+    """No --data: the kernel finds the competition zips and reads them in place (nothing extracted),
+    ignores the cats, prints the start block, and leaves a valid zip and a handful of files."""
     proc = run_kernel(fake_kaggle["env"], "--device", "cpu", "--budget", "1h", "--steps", "8", "--width", "4",
                       "--batch-size", "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -97,8 +95,11 @@ def test_the_kernel_on_a_simulated_kaggle(fake_kaggle):
         assert start in log, start
     for line in ("data       competition files (all-dogs.zip)",
                  "someones-cats (20 photos): not the competition's data, never trained on",
-                 f"scratch    {fake_kaggle['tmp'] / 'scratch'}"):
+                 "input      Kaggle/Stanford layout with annotations"):
         assert line in log, (line, log)
+    copied = [p for p in (fake_kaggle["tmp"] / "scratch").rglob("*") if p.suffix == ".jpg" or "dogs" in p.name
+              or "Annotation" in p.name]
+    assert copied == [] and "extract" not in log, (copied, log)  # read in place
     boxes = fake_kaggle["boxes"]
     assert f"photos     24  ({boxes} annotated boxes)" in log, log
     assert f"crops      {boxes}  (2 breeds)" in log, log  # one crop per box, no cat, no box lost to <size>
@@ -143,11 +144,10 @@ def test_a_run_continues_in_the_next_kaggle_session_from_its_attached_output(fak
     shutil.copytree(working, root / "dogkit-dcgan")
     for extra, message in ((("--steps", "12"), "that run has already trained its 2 sessions (step 10)"),
                            (("--width", "8"), "trained with other settings: width 4 (this run: 8)")):
-        shutil.rmtree(fake_kaggle["tmp"] / "scratch", ignore_errors=True)
         refused = run_kernel(env, *args, *extra)
         assert refused.returncode == 1 and message in refused.stderr, refused.stderr[-2000:]
         assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr, refused.stderr
-        assert not (fake_kaggle["tmp"] / "scratch").exists(), refused.stdout  # refused before any cleaning
+        assert "found:" not in refused.stdout, refused.stdout  # refused before any cleaning
 
 
 def test_no_gpu_on_kaggle_stops_at_once_before_cleaning(fake_kaggle):
@@ -158,7 +158,7 @@ def test_no_gpu_on_kaggle_stops_at_once_before_cleaning(fake_kaggle):
     assert proc.stderr.startswith("error: no GPU: this notebook runs without an accelerator"), proc.stderr
     assert "GPU T4 x2" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not (fake_kaggle["tmp"] / "scratch").exists(), proc.stdout  # nothing was extracted or cleaned
+    assert "found:" not in proc.stdout, proc.stdout  # nothing was cleaned
     assert os.listdir(fake_kaggle["working"]) == []
 
 
@@ -255,11 +255,11 @@ def test_the_competition_data_is_found_in_every_layout(tmp_path, layout, files, 
 def test_missing_annotation_is_a_loud_warning_and_missing_data_an_error(tmp_path):
     make_tree(tmp_path, {"dogs/all-dogs/a.jpg": b"x"})
     logs = []
-    photos, annotations = K.kaggle_data(str(tmp_path), [str(tmp_path / "s")], log=logs.append)
+    photos, annotations = K.kaggle_data(str(tmp_path), log=logs.append)
     assert annotations is None, annotations
     assert [m for m in logs if m.startswith("WARNING    no Annotation/")], logs
     with pytest.raises(runtime.RunError, match="no competition data under .*attach 'Generative Dog Images'"):
-        K.kaggle_data(str(tmp_path / "dogs" / "all-dogs"), [str(tmp_path / "s")])
+        K.kaggle_data(str(tmp_path / "dogs" / "all-dogs"))
 
 
 def test_unknown_kernel_flags_are_errors_but_notebook_arguments_pass(capsys):
