@@ -911,3 +911,24 @@ def test_the_warm_re_plan_keeps_twice_the_end_it_times(tmp_path, tiny_dataset, m
     assert trainer.plan.session_end == 600.0 - (2 * 40.0 + 3.0)
     assert logs[-1].startswith("re-planned once warm: 83 s kept for the end (twice its warm timing: a machine twice "
                                "as slow still fits); training until 8m37s (was 8m20s)"), logs[-1]
+
+
+def test_nothing_outside_a_trainer_part_writes_its_fields():
+    """The plan, the EMA, the safety net and what the run wrote each own their fields: no code in
+    dogkit/core or tools assigns `x.plan.f`, `x.ema.f`, `x.safety.f` or `x.written.f` (only the
+    parts' own methods write them, through self)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    parts = {"plan", "ema", "safety", "written"}
+    found = []
+    for path in sorted((root / "dogkit" / "core").rglob("*.py")) + sorted((root / "tools").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in (e for target in targets for e in ast.walk(target)):
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Attribute) and t.value.attr in parts:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(t)}")
+    assert found == [], found
+    assert {"Plan", "Ema", "SafetyNet", "Written"} <= set(dir(__import__("dogkit.core.train", fromlist=["x"])))
