@@ -19,10 +19,10 @@ run `python tools/build_kernel.py --model biggan`, which wrote this file from do
 
 Contents (line numbers):
      75  Settings
-    136  Model
-    332  Model building blocks shared by the models
-    411  Augmentation
-    499  Recipe
+    138  Model
+    334  Model building blocks shared by the models
+    413  Augmentation
+    501  Recipe
     708  The training loop
     774  MACHINERY (below: nothing to read to change the model)
     782  Data
@@ -77,7 +77,9 @@ from torch.nn.utils.parametrizations import spectral_norm
 # ---------------------------------------------------------------------------------------------
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999,  # the 5th place's (run_train.sh)
                        batch_size=64, z_dim=120, loss="hinge",
-                       width=32,  # D twice as wide (d_width 0): G 32 / D 64, the 2nd, 3rd and 5th place (run_train.sh)
+                       # D twice as wide (d_width 0): G 32 / D 64, the 2nd, 3rd and 5th place (run_train.sh); the CPU
+                       # proxy (120 crops) prefers D = G on 2 seeds of 2 so far, far from this regime (README, Models)
+                       width=32,
                        # EMA: a half-life of 10 % of the images the run will show (set from its pace), from p=0.2:
                        # the 5th place's 0.9999 from iteration 30k spans ~11 % of its run; BigGAN-PyTorch and
                        # StudioGAN use 0.9999; a fixed 0.999 spans under 1 % of a 9-hour run
@@ -528,10 +530,8 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    The part that owns the copies and their weights: each weight lives as a tensor (read by the
-    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
-    The extra copies (ema_extra: their half-lives in thousands of images) always follow
-    half_life_weight."""
+    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
+    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)

@@ -23,15 +23,15 @@ Contents (line numbers):
     196  Model building blocks shared by the models
     227  Augmentation
     261  Recipe
-    470  The training loop
-    536  MACHINERY (below: nothing to read to change the model)
-    544  Data
-   1164  Several GPUs
-   1365  The machine
-   1549  Sampling
-   1679  Settings
-   1834  Training
-   2764  Entry point
+    468  The training loop
+    534  MACHINERY (below: nothing to read to change the model)
+    542  Data
+   1162  Several GPUs
+   1363  The machine
+   1547  Sampling
+   1677  Settings
+   1832  Training
+   2762  Entry point
 """
 import argparse
 import contextlib
@@ -290,10 +290,8 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    The part that owns the copies and their weights: each weight lives as a tensor (read by the
-    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
-    The extra copies (ema_extra: their half-lives in thousands of images) always follow
-    half_life_weight."""
+    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
+    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)

@@ -23,15 +23,15 @@ Contents (line numbers):
     182  Model building blocks shared by the models
     224  Augmentation
     312  Recipe
-    521  The training loop
-    587  MACHINERY (below: nothing to read to change the model)
-    595  Data
-   1215  Several GPUs
-   1416  The machine
-   1600  Sampling
-   1730  Settings
-   1885  Training
-   2815  Entry point
+    519  The training loop
+    585  MACHINERY (below: nothing to read to change the model)
+    593  Data
+   1213  Several GPUs
+   1414  The machine
+   1598  Sampling
+   1728  Settings
+   1883  Training
+   2813  Entry point
 """
 import argparse
 import contextlib
@@ -341,10 +341,8 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    The part that owns the copies and their weights: each weight lives as a tensor (read by the
-    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
-    The extra copies (ema_extra: their half-lives in thousands of images) always follow
-    half_life_weight."""
+    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
+    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)

@@ -23,15 +23,15 @@ Contents (line numbers):
     159  Model building blocks shared by the models
     190  Augmentation
     224  Recipe
-    433  The training loop
-    499  MACHINERY (below: nothing to read to change the model)
-    507  Data
-   1127  Several GPUs
-   1328  The machine
-   1512  Sampling
-   1642  Settings
-   1797  Training
-   2727  Entry point
+    431  The training loop
+    497  MACHINERY (below: nothing to read to change the model)
+    505  Data
+   1125  Several GPUs
+   1326  The machine
+   1510  Sampling
+   1640  Settings
+   1795  Training
+   2725  Entry point
 """
 import argparse
 import contextlib
@@ -253,10 +253,8 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    The part that owns the copies and their weights: each weight lives as a tensor (read by the
-    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
-    The extra copies (ema_extra: their half-lives in thousands of images) always follow
-    half_life_weight."""
+    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
+    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)

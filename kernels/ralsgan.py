@@ -23,15 +23,15 @@ Contents (line numbers):
     171  Model building blocks shared by the models
     213  Augmentation
     247  Recipe
-    456  The training loop
-    522  MACHINERY (below: nothing to read to change the model)
-    530  Data
-   1150  Several GPUs
-   1351  The machine
-   1535  Sampling
-   1665  Settings
-   1820  Training
-   2750  Entry point
+    454  The training loop
+    520  MACHINERY (below: nothing to read to change the model)
+    528  Data
+   1148  Several GPUs
+   1349  The machine
+   1533  Sampling
+   1663  Settings
+   1818  Training
+   2748  Entry point
 """
 import argparse
 import contextlib
@@ -276,10 +276,8 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    The part that owns the copies and their weights: each weight lives as a tensor (read by the
-    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
-    The extra copies (ema_extra: their half-lives in thousands of images) always follow
-    half_life_weight."""
+    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
+    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)

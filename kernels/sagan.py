@@ -23,15 +23,15 @@ Contents (line numbers):
     164  Model building blocks shared by the models
     221  Augmentation
     255  Recipe
-    464  The training loop
-    530  MACHINERY (below: nothing to read to change the model)
-    538  Data
-   1158  Several GPUs
-   1359  The machine
-   1543  Sampling
-   1673  Settings
-   1828  Training
-   2758  Entry point
+    462  The training loop
+    528  MACHINERY (below: nothing to read to change the model)
+    536  Data
+   1156  Several GPUs
+   1357  The machine
+   1541  Sampling
+   1671  Settings
+   1826  Training
+   2756  Entry point
 """
 import argparse
 import contextlib
@@ -284,10 +284,8 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    The part that owns the copies and their weights: each weight lives as a tensor (read by the
-    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
-    The extra copies (ema_extra: their half-lives in thousands of images) always follow
-    half_life_weight."""
+    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
+    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)

@@ -23,15 +23,15 @@ Contents (line numbers):
     188  Model building blocks shared by the models
     219  Augmentation
     253  Recipe
-    462  The training loop
-    528  MACHINERY (below: nothing to read to change the model)
-    536  Data
-   1156  Several GPUs
-   1357  The machine
-   1541  Sampling
-   1671  Settings
-   1826  Training
-   2756  Entry point
+    460  The training loop
+    526  MACHINERY (below: nothing to read to change the model)
+    534  Data
+   1154  Several GPUs
+   1355  The machine
+   1539  Sampling
+   1669  Settings
+   1824  Training
+   2754  Entry point
 """
 import argparse
 import contextlib
@@ -282,10 +282,8 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    The part that owns the copies and their weights: each weight lives as a tensor (read by the
-    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
-    The extra copies (ema_extra: their half-lives in thousands of images) always follow
-    half_life_weight."""
+    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
+    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)

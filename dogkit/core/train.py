@@ -99,10 +99,8 @@ def ema_weight(p, cfg, images_seen=0, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    The part that owns the copies and their weights: each weight lives as a tensor (read by the
-    step, graph-safe) and as a number (a change is written to the tensor, never read back from it).
-    The extra copies (ema_extra: their half-lives in thousands of images) always follow
-    half_life_weight."""
+    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
+    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)
