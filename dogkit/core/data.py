@@ -183,8 +183,8 @@ _OPEN_ZIPS = {}
 def open_zip(path):
     """The zip at path, opened once per process and version of the file.
 
-    The zip at path, opened once per process and version of the file (a 20,579-entry zip's
-    directory is read once, not per photo; forked workers never share a file offset)."""
+    A 20,579-entry zip's directory is read once, not per photo; forked workers never share a file
+    offset."""
     try:
         st = os.stat(path)
         key = (os.getpid(), os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
@@ -534,9 +534,8 @@ MAX_BOXES = 64  # boxes used of one photo (Stanford's most: a handful): one phot
 def annotation_problem(name, named, size_given, size):
     """Why a photo's annotation is another photo's, or None.
 
-    Why a photo's annotation is another photo's, or None: its <filename> names another file and
-    its <size> is not this photo's either (one of the two alone: a renamed copy, or a size written
-    oddly; its boxes are used)."""
+    Its <filename> names another file and its <size> is not this photo's either (one of the two
+    alone: a renamed copy, or a size written oddly; its boxes are used)."""
     if not named or os.path.splitext(os.path.basename(named))[0] == os.path.splitext(os.path.basename(name))[0]:
         return None
     if not size_given or None in size_given or tuple(size_given) == tuple(size):

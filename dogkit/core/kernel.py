@@ -184,8 +184,7 @@ def parse_args(argv):
 def with_preset(settings, presets, name):
     """The model's settings with preset `name` over them.
 
-    The model's settings with preset `name` over them (None or '': as they are); an unknown
-    name is an error listing the model's presets."""
+    None or '': as they are; an unknown name is an error listing the model's presets."""
     if not name:
         return settings
     if name not in (presets or {}):
@@ -292,9 +291,8 @@ def stop(code, message=None):
 def exit_on_error(fn, rank=None):
     """fn()'s result, or one line on stderr and its exit code from the one table.
 
-    fn()'s result, or one line on stderr and its exit code from the one table (runtime.EXIT_*,
-    the same as every dogkit command's). rank: a forked rank's number (its parent says the
-    interrupt and the zip)."""
+    The table is runtime.EXIT_*, the same as every dogkit command's. rank: a forked rank's number
+    (its parent says the interrupt and the zip)."""
     who = f"rank {rank}: " if rank else ""
     try:
         return fn()
@@ -393,11 +391,10 @@ def earlier_run_line(out):
 def earlier_session(input_root, working):
     """The checkpoint.pt a run planned over several Kaggle sessions continues from.
 
-    The checkpoint.pt a run planned over several Kaggle sessions continues from: this notebook's
-    earlier output attached under input_root (any depth up to 4), or left in the working folder by
-    Kaggle's "Files only" persistence; the one furthest on when there are several, as (path, the
-    checkpoint read); (None, None) for the first session. A file that is not a readable checkpoint
-    is an error, not a fresh start."""
+    This notebook's earlier output attached under input_root (any depth up to 4), or left in the
+    working folder by Kaggle's "Files only" persistence; the one furthest on when there are several,
+    as (path, the checkpoint read); (None, None) for the first session. A file that is not a
+    readable checkpoint is an error, not a fresh start."""
     found = [os.path.join(working, "checkpoint.pt")] if os.path.isfile(os.path.join(working, "checkpoint.pt")) else []
     found += [e.path for _, entries in _walk(input_root, depth=4) for e in entries
               if e.name == "checkpoint.pt" and e.is_file()]

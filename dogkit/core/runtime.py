@@ -28,9 +28,8 @@ class RunError(RuntimeError):
 def arch_supported(capability, arch_list):
     """Whether a torch build for arch_list runs on a GPU of this compute capability.
 
-    Whether a torch build for arch_list runs on a GPU of this compute capability: a cubin for
-    the same major version and an equal or lower minor (sm_80 runs on sm_86), or PTX (compute_XY)
-    for an equal or lower capability, which the driver compiles at load time."""
+    A cubin for the same major version and an equal or lower minor (sm_80 runs on sm_86), or PTX
+    (compute_XY) for an equal or lower capability, which the driver compiles at load time."""
     major, minor = capability
     for arch in arch_list:
         kind, _, digits = arch.partition("_")
@@ -195,9 +194,8 @@ def release_folder(path):
 def output_problem(path, folder=False):
     """Why path cannot be written as an output file (folder=True: folder), or None.
 
-    Why path cannot be written as an output file (folder=True: folder), or None; checked before
-    any work: a folder (file) in its place, a link to nowhere (writing would replace the link
-    with a file), a file above it, a folder above it not writable."""
+    Checked before any work: a folder (file) in its place, a link to nowhere (writing would replace
+    the link with a file), a file above it, a folder above it not writable."""
     if os.path.islink(path) and not os.path.exists(path):
         return (f"{path}: a symbolic link to {os.readlink(path)}, which does not exist (remove the link or give "
                 "another path)")

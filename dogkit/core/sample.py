@@ -34,9 +34,9 @@ def check_deadline(deadline, clock, what):
 def truncation_problem(truncation):
     """Why a value cannot be a sampling truncation, or None.
 
-    Why a value cannot be a sampling truncation, or None: 0 or None (none: the plain normal), or
-    a number from TRUNCATION_MIN to TRUNCATION_MAX. The one check of every sampling path (the
-    kernel's settings and end, dogkit sample, the sweep, the GPU queue)."""
+    0 or None (none: the plain normal), or a number from TRUNCATION_MIN to TRUNCATION_MAX. The one
+    check of every sampling path (the kernel's settings and end, dogkit sample, the sweep, the GPU
+    queue)."""
     t = truncation
     if t is None or (not isinstance(t, bool) and isinstance(t, (int, float)) and (
             t == 0 or (math.isfinite(t) and TRUNCATION_MIN <= t <= TRUNCATION_MAX))):
@@ -140,8 +140,7 @@ def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
 def write_zip(images, path, workers=8, deadline=None, clock=time.monotonic):
     """Write HWC uint8 images as 00000.png ... into one flat zip, atomically.
 
-    Write HWC uint8 images as 00000.png ... into one flat zip, atomically (nothing is replaced
-    and nothing half-written is left when it fails or runs out of time)."""
+    Nothing is replaced and nothing half-written is left when it fails or runs out of time."""
     path = str(path)
     blobs = encode_pngs(images, workers, deadline, clock)
     with atomic_path(path) as tmp:
@@ -196,8 +195,7 @@ def show_png(png):
 def curve_png(records, keys, size=(720, 260)):
     """PNG bytes of a line chart of the records' keys against their step.
 
-    PNG bytes of a line chart of the records' keys against their step (PIL only: the kernels
-    import no plotting library), each line with its name at its end."""
+    Each line with its name at its end; PIL only (the kernels import no plotting library)."""
     from PIL import ImageDraw
 
     width, height, pad = size[0], size[1], 36

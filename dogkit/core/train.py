@@ -168,8 +168,8 @@ def ema_line(cfg):
 def settings_line(cfg, model):
     """The start block's line on what shapes the samples.
 
-    The start block's line on what shapes the samples: batch, learning rates, augmentation, LeCam
-    (for a model that reads it) and the sampling truncation, whichever cell or option set them."""
+    Batch, learning rates, augmentation, LeCam (for a model that reads it) and the sampling
+    truncation, whichever cell or option set them."""
     name = getattr(model, "name", "")
     lr = f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)" if reads(name, "lr_d") else f"lr {cfg.lr_g:g}"
     parts = [f"batch {cfg.batch_size}", lr, f"augment {cfg.augment}"]
@@ -784,16 +784,15 @@ def measure_end(tr):
 def budget_start(tr):
     """The elapsed time from which this process's --budget counts.
 
-    The elapsed time from which this process's --budget counts: its session's start when the run
-    is planned over sessions, else 0 (a resumed run's budget includes the earlier runs)."""
+    Its session's start when the run is planned over sessions, else 0 (a resumed run's budget
+    includes the earlier runs)."""
     return tr.plan.session_start if tr.cfg.sessions > 1 else 0.0
 
 
 def sessions_plan(tr, reserve):
     """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds.
 
-    (session_end, train_seconds, per_session) for an end that needs `reserve` seconds: this
-    session trains until its budget's end minus the reserve; the run's training time counts the
+    This session trains until its budget's end minus the reserve; the run's training time counts the
     sessions still to come as long as this one's training."""
     session_end = budget_start(tr) + tr.cfg.budget - reserve
     per_session = session_end - (tr.clock() - tr.plan.t0 + tr.plan.session_start)  # from now: data loading is spent
@@ -840,8 +839,7 @@ REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 def planned_images(images_seen, since, elapsed, train_seconds):
     """The images the run will have shown by the end of training at the pace since `since`.
 
-    The images the run will have shown by the end of training at the pace since `since`,
-    (elapsed, images_seen) when this process's training began."""
+    `since`: (elapsed, images_seen) when this process's training began."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
     return images_seen + rate * max(train_seconds - elapsed, 0.0)
 
@@ -860,11 +858,10 @@ def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
 def replan(tr):
     """Time the end again once training is warm and move the end of training to fit it.
 
-    Time the end again once training is warm and move the end of training to fit it: later
-    when the first timing took too much (at start-up a fresh machine's cold caches can make the end
-    look several times longer than it is: a CPU run measured 200 s for 30 s of sampling, and every
-    second kept for nothing is a second not trained), earlier when the machine got busier and the
-    end is now slower, but never before now. Rank 0 times it; every rank gets the same plan."""
+    Later when the first timing took too much (at start-up a fresh machine's cold caches can make
+    the end look several times longer than it is: a CPU run measured 200 s for 30 s of sampling, and
+    every second kept for nothing is a second not trained), earlier when the machine got busier and
+    the end is now slower, but never before now. Rank 0 times it; every rank gets the same plan."""
     def warm():
         _, parts = measure_end(tr)  # the parts as timed, warm
         reserve = 2.0 * sum(parts.values()) + 3.0  # kept: what a machine twice as slow would still fit
@@ -984,8 +981,8 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
 def sampling_truncation(cfg, images_seen, n_photos):
     """The truncation to sample with (0: none).
 
-    The truncation to sample with (0: none): the setting, or, left to the plan and no plan made
-    yet (a run that ended before its pace), the one for the passes it made."""
+    The setting, or, left to the plan and no plan made yet (a run that ended before its pace), the
+    one for the passes it made."""
     t = cfg.truncation
     return truncation_for_passes(images_seen / max(n_photos, 1)) if t == TRUNCATION_FROM_PLAN else t
 
@@ -1154,7 +1151,6 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
 def ema_generator(ckpt, model_cls, device, which=None):
     """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig).
 
-    (the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig);
     which: the index of an extra EMA copy (ema_extra) instead. One written mid-run (periodic,
     snapshot, interrupt), and every extra copy, gets its batch-norm statistics re-estimated
     first, as the run's end does for G_ema."""
