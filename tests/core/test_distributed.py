@@ -82,6 +82,7 @@ def test_ranks_keep_identical_parameters_and_draw_their_own_batches(tmp_path, ti
                                                     "samples.png"]
 
 
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_exactly(tmp_path, tiny_dataset):
     assert two_ranks(train_ranks, tmp_path, tiny_dataset, 8, None, "straight", no_hooks) == [0, 0]
     straight = torch.load(tmp_path / "rank0.pt", weights_only=True)

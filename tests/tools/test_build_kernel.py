@@ -158,6 +158,7 @@ def test_contents_points_at_every_section_in_order(name):
     assert titles.index("Model") < titles.index("Data") < titles.index("Training")
 
 
+@pytest.mark.slow
 def test_a_push_ready_kaggle_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nowhere"))
