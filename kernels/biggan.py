@@ -775,7 +775,7 @@ def train_loop(tr):
 # MACHINERY. Everything below keeps a 9-hour run alive: data cleaning from any layout, the
 # machine checks, several GPUs, sampling and the zip, checkpoints, the time plan, the end and the
 # entry point. Nothing below needs reading to change the settings, the model or the recipe above.
-# Each function carries the first sentence of its docstring; the whole one is in dogkit/core.
+# Each function carries its docstring's summary line; the whole docstring is in dogkit/core.
 # =============================================================================================
 
 

@@ -41,8 +41,8 @@ FRONT = (
     ("dogkit.core.models.common", None),
     ("dogkit.core.augment", None),
     ("Recipe: the schedule, the EMA, the settings that follow the plan, one training step, sampling",
-     [("dogkit.core.train", ("lr_multiplier", "ema_weight", "half_life_weight", "Ema", "TRUNCATION_BY_PASSES", "truncation_for_passes", "from_plan", "set_schedule",
-                             "draw_batch", "train_step")),
+     [("dogkit.core.train", ("lr_multiplier", "ema_weight", "half_life_weight", "Ema", "TRUNCATION_BY_PASSES",
+                             "truncation_for_passes", "from_plan", "set_schedule", "draw_batch", "train_step")),
       ("dogkit.core.sample", ("truncated_normal", "generate"))]),
     ("The training loop: one function, top to bottom (nanoGPT's train.py is the model)",
      [("dogkit.core.train", ("train_loop",))]),
@@ -51,7 +51,7 @@ MACHINERY = ("# " + "=" * 93 + "\n"
              "# MACHINERY. Everything below keeps a 9-hour run alive: data cleaning from any layout, the\n"
              "# machine checks, several GPUs, sampling and the zip, checkpoints, the time plan, the end and the\n"
              "# entry point. Nothing below needs reading to change the settings, the model or the recipe above.\n"
-             "# Each function carries the first sentence of its docstring; the whole one is in dogkit/core.\n"
+             "# Each function carries its docstring's summary line; the whole docstring is in dogkit/core.\n"
              "# " + "=" * 93)
 LINE_LENGTH = 120  # the project's (pyproject.toml); a summary docstring that would pass it stops the build
 SENTENCE_END = re.compile(r"[.!?](?=\s+[A-Z]|$)")
@@ -165,9 +165,9 @@ def kept_source(source: str, tree: ast.Module, keep: set[int], blank: int = 2) -
 
 def summarised(source: str, tree: ast.Module, kept: list[int]) -> tuple[str, ast.Module, list[str]]:
     """The module with the multi-line docstrings of its kept statements (indices into tree.body)
-    cut to their summary (the first paragraph, else the first sentence) on one line (the machinery's: the whole text stays in dogkit/core),
-    re-parsed; and the docstrings whose first sentence does not fit on a line of LINE_LENGTH, each
-    named (the build refuses them)."""
+    cut to their summary (the first paragraph, else the first sentence) on one line, re-parsed; and
+    the docstrings whose summary does not fit on a line of LINE_LENGTH, each named (the build refuses
+    them). The machinery's: the whole text stays in dogkit/core."""
     lines, cuts, too_long = source.splitlines(), [], []
     for node in (n for i in kept for n in ast.walk(tree.body[i])):
         body = getattr(node, "body", None)
@@ -344,7 +344,7 @@ def build(name: str, budget: str = "9h", sessions: int = 1) -> str:
             front.append(text)
             taken |= ids
     back, too_long = [], []
-    for m in modules:  # the machinery: each statement as written, its docstrings cut to their first sentence
+    for m in modules:  # the machinery: each statement as written, its docstrings cut to their summary line
         kept = [i for i, n in enumerate(trees[m].body) if id(n) in keep - taken]
         if m not in whole and kept:
             text, tree, long_ones = summarised(sources[m], trees[m], kept)
