@@ -21,17 +21,17 @@ Contents (line numbers):
      74  Settings
      96  Model
     182  Model building blocks shared by the models
-    224  Augmentation
-    312  Recipe
-    519  The training loop
-    585  MACHINERY (below: nothing to read to change the model)
-    593  Data
-   1213  Several GPUs
-   1414  The machine
-   1598  Sampling
-   1728  Settings
-   1883  Training
-   2813  Entry point
+    222  Augmentation
+    310  Recipe
+    507  The training loop
+    567  MACHINERY (below: nothing to read to change the model)
+    575  Data
+   1195  Several GPUs
+   1396  The machine
+   1580  Sampling
+   1710  Settings
+   1864  Training
+   2756  Entry point
 """
 import argparse
 import contextlib
@@ -152,8 +152,8 @@ class DCGAN:
         self.D = DCGANDiscriminator(cfg.width).to(device)
         self.G.apply(dcgan_init)
         self.D.apply(dcgan_init)
-        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
-        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg)
+        self.opt_d = adam(self.D, cfg.lr_d, cfg)
         self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
 
     def step(self, batch):
@@ -183,11 +183,9 @@ class DCGAN:
 # Model building blocks shared by the models
 # ---------------------------------------------------------------------------------------------
 
-def adam(module, lr, cfg, device):
-    """Adam whose learning rate is a tensor on CUDA, so a captured CUDA graph sees schedule changes."""
-    on_cuda = torch.device(device).type == "cuda"
-    lr = torch.tensor(lr, device=device) if on_cuda else lr
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), capturable=on_cuda)
+def adam(module, lr, cfg):
+    """Adam over a module's parameters with the settings' betas."""
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def backward_step(opt, loss):
@@ -341,31 +339,26 @@ def half_life_weight(kimg, cfg, images_seen, world_size=1):
 class Ema:
     """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
 
-    It owns the copies and their weights, each a tensor (read by the step: graph-safe) and a number
-    (a change is written to the tensor, never read back); extra copies follow half_life_weight."""
+    It owns the copies and their weights (of the new parameters, per step); extra copies follow
+    half_life_weight."""
 
     def __init__(self, G, cfg, device):
         self.G = ema_copy(G)
         self.kimg = parse_ema_extra(cfg.ema_extra)
         self.extra = [ema_copy(G) for _ in self.kimg]
-        self.w = [torch.tensor(1.0, device=device) for _ in range(1 + len(self.kimg))]
-        self.w_value = [1.0] * len(self.w)
+        self.w = [1.0] * (1 + len(self.kimg))
 
     def copies(self):
         return [self.G] + self.extra
 
     def set_weights(self, p, cfg, images_seen, world_size=1):
         """Each copy's weight of the new parameters at progress p (G_ema's: ema_weight)."""
-        weights = [ema_weight(p, cfg, images_seen, world_size)]
-        weights += [half_life_weight(kimg, cfg, images_seen, world_size) for kimg in self.kimg]
-        for i, w in enumerate(weights):
-            if w != self.w_value[i]:  # at the switch, or every step of a ramp-up: no host sync
-                self.w[i].fill_(w)
-                self.w_value[i] = w
+        self.w = [ema_weight(p, cfg, images_seen, world_size)]
+        self.w += [half_life_weight(kimg, cfg, images_seen, world_size) for kimg in self.kimg]
 
     @torch.no_grad()
     def update(self, G):
-        """Every copy a step toward G by its weight (a tensor: no host sync, graph-safe)."""
+        """Every copy a step toward G by its weight."""
         for G_ema, w in zip(self.copies(), self.w):
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.lerp_(p, w)
@@ -375,7 +368,7 @@ class Ema:
     def state(self):
         """The checkpoint's EMA entries."""
         return {"G_ema": self.G.state_dict(), "G_ema_extra": [G.state_dict() for G in self.extra],
-                "ema_extra_w": self.w_value[1:], "ema_w": self.w_value[0]}
+                "ema_extra_w": self.w[1:], "ema_w": self.w[0]}
 
     def load(self, ckpt, log=print):
         """The EMA of a checkpoint; extra copies it does not hold as this run has them start afresh."""
@@ -384,12 +377,10 @@ class Ema:
         if len(extra) == len(self.extra):
             for G, state in zip(self.extra, extra):
                 G.load_state_dict(state)
-            self.w_value[1:] = list(ckpt.get("ema_extra_w") or self.w_value[1:])
+            self.w[1:] = list(ckpt.get("ema_extra_w") or self.w[1:])
         else:
             log(f"extra EMA copies start afresh: the checkpoint has {len(extra)}, this run {len(self.extra)}")
-        self.w_value[0] = ckpt["ema_w"]
-        for t, w in zip(self.w, self.w_value):
-            t.fill_(w)
+        self.w[0] = ckpt["ema_w"]
 
 
 # The truncations measured best at a number of passes over the photos, (passes, truncation); between
@@ -429,14 +420,11 @@ def from_plan(cfg, planned_images, n_photos):
 
 
 def set_schedule(tr, p):
-    """The learning rates and the EMA weights at progress p, written in place (graph-safe)."""
+    """The learning rates and the EMA weights at progress p."""
     scale = lr_multiplier(p, tr.cfg) * tr.safety.lr_scale
     for opt, base in ((tr.model.opt_g, tr.cfg.lr_g), (tr.model.opt_d, tr.cfg.lr_d)):
         for group in (opt.param_groups if opt is not None else ()):
-            if torch.is_tensor(group["lr"]):
-                group["lr"].fill_(base * scale)
-            else:
-                group["lr"] = base * scale
+            group["lr"] = base * scale
     if tr.given.ema_fraction > 0 and tr.planned is None and p >= tr.cfg.ema_start and tr.images_seen and p > 0:
         follow_plan(tr, tr.images_seen / p, f"estimated at p={p:.2f}, before the pace")  # ema_start before REPLAN_AT
     tr.ema.set_weights(p, tr.cfg, tr.images_seen, tr.world.size)
@@ -459,8 +447,8 @@ def draw_batch(tr):
 
 def train_step(tr):
     # bf16/fp16 autocast around the whole step (forward and backward run in the dtype autocast
-    # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache:
-    # the step may be captured in a CUDA graph.
+    # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache: the
+    # step updates D and then uses it for G's loss, and a cached low-precision copy would be stale.
     with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16,
                         enabled=tr.amp_dtype is not None, cache_enabled=False):
         drawn = []  # the model draws as many batches as it needs (wgan-gp: one per critic step)
@@ -523,13 +511,13 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 def train_loop(tr):
     """The training loop, top to bottom. Each pass: the clock (rank 0's, for every rank) says whether
     to stop; the schedule is set for progress p; one step (a real batch, D's update, G's update, the
-    EMA: train_step, or its CUDA graph); then, when their time has come, a log line (a NaN rolls
+    EMA: train_step); then, when their time has come, a log line (a NaN rolls
     back), a grid, a checkpoint and an interim images.zip. Returns None, or why it stopped early."""
     cfg, main = tr.cfg, tr.world.main
     start = tr.plan.t0 - tr.plan.session_start  # elapsed counts every session's time
     now, _ = agree(tr.world, tr.clock())
     last_log = last_grid = last_ckpt = last_zip = now
-    steps_at_log, use_graph = tr.step, graph_wanted(tr)
+    steps_at_log = tr.step
     snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)]
     first = budget_start(tr)
     warm = tr.plan.elapsed - first >= REPLAN_AT * (tr.plan.session_end - first)  # past it: resumed
@@ -546,13 +534,7 @@ def train_loop(tr):
         p = tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)
         set_schedule(tr, p)  # learning rates and EMA weight at progress p
 
-        if use_graph and tr.graph is None:
-            use_graph = try_capture(tr)
-            continue
-        if tr.graph is not None:
-            tr.graph.replay()  # the captured step: the same as train_step, without Python in between
-        else:
-            train_step(tr)  # a real batch, D's update, G's update, the EMA
+        train_step(tr)  # a real batch, D's update, G's update, the EMA
         count_step(tr)
         if tr.safety.good is None:
             keep_good_state(tr)  # the first good state: what a rollback returns to
@@ -1808,7 +1790,6 @@ SETTINGS = (
     ("zip_every", 3600.0, (0.0, None), None, "seconds between interim images.zip from the EMA (insurance)"),
     ("max_rollbacks", 8, (0, 1000), None, "a NaN storm: stop training after this many rollbacks, write the zip"),
     ("reserve", -1.0, (-1.0, None), None, "seconds kept for sampling and the zip (-1: measured at the start)"),
-    ("graph", "auto", Choices(("auto", "off")), None, "capture the training step in a CUDA graph"),
     ("precision", "fp32", Choices(PRECISIONS), None,
      "fp32 (TF32 where the GPU has it), bf16 (sm_80+), fp16 (autocast + loss scaling: T4)"),
     ("memory_format", "contiguous", Choices(MEMORY_FORMATS), None, "channels_last: NHWC weights and batches"),
@@ -1887,8 +1868,8 @@ def unread_settings(cfg, model_name):
 # file adapts to any GPU: the learning rate holds until p = lr_decay_start and then follows a
 # cosine down to lr_final x; the EMA of G starts at p = ema_start; training stops early enough
 # that refreshing the EMA's batch-norm statistics, sampling 10,000 images and writing the zip fit
-# inside the budget. On CUDA the whole step (batch sampling, augmentation, D and G updates, EMA)
-# is captured once in a CUDA graph and replayed; losses stay on the GPU until a log line.
+# inside the budget. The step runs eager, as written (a model's Python runs every step, so an edit
+# to it does what it says); losses stay on the device until a log line (no host sync per step).
 # Nothing that goes wrong after the first good step loses the run: the trainer rolls back to the
 # last good state, writes images.zip from it and only then reports the failure (RunFailed).
 
@@ -2016,49 +1997,10 @@ def resident(data, device):
     images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).contiguous()
     return images.to(device), torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(device)
 
-def capture_step(tr):
-    """Capture train_step in a CUDA graph (3 warm-up steps on a side stream first)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            train_step(tr)
-            count_step(tr)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        train_step(tr)
-    return graph
-
-def try_capture(tr):
-    """Capture the step in a CUDA graph; False (eager from here on) when that fails."""
-    try:
-        tr.graph = capture_step(tr)
-        tr.log("training step captured in a CUDA graph")
-        return True
-    except Exception as exc:  # any capture problem
-        tr.log(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eager")
-        torch.cuda.synchronize()
-        return False
-
 def count_step(tr):
     """One more step done: the step counter and the real images seen (every rank's)."""
     tr.step += 1
     tr.images_seen += tr.batches_per_step * tr.cfg.batch_size * tr.world.size
-
-def graph_wanted(tr):
-    """Whether to capture the step in a CUDA graph (logs why not, where that is a choice)."""
-    if tr.device.type != "cuda" or tr.cfg.graph != "auto":
-        return False
-    if tr.world.size > 1:  # the gradient all_reduce and the per-step control message are not captured
-        tr.log(f"{tr.world.size} ranks: the step runs eager (no CUDA graph: NCCL's all_reduce and the "
-               "per-step clock message are left outside a graph)")
-        return False
-    if tr.precision == "fp16":  # GradScaler reads found-inf on the host: not capturable
-        tr.log("fp16: the loss scaler syncs with the host every step, so the step runs eager "
-               "(no CUDA graph)")
-        return False
-    return True
 
 class Plan:
     """The time plan: how far the run is, when this session's training stops, the sessions."""
@@ -2098,7 +2040,7 @@ class Plan:
 # ---- the safety net: the last good state, rollback --------------------------------------
 
 def state_tensors(tr):
-    """Every tensor that defines the training state, for in-place copies (graph-safe)."""
+    """Every tensor that defines the training state, for in-place copies."""
     out = list(tr.model.G.state_dict(keep_vars=True).values())
     if tr.model.D is not None:
         out += list(tr.model.D.state_dict(keep_vars=True).values())
@@ -2252,7 +2194,7 @@ def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
     return ckpt
 
 RUN_SETTINGS = ("data", "out", "budget", "hard_limit", "sessions", "device", "steps", "n_samples", "truncation", "log_every",
-                "grid_every", "checkpoint_every", "snapshots", "keep_grids", "zip_every", "reserve", "graph",
+                "grid_every", "checkpoint_every", "snapshots", "keep_grids", "zip_every", "reserve",
                 "memory_format", "ema_extra")  # where and how long a run goes: a continued run may change them
 
 def settings_differences(saved, cfg):
@@ -2656,7 +2598,8 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
 
 def ema_generator(ckpt, model_cls, device, which=None):
     """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig)."""
-    cfg = dataclasses.replace(TrainConfig(**ckpt["config"]), device=str(device))
+    given = {k: v for k, v in ckpt["config"].items() if k in SETTING}  # a retired setting (graph) is passed over
+    cfg = dataclasses.replace(TrainConfig(**given), device=str(device))
     G = model_cls(cfg, ckpt["n_classes"], device).G
     G.load_state_dict(ckpt["G_ema"] if which is None else ckpt["G_ema_extra"][which])
     if which is not None or not ckpt.get("bn_refreshed", True):
@@ -2754,7 +2697,7 @@ class Trainer:
         self.step, self.images_seen = 0, 0  # steps, and real training images drawn so far (every rank's)
         self.batches_per_step = 1  # real batches one step draws (measured by train_step)
         self.safety = SafetyNet()  # the last good state, rollbacks
-        self.loss_sum = self.graph = None
+        self.loss_sum = None
         self.bn_refreshed = False  # standing batch-norm statistics in G_ema (the end's)
         self.written = Written()  # this run's last checkpoint and interim zip, the folder it continues
         self.grid_every = cfg.grid_every

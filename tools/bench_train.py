@@ -2,11 +2,10 @@
 """Training throughput of the real kernel loop (data, augmentation, D and G steps, EMA).
 
     python tools/bench_train.py --data data/dogs64.npz --seconds 30              # GPU if present
-    python tools/bench_train.py --data data/dogs64.npz --model dcgan --modes eager,graph
-    python tools/bench_train.py --data data/dogs64.npz --model biggan --modes graph --precision fp32,bf16 --batch-size 32,64
+    python tools/bench_train.py --data data/dogs64.npz --model biggan --precision fp32,bf16 --batch-size 32,64
     python tools/bench_train.py --data data/dogs64.npz --model biggan --profile 20   # the step's top kernels
 
-Prints one table row per mode: steady-state steps/s (first log interval dropped) and images/s;
+Prints one table row per setting: steady-state steps/s (first log interval dropped) and images/s;
 with --profile N, torch.profiler's table of N eager training steps instead.
 """
 from __future__ import annotations
@@ -26,15 +25,14 @@ from dogkit.core.train import Plan, Trainer, train_loop  # noqa: E402
 from dogkit.core.settings import TrainConfig, with_settings
 
 
-def measure(entry, data, mode, seconds, batch_size, device, precision=None, memory_format=None):
+def measure(entry, data, seconds, batch_size, device, precision=None, memory_format=None):
     """Steady-state (steps/s, images/s, batch size, the precision that ran, peak GPU memory in GiB
-    or None) of `seconds` of the model's real training loop; the first log interval (CUDA graph
-    capture, cuDNN autotuning) is left out."""
+    or None) of `seconds` of the model's real training loop; the first log interval (cuDNN
+    autotuning, warm-up) is left out."""
     import torch
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = bench_config(entry, out, seconds, device, graph="auto" if mode == "graph" else "off",
-                           batch_size=batch_size, precision=precision, memory_format=memory_format)
+        cfg = bench_config(entry, out, seconds, device, batch_size=batch_size, precision=precision, memory_format=memory_format)
         cuda = torch.cuda.is_available() and device != "cpu"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -60,7 +58,7 @@ def bench_config(entry, out, seconds, device, **overrides):
 def profile(entry, data, device, steps=20, warmup=5, rows=15):
     """torch.profiler's table (top `rows` operators and kernels by device time, CPU time on the
     CPU) of `steps` eager training steps of the model's defaults, after `warmup` steps: where a
-    step's time goes, kernel by kernel (a CUDA graph replay would hide them)."""
+    step's time goes, kernel by kernel."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -77,7 +75,7 @@ def profile(entry, data, device, steps=20, warmup=5, rows=15):
             prof.stop()
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = bench_config(entry, out, 1e6, device, graph="off", steps=warmup + steps, log_every=1e9)
+        cfg = bench_config(entry, out, 1e6, device, steps=warmup + steps, log_every=1e9)
         trainer = Trainer(cfg, entry.cls, data=data, log=lambda m: None, hooks=[window])
         trainer.plan.fix(1e6, 1e6)
         train_loop(trainer)
@@ -88,7 +86,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--model", default="dcgan", choices=registry.MODEL_NAMES)
-    parser.add_argument("--modes", default="eager,graph")
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--batch-size", default=None, help="one or more, e.g. 32,64 (default: the model's)")
     parser.add_argument("--precision", default=None, help="one or more of fp32,bf16 (default: the model's)")
@@ -104,15 +101,14 @@ def main(argv=None):
                       steps=args.profile))
         return 0
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    print("| model | mode | precision | device | batch | steps/s | images/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | precision | device | batch | steps/s | images/s |")
+    print("|---|---|---|---|---|---|")
     batches = [int(b) for b in args.batch_size.split(",")] if args.batch_size else [None]
     precisions = args.precision.split(",") if args.precision else [None]
-    for mode in args.modes.split(","):
-        for precision in precisions:
-            for batch in batches:
-                steps, imgs, bs, prec, _ = measure(entry, data, mode, args.seconds, batch, args.device, precision)
-                print(f"| {args.model} | {mode} | {prec} | {dev} | {bs} | {steps:.1f} | {imgs:.0f} |", flush=True)
+    for precision in precisions:
+        for batch in batches:
+            steps, imgs, bs, prec, _ = measure(entry, data, args.seconds, batch, args.device, precision)
+            print(f"| {args.model} | {prec} | {dev} | {bs} | {steps:.1f} | {imgs:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ POINTS = (1 / 3, 2 / 3, 1.0)  # default learning-curve points, fractions of the 
 MIN_EVAL_IMAGES = 2048  # the smallest N a measured row may have (--n-images below it: rehearsals only)
 SCORING = ("CPU proxy: {n:,} generated images (seed 0) against {reference} ({rows:,} photos): FID, d, "
            "KID over all pairs with its jackknife standard error; FID by symmetric eigensolves")
-FIXED = ("data", "out", "budget", "steps", "device", "seed", "sessions", "snapshots", "reserve", "graph")
+FIXED = ("data", "out", "budget", "steps", "device", "seed", "sessions", "snapshots", "reserve")
 
 
 class Stopped(Exception):
@@ -82,7 +82,7 @@ def proxy_config(e, seed=0, out="x"):
         raise ValueError(f"model {e['model']!r}: choose from {', '.join(registry.MODEL_NAMES)}")
     entry = registry.get(e["model"])
     cfg = with_settings(with_settings(TrainConfig(), with_preset(entry.settings, entry.presets, preset)), options)
-    return dataclasses.replace(cfg, seed=int(seed), device="cpu", out=str(out), graph="off", reserve=0.0)
+    return dataclasses.replace(cfg, seed=int(seed), device="cpu", out=str(out), reserve=0.0)
 
 
 def check_proxy(e):

@@ -404,14 +404,14 @@ def run_throughput(run, e):
             run.log(f"{e['id']}: out of time before {model} batch {batch} {precision} {fmt}")
             return
         try:
-            steps, _, bs, ran, peak = bench_train.measure(registry.get(model), run.data, "graph", e["seconds"], batch,
+            steps, _, bs, ran, peak = bench_train.measure(registry.get(model), run.data, e["seconds"], batch,
                                                           str(run.device), precision, fmt)
-        except Exception as exc:  # an out-of-memory batch, a capture failure: a row that says so
+        except Exception as exc:  # an out-of-memory batch: a row that says so
             run.log(f"{e['id']}: {model} batch {batch} {precision} {fmt} failed ({type(exc).__name__}: {exc})")
             if run.device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        mode = "CUDA graph" if run.device.type == "cuda" else "eager (no CUDA)"
+        mode = "eager" if run.device.type == "cuda" else "eager (no CUDA)"
         run.emit({"kind": "throughput", "model": model, "settings": f"{mode}, {ran}, {fmt}", "batch_size": bs,
                   "steps_per_s": round(steps, 2), "entry": e["id"],
                   "note": f"{e['seconds']:g} s measured" + (f"; peak {peak:.1f} GiB" if peak else ""),

@@ -91,7 +91,6 @@ SETTINGS = (
     ("zip_every", 3600.0, (0.0, None), None, "seconds between interim images.zip from the EMA (insurance)"),
     ("max_rollbacks", 8, (0, 1000), None, "a NaN storm: stop training after this many rollbacks, write the zip"),
     ("reserve", -1.0, (-1.0, None), None, "seconds kept for sampling and the zip (-1: measured at the start)"),
-    ("graph", "auto", Choices(("auto", "off")), None, "capture the training step in a CUDA graph"),
     ("precision", "fp32", Choices(PRECISIONS), None,
      "fp32 (TF32 where the GPU has it), bf16 (sm_80+), fp16 (autocast + loss scaling: T4)"),
     ("memory_format", "contiguous", Choices(MEMORY_FORMATS), None, "channels_last: NHWC weights and batches"),

@@ -112,7 +112,7 @@ def test_extra_ema_copies_average_by_their_half_lives_and_travel_in_the_checkpoi
     trainer.run()
     # set before the last step's images (88 of 96): half-lives min(20, 10 x 88) and min(1,000, 10 x 88) images
     assert trainer.images_seen == 96
-    assert trainer.ema.w_value[1:] == [pytest.approx(1 - 0.5 ** (8 / 20)), pytest.approx(1 - 0.5 ** (8 / 880))]
+    assert trainer.ema.w[1:] == [pytest.approx(1 - 0.5 ** (8 / 20)), pytest.approx(1 - 0.5 ** (8 / 880))]
     first = [p.clone() for p in trainer.ema.extra[0].parameters()]
     assert not all(torch.equal(a, b) for a, b in zip(first, trainer.ema.extra[1].parameters()))
     again = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "b")), registry.get("dcgan").cls, data=tiny_dataset,
@@ -120,7 +120,7 @@ def test_extra_ema_copies_average_by_their_half_lives_and_travel_in_the_checkpoi
     load_checkpoint(again, tmp_path / "checkpoint.pt")
     for a, b in zip(trainer.ema.extra[1].state_dict().values(), again.ema.extra[1].state_dict().values()):
         assert torch.equal(a, b)
-    assert again.ema.w_value[1:] == trainer.ema.w_value[1:]
+    assert again.ema.w[1:] == trainer.ema.w[1:]
     gen = export_generator(tmp_path / "checkpoint.pt", tmp_path / "g.pt", which=1)
     G, _, _ = load_generator(tmp_path / "g.pt", "cpu")
     assert gen["format"] == "dogkit-generator-1" and G(torch.zeros(2, cfg.z_dim), None).shape == (2, 3, 64, 64)

@@ -195,8 +195,8 @@ class BigGAN:
         self.G = BigGANGenerator(cfg.z_dim, cfg.width, self.n_classes).to(device)
         self.d_width = cfg.d_width or 2 * cfg.width  # the winners' ratio, G 32 / D 64, unless set
         self.D = BigGANDiscriminator(self.d_width, self.n_classes).to(device)
-        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
-        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg)
+        self.opt_d = adam(self.D, cfg.lr_d, cfg)
         self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
 
     def step(self, batch):

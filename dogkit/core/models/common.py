@@ -23,8 +23,8 @@ class ModelContract:
         G: the generator, an nn.Module called as G(z, labels) (labels None when unconditional),
             returning images in [-1, 1], NCHW, 64x64; its EMA copy is what is sampled.
         D: the discriminator (nn.Module), or None for a model without an adversary.
-        opt_g, opt_d: their optimisers (opt_d None exactly when D is None); a tensor learning rate
-            on CUDA (adam/nadam below), so a captured CUDA graph sees the schedule.
+        opt_g, opt_d: their optimisers (opt_d None exactly when D is None); the trainer sets their
+            learning rates every step (the schedule).
     step(batch): one training step; batch() returns (images in [-1, 1], labels) and may be called
         more than once; updates go through backward_step(opt, loss) (fp16 loss scaling) or call
         loss.backward(); opt.step() (several GPUs average either way: the trainer's opt.step); returns
@@ -73,18 +73,14 @@ def instance_problems(model):
     return problems
 
 
-def adam(module, lr, cfg, device):
-    """Adam whose learning rate is a tensor on CUDA, so a captured CUDA graph sees schedule changes."""
-    on_cuda = torch.device(device).type == "cuda"
-    lr = torch.tensor(lr, device=device) if on_cuda else lr
-    return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), capturable=on_cuda)
+def adam(module, lr, cfg):
+    """Adam over a module's parameters with the settings' betas."""
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2))
 
 
-def nadam(module, lr, cfg, device):
-    """NAdam (Adam with Nesterov momentum), tensor learning rate on CUDA like `adam`."""
-    on_cuda = torch.device(device).type == "cuda"
-    lr = torch.tensor(lr, device=device) if on_cuda else lr
-    return torch.optim.NAdam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), capturable=on_cuda)
+def nadam(module, lr, cfg):
+    """NAdam (Adam with Nesterov momentum) with the settings' betas."""
+    return torch.optim.NAdam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def backward_step(opt, loss):
@@ -113,7 +109,7 @@ def lecam_penalty(state, d_real, d_fake, decay=0.99, start=1000):
     the other side,
         relu(D(real) - ema_fake)^2 + relu(ema_real - D(fake))^2   (means over the batch),
     which bounds how far D can separate a small data set. `state` is a 3-vector buffer
-    [average of mean D(real), average of mean D(fake), updates], updated in place (graph-safe):
+    [average of mean D(real), average of mean D(fake), updates], updated in place (no host sync):
     for the first `start` updates the averages are the current batch means (decay 0) and the
     penalty is 0, as in the published code (StudioGAN's lecam_ema_start_iter); from then on an
     EMA with `decay` (0.99) and the penalty."""

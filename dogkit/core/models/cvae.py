@@ -87,7 +87,7 @@ class CVAE:
         self.cfg = cfg
         self.G = ConvVAE(cfg.z_dim, cfg.width, cfg.clusters, cfg.recycle).to(device)
         self.D = None  # no adversary
-        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg)
         self.opt_d = None
 
     def step(self, batch):

@@ -67,8 +67,8 @@ class DCGAN:
         self.D = DCGANDiscriminator(cfg.width).to(device)
         self.G.apply(dcgan_init)
         self.D.apply(dcgan_init)
-        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
-        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg)
+        self.opt_d = adam(self.D, cfg.lr_d, cfg)
         self.policy = diffaug_policy(cfg.augment)  # what D sees of real and fake alike
 
     def step(self, batch):

@@ -50,8 +50,8 @@ class GAN:
         self.cfg = cfg
         self.G = MLPGenerator(cfg.z_dim, cfg.width).to(device)
         self.D = MLPDiscriminator(cfg.width).to(device)
-        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
-        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg)
+        self.opt_d = adam(self.D, cfg.lr_d, cfg)
 
     def step(self, batch):
         real, _ = batch()

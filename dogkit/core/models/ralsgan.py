@@ -62,8 +62,8 @@ class RaLSGAN:
         self.D = RaLSGANDiscriminator(cfg.width).to(device)
         self.G.apply(dcgan_init)
         self.D.apply(dcgan_init)
-        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
-        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg)
+        self.opt_d = adam(self.D, cfg.lr_d, cfg)
 
     def step(self, batch):
         real, _ = batch()

@@ -58,8 +58,8 @@ class SAGAN:
         self.cfg = cfg
         self.G = SAGANGenerator(cfg.z_dim, cfg.width).to(device)
         self.D = SAGANDiscriminator(cfg.width).to(device)
-        self.opt_g = adam(self.G, cfg.lr_g, cfg, device)
-        self.opt_d = adam(self.D, cfg.lr_d, cfg, device)
+        self.opt_g = adam(self.G, cfg.lr_g, cfg)
+        self.opt_d = adam(self.D, cfg.lr_d, cfg)
 
     def step(self, batch):
         real, _ = batch()

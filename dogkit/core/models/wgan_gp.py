@@ -71,8 +71,8 @@ class WGANGP:
         self.cfg = cfg
         self.G = WGANGenerator(cfg.z_dim, cfg.width).to(device)
         self.D = WGANCritic(cfg.width).to(device)
-        self.opt_g = nadam(self.G, cfg.lr_g, cfg, device)
-        self.opt_d = nadam(self.D, cfg.lr_d, cfg, device)
+        self.opt_g = nadam(self.G, cfg.lr_g, cfg)
+        self.opt_d = nadam(self.D, cfg.lr_d, cfg)
 
     def gradient_penalty(self, real, fake):
         eps = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
