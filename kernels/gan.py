@@ -30,8 +30,8 @@ Contents (line numbers):
    1308  The machine
    1492  Sampling
    1622  Settings
-   1776  Training
-   2668  Entry point
+   1777  Training
+   2676  Entry point
 """
 import argparse
 import contextlib
@@ -430,7 +430,7 @@ def train_loop(tr):
     now, _ = agree(tr.world, tr.clock())
     last_log = last_grid = last_ckpt = last_zip = now
     steps_at_log = tr.step
-    snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)]
+    snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > progress(tr)]
     first = budget_start(tr)
     warm = tr.plan.elapsed - first >= REPLAN_AT * (tr.plan.session_end - first)  # past it: resumed
     since = (now - start, tr.images_seen)  # the pace is timed from here
@@ -443,7 +443,7 @@ def train_loop(tr):
             break
         if not warm and tr.plan.elapsed - first >= REPLAN_AT * (tr.plan.session_end - first):
             warm = once_warm(tr, since)  # the end timed again, the pace, the settings that follow it
-        p = tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)
+        p = progress(tr)
         set_schedule(tr, p)  # learning rates and EMA weight at progress p
 
         train_step(tr)  # a real batch, D's update, G's update, the EMA
@@ -472,7 +472,7 @@ def train_loop(tr):
         for hook in tr.hooks:  # last: a rank failing here meets the others at the next agree()
             hook(tr)
     if tr.step > steps_at_log:
-        log_interval(tr, tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9), tr.step - steps_at_log, now - last_log)
+        log_interval(tr, progress(tr), tr.step - steps_at_log, now - last_log)
     return None
 
 
@@ -1650,7 +1650,8 @@ SETTINGS = (
                                            "the wall a run with no images.zip yet may run up to; 0: none"),
     ("seed", 0, (0, 2 ** 63 - 1), None, "random seed"),
     ("device", "auto", None, None, "auto (the GPU if any), cuda, cuda:1, cpu"),
-    ("steps", 0, (0, None), None, "also stop after this many steps (0: the budget alone decides)"),
+    ("steps", 0, (0, None), None, "also stop after this many steps, the schedule (progress p) ending with them "
+                                  "(0: the budget alone decides)"),
     ("sessions", 1, (1, 1000), None, "sessions the run is planned over, `budget` each, each continuing the last"),
     # the model and its optimiser (each model's settings override these)
     ("model", "dcgan", None, None, "the registered model this configuration trains"),
@@ -1908,6 +1909,11 @@ def resident(data, device):
     """The training photos as one NCHW uint8 tensor on the device, and their labels."""
     images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).contiguous()
     return images.to(device), torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(device)
+
+def progress(tr):
+    """p from 0 to 1: the share of the run's training time spent, or of cfg.steps done when further."""
+    p = tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)
+    return max(p, tr.step / tr.cfg.steps) if tr.cfg.steps else p
 
 def count_step(tr):
     """One more step done: the step counter and the real images seen (every rank's)."""
@@ -2263,15 +2269,15 @@ def planned_seconds(tr):
 
 REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
-def planned_images(images_seen, since, elapsed, train_seconds):
+def planned_images(images_seen, since, elapsed, train_seconds, at_most=math.inf):
     """The images the run will have shown by the end of training at the pace since `since`."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
-    return images_seen + rate * max(train_seconds - elapsed, 0.0)
+    return min(at_most, images_seen + rate * max(train_seconds - elapsed, 0.0))
 
-def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
+def pace_line(images_seen, since, elapsed, train_seconds, n_photos, at_most=math.inf):
     """What the run will show at this pace, in words."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
-    total = planned_images(images_seen, since, elapsed, train_seconds)
+    total = planned_images(images_seen, since, elapsed, train_seconds, at_most)
     return (f"at {rate:,.0f} images/s, about {total:,.0f} images by the end of training: "
             f"{passes_words(total / max(n_photos, 1))} over the {n_photos:,} photos")
 
@@ -2298,8 +2304,10 @@ def once_warm(tr, since):
     """At a tenth of the session's training: time the end again, log the pace, follow the plan."""
     if tr.cfg.reserve < 0:
         replan(tr)
-    tr.log("pace       " + pace_line(tr.images_seen, since, tr.plan.elapsed, tr.plan.train_seconds, len(tr.images)))
-    follow_plan(tr, planned_images(tr.images_seen, since, tr.plan.elapsed, tr.plan.train_seconds), "the pace")
+    cap = tr.images_seen / max(tr.step, 1) * tr.cfg.steps if tr.cfg.steps else math.inf  # --steps: no more
+    pace = (tr.images_seen, since, tr.plan.elapsed, tr.plan.train_seconds)
+    tr.log("pace       " + pace_line(*pace, len(tr.images), at_most=cap))
+    follow_plan(tr, planned_images(*pace, at_most=cap), "the pace")
     return True
 
 # ---- logs, pictures and interim zips -----------------------------------------------------

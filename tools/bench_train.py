@@ -32,7 +32,8 @@ def measure(entry, data, seconds, batch_size, device, precision=None, memory_for
     import torch
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = bench_config(entry, out, seconds, device, batch_size=batch_size, precision=precision, memory_format=memory_format)
+        cfg = bench_config(entry, out, seconds, device, batch_size=batch_size, precision=precision,
+                           memory_format=memory_format)
         cuda = torch.cuda.is_available() and device != "cpu"
         if cuda:
             torch.cuda.reset_peak_memory_stats()

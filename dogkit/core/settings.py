@@ -39,7 +39,8 @@ SETTINGS = (
                                            "the wall a run with no images.zip yet may run up to; 0: none"),
     ("seed", 0, (0, 2 ** 63 - 1), None, "random seed"),
     ("device", "auto", None, None, "auto (the GPU if any), cuda, cuda:1, cpu"),
-    ("steps", 0, (0, None), None, "also stop after this many steps (0: the budget alone decides)"),
+    ("steps", 0, (0, None), None, "also stop after this many steps, the schedule (progress p) ending with them "
+                                  "(0: the budget alone decides)"),
     ("sessions", 1, (1, 1000), None, "sessions the run is planned over, `budget` each, each continuing the last"),
     # the model and its optimiser (each model's settings override these)
     ("model", "dcgan", None, None, "the registered model this configuration trains"),

@@ -332,6 +332,15 @@ def train_step(tr):
     return losses
 
 
+def progress(tr):
+    """p from 0 to 1: the share of the run's training time spent, or of cfg.steps done when further.
+
+    A run that --steps ends has its schedule (learning-rate decay, EMA start, snapshots) end with
+    it, not wherever the clock had got to."""
+    p = tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)
+    return max(p, tr.step / tr.cfg.steps) if tr.cfg.steps else p
+
+
 def count_step(tr):
     """One more step done: the step counter and the real images seen (every rank's)."""
     tr.step += 1
@@ -784,21 +793,22 @@ def planned_seconds(tr):
 REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
 
-def planned_images(images_seen, since, elapsed, train_seconds):
+def planned_images(images_seen, since, elapsed, train_seconds, at_most=math.inf):
     """The images the run will have shown by the end of training at the pace since `since`.
 
-    `since`: (elapsed, images_seen) when this process's training began."""
+    `since`: (elapsed, images_seen) when this process's training began; at_most: what --steps
+    lets it show."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
-    return images_seen + rate * max(train_seconds - elapsed, 0.0)
+    return min(at_most, images_seen + rate * max(train_seconds - elapsed, 0.0))
 
 
-def pace_line(images_seen, since, elapsed, train_seconds, n_photos):
+def pace_line(images_seen, since, elapsed, train_seconds, n_photos, at_most=math.inf):
     """What the run will show at this pace, in words.
 
     What the run will show at this pace (planned_images); the passes over the photos name the
     regime (a 9-hour T4 x2 run: hundreds)."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
-    total = planned_images(images_seen, since, elapsed, train_seconds)
+    total = planned_images(images_seen, since, elapsed, train_seconds, at_most)
     return (f"at {rate:,.0f} images/s, about {total:,.0f} images by the end of training: "
             f"{passes_words(total / max(n_photos, 1))} over the {n_photos:,} photos")
 
@@ -835,8 +845,10 @@ def once_warm(tr, since):
     (pace_line, timed from `since`) logged. True."""
     if tr.cfg.reserve < 0:
         replan(tr)
-    tr.log("pace       " + pace_line(tr.images_seen, since, tr.plan.elapsed, tr.plan.train_seconds, len(tr.images)))
-    follow_plan(tr, planned_images(tr.images_seen, since, tr.plan.elapsed, tr.plan.train_seconds), "the pace")
+    cap = tr.images_seen / max(tr.step, 1) * tr.cfg.steps if tr.cfg.steps else math.inf  # --steps: no more
+    pace = (tr.images_seen, since, tr.plan.elapsed, tr.plan.train_seconds)
+    tr.log("pace       " + pace_line(*pace, len(tr.images), at_most=cap))
+    follow_plan(tr, planned_images(*pace, at_most=cap), "the pace")
     return True
 
 
@@ -1259,7 +1271,7 @@ def train_loop(tr):
     now, _ = agree(tr.world, tr.clock())
     last_log = last_grid = last_ckpt = last_zip = now
     steps_at_log = tr.step
-    snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)]
+    snapshots = [x for x in parse_snapshots(cfg.snapshots) if x > progress(tr)]
     first = budget_start(tr)
     warm = tr.plan.elapsed - first >= REPLAN_AT * (tr.plan.session_end - first)  # past it: resumed
     since = (now - start, tr.images_seen)  # the pace is timed from here
@@ -1272,7 +1284,7 @@ def train_loop(tr):
             break
         if not warm and tr.plan.elapsed - first >= REPLAN_AT * (tr.plan.session_end - first):
             warm = once_warm(tr, since)  # the end timed again, the pace, the settings that follow it
-        p = tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)
+        p = progress(tr)
         set_schedule(tr, p)  # learning rates and EMA weight at progress p
 
         train_step(tr)  # a real batch, D's update, G's update, the EMA
@@ -1301,7 +1313,7 @@ def train_loop(tr):
         for hook in tr.hooks:  # last: a rank failing here meets the others at the next agree()
             hook(tr)
     if tr.step > steps_at_log:
-        log_interval(tr, tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9), tr.step - steps_at_log, now - last_log)
+        log_interval(tr, progress(tr), tr.step - steps_at_log, now - last_log)
     return None
 
 

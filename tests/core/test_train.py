@@ -201,19 +201,39 @@ def test_time_guard_under_a_simulated_clock(tmp_path, tiny_dataset):
     assert clock.t <= cfg.budget
 
 
-def run_steps(tmp_path, data, steps, resume=None, out="run"):
+def run_steps(tmp_path, data, steps, resume=None, out="run", stop_at=None):
+    """A 12-step dcgan run (its schedule in steps: --steps), or one stopped at step stop_at (Ctrl-C)."""
     clock = FakeClock(dt=1.0)
     cfg = tiny_cfg(tmp_path / out, steps=steps, budget=40.0, reserve=0.0, lr_decay_start=0.2, ema_start=0.1)
-    trainer = Trainer(cfg, registry.get("dcgan").cls, data=data, clock=clock, log=lambda m: None, hooks=[clock.hook])
+
+    def interrupt(tr):
+        if tr.step == stop_at:
+            raise KeyboardInterrupt
+
+    trainer = Trainer(cfg, registry.get("dcgan").cls, data=data, clock=clock, log=lambda m: None,
+                      hooks=[clock.hook, interrupt])
     if resume:
         load_checkpoint(trainer, resume)
-    trainer.run()
+    if stop_at:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.run()
+    else:
+        trainer.run()
     return trainer
+
+
+def test_a_run_that_steps_end_has_its_schedule_end_with_it(tmp_path, tiny_dataset):
+    trainer = run_steps(tmp_path, tiny_dataset, 12)  # 12 steps of a 40 s budget, one simulated second each
+    log = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["p"] for r in log] == [pytest.approx(k / 12, abs=1e-5) for k in range(12)]  # by steps, not 12/40
+    cfg, t = trainer.cfg, (11 / 12 - 0.2) / 0.8  # the last step's place in the cosine from lr_decay_start 0.2
+    cosine = cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * t))
+    assert log[-1]["lr_g"] == pytest.approx(cfg.lr_g * cosine)
 
 
 def test_resume_continues_exactly(tmp_path, tiny_dataset):
     straight = run_steps(tmp_path, tiny_dataset, 12, out="straight")
-    run_steps(tmp_path, tiny_dataset, 6, out="half")
+    run_steps(tmp_path, tiny_dataset, 12, out="half", stop_at=6)
     resumed = run_steps(tmp_path, tiny_dataset, 12, resume=tmp_path / "half" / "checkpoint.pt", out="half")
     assert resumed.step == straight.step == 12
     for a, b in zip(straight.model.G.state_dict().values(), resumed.model.G.state_dict().values()):

@@ -119,18 +119,19 @@ def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception
     make_reference(tmp_path / "ref.npz")
     gpu_bench.pack(tmp_path / "ref.npz", tmp_path / "pack")
     # reserve: the end kept as given, not timed (a busy machine times it slower and re-plans a short budget)
-    tiny = {"width": 8, "batch_size": 8, "n_samples": 64, "ema_extra": "0.5", "reserve": 8}
+    # steps: the runs' length (progress follows them), whatever the machine's speed; the budgets only above them
+    tiny = {"width": 8, "batch_size": 8, "n_samples": 64, "ema_extra": "0.5", "reserve": 8, "steps": 10}
     queue = write_queue(tmp_path / "queue.json", [
         {"id": "probe", "kind": "throughput", "question": "speed?", "models": ["dcgan"], "batch_sizes": [8],
          "precisions": ["fp32"], "memory_formats": ["contiguous", "channels_last"], "seconds": 1.5,
          "profile": ["dcgan"]},
         {"id": "too-long", "kind": "train", "model": "dcgan", "budget": "2h", "question": "never started"},
         {"id": "timing", "kind": "score-timing", "question": "how fast is dogkit score?"},
-        {"id": "tiny-run", "kind": "train", "model": "dcgan", "budget": "30s", "snapshots": [0.5], "options": tiny,
+        {"id": "tiny-run", "kind": "train", "model": "dcgan", "budget": "5m", "snapshots": [0.5], "options": tiny,
          "bn": ["batch"], "question": "does the loop work?"},
-        {"id": "tiny-subset", "kind": "train", "model": "dcgan", "budget": "20s", "question": "many passes?",
+        {"id": "tiny-subset", "kind": "train", "model": "dcgan", "budget": "5m", "question": "many passes?",
          "subset": {"size": 12, "breeds": 2, "seed": 1},
-         "options": {"width": 8, "batch_size": 8, "n_samples": 64, "reserve": 5}},
+         "options": {"width": 8, "batch_size": 8, "n_samples": 64, "reserve": 5, "steps": 6}},
     ])
     book = tmp_path / "ledger.jsonl"
     book.write_text("")
