@@ -23,15 +23,15 @@ Contents (line numbers):
     182  Model building blocks shared by the models
     222  Augmentation
     310  Recipe
-    507  The training loop
-    567  MACHINERY (below: nothing to read to change the model)
-    575  Data
-   1195  Several GPUs
-   1396  The machine
-   1580  Sampling
-   1710  Settings
-   1865  Training
-   2764  Entry point
+    508  The training loop
+    568  MACHINERY (below: nothing to read to change the model)
+    576  Data
+   1196  Several GPUs
+   1397  The machine
+   1581  Sampling
+   1711  Settings
+   1866  Training
+   2765  Entry point
 """
 import argparse
 import contextlib
@@ -388,8 +388,9 @@ class Ema:
 #  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
 #    against 87.36 at 1; results/ledger.jsonl, kind "sweep");
 #  - 300 passes: the CPU proxies (biggan width 8, 120 crops): 1 ahead of 1.5 and none on 3 of 3 seeds
-#    (2.7 SE); 0.8, swept on seed 0 of three arms (D = G, D 2x, the 5th place's), ahead of 1 on all three
-#    (KID x1e-3 3.0, 10.1 and 1.2 lower, SE 1-1.5: two clear, one a tie; README, Models). The winners'
+#    (2.7 SE); 0.8, swept on seeds 0 and 1 of three arms (D = G, D 2x, the 5th place's), best or tied
+#    with 1 on all six (KID x1e-3 lower by 3.0, 10.1, 1.2 and -2.2, 6.7, 4.2, SE 1-1.6: four clear, two
+#    ties; README, Models). The winners'
 #    9-hour runs (~700 passes) sampled at 0.8 and 1.0, the 5th place at none
 #    (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
 TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 0.8))

@@ -23,15 +23,15 @@ Contents (line numbers):
     159  Model building blocks shared by the models
     188  Augmentation
     222  Recipe
-    419  The training loop
-    479  MACHINERY (below: nothing to read to change the model)
-    487  Data
-   1107  Several GPUs
-   1308  The machine
-   1492  Sampling
-   1622  Settings
-   1777  Training
-   2676  Entry point
+    420  The training loop
+    480  MACHINERY (below: nothing to read to change the model)
+    488  Data
+   1108  Several GPUs
+   1309  The machine
+   1493  Sampling
+   1623  Settings
+   1778  Training
+   2677  Entry point
 """
 import argparse
 import contextlib
@@ -300,8 +300,9 @@ class Ema:
 #  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
 #    against 87.36 at 1; results/ledger.jsonl, kind "sweep");
 #  - 300 passes: the CPU proxies (biggan width 8, 120 crops): 1 ahead of 1.5 and none on 3 of 3 seeds
-#    (2.7 SE); 0.8, swept on seed 0 of three arms (D = G, D 2x, the 5th place's), ahead of 1 on all three
-#    (KID x1e-3 3.0, 10.1 and 1.2 lower, SE 1-1.5: two clear, one a tie; README, Models). The winners'
+#    (2.7 SE); 0.8, swept on seeds 0 and 1 of three arms (D = G, D 2x, the 5th place's), best or tied
+#    with 1 on all six (KID x1e-3 lower by 3.0, 10.1, 1.2 and -2.2, 6.7, 4.2, SE 1-1.6: four clear, two
+#    ties; README, Models). The winners'
 #    9-hour runs (~700 passes) sampled at 0.8 and 1.0, the 5th place at none
 #    (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
 TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 0.8))

@@ -39,8 +39,9 @@ from dogkit.core.sample import (OutOfTime, encode_pngs, generate, save_grid, sho
 #  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
 #    against 87.36 at 1; results/ledger.jsonl, kind "sweep");
 #  - 300 passes: the CPU proxies (biggan width 8, 120 crops): 1 ahead of 1.5 and none on 3 of 3 seeds
-#    (2.7 SE); 0.8, swept on seed 0 of three arms (D = G, D 2x, the 5th place's), ahead of 1 on all three
-#    (KID x1e-3 3.0, 10.1 and 1.2 lower, SE 1-1.5: two clear, one a tie; README, Models). The winners'
+#    (2.7 SE); 0.8, swept on seeds 0 and 1 of three arms (D = G, D 2x, the 5th place's), best or tied
+#    with 1 on all six (KID x1e-3 lower by 3.0, 10.1, 1.2 and -2.2, 6.7, 4.2, SE 1-1.6: four clear, two
+#    ties; README, Models). The winners'
 #    9-hour runs (~700 passes) sampled at 0.8 and 1.0, the 5th place at none
 #    (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
 TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 0.8))

@@ -116,7 +116,7 @@ def test_the_ipynb_as_built_runs_with_a_cell_of_arguments_and_shows_the_interval
     out = tmp_path / "out"
     run_at = len(nb.cells) - 1
     cells = list(nb.cells[:run_at]) + [argv_cell("--data", photos, "--budget", "1h", "--steps", "6", "--out", out,
-                                                 "--log-every", "0", *TINY)] + [nb.cells[run_at]]
+                                                 "--log-every", "0", "--n-samples", "64", *TINY)] + [nb.cells[run_at]]
     # every interval's grid in the output: a grid every second of this short run
     cells.insert(run_at, nbformat.v4.new_code_cell("BIGGAN_SETTINGS['grid_every'] = 0.5"))
     done = execute(cells)
@@ -126,7 +126,7 @@ def test_the_ipynb_as_built_runs_with_a_cell_of_arguments_and_shows_the_interval
     run = done[-1]
     assert "next       score it" in text_of(run), text_of(run)[-3000:]
     assert len(pictures(run)) >= 3, text_of(run)[-3000:]  # interval grids, the final samples, the loss curves
-    assert len(load_submission(out / "images.zip", strict=True).names) == 10_000
+    assert len(load_submission(out / "images.zip", strict=False).names) == 64  # 10,000: tests/core/test_kaggle.py
 
 
 def test_a_refusal_is_exactly_one_line_in_the_cell_not_a_traceback(photos, tmp_path):
