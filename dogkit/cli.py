@@ -373,7 +373,7 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
     dogkit clean-data ../shared/data/stanford-dogs-crops -o data/dogs64.npz --preview data/preview.png
     dogkit clean-data /kaggle/input/generative-dog-images -o data/dogs64.npz --strategy square
     """
-    from dogkit.core.data import DataError, clean, save_cache, summary_lines
+    from dogkit.core.data import DataError, clean, discover, fingerprint, save_cache, summary_lines
 
     if not out.endswith(".npz"):
         _fail(f"{out}: the cache file must end in .npz")
@@ -390,10 +390,12 @@ def clean_data(source, out, annotations, size, strategy, min_side, margin, previ
             click.echo(f"preview    {preview} (from {out})")
         return
     try:
+        stamp = fingerprint(discover(source, annotations)[1])  # names and sizes: a later run sees if they change
         data = clean(source, annotations, int(size), strategy, min_side, margin, workers=workers,
                      progress=True, log=lambda m: click.echo(m, err=True))
     except DataError as exc:
         _fail(str(exc))
+    data["settings"]["fingerprint"] = stamp
     summary = data["summary"]
     fatal = {k: v for k, v in summary["events"].items()
              if k not in ("exact duplicate removed",) and not k.startswith("aspect")

@@ -26,12 +26,12 @@ Contents (line numbers):
     420  The training loop
     480  MACHINERY (below: nothing to read to change the model)
     488  Data
-   1108  Several GPUs
-   1309  The machine
-   1493  Sampling
-   1623  Settings
-   1778  Training
-   2677  Entry point
+   1097  Several GPUs
+   1298  The machine
+   1482  Sampling
+   1612  Settings
+   1767  Training
+   2666  Entry point
 """
 import argparse
 import contextlib
@@ -987,7 +987,7 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
                "breeds": len(breeds),
                "events": dict(counts), "examples": examples, "seconds": round(time.time() - t0, 1)}
     settings = {"source": os.path.abspath(source), "strategy": strategy, "size": size,
-                "min_side": min_side, "margin": margin, "fingerprint": fingerprint(items)}
+                "min_side": min_side, "margin": margin}
     if not images:
         raise DataError(f"{source}: no usable crops ({dict(counts)})")
     return {"images": np.stack(images), "labels": np.asarray(labels, dtype=np.int16),
@@ -1004,17 +1004,6 @@ def summary_lines(summary):
     for reason, n in sorted(summary.get("events", {}).items()):
         lines.append(f"  {reason:45s} {n:6d}   e.g. {summary['examples'].get(reason, '')}")
     return lines
-
-def fingerprint(items):
-    """Input fingerprint: names and sizes of every photo (fast, no hashing of contents)."""
-    h = hashlib.sha256()
-    for it in items:
-        try:
-            size = os.stat(it["path"]).st_size if it.get("path") else 0
-        except OSError:  # a broken link: skipped by cleaning, counted here as size -1
-            size = -1
-        h.update(f"{it['name']}:{size};".encode())
-    return h.hexdigest()[:16]
 
 def _progress(total, enabled, every=0.1):
     """A tiny progress printer (the kernel may not import tqdm): one line per 10 %."""

@@ -26,12 +26,12 @@ Contents (line numbers):
     443  The training loop
     503  MACHINERY (below: nothing to read to change the model)
     511  Data
-   1131  Several GPUs
-   1332  The machine
-   1516  Sampling
-   1646  Settings
-   1801  Training
-   2700  Entry point
+   1120  Several GPUs
+   1321  The machine
+   1505  Sampling
+   1635  Settings
+   1790  Training
+   2689  Entry point
 """
 import argparse
 import contextlib
@@ -1010,7 +1010,7 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
                "breeds": len(breeds),
                "events": dict(counts), "examples": examples, "seconds": round(time.time() - t0, 1)}
     settings = {"source": os.path.abspath(source), "strategy": strategy, "size": size,
-                "min_side": min_side, "margin": margin, "fingerprint": fingerprint(items)}
+                "min_side": min_side, "margin": margin}
     if not images:
         raise DataError(f"{source}: no usable crops ({dict(counts)})")
     return {"images": np.stack(images), "labels": np.asarray(labels, dtype=np.int16),
@@ -1027,17 +1027,6 @@ def summary_lines(summary):
     for reason, n in sorted(summary.get("events", {}).items()):
         lines.append(f"  {reason:45s} {n:6d}   e.g. {summary['examples'].get(reason, '')}")
     return lines
-
-def fingerprint(items):
-    """Input fingerprint: names and sizes of every photo (fast, no hashing of contents)."""
-    h = hashlib.sha256()
-    for it in items:
-        try:
-            size = os.stat(it["path"]).st_size if it.get("path") else 0
-        except OSError:  # a broken link: skipped by cleaning, counted here as size -1
-            size = -1
-        h.update(f"{it['name']}:{size};".encode())
-    return h.hexdigest()[:16]
 
 def _progress(total, enabled, every=0.1):
     """A tiny progress printer (the kernel may not import tqdm): one line per 10 %."""

@@ -617,7 +617,7 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
                "breeds": len(breeds),
                "events": dict(counts), "examples": examples, "seconds": round(time.time() - t0, 1)}
     settings = {"source": os.path.abspath(source), "strategy": strategy, "size": size,
-                "min_side": min_side, "margin": margin, "fingerprint": fingerprint(items)}
+                "min_side": min_side, "margin": margin}
     if not images:
         raise DataError(f"{source}: no usable crops ({dict(counts)})")
     return {"images": np.stack(images), "labels": np.asarray(labels, dtype=np.int16),

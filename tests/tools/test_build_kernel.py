@@ -27,6 +27,9 @@ def test_committed_kernel_is_what_the_builder_writes(name):
         f"stale: python tools/build_kernel.py --model {name}"
 
 
+MACHINERY_RATCHET = 2667  # the header, the machinery and the entry point: every line of a kernel but its front
+
+
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
 def test_the_front_reads_settings_model_recipe_loop_and_the_machinery_follows(name):
     """Settings, the model, its blocks, augmentation, the recipe and the training loop come first
@@ -45,6 +48,9 @@ def test_the_front_reads_settings_model_recipe_loop_and_the_machinery_follows(na
     assert order == sorted(order)
     if name == "biggan":
         assert machinery - settings <= 700, machinery - settings
+    # the brief's cap is 3,000 lines a kernel; until the machinery gets there (issue 43), none grows back:
+    # lower this bound as it shrinks, never raise it
+    assert len(lines) <= MACHINERY_RATCHET + (machinery - settings), (len(lines), machinery - settings)
 
 
 @pytest.mark.parametrize("name", registry.MODEL_NAMES)
