@@ -129,6 +129,7 @@ def test_a_rank_that_fails_or_dies_stops_the_run_and_rank_0_writes_the_zip(tmp_p
         assert "RuntimeError at step 3 on rank 1: CUDA error" in json.loads((tmp_path / "rank1.json").read_text())["cause"]
 
 
+@pytest.mark.slow
 def test_when_rank_0_dies_the_run_goes_on_in_the_parent_from_the_last_checkpoint(tmp_path, tiny_dataset, capsys):
     import time
 

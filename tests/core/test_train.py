@@ -671,6 +671,7 @@ class TickingClock:
         return self.t
 
 
+@pytest.mark.slow
 def test_the_end_never_runs_past_the_platforms_wall(tmp_path, tiny_dataset):
     """A reserve far too small on a platform with a wall (hard_limit: a Kaggle kernel's 9 hours):
     sampling stops at the wall, keeping no half-written zip."""
