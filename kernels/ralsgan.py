@@ -277,7 +277,7 @@ class Ema:
     It owns the copies and their weights (of the new parameters, per step); extra copies follow
     half_life_weight."""
 
-    def __init__(self, G, cfg, device):
+    def __init__(self, G, cfg):
         self.G = ema_copy(G)
         self.kimg = parse_ema_extra(cfg.ema_extra)
         self.extra = [ema_copy(G) for _ in self.kimg]
@@ -2622,7 +2622,7 @@ class Trainer:
             self.log(line)
         if world.size > 1:
             self.log(world_line(world, self.device, cfg))
-        self.ema = Ema(self.model.G, cfg, self.device)  # G_ema, and any extra copies kept for evaluation
+        self.ema = Ema(self.model.G, cfg)  # G_ema, and any extra copies kept for evaluation
         if world.size > 1:  # one start for all ranks, then each its own batches and noise
             broadcast_state([m for m in (self.model.G, self.model.D, *self.ema.copies()) if m is not None],
                             world)
