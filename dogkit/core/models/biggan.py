@@ -20,7 +20,7 @@ from dogkit.core.models.common import SelfAttention, adam, backward_step, lecam_
 BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999,  # the 5th place's (run_train.sh)
                        batch_size=64, z_dim=120, loss="hinge",
                        # D twice as wide (d_width 0): G 32 / D 64, the 2nd, 3rd and 5th place (run_train.sh); the CPU
-                       # proxy (120 crops) prefers D = G on 2 seeds of 2 so far, far from this regime (README, Models)
+                       # proxy (120 crops): D = G ahead on 2 seeds of 3, D 2x on 1; not this regime (README, Models)
                        width=32,
                        # EMA: a half-life of 10 % of the images the run will show (set from its pace), from p=0.2:
                        # the 5th place's 0.9999 from iteration 30k spans ~11 % of its run; BigGAN-PyTorch and
