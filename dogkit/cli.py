@@ -487,7 +487,7 @@ def train(model, **opts):
     """
     from dogkit.core import registry
     from dogkit.core.data import DataError
-    from dogkit.core.distributed import RankStopped
+    from dogkit.core.distributed import RankStopped, leave_world
     from dogkit.core.kernel import config_from_options, earlier_run_line
     from dogkit.core.runtime import EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED, RunError, claim_folder, release_folder
     from dogkit.core.train import RunFailed, train as run_train
@@ -508,6 +508,7 @@ def train(model, **opts):
         finally:
             if lock:
                 release_folder(lock)
+        leave_world(world)  # torchrun: a process group left to the interpreter's exit can abort a rank (gloo)
     except RankStopped:
         sys.exit(EXIT_RANK_STOPPED)  # another rank failed and says why
     except (ValueError, DataError, RunError) as exc:  # bad input or settings: exit 1, as everywhere

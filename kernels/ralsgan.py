@@ -18,20 +18,20 @@ edit back into dogkit, copy the changed code into dogkit/core (the model: dogkit
 run `python tools/build_kernel.py --model ralsgan`, which wrote this file from dogkit 0.1.0.
 
 Contents (line numbers):
-     74  Settings
-     97  Model
-    171  Model building blocks shared by the models
-    211  Augmentation
-    245  Recipe
-    443  The training loop
-    503  MACHINERY (below: nothing to read to change the model)
-    511  Data
-   1120  Several GPUs
-   1321  The machine
-   1505  Sampling
-   1635  Settings
-   1790  Training
-   2689  Entry point
+     75  Settings
+     95  Model
+    167  Model building blocks shared by the models
+    202  Augmentation
+    232  Recipe
+    400  The training loop
+    459  MACHINERY (below: nothing to read to change the model)
+    466  Data
+   1038  Several GPUs
+   1216  The machine
+   1377  Sampling
+   1471  Settings
+   1609  Training
+   2418  Entry point
 """
 import argparse
 import contextlib
@@ -39,6 +39,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import fcntl
 import hashlib
 import io
 import json
@@ -67,7 +68,7 @@ import PIL
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageFile
+from PIL import features, Image, ImageFile
 from torch import nn
 
 
@@ -76,21 +77,18 @@ from torch import nn
 # ---------------------------------------------------------------------------------------------
 RALSGAN_SETTINGS = dict(lr_g=5e-4, lr_d=5e-4, beta1=0.5, beta2=0.999, batch_size=32, z_dim=128, width=64,
                         augment="flip")
-# The other settings ralsgan reads, at their defaults (add any to the dict above; each is also an
-# option, e.g. --lr-final 0.1; every setting with its range: SETTINGS, below the MACHINERY line):
+# Also read by ralsgan, at their defaults (add any above, or --lr-final 0.1 style; ranges: SETTINGS):
 #   lr_decay_start=0.5  p where the learning rate's cosine decay starts
 #   lr_final=0.1        the learning rate at the end, a multiple of the start's
 #   ema_start=0.25      p where the EMA of G starts (before: G_ema follows G)
 #   ema_decay=0.999     EMA decay per batch_size images (a step of N GPUs decays by its N-th power)
-#   ema_kimg=0.0        > 0: the EMA half-life in thousands of images (StyleGAN2-ADA), not ema_decay and ema_start
 #   ema_fraction=0.0    > 0: the EMA's half-life as this fraction of the images the run will show (set from its pace), instead of ema_decay; from ema_start
-#   ema_rampup=0.05     with ema_kimg: the half-life is at most this fraction of the images seen
+#   ema_rampup=0.05     extra EMA copies: a half-life at most this fraction of the images seen
 #   truncation=0.0      redraw z values beyond +-T for the final images (0: none, -1: from the passes the run will make)
 
-# Kaggle sessions this run is planned over, each within the time limit below. 1: the competition's
-# rule, one kernel run. N > 1: the learning rate anneals in the last session; each writes images.zip
-# and checkpoint.pt, and the next one, run with this notebook's own output attached (Add Input ->
-# Your Work), continues from that checkpoint (the same model and settings, or it stops at once).
+# Kaggle sessions this run is planned over, each within the time limit. 1: one kernel run, the
+# competition's rule. N > 1: each session writes images.zip and checkpoint.pt; the next, run with this
+# notebook's output attached (Add Input -> Your Work), continues it; the last anneals the learning rate.
 KAGGLE_SESSIONS = 1
 
 
@@ -121,7 +119,6 @@ class RaLSGANGenerator(nn.Module):
     def forward(self, z, labels=None):
         return self.net(z.view(z.shape[0], -1, 1, 1))
 
-
 class RaLSGANDiscriminator(nn.Module):
     def __init__(self, width=64):
         super().__init__()
@@ -138,7 +135,6 @@ class RaLSGANDiscriminator(nn.Module):
 
     def forward(self, x, labels=None):
         return self.net(x).view(-1)
-
 
 class RaLSGAN:
     name = "ralsgan"
@@ -176,14 +172,10 @@ def adam(module, lr, cfg):
     """Adam over a module's parameters with the settings' betas."""
     return torch.optim.Adam(module.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2))
 
-
 def backward_step(opt, loss):
-    """loss.backward() then opt.step(); a step may as well call those two itself (with several
-    ranks the trainer's opt.step averages the gradients over them first, whoever calls it:
-    distributed.average_in_step). Under fp16 through the optimiser's loss scaler (set by the
-    trainer as opt.grad_scaler): scaled backward, the step skipped when a gradient is inf/NaN;
-    the gradients are averaged before the scaler looks for an inf, so an inf on one rank reaches
-    all and every rank skips the same steps."""
+    """loss.backward() then opt.step(), which a step may as well call itself (with several GPUs
+    opt.step averages the gradients first). Under fp16 through opt.grad_scaler: the gradients are
+    averaged before it looks for an inf, so every rank skips the same steps."""
     scaler = getattr(opt, "grad_scaler", None)
     if scaler is None:
         loss.backward()
@@ -195,7 +187,6 @@ def backward_step(opt, loss):
     scaler.update()
     if forget:
         forget()
-
 
 def dcgan_init(m):
     """DCGAN's initialisation: N(0, 0.02) convolutions, N(1, 0.02) batch-norm scales."""
@@ -216,13 +207,9 @@ def to_float(batch_uint8):
     """NCHW uint8 on the device -> float in [-1, 1]."""
     return batch_uint8.float().div_(127.5).sub_(1.0)
 
-
 def random_resized_crop_flip(x, out_size, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
-    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a whole batch, via one grid_sample.
-
-    Area fraction s ~ U(scale), log aspect ~ U(log ratio); the crop is clamped into the image
-    (torchvision rejects and retries instead; clamping keeps the batch on the device).
-    """
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a whole batch, one grid_sample
+    (the crop clamped into the image where torchvision would retry)."""
     n = x.shape[0]
     dev = x.device
     area = torch.empty(n, device=dev).uniform_(*scale)
@@ -252,30 +239,20 @@ def lr_multiplier(p, cfg):
     t = min(1.0, (p - cfg.lr_decay_start) / max(1e-9, 1.0 - cfg.lr_decay_start))
     return cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-
-def ema_weight(p, cfg, images_seen=0, world_size=1):
-    """Weight of the new parameters in the EMA update: with ema_kimg, half_life_weight; else 1
-    (a plain copy) until ema_start, then 1 - ema_decay per batch_size images: a step of several
-    ranks shows world_size batches, so its decay is ema_decay ** world_size and the average spans
-    the same images on one GPU or two."""
-    if cfg.ema_kimg > 0:
-        return half_life_weight(cfg.ema_kimg, cfg, images_seen, world_size)
+def ema_weight(p, cfg, world_size=1):
+    """Weight of the new parameters in the EMA update: 1 (a plain copy) until ema_start, then
+    1 - ema_decay per batch_size images (a step of N GPUs decays by its N-th power: the average
+    spans the same images on one GPU or two)."""
     return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay ** world_size
 
-
 def half_life_weight(kimg, cfg, images_seen, world_size=1):
-    """StyleGAN2-ADA's EMA rule: the new parameters' weight for a half-life of kimg thousand
-    images, at most cfg.ema_rampup of the images seen so far (a short run averages over its
-    recent past from the start)."""
+    """The extra EMA copies' rule (StyleGAN2-ADA's): the new parameters' weight for a half-life of
+    kimg thousand images, at most cfg.ema_rampup of the images seen so far."""
     half_life = min(kimg * 1000.0, cfg.ema_rampup * images_seen)
     return 1.0 - 0.5 ** (cfg.batch_size * world_size / max(half_life, 1e-8))
 
-
 class Ema:
-    """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
-
-    It owns the copies and their weights (of the new parameters, per step); extra copies follow
-    half_life_weight."""
+    """The EMA of G: G_ema (sampled) and extra copies kept for evaluation (ema_extra); their weights."""
 
     def __init__(self, G, cfg):
         self.G = ema_copy(G)
@@ -288,7 +265,7 @@ class Ema:
 
     def set_weights(self, p, cfg, images_seen, world_size=1):
         """Each copy's weight of the new parameters at progress p (G_ema's: ema_weight)."""
-        self.w = [ema_weight(p, cfg, images_seen, world_size)]
+        self.w = [ema_weight(p, cfg, world_size)]
         self.w += [half_life_weight(kimg, cfg, images_seen, world_size) for kimg in self.kimg]
 
     @torch.no_grad()
@@ -317,23 +294,14 @@ class Ema:
             log(f"extra EMA copies start afresh: the checkpoint has {len(extra)}, this run {len(self.extra)}")
         self.w[0] = ckpt["ema_w"]
 
-
-# The truncations measured best at a number of passes over the photos, (passes, truncation); between
-# two points log-linear, beyond them held (truncation_for_passes):
-#  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
-#    against 87.36 at 1; results/ledger.jsonl, kind "sweep");
-#  - 300 passes: the CPU proxies (biggan width 8, 120 crops): 1 ahead of 1.5 and none on 3 of 3 seeds
-#    (2.7 SE); 0.8, swept on seeds 0 and 1 of three arms (D = G, D 2x, the 5th place's), best or tied
-#    with 1 on all six (KID x1e-3 lower by 3.0, 10.1, 1.2 and -2.2, 6.7, 4.2, SE 1-1.6: four clear, two
-#    ties; README, Models). The winners'
-#    9-hour runs (~700 passes) sampled at 0.8 and 1.0, the 5th place at none
-#    (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
+# The best truncation measured at a number of passes over the photos (log-linear between, held beyond):
+# 75 passes, biggan's 8-minute H100 sweep: 1.5 (MiFID 82.70, 87.36 at 1; the ledger's "sweep" rows);
+# 300 passes, the CPU proxies (120 crops; README, Models): 0.8 best or tied with 1 on every arm and
+# seed swept, 1.5 and none behind. The winners' 9-hour runs (~700 passes) sampled at 0.8 and 1.0.
 TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 0.8))
 
-
 def truncation_for_passes(passes, points=TRUNCATION_BY_PASSES):
-    """The sampling truncation for a run that shows its photos `passes` times: log-linear in the
-    passes between the measured points of TRUNCATION_BY_PASSES, held beyond the first and last."""
+    """The sampling truncation for `passes` over the photos, from TRUNCATION_BY_PASSES."""
     (x0, t0), (x1, t1) = points[0], points[-1]
     if passes <= x0:
         return t0
@@ -341,11 +309,9 @@ def truncation_for_passes(passes, points=TRUNCATION_BY_PASSES):
         return t1
     return round(t0 + (t1 - t0) * math.log(passes / x0) / math.log(x1 / x0), 2)
 
-
 def from_plan(cfg, planned_images, n_photos):
-    """The settings a run leaves to its plan, from the images it will show: {'ema_decay': the decay
-    per batch_size images of a half-life of ema_fraction of them} when ema_fraction > 0, and
-    {'truncation': truncation_for_passes} when truncation is TRUNCATION_FROM_PLAN."""
+    """The settings a run leaves to its plan, from the images it will show: ema_decay for a half-life
+    of ema_fraction of them, truncation from the passes (truncation_for_passes)."""
     out = {}
     if cfg.ema_fraction > 0:
         half_life = max(cfg.ema_fraction * planned_images, float(cfg.batch_size))
@@ -353,7 +319,6 @@ def from_plan(cfg, planned_images, n_photos):
     if cfg.truncation == TRUNCATION_FROM_PLAN:
         out["truncation"] = truncation_for_passes(planned_images / max(n_photos, 1))
     return out
-
 
 def set_schedule(tr, p):
     """The learning rates and the EMA weights at progress p."""
@@ -364,7 +329,6 @@ def set_schedule(tr, p):
     if tr.given.ema_fraction > 0 and tr.planned is None and p >= tr.cfg.ema_start and tr.images_seen and p > 0:
         follow_plan(tr, tr.images_seen / p, f"estimated at p={p:.2f}, before the pace")  # ema_start before REPLAN_AT
     tr.ema.set_weights(p, tr.cfg, tr.images_seen, tr.world.size)
-
 
 def draw_batch(tr):
     cfg = tr.cfg
@@ -380,11 +344,9 @@ def draw_batch(tr):
         x = x.contiguous(memory_format=torch.channels_last)
     return x, tr.labels[idx]
 
-
 def train_step(tr):
-    # bf16/fp16 autocast around the whole step (forward and backward run in the dtype autocast
-    # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache: the
-    # step updates D and then uses it for G's loss, and a cached low-precision copy would be stale.
+    # bf16/fp16 autocast around the whole step (weights, optimiser state and the EMA stay fp32); no
+    # weight cache: the step updates D, then uses it for G's loss (a cached copy would be stale).
     with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16,
                         enabled=tr.amp_dtype is not None, cache_enabled=False):
         drawn = []  # the model draws as many batches as it needs (wgan-gp: one per critic step)
@@ -397,7 +359,6 @@ def train_step(tr):
         for k, v in losses.items():
             tr.loss_sum[k] += v.float()
     return losses
-
 
 def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
     """z ~ N(0, 1) with every value beyond +-threshold redrawn until none is (the 'truncation
@@ -412,16 +373,12 @@ def truncated_normal(shape, threshold=None, generator=None, device="cpu"):
             bad = z.abs() > threshold
     return z.to(device)
 
-
 @torch.no_grad()
 def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu",
              deadline=None, clock=time.monotonic, part=(0, 1)):
-    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional.
-    z and labels are drawn up front on the CPU: the same seed gives the same images whatever the
-    batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches).
-    part=(k, m): only the k-th of m equal slices of those n images (the ranks of a multi-GPU
-    run each sample one; concatenated in order they are the n images).
-    With a deadline (on `clock`), raises OutOfTime between batches once it has passed."""
+    """n uint8 images from G (eval mode), truncated z, class-balanced breeds. z is drawn up front:
+    the same seed gives the same images whatever the batch size; part=(k, m), the k-th of m slices
+    (one per rank); past the deadline, OutOfTime between batches."""
     gen = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, n_classes, gen) if n_classes else None
     z_all = truncated_normal((n, z_dim), truncation, gen)
@@ -445,10 +402,9 @@ def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0,
 # ---------------------------------------------------------------------------------------------
 
 def train_loop(tr):
-    """The training loop, top to bottom. Each pass: the clock (rank 0's, for every rank) says whether
-    to stop; the schedule is set for progress p; one step (a real batch, D's update, G's update, the
-    EMA: train_step); then, when their time has come, a log line (a NaN rolls
-    back), a grid, a checkpoint and an interim images.zip. Returns None, or why it stopped early."""
+    """The training loop, top to bottom: the clock (rank 0's) says whether to stop; the schedule for
+    progress p; one step (batch, D, G, EMA); then, when due, a log line (a NaN rolls back), a grid,
+    a checkpoint and an interim images.zip. Returns None, or why it stopped early."""
     cfg, main = tr.cfg, tr.world.main
     start = tr.plan.t0 - tr.plan.session_start  # elapsed counts every session's time
     now, _ = agree(tr.world, tr.clock())
@@ -501,23 +457,19 @@ def train_loop(tr):
 
 
 # =============================================================================================
-# MACHINERY. Everything below keeps a 9-hour run alive: data cleaning from any layout, the
-# machine checks, several GPUs, sampling and the zip, checkpoints, the time plan, the end and the
-# entry point. Nothing below needs reading to change the settings, the model or the recipe above.
-# Each function carries its docstring's summary line; the whole docstring is in dogkit/core.
+# MACHINERY. Everything below keeps a 9-hour run alive: data cleaning, the machine checks, several
+# GPUs, sampling and the zip, checkpoints, the time plan, the end and the entry point. Nothing below
+# needs reading to change the settings, the model or the recipe; its docstrings are in dogkit/core.
 # =============================================================================================
 
 
 # ---------------------------------------------------------------------------------------------
 # Data: raw dog photos -> one crop per annotated dog -> a compact cache file.
 # ---------------------------------------------------------------------------------------------
-# Inputs recognised: the Kaggle / Stanford layout (photos flat in all-dogs/ or in
-# Images/<synset>-<breed>/, boxes in Annotation/<synset>-<breed>/<id>), a pre-cropped folder of
-# <synset>-<breed>/ sub-folders, or a flat folder / zip of images. Crop strategies:
-#   box     the box as is, squashed to a square
-#   square  a square of the box's shorter side, centred in the box (most public kernels)
-#   aspect  report 001's DCGAN: keep only boxes with aspect ratio in [0.8, 1.25], then squash
-#   pad     grow the box by a margin to a square, shift it inside the photo, reflect-pad the rest
+# Inputs: the Kaggle / Stanford layout (photos in all-dogs/ or Images/<synset>-<breed>/, boxes in
+# Annotation/), pre-cropped <synset>-<breed>/ folders, or a flat folder / zip. Crop strategies: box (as
+# is, squashed), square (the box's shorter side), aspect (report 001: boxes of aspect 0.8-1.25, squashed),
+# pad (grown by a margin to a square, shifted inside the photo, the rest reflect-padded; the default).
 
 STRATEGIES = ("box", "square", "aspect", "pad")
 CROP_SIZES = (64, 80, 96, 128)
@@ -531,7 +483,6 @@ class DataError(ValueError):
     """Bad input that --strict (or an unusable source) makes fatal; names file and rule."""
 
 def _number(text):
-    """'500', '500.0' or ' 500 ' -> 500; None when missing, not a number or not finite ('inf')."""
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -539,7 +490,6 @@ def _number(text):
     return int(value) if math.isfinite(value) and abs(value) < 1e9 else None
 
 def parse_annotation(xml_bytes, name="annotation"):
-    """Pascal-VOC XML -> (width, height, [(xmin, ymin, xmax, ymax), ...] in pixels, the <filename> it names or None)."""
     try:
         root = ET.fromstring(xml_bytes)
     except ET.ParseError as exc:
@@ -554,7 +504,6 @@ def parse_annotation(xml_bytes, name="annotation"):
     return width, height, boxes, (root.findtext("filename") or "").strip() or None
 
 def clamp_box(box, width, height):
-    """Clamp a box to the photo; None when nothing of it is left (zero area)."""
     x0, y0, x1, y1 = box
     x0, y0 = max(0, min(x0, width)), max(0, min(y0, height))
     x1, y1 = max(0, min(x1, width)), max(0, min(y1, height))
@@ -563,7 +512,6 @@ def clamp_box(box, width, height):
     return x0, y0, x1, y1
 
 def unusable_box(box, width, height):
-    """Why a box clamp_box leaves nothing of is unusable, in the summary's words."""
     x0, y0, x1, y1 = box
     if x1 < x0 or y1 < y0:
         return "box with min and max swapped"
@@ -572,7 +520,6 @@ def unusable_box(box, width, height):
     return "box outside the photo"
 
 def crop_region(box, width, height, strategy, margin=0.1, aspect_range=(0.8, 1.25)):
-    """The region (left, top, right, bottom) to cut for one dog, or None if the strategy drops it."""
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
     if strategy == "box":
@@ -595,7 +542,6 @@ def crop_region(box, width, height, strategy, margin=0.1, aspect_range=(0.8, 1.2
     raise ValueError(f"unknown crop strategy {strategy!r}; choose from {STRATEGIES}")
 
 def cut(pixels, region):
-    """Cut region out of an HWC array, reflect-padding what lies outside the photo."""
     left, top, right, bottom = region
     height, width = pixels.shape[:2]
     pad = (max(0, -top), max(0, bottom - height), max(0, -left), max(0, right - width))
@@ -612,18 +558,15 @@ def cut(pixels, region):
     return pixels[top:bottom, left:right]
 
 def resize(pixels, size):
-    """High-quality square resize (PIL LANCZOS)."""
     return np.asarray(Image.fromarray(pixels).resize((size, size), Image.LANCZOS))
 
 # ---- reading files: one way in ----------------------------------------------------------------
 
 def shown_name(name):
-    """A file name that prints and stores one per line whatever its bytes (\\xNN, control escapes)."""
     text = os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, str) else str(name)
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 def read_file(path, cap, name=None):
-    """The bytes of a regular file of at most cap bytes, or a DataError naming it."""
     name = shown_name(name or path)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting
@@ -642,7 +585,6 @@ def read_file(path, cap, name=None):
 _OPEN_ZIPS = {}
 
 def open_zip(path):
-    """The zip at path, opened once per process and version of the file."""
     try:
         st = os.stat(path)
         key = (os.getpid(), os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)
@@ -663,7 +605,6 @@ class WriteError(OSError):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """The one way every output is written: to a temporary name, renamed into place when whole."""
     folder, name = os.path.split(os.path.abspath(path))
     stem, ext = os.path.splitext(name)
     tmp = os.path.join(folder, f".{stem}{TEMP_MARK}{os.getpid()}{ext}")
@@ -682,7 +623,6 @@ def atomic_path(path):
             os.remove(tmp)
 
 def remove_stale_temps(folder, of=None):
-    """Remove the temporaries a killed writer left in folder; returns the names removed."""
     gone = []
     stem, ext = os.path.splitext(of or "")
     pattern = (re.escape(f".{stem}{TEMP_MARK}") + r"(\d+)" + re.escape(ext) if of else
@@ -696,7 +636,6 @@ def remove_stale_temps(folder, of=None):
     return gone
 
 def process_alive(pid):
-    """Whether a process pid runs on this machine (this one included)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -708,7 +647,6 @@ def process_alive(pid):
 # ---- finding the inputs ----------------------------------------------------------------------
 
 def breed_of(folder_name):
-    """'n02085620-Chihuahua' -> ('n02085620', 'Chihuahua'); None when not a synset folder."""
     m = re.match(r"^(n\d{8})-(.+)$", folder_name)
     return (m.group(1), m.group(2)) if m else None
 
@@ -724,7 +662,6 @@ def _zip_items(source):
     return [{"name": shown_name(m), "zip": source, "member": m, "synset": _synset(m), "xml": None} for m in members]
 
 def _folder_items(source, ann_dir):
-    """(layout, items) of a folder's photos (the Annotation folder itself skipped)."""
     photos = []
     for dirpath, _, files in os.walk(source):
         if ann_dir and os.path.abspath(dirpath).startswith(os.path.abspath(ann_dir)):
@@ -746,21 +683,18 @@ def _folder_items(source, ann_dir):
     return layout, items
 
 def _annotation_index(ann):
-    """{photo stem: its XML} of an Annotation folder or zip, read in place."""
     if os.path.isfile(ann) and zipfile.is_zipfile(ann):
         return {os.path.splitext(os.path.basename(m))[0]: (ann, m) for m in open_zip(ann).namelist()
                 if not m.endswith("/") and not m.startswith("__MACOSX")}
     return {os.path.splitext(f)[0]: os.path.join(dirpath, f) for dirpath, _, files in os.walk(ann) for f in files}
 
 def _xml_folder(xml):
-    """The name of the folder an XML (a path, or (zip, member)) sits in: its breed's."""
     return os.path.basename(os.path.dirname(xml[1] if isinstance(xml, tuple) else xml))
 
 def _xml_name(xml):
     return shown_name(f"{xml[0]}:{xml[1]}" if isinstance(xml, tuple) else xml)
 
 def _attach_annotations(items, index):
-    """Point each photo at its XML; returns how many annotations have no photo."""
     used = set()
     for it in items:
         stem = os.path.splitext(os.path.basename(it.get("path") or it["member"]))[0]
@@ -773,7 +707,6 @@ def _attach_annotations(items, index):
     return len(set(index) - used)
 
 def discover(source, annotations=None):
-    """Find photos, boxes and breeds."""
     notes, index = Counter(), {}
     if os.path.isfile(source) and zipfile.is_zipfile(source):
         layout, items = "zip of images", _zip_items(source)
@@ -814,14 +747,12 @@ def _synset(name):
 
 # ---- cleaning ----------------------------------------------------------------------------------
 
-# Reading zips from anywhere: only stored and deflated entries (what any zip tool writes; bzip2,
-# LZMA or Deflate64 would inflate without bound or not at all), no encryption, and never more
-# than a cap per entry, whatever the header claims. The scorer reads submissions the same way.
+# Zips from anywhere: stored and deflated entries only (others may inflate without bound), no encryption,
+# never more than a cap per entry whatever the header claims. The scorer reads submissions the same way.
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 MAX_PHOTO_BYTES = 64 << 20  # a photo file larger than this is refused (Stanford Dogs' largest: ~2 MB)
 
 def zip_entry_problem(info, cap):
-    """Why a zip entry cannot be read safely, or None."""
     if info.flag_bits & 0x1:
         return "encrypted entry (cannot be read)"
     if info.compress_type not in ZIP_METHODS:
@@ -831,7 +762,6 @@ def zip_entry_problem(info, cap):
     return None
 
 def read_zip_entry(zf, info, cap):
-    """The bytes of one zip entry, never more than cap, or a DataError naming the entry and the rule."""
     problem = zip_entry_problem(info, cap)
     if problem:
         raise DataError(f"{shown_name(info.filename)}: {problem}")
@@ -861,7 +791,6 @@ def _read_photo(item):
     return read_file(item["path"], MAX_PHOTO_BYTES, item["name"])
 
 def decode_rgb(data, name, events):
-    """A photo's bytes as HWC uint8 RGB pixels (transparency over white)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # past MAX_IMAGE_PIXELS: refused
@@ -880,7 +809,6 @@ def decode_rgb(data, name, events):
             return np.asarray(img)
 
 def process_photo(item, strategy, size, min_side, margin):
-    """One photo -> (crops [(HWC uint8, box index)], events [(reason, name)], annotated boxes)."""
     events = []
     name = item["name"]
     try:
@@ -936,7 +864,6 @@ def process_photo(item, strategy, size, min_side, margin):
 MAX_BOXES = 64  # boxes used of one photo (Stanford's most: a handful): one photo never floods the data
 
 def annotation_problem(name, named, size_given, size):
-    """Why a photo's annotation is another photo's, or None."""
     if not named or os.path.splitext(os.path.basename(named))[0] == os.path.splitext(os.path.basename(name))[0]:
         return None
     if not size_given or None in size_given or tuple(size_given) == tuple(size):
@@ -944,7 +871,6 @@ def annotation_problem(name, named, size_given, size):
     return "annotation names another photo: photo skipped"
 
 def map_chunks(fn, jobs, workers, done=lambda result: None):
-    """[fn(job) for job in jobs], in forked worker processes when there are several of both."""
     results = []
     if workers > 1 and len(jobs) > 1:
         fork = "fork" in multiprocessing.get_all_start_methods()
@@ -964,7 +890,6 @@ def _process_chunk(args):
 
 def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side=32, margin=0.1,
           workers=None, progress=False, log=print):
-    """Clean a source into a dataset dict {images, labels, names, breeds, summary, settings}."""
     problems = [f"unknown crop strategy {strategy!r}; choose from {STRATEGIES}"] if strategy not in STRATEGIES else []
     problems += [f"size {size}: choose from {CROP_SIZES}"] if size not in CROP_SIZES else []
     problems += [f"margin {margin}: give a fraction from 0 to {MAX_MARGIN}"] if not 0 <= margin <= MAX_MARGIN else []
@@ -1018,7 +943,6 @@ def clean(source, annotations=None, size=64, strategy=DEFAULT_STRATEGY, min_side
             "events": events}
 
 def summary_lines(summary):
-    """The cleaning summary as aligned lines, every drop or fix by reason with an example."""
     if not summary:
         return []
     lines = [f"input      {summary.get('layout')}",
@@ -1029,7 +953,6 @@ def summary_lines(summary):
     return lines
 
 def _progress(total, enabled, every=0.1):
-    """A tiny progress printer (the kernel may not import tqdm): one line per 10 %."""
     state = {"done": 0, "shown": 0.0, "t0": time.time()}
 
     def update(n):
@@ -1041,8 +964,6 @@ def _progress(total, enabled, every=0.1):
     return update
 
 def codec_available(codec):
-    from PIL import features
-
     # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
     return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 
@@ -1050,7 +971,6 @@ def is_cache(path):
     return os.path.isfile(path) and path.endswith(".npz")
 
 def cache_problems(z, meta):
-    """Every way a cache's arrays and metadata break what save_cache writes, before any decoding."""
     offsets, labels, breeds, shape = z["offsets"], z["labels"], meta.get("breeds"), meta.get("shape")
     ok_breeds = isinstance(breeds, list) and breeds and all(isinstance(b, str) for b in breeds)
     ok_offsets = offsets.ndim == 1 and offsets.dtype.kind in "iu" and len(offsets) >= 2
@@ -1066,7 +986,6 @@ def cache_problems(z, meta):
     return [message for ok, message in checks if not ok]
 
 def load_cache(path):
-    """Read a cache file back into {images, labels, names, breeds, meta}, checked."""
     name = shown_name(path)
     try:
         z = np.load(path)
@@ -1106,7 +1025,6 @@ def load_cache(path):
             "breeds": meta["breeds"], "meta": meta}
 
 def load_dataset(path, size=64, strategy=DEFAULT_STRATEGY, annotations=None, log=print, progress=False):
-    """Anything `dogkit clean-data` accepts, or a cache it wrote -> {images, labels, breeds, summary}."""
     if is_cache(path):
         data = load_cache(path)
         data["summary"] = data["meta"].get("summary") or {}
@@ -1120,23 +1038,17 @@ def load_dataset(path, size=64, strategy=DEFAULT_STRATEGY, annotations=None, log
 # ---------------------------------------------------------------------------------------------
 # Several GPUs: one process per GPU, torch.distributed (NCCL between GPUs, gloo on the CPU)
 # ---------------------------------------------------------------------------------------------
-# Kaggle's "GPU T4 x2" gives a notebook two GPUs. The kernel forks one worker per GPU (fork, not
-# spawn: a notebook's own functions cannot be imported by a spawned process, and the parent
-# counts the GPUs through NVML without starting CUDA, which would not survive a fork);
-# `dogkit train` runs the same under torchrun. Every rank holds the same G, D and EMA: each
-# optimiser's step averages the gradients with one all_reduce first (average_in_step), however a
-# model's step calls it, so the parameters stay identical; each rank draws its own real batches and noise, so the global
-# batch is the per-GPU batch x the world size. A small gloo group on the CPU carries the control
-# messages: rank 0's clock, which decides every stop, log line and checkpoint for all ranks, and
-# any rank's failure. Rank 0 cleans the data, writes every file and the zip. Uses torch <= 2.2
-# APIs only.
+# The kernel forks one process per GPU (a notebook's functions cannot be imported by a spawned one;
+# GPUs are counted through NVML, as CUDA would not survive a fork); `dogkit train` runs under
+# torchrun. Each optimiser's step averages the gradients first (average_in_step), however a model's
+# step calls it, so every rank's G, D and EMA stay identical; each rank draws its own batches (the
+# global batch: per-GPU batch x ranks). A gloo group carries rank 0's clock, which decides every
+# stop, log line and checkpoint, and any rank's failure. Rank 0 writes every file. torch <= 2.2 APIs.
 
 STEP_TIMEOUT = datetime.timedelta(minutes=5)  # a collective of the training step: a lost rank
 CONTROL_TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 alone: cleaning, interim zips, the end
 
 class World:
-    """This process's place in the run: its rank, the number of ranks, the control group."""
-
     def __init__(self, rank=0, size=1, control=None):
         self.rank, self.size, self.control = rank, size, control
 
@@ -1144,13 +1056,9 @@ class World:
     def main(self):
         return self.rank == 0
 
-    def __repr__(self):
-        return f"World(rank={self.rank}, size={self.size})"
-
 ALONE = World()
 
 def visible_gpus():
-    """GPUs this process could use, counted without starting CUDA (NVML), so it can still fork."""
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -1160,7 +1068,6 @@ def free_port():
         return s.getsockname()[1]
 
 def join_world(rank, size, device, port=None):
-    """Join the process group (NCCL on CUDA, gloo on the CPU) and create the control group."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # a collective that times out (a lost peer) aborts this process instead of hanging it:
@@ -1176,7 +1083,6 @@ def leave_world(world):
         dist.destroy_process_group()
 
 def agree(world, now, failed=False):
-    """(rank 0's clock reading, 1 + the highest failed rank or 0): what every rank decides by."""
     if world.size == 1:
         return now, int(failed)
     msg = torch.tensor([now if world.main else -1e300, world.rank + 1.0 if failed else 0.0], dtype=torch.float64)
@@ -1184,7 +1090,6 @@ def agree(world, now, failed=False):
     return float(msg[0]), int(msg[1])
 
 def average_gradients(params, world):
-    """Average the gradients over the ranks: one all_reduce of all of them, flattened."""
     grads = [p.grad for p in params if p.grad is not None]
     if world.size == 1 or not grads:
         return
@@ -1197,7 +1102,6 @@ def average_gradients(params, world):
         offset += g.numel()
 
 def average_in_step(opt, world):
-    """Make opt.step average the gradients over the ranks first, however a model's step calls it."""
     params = [p for group in opt.param_groups for p in group["params"]]
     step, done = opt.step, [False]
 
@@ -1215,7 +1119,6 @@ def average_in_step(opt, world):
     opt.step, opt.average_now = averaged_step, average_now
 
 def all_mean(tensors, world):
-    """The mean over the ranks of a list of 0-d tensors (the logged losses), same on every rank."""
     if world.size == 1 or not tensors:
         return tensors
     flat = torch.stack([t.float() for t in tensors])
@@ -1223,7 +1126,6 @@ def all_mean(tensors, world):
     return list(flat / world.size)
 
 def broadcast_state(modules, world):
-    """Rank 0's parameters and buffers to every rank (a common start, and after a resume)."""
     if world.size == 1:
         return
     with torch.no_grad():
@@ -1232,7 +1134,6 @@ def broadcast_state(modules, world):
                 dist.broadcast(t, 0)
 
 def share_object(obj, world):
-    """Rank 0's picklable object on every rank (through the CPU group)."""
     if world.size == 1:
         return obj
     box = [obj if world.main else None]
@@ -1240,7 +1141,6 @@ def share_object(obj, world):
     return box[0]
 
 def on_main(fn, world):
-    """fn() on rank 0 alone (data cleaning, the end's timing), its result on every rank."""
     if world.size == 1:
         return fn()
     result = failed = None
@@ -1257,7 +1157,6 @@ def on_main(fn, world):
     return result
 
 def gather_objects(obj, world):
-    """Every rank's object, in rank order, on rank 0 (None elsewhere)."""
     if world.size == 1:
         return [obj]
     out = [None] * world.size if world.main else None
@@ -1265,7 +1164,6 @@ def gather_objects(obj, world):
     return out
 
 def all_objects(obj, world):
-    """Every rank's object, in rank order, on every rank."""
     if world.size == 1:
         return [obj]
     out = [None] * world.size
@@ -1276,7 +1174,6 @@ class RankStopped(RuntimeError):
     """This rank stops because another one failed (that rank reports why)."""
 
 def launch(target, size, device_type, args):
-    """Fork one process per rank and wait for them; returns their exit codes in rank order."""
     ctx = torch.multiprocessing.get_context("fork")
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(target, rank, size, port, device_type, args))
@@ -1292,13 +1189,11 @@ def launch(target, size, device_type, args):
     return [p.exitcode for p in procs]
 
 def plain_streams():
-    """Point a forked rank's sys.stdout and sys.stderr at the file descriptors 1 and 2."""
     for name, fd in (("stdout", 1), ("stderr", 2)):
         if not isinstance(getattr(sys, name), io.TextIOWrapper):
             setattr(sys, name, os.fdopen(fd, "w", buffering=1, closefd=False))
 
 def stop_processes(procs, grace=60):
-    """SIGTERM (each rank saves what it can), then SIGKILL after `grace` seconds."""
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.terminate()
@@ -1321,10 +1216,8 @@ def _rank_main(target, rank, size, port, device_type, args):
 # ---------------------------------------------------------------------------------------------
 # The machine: which device and precision really run, a start-of-run report, scratch space
 # ---------------------------------------------------------------------------------------------
-# A kernel is started on whatever Kaggle hands out (P100, T4, T4 x2, or no GPU when the
-# accelerator was left off) and nobody watches it for 9 hours, so everything here is checked in
-# the first seconds, before the data is cleaned: a GPU this torch build cannot run stops the run
-# with one line naming the GPU, the torch version and the fix. Uses torch <= 2.2 APIs only.
+# Checked in the first seconds, before the data is cleaned (nobody watches a 9-hour run): a GPU this
+# torch cannot run stops the run with one line naming it and the fix. torch <= 2.2 APIs only.
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -1332,7 +1225,6 @@ class RunError(RuntimeError):
     """A run that cannot start or go on; str() is one line naming the cause and the fix."""
 
 def arch_supported(capability, arch_list):
-    """Whether a torch build for arch_list runs on a GPU of this compute capability."""
     major, minor = capability
     for arch in arch_list:
         kind, _, digits = arch.partition("_")
@@ -1346,7 +1238,6 @@ def arch_supported(capability, arch_list):
     return False
 
 def pick_device(name="auto", require_gpu=False):
-    """The device to run on, checked before any real work. 'auto' takes CUDA when there is one."""
     if name in ("", "auto", None):
         if not torch.cuda.is_available():
             if require_gpu:
@@ -1384,7 +1275,6 @@ def pick_device(name="auto", require_gpu=False):
     return device
 
 def resolve_precision(requested, device):
-    """(the precision that will run, one line saying why)."""
     if requested not in PRECISIONS:
         raise RunError(f"precision {requested!r}: use one of {', '.join(PRECISIONS)}")
     if requested == "fp32":
@@ -1402,20 +1292,17 @@ def resolve_precision(requested, device):
     return "fp16", "fp16 autocast with a loss scaler per optimiser (weights and the EMA in fp32)"
 
 def make_grad_scaler(device, init_scale=2.0 ** 12):
-    """A GradScaler for fp16 training (torch.amp's from 2.3, torch.cuda.amp's before)."""
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device.type, init_scale=init_scale)
     return torch.cuda.amp.GradScaler(init_scale=init_scale)
 
 def memory_gib():
-    """Total RAM in GiB (0 when the platform does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     except (ValueError, OSError, AttributeError):
         return 0.0
 
 def machine_lines(device, precision_line=""):
-    """The start-of-run report: software versions, the device and the host."""
     lines = [f"python     {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} "
              f"| Pillow {PIL.__version__}"]
     if device.type == "cuda":
@@ -1433,44 +1320,32 @@ def machine_lines(device, precision_line=""):
 RUN_LOCK = ".dogkit-run.lock"  # in a run folder while a run writes there: its process id
 
 def claim_folder(folder):
-    """Claim a run folder for this process before any work; returns the lock to release."""
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, RUN_LOCK)
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as fh:
-                    pid = int(fh.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                pid = None  # being written this instant, or torn by a kill: looked at again
-            if pid and pid != os.getpid() and process_alive(pid):
-                raise RunError(f"{folder}: another run (process {pid}) is writing there, its lock {path}; give "
-                               f"another --out, or wait for it") from None
-            if pid is not None:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            time.sleep(0.05)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()}\n" + ("created\n" if created else ""))
-        return path
-    raise RunError(f"{folder}: its lock {path} cannot be taken (another run starting there?); give another --out")
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        pid = (fh.read().split() or ["?"])[0]
+        fh.close()
+        raise RunError(f"{folder}: another run (process {pid}) is writing there, its lock {path}; give another --out, "
+                       f"or wait for it") from None
+    fh.truncate(0)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh, created
 
-def release_folder(path):
-    """Give back a run folder claimed by claim_folder (only this process's own lock)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(path) as fh:
-            words = fh.read().split()
-        if int(words[0]) == os.getpid():
-            os.remove(path)
-            if "created" in words and not os.listdir(os.path.dirname(path)):
-                os.rmdir(os.path.dirname(path))
+def release_folder(lock):
+    fh, created = lock
+    with contextlib.suppress(OSError):
+        os.remove(fh.name)
+        if created and not os.listdir(os.path.dirname(fh.name)):
+            os.rmdir(os.path.dirname(fh.name))
+    fh.close()
 
 def output_problem(path, folder=False):
-    """Why path cannot be written as an output file (folder=True: folder), or None."""
     if os.path.islink(path) and not os.path.exists(path):
         return (f"{path}: a symbolic link to {os.readlink(path)}, which does not exist (remove the link or give "
                 "another path)")
@@ -1494,9 +1369,6 @@ EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: temporary files removed, a training
 TRACEBACK_FILE = os.path.join(tempfile.gettempdir(), "dogkit-traceback.txt")
 
 def save_traceback(path=TRACEBACK_FILE):
-    """Write the traceback of the exception being handled to path; returns path."""
-    import traceback
-
     with open(path, "w") as fh:
         traceback.print_exc(file=fh)
     return path
@@ -1519,7 +1391,6 @@ def check_deadline(deadline, clock, what):
         raise OutOfTime(f"{what} passed the run's deadline")
 
 def truncation_problem(truncation):
-    """Why a value cannot be a sampling truncation, or None."""
     t = truncation
     if t is None or (not isinstance(t, bool) and isinstance(t, (int, float)) and (
             t == 0 or (math.isfinite(t) and TRUNCATION_MIN <= t <= TRUNCATION_MAX))):
@@ -1528,23 +1399,19 @@ def truncation_problem(truncation):
             f"one keeps almost no z value and would never finish redrawing)")
 
 def balanced_labels(n, n_classes, generator=None):
-    """n labels covering every class equally (shuffled): class-balanced conditional sampling."""
     labels = torch.arange(n) % max(n_classes, 1)
     return labels[torch.randperm(n, generator=generator)]
 
 def to_uint8(images):
-    """Generator output in [-1, 1], NCHW -> NHWC uint8 numpy."""
     x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round()
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 def encode_png(pixels):
-    """PNG bytes of one HWC uint8 RGB image."""
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
     return buf.getvalue()
 
 def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
-    """PNG bytes of HWC uint8 images, encoded in threads."""
     blobs = []
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(images), 1000):
@@ -1553,7 +1420,6 @@ def encode_pngs(images, workers=8, deadline=None, clock=time.monotonic):
     return blobs
 
 def write_zip(images, path, workers=8, deadline=None, clock=time.monotonic):
-    """Write HWC uint8 images as 00000.png ... into one flat zip, atomically."""
     path = str(path)
     blobs = encode_pngs(images, workers, deadline, clock)
     with atomic_path(path) as tmp:
@@ -1563,13 +1429,11 @@ def write_zip(images, path, workers=8, deadline=None, clock=time.monotonic):
     return path
 
 def png_header(data):
-    """(width, height, bit depth, colour type) from a PNG's IHDR, or None if not a PNG."""
     if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
     return struct.unpack(">IIBB", data[16:26])
 
 def verify_zip(path, n=N_SUBMISSION, size=64):
-    """Quick self-check of a written images.zip: count, flat names, 64x64 RGB 8-bit PNG headers."""
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
         if len(infos) != n:
@@ -1583,44 +1447,16 @@ def verify_zip(path, n=N_SUBMISSION, size=64):
 NOTEBOOK_PID = os.getpid()  # the process that ran this code: in a notebook, the Jupyter kernel itself
 
 def notebook_shell():
-    """The Jupyter kernel's IPython shell when this process is the notebook's own, else None."""
     ipython = sys.modules.get("IPython")
     shell = ipython.get_ipython() if ipython is not None and os.getpid() == NOTEBOOK_PID else None
     return shell if getattr(shell, "kernel", None) is not None else None
 
 def show_png(png):
-    """Show a PNG (bytes or a file) in the notebook's output; a script run does nothing and never imports IPython."""
     if notebook_shell() is not None:
         from IPython.display import Image as Picture, display
         display(Picture(data=png) if isinstance(png, bytes) else Picture(filename=png))
 
-def curve_png(records, keys, size=(720, 260)):
-    """PNG bytes of a line chart of the records' keys against their step."""
-    from PIL import ImageDraw
-
-    width, height, pad = size[0], size[1], 36
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
-    series = {k: v for k, v in series.items() if len(v) > 1}
-    values = [y for v in series.values() for _, y in v]
-    steps = [x for v in series.values() for x, _ in v]
-    if not values:
-        return None
-    x0, x1, y0, y1 = min(steps), max(steps), min(values), max(values)
-    xy = lambda x, y: (pad + (width - 3 * pad) * (x - x0) / max(x1 - x0, 1e-9),  # noqa: E731
-                       height - pad - (height - 2 * pad) * (y - y0) / max(y1 - y0, 1e-9))
-    draw.rectangle((pad, pad, width - 2 * pad, height - pad), outline="grey")
-    draw.text((pad, height - pad + 6), f"step {x0:g} to {x1:g}; {y0:.3g} to {y1:.3g}", fill="black")
-    for k, colour in zip(series, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")):
-        draw.line([xy(x, y) for x, y in series[k]], fill=colour, width=2)
-        draw.text((xy(*series[k][-1])[0] + 4, xy(*series[k][-1])[1] - 6), k.replace("loss_", ""), fill=colour)
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
 def save_grid(images, path, nrow=8):
-    """A grid PNG of NHWC uint8 images (2 px gaps)."""
     n, h, w, c = images.shape
     ncol = min(nrow, n)
     rows = (n + ncol - 1) // ncol
@@ -1635,13 +1471,9 @@ def save_grid(images, path, nrow=8):
 # ---------------------------------------------------------------------------------------------
 # Settings: every training setting, declared once
 # ---------------------------------------------------------------------------------------------
-# One row per setting: (name, default, the values it may take, the models that read it, one line
-# of help). TrainConfig, the checks of with_settings, the command-line options of the kernel and
-# `dogkit train` (--name-with-dashes) and their help, the experiment queues' checks and the list
-# under a kernel's settings block all derive from this table. Values: (low, high) for a number
-# (None: unbounded), Choices(...) for a fixed set, None for any text. Models: None, every model;
-# else the names of those that read it, and setting it to anything but its default for another
-# model is refused (unread_settings), never silently ignored.
+# One row per setting: (name, default, values: (low, high), Choices(...) or None for any text; the
+# models that read it, None for all; help). TrainConfig, its checks, the command-line options and
+# the queues derive from it; a setting the model does not read is refused (unread_settings).
 
 AUGMENTS = ("none", "flip", "crop-flip", "diffaug", "flip+diffaug", "crop-flip+diffaug", "flip+diffaug-t",
             "flip+diffaug-tc")  # DiffAugment: -t translation, -tc translation + cutout, plain: colour too
@@ -1694,12 +1526,9 @@ SETTINGS = (
     ("lr_final", 0.1, (0.0, 10.0), None, "the learning rate at the end, a multiple of the start's"),
     ("ema_start", 0.25, UNIT, None, "p where the EMA of G starts (before: G_ema follows G)"),
     ("ema_decay", 0.999, UNIT, None, "EMA decay per batch_size images (a step of N GPUs decays by its N-th power)"),
-    ("ema_kimg", 0.0, (0.0, 1e6), None, "> 0: the EMA half-life in thousands of images (StyleGAN2-ADA), "
-                                        "not ema_decay and ema_start"),
     ("ema_fraction", 0.0, UNIT, None, "> 0: the EMA's half-life as this fraction of the images the run will show "
                                       "(set from its pace), instead of ema_decay; from ema_start"),
-    ("ema_rampup", 0.05, (0.0, 1000.0), None, "with ema_kimg: the half-life is at most this fraction of the images "
-                                              "seen"),
+    ("ema_rampup", 0.05, (0.0, 1000.0), None, "extra EMA copies: a half-life at most this fraction of the images seen"),
     ("ema_extra", "", None, None, "half-lives (kimg) of extra EMA copies kept for evaluation, e.g. 2,10,50"),
     # the data (when data is not a cache file) and the samples
     ("strategy", "pad", Choices(STRATEGIES), None, "how a dog's box becomes a square crop"),
@@ -1725,7 +1554,6 @@ TrainConfig = dataclasses.make_dataclass("TrainConfig", [(n, type(d), dataclasse
                                                          for n, d, *_ in SETTINGS])
 
 def parse_budget(text):
-    """'30s', '8m', '9h', '1h30m' -> seconds (a number, not text, is taken as seconds)."""
     if isinstance(text, (int, float)):
         return float(text)
     parts = re.findall(r"(\d+(?:\.\d+)?)([smh])", str(text).strip().lower())
@@ -1734,7 +1562,6 @@ def parse_budget(text):
     return sum(float(a) * {"s": 1, "m": 60, "h": 3600}[b] for a, b in parts)
 
 def setting_problem(name, value):
-    """Why value cannot be setting name (its type, choices or range), or None; value as given."""
     _, default, values, _, _ = SETTING[name]
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -1756,28 +1583,20 @@ def setting_problem(name, value):
     return f"{name}={value!r}: must be a finite number{bounds}"
 
 def with_settings(cfg, settings):
-    """A copy of cfg with settings applied, every wrong one refused."""
     problems = [f"unknown setting {k!r}" for k in sorted(set(settings) - set(SETTING))]
     problems += [p for p in (setting_problem(k, v) for k, v in settings.items() if k in SETTING) if p]
-    if not problems and settings.get("ema_kimg", 0) > 0 and settings.get("ema_fraction", 0) > 0:
-        problems.append(f"ema_kimg={settings['ema_kimg']!r} and ema_fraction={settings['ema_fraction']!r}: the EMA's "
-                        "half-life is one or the other (set the unused one to 0)")
     if problems:
         raise ValueError("; ".join(problems))
-    if "ema_fraction" not in settings and (settings.get("ema_kimg", 0) > 0 or "ema_decay" in settings):
-        settings = {**settings, "ema_fraction": 0.0}  # an EMA given explicitly wins over one left to the plan
-    elif settings.get("ema_fraction", 0) > 0 and "ema_kimg" not in settings:
-        settings = {**settings, "ema_kimg": 0.0}
+    if "ema_fraction" not in settings and "ema_decay" in settings:
+        settings = {**settings, "ema_fraction": 0.0}  # an EMA decay given explicitly wins over one left to the plan
     floats = {k: float(v) for k, v in settings.items() if isinstance(SETTING[k][1], float)}
     return dataclasses.replace(cfg, **{**settings, **floats})
 
 def reads(model_name, name):
-    """Whether model model_name reads setting name (SETTINGS' models column)."""
     models = SETTING[name][3]
     return models is None or model_name in models
 
 def unread_settings(cfg, model_name):
-    """The settings cfg gives that model model_name does not read, each in words."""
     out = [f"{n}={getattr(cfg, n)!r}: model {model_name} does not read it ({', '.join(models)} "
            f"{'does' if len(models) == 1 else 'do'})" for n, default, _, models, _ in SETTINGS
            if not reads(model_name, n) and getattr(cfg, n) != default]
@@ -1790,40 +1609,28 @@ def unread_settings(cfg, model_name):
 # ---------------------------------------------------------------------------------------------
 # Training: a wall-clock schedule, EMA, checkpoints, NaN rollback and the final images.zip
 # ---------------------------------------------------------------------------------------------
-# Everything is a function of progress p = elapsed / training time, not of epochs, so the same
-# file adapts to any GPU: the learning rate holds until p = lr_decay_start and then follows a
-# cosine down to lr_final x; the EMA of G starts at p = ema_start; training stops early enough
-# that refreshing the EMA's batch-norm statistics, sampling 10,000 images and writing the zip fit
-# inside the budget. The step runs eager, as written (a model's Python runs every step, so an edit
-# to it does what it says); losses stay on the device until a log line (no host sync per step).
-# Nothing that goes wrong after the first good step loses the run: the trainer rolls back to the
-# last good state, writes images.zip from it and only then reports the failure (RunFailed).
+# Everything follows progress p = elapsed / training time, so the same file adapts to any GPU;
+# training stops early enough for the end (sampling, the zip) to fit the budget. Nothing that goes
+# wrong after the first good step loses the run: it rolls back to the last good state, writes
+# images.zip from it and only then reports the failure (RunFailed).
 
 class RunFailed(RuntimeError):
-    """Training stopped on an error, a NaN storm or the clock; zip_path: the zip still written."""
-
     def __init__(self, cause, zip_path=None):
         super().__init__(cause)
         self.cause, self.zip_path = cause, zip_path
 
     def line(self):
-        """The one line every command and kernel ends a failed run with (after 'error: ')."""
         kept = f"{self.zip_path} was still written from the last good generator" if self.zip_path else \
             "no images.zip from this run"
         return f"training failed ({self.cause}); {kept}"
 
 def parse_snapshots(text):
-    """'0.25,0.5' -> [0.25, 0.5]: progress points in (0, 1) where a run keeps a checkpoint copy."""
     points = sorted(float(t) for t in str(text).replace(" ", "").split(",") if t)
     if any(not 0.0 < x < 1.0 for x in points):
         raise ValueError(f"snapshots {text!r}: progress points must lie strictly between 0 and 1")
     return points
 
 def ema_line(cfg):
-    """The start block's line on the EMA: its half-life in images, whatever the number of GPUs."""
-    if cfg.ema_kimg > 0:
-        return (f"EMA        half-life {cfg.ema_kimg:g}k images (at most {cfg.ema_rampup:g} of those seen), "
-                f"on any number of GPUs")
     if cfg.ema_fraction > 0:
         return (f"EMA        half-life {cfg.ema_fraction:.0%} of the images the run will show (set from the pace), "
                 f"from p={cfg.ema_start:g}, on any number of GPUs")
@@ -1834,7 +1641,6 @@ def ema_line(cfg):
     return f"EMA        {start}: a half-life of {half / 1000:,.1f}k images on any number of GPUs"
 
 def settings_line(cfg, model):
-    """The start block's line on what shapes the samples."""
     name = getattr(model, "name", "")
     lr = f"lr {cfg.lr_g:g} (G) {cfg.lr_d:g} (D)" if reads(name, "lr_d") else f"lr {cfg.lr_g:g}"
     parts = [f"batch {cfg.batch_size}", lr, f"augment {cfg.augment}"]
@@ -1847,16 +1653,13 @@ def settings_line(cfg, model):
     return "settings   " + ", ".join(parts)
 
 def passes_text(passes):
-    """300, or 2.7 for fewer than 10 passes (one decimal; 3, not 3.0): the regime at a glance."""
     return f"{passes:,.0f}" if passes >= 10 else f"{passes:.1f}".removesuffix(".0")
 
 def passes_words(passes):
-    """'1 pass', '0.4 passes', '300 passes'."""
     text = passes_text(passes)
     return f"{text} pass" if text == "1" else f"{text} passes"
 
 def plan_line(cfg, values, planned_images, n_photos, source):
-    """The log line of the settings that follow the plan: each with the plan figure it came from."""
     parts = []
     if "ema_decay" in values:
         parts.append(f"EMA half-life {cfg.ema_fraction:.0%} of {planned_images:,.0f} images = "
@@ -1869,7 +1672,6 @@ def plan_line(cfg, values, planned_images, n_photos, source):
     return f"from plan  {source}: " + "; ".join(parts)
 
 def follow_plan(tr, planned_images, source):
-    """Set the settings the run leaves to its plan from the images it will show, and log them."""
     values = from_plan(tr.given, planned_images, len(tr.images))
     if values:
         tr.planned = {"images": float(planned_images), "source": source, **values}
@@ -1877,13 +1679,11 @@ def follow_plan(tr, planned_images, source):
         tr.log(plan_line(tr.given, values, planned_images, len(tr.images), source))
 
 def plan_pending(cfg):
-    """In words, what the run leaves to its plan (for the start block), or ''."""
     parts = [f"EMA half-life {cfg.ema_fraction:.0%} of the images the run will show"] if cfg.ema_fraction > 0 else []
     parts += ["truncation from the passes it will make"] if cfg.truncation == TRUNCATION_FROM_PLAN else []
     return ("from plan  " + " and ".join(parts) + ": set from the pace, a tenth into training") if parts else ""
 
 def parse_ema_extra(text):
-    """'2,10,50' -> [2.0, 10.0, 50.0]: the half-lives (kimg) of the extra EMA copies."""
     values = [float(t) for t in str(text).replace(" ", "").split(",") if t]
     if any(v <= 0 for v in values):
         raise ValueError(f"ema_extra {text!r}: half-lives in thousands of images, each above 0")
@@ -1895,12 +1695,10 @@ def batchnorms(G):
     return [m for m in G.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 def refresh_images(G, cfg):
-    """How many images refresh_batchnorm generates (0 for a generator without batch norm)."""
     return REFRESH_BATCHES * 4 * cfg.batch_size if batchnorms(G) else 0
 
 @torch.no_grad()
 def refresh_batchnorm(G, cfg, n_classes, device):
-    """Re-estimate the batch-norm statistics of G from fresh samples (standing statistics)."""
     bns = batchnorms(G)
     if not bns:
         return
@@ -1919,23 +1717,18 @@ def refresh_batchnorm(G, cfg, n_classes, device):
     G.eval()
 
 def resident(data, device):
-    """The training photos as one NCHW uint8 tensor on the device, and their labels."""
     images = torch.from_numpy(np.ascontiguousarray(data["images"])).permute(0, 3, 1, 2).contiguous()
     return images.to(device), torch.as_tensor(np.asarray(data["labels"]), dtype=torch.long).to(device)
 
 def progress(tr):
-    """p from 0 to 1: the share of the run's training time spent, or of cfg.steps done when further."""
     p = tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9)
     return max(p, tr.step / tr.cfg.steps) if tr.cfg.steps else p
 
 def count_step(tr):
-    """One more step done: the step counter and the real images seen (every rank's)."""
     tr.step += 1
     tr.images_seen += tr.batches_per_step * tr.cfg.batch_size * tr.world.size
 
 class Plan:
-    """The time plan: how far the run is, when this session's training stops, the sessions."""
-
     def __init__(self, t0):
         self.t0 = t0
         self.elapsed = self.resumed_elapsed = 0.0  # the run so far; what a resumed checkpoint had done
@@ -1950,13 +1743,11 @@ class Plan:
         self.elapsed = elapsed
 
     def state(self):
-        """The checkpoint's entries."""
         return {"elapsed": self.elapsed, "train_seconds": self.train_seconds, "session": self.session,
                 "session_start": self.session_start, "session_end": self.session_end,
                 "per_session": self.per_session}
 
     def resume(self, ckpt, cfg, same_session=False):
-        """The plan of a checkpoint's run, going on."""
         self.elapsed = self.resumed_elapsed = ckpt["elapsed"]
         self.session, self.session_start = ckpt.get("session", 1), self.elapsed
         if same_session:
@@ -1971,7 +1762,6 @@ class Plan:
 # ---- the safety net: the last good state, rollback --------------------------------------
 
 def state_tensors(tr):
-    """Every tensor that defines the training state, for in-place copies."""
     out = list(tr.model.G.state_dict(keep_vars=True).values())
     if tr.model.D is not None:
         out += list(tr.model.D.state_dict(keep_vars=True).values())
@@ -1983,8 +1773,6 @@ def state_tensors(tr):
     return [t.data if isinstance(t, torch.nn.Parameter) else t for t in out]
 
 class SafetyNet:
-    """The last good training state and the rollbacks to it."""
-
     def __init__(self):
         self.good = None  # an in-memory copy of the last good training state: what a rollback returns to
         self.rollbacks, self.lr_scale = 0, 1.0
@@ -1998,13 +1786,11 @@ class SafetyNet:
             t.copy_(saved)
 
     def roll_back(self, tensors):
-        """Restore the last good state and halve the learning rate."""
         self.restore(tensors)
         self.rollbacks += 1
         self.lr_scale *= 0.5
 
     def state(self):
-        """The checkpoint's entries."""
         return {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
 
     def load(self, ckpt):
@@ -2017,7 +1803,6 @@ def restore_good_state(tr):
     tr.safety.restore(state_tensors(tr))
 
 def tell_others(tr):
-    """A rank that failed tells the others (they stop at their next step's agree)."""
     try:
         agree(tr.world, tr.clock(), failed=True)
     except Exception:  # the group itself broke: the peers see the lost connection
@@ -2028,7 +1813,6 @@ def rollback(tr, reason):
     tr.log(f"rollback #{tr.safety.rollbacks} to the last good state ({reason}); lr x{tr.safety.lr_scale:g}")
 
 def stopped_by(tr, exc):
-    """The cause of an error in the loop, with the last good state restored for the end."""
     if tr.world.size > 1:
         tell_others(tr)
     if tr.safety.good is None:
@@ -2049,7 +1833,6 @@ def stopped_by(tr, exc):
 CHECKPOINT_FORMAT = "dogkit-checkpoint-2"  # -1 kept numpy's random state as an array (a pickle)
 
 def rng_state(tr):
-    """Every random stream's state as tensors, numbers, strings and lists (readable as data)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
             "python": random.getstate(),
@@ -2060,45 +1843,32 @@ def set_rng_state(tr, rng):
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(rng["python"])
-    if rng["cuda"] is not None and tr.device.type == "cuda":
-        if isinstance(rng["cuda"], list):  # checkpoints before multi-GPU runs: every device's state
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        else:
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), tr.device)
+    if rng["cuda"] is not None and tr.device.type == "cuda" and torch.is_tensor(rng["cuda"]):
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), tr.device)  # (an old checkpoint's list of devices: not restored)
 
 def seed_rank(cfg, world, step=0):
-    """Each rank's own random stream (its real batches and noise) in a multi-GPU run."""
     torch.manual_seed(cfg.seed + 100_003 * (world.rank + 1) + 7 * step)
 
 def checkpoint_together(tr, name="checkpoint.pt"):
-    """save_checkpoint at a point every rank reaches together, every rank's random state in it."""
     states = gather_objects(rng_state(tr), tr.world)
     return save_checkpoint(tr, name, states) if tr.world.main else None
 
 def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
-    """Write the whole training state atomically to folder/name (folder: the run's output)."""
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "config": {**dataclasses.asdict(tr.given),  # as given, the truncation as it samples (every reader's)
                    "truncation": sampling_truncation(tr.cfg, tr.images_seen, len(tr.images))},
         "planned": tr.planned,  # the settings that follow the plan (follow_plan), or None
-        "model": tr.cfg.model,
-        "step": tr.step,
-        "images_seen": tr.images_seen,  # real images drawn for training, all ranks together
-        **tr.plan.state(),  # elapsed, the whole run's training seconds, the session and its plan
-        **tr.safety.state(),  # lr_scale, rollbacks
-        "breeds": tr.breeds,
-        "n_classes": tr.n_classes,
-        "G": tr.model.G.state_dict(),
-        "D": tr.model.D.state_dict() if tr.model.D is not None else None,
+        "model": tr.cfg.model, "step": tr.step, "images_seen": tr.images_seen,  # real images, all ranks together
+        **tr.plan.state(), **tr.safety.state(),  # elapsed, the sessions and their plan; lr_scale, rollbacks
+        "breeds": tr.breeds, "n_classes": tr.n_classes,
+        "G": tr.model.G.state_dict(), "D": tr.model.D.state_dict() if tr.model.D is not None else None,
         **tr.ema.state(),  # G_ema, its weight, and the ema_extra copies in their order
         "opt_g": tr.model.opt_g.state_dict(),
         "opt_d": tr.model.opt_d.state_dict() if tr.model.opt_d is not None else None,
         "scalers": [opt.grad_scaler.state_dict() if opt.grad_scaler else None for opt in tr.optimizers],
-        "grid_every": tr.grid_every,
-        "bn_refreshed": bool(tr.bn_refreshed),  # standing stats in G_ema (final checkpoint)
-        "rng": rng_state(tr),
-        "world_size": tr.world.size,
+        "grid_every": tr.grid_every, "bn_refreshed": bool(tr.bn_refreshed),  # standing stats in G_ema (the end's)
+        "rng": rng_state(tr), "world_size": tr.world.size,
         "rank_rngs": rank_rngs,  # every rank's random state (multi-GPU, saved together), else None
     }
     path = os.path.join(folder or tr.cfg.out, name)
@@ -2109,7 +1879,6 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
     return path
 
 def read_checkpoint(path, device="cpu", formats=(CHECKPOINT_FORMAT,)):
-    """A checkpoint file read as data only, checked."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -2129,13 +1898,11 @@ RUN_SETTINGS = ("data", "out", "budget", "hard_limit", "sessions", "device", "st
                 "memory_format", "ema_extra")  # where and how long a run goes: a continued run may change them
 
 def settings_differences(saved, cfg):
-    """The training settings in which cfg differs from a checkpoint's, in words."""
     defaults = dataclasses.asdict(TrainConfig())
     return [f"{k} {saved.get(k, v0)!r} (this run: {getattr(cfg, k)!r})" for k, v0 in defaults.items()
             if k not in RUN_SETTINGS and k != "model" and saved.get(k, v0) != getattr(cfg, k)]
 
 def check_continuation(ckpt, path, cfg, model_name, next_session=True):
-    """A RunError naming the difference unless checkpoint ckpt can be continued under cfg."""
     if ckpt.get("model") != model_name:
         raise RunError(f"{path}: a checkpoint of model {ckpt.get('model')!r}; this run trains {model_name!r}")
     differences = settings_differences(ckpt["config"], cfg)
@@ -2152,7 +1919,6 @@ def check_continuation(ckpt, path, cfg, model_name, next_session=True):
             f"{fmt_time(ckpt['elapsed'])} done in {done} session{'s' * (done > 1)}")
 
 def load_checkpoint(tr, path, same_session=False):
-    """Load the whole training state."""
     ckpt = read_checkpoint(path, tr.device)
     check_continuation(ckpt, path, tr.cfg, tr.cfg.model, next_session=not same_session)
     tr.model.G.load_state_dict(ckpt["G"])
@@ -2182,7 +1948,6 @@ def load_checkpoint(tr, path, same_session=False):
            + (f"; session {tr.plan.session} of {tr.cfg.sessions}" if tr.cfg.sessions > 1 else ""))
 
 def carry_log(folder, out, log=print):
-    """Copy the earlier run's log.jsonl into the output folder when that is another one."""
     source, target = os.path.join(folder, "log.jsonl"), os.path.join(out, "log.jsonl")
     if not os.path.isfile(source) or os.path.abspath(folder) == os.path.abspath(out):
         return
@@ -2196,8 +1961,6 @@ def carry_log(folder, out, log=print):
     log(f"copied the earlier log ({len(lines)} records) from {source}")
 
 class Written:
-    """What this run has written to its output folder: the end keeps or replaces by it."""
-
     def __init__(self):
         self.checkpoint_step = self.zip_step = self.continues = None
 
@@ -2208,7 +1971,6 @@ class Written:
         self.zip_step = step
 
     def resumed(self, path, out, step):
-        """A run resumed from checkpoint `path`: in its own folder, that checkpoint is this run's."""
         self.continues = os.path.dirname(os.path.abspath(path))
         if self.continues == os.path.abspath(out):
             self.checkpoint_step = step
@@ -2216,7 +1978,6 @@ class Written:
 # ---- the plan: how long the end takes, how long training gets ---------------------------
 
 def measure_end(tr):
-    """Seconds the end of the run takes on this device, timed on its real path, and the parts."""
     cfg, cuda = tr.cfg, tr.device.type == "cuda"
     G = copy.deepcopy(tr.ema.G)
     parts = {"prepare": 0.0}
@@ -2242,21 +2003,17 @@ def measure_end(tr):
     return 1.25 * sum(parts.values()) + 3.0, parts
 
 def budget_start(tr):
-    """The elapsed time from which this process's --budget counts."""
     return tr.plan.session_start if tr.cfg.sessions > 1 else 0.0
 
 def sessions_plan(tr, reserve):
-    """(session_end, train_seconds, per_session) for an end that needs `reserve` seconds."""
     session_end = budget_start(tr) + tr.cfg.budget - reserve
     per_session = session_end - (tr.clock() - tr.plan.t0 + tr.plan.session_start)  # from now: data loading is spent
     return session_end, session_end + max(0, tr.cfg.sessions - tr.plan.session) * per_session, per_session
 
 def plan(tr):
-    """Fix the plan, timed on rank 0 and the same on every rank."""
     tr.plan.fix(*on_main(lambda: planned_seconds(tr), tr.world))
 
 def planned_seconds(tr):
-    """sessions_plan with the end timed on this device; a budget too short is refused."""
     cfg = tr.cfg
     if cfg.reserve >= 0:
         reserve, how = cfg.reserve, "as configured"
@@ -2283,19 +2040,16 @@ def planned_seconds(tr):
 REPLAN_AT = 0.1  # progress at which a measured reserve is timed again, warm
 
 def planned_images(images_seen, since, elapsed, train_seconds, at_most=math.inf):
-    """The images the run will have shown by the end of training at the pace since `since`."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
     return min(at_most, images_seen + rate * max(train_seconds - elapsed, 0.0))
 
 def pace_line(images_seen, since, elapsed, train_seconds, n_photos, at_most=math.inf):
-    """What the run will show at this pace, in words."""
     rate = (images_seen - since[1]) / max(elapsed - since[0], 1e-9)
     total = planned_images(images_seen, since, elapsed, train_seconds, at_most)
     return (f"at {rate:,.0f} images/s, about {total:,.0f} images by the end of training: "
             f"{passes_words(total / max(n_photos, 1))} over the {n_photos:,} photos")
 
 def replan(tr):
-    """Time the end again once training is warm and move the end of training to fit it."""
     def warm():
         _, parts = measure_end(tr)  # the parts as timed, warm
         reserve = 2.0 * sum(parts.values()) + 3.0  # kept: what a machine twice as slow would still fit
@@ -2314,7 +2068,6 @@ def replan(tr):
            f"slow still fits); training until {fmt_time(tr.plan.session_end)} (was {fmt_time(before)}){why}")
 
 def once_warm(tr, since):
-    """At a tenth of the session's training: time the end again, log the pace, follow the plan."""
     if tr.cfg.reserve < 0:
         replan(tr)
     cap = tr.images_seen / max(tr.step, 1) * tr.cfg.steps if tr.cfg.steps else math.inf  # --steps: no more
@@ -2326,7 +2079,6 @@ def once_warm(tr, since):
 # ---- logs, pictures and interim zips -----------------------------------------------------
 
 def log_interval(tr, p, steps, seconds):
-    """Write a log line and a log.jsonl record; False (after a rollback) on a NaN or diverged loss."""
     sums = tr.loss_sum or {}
     means = {k: float(v) / max(steps, 1) for k, v in zip(sums, all_mean(list(sums.values()), tr.world))}
     for v in sums.values():
@@ -2354,7 +2106,6 @@ def save_fixed_grid(tr, name):
     save_grid(to_uint8(imgs), os.path.join(tr.cfg.out, name))
 
 def progress_grid(tr):
-    """Write grid-STEP.png, thinning older grids so a long run keeps a few."""
     save_fixed_grid(tr, f"grid-{tr.step:07d}.png")
     show_png(os.path.join(tr.cfg.out, f"grid-{tr.step:07d}.png"))
     grids = sorted(f for f in os.listdir(tr.cfg.out) if re.fullmatch(r"grid-\d{7}\.png", f))
@@ -2364,13 +2115,11 @@ def progress_grid(tr):
         tr.grid_every *= 2
 
 def prepare_for_sampling(tr, G):
-    """Prepare G for sampling: the model's own step, then standing batch-norm statistics."""
     if hasattr(tr.model, "before_sampling"):
         tr.model.before_sampling(G, to_float(tr.images))
     refresh_batchnorm(G, tr.cfg, tr.n_classes, tr.device)
 
 def sample_zip(tr, G, deadline=None, world=ALONE):
-    """images.zip from G."""
     cfg = tr.cfg
     truncation = sampling_truncation(cfg, tr.images_seen, len(tr.images))
 
@@ -2394,7 +2143,6 @@ def sample_zip(tr, G, deadline=None, world=ALONE):
     return zip_images(np.concatenate(parts), cfg, deadline, tr.clock)
 
 def sampling_truncation(cfg, images_seen, n_photos):
-    """The truncation to sample with (0: none)."""
     t = cfg.truncation
     return truncation_for_passes(images_seen / max(n_photos, 1)) if t == TRUNCATION_FROM_PLAN else t
 
@@ -2404,7 +2152,6 @@ def zip_images(images, cfg, deadline=None, clock=time.monotonic):
     return path
 
 def interim_zip(tr):
-    """Write images.zip from a copy of the EMA generator now (insurance); a failure is logged."""
     t = time.monotonic()
     try:
         G = copy.deepcopy(tr.ema.G)
@@ -2418,7 +2165,6 @@ def interim_zip(tr):
 # ---- the end: images.zip before the deadline, whatever happened -------------------------
 
 def ready_to_sample(tr):
-    """The EMA generator finite (else the last good state) with what sampling needs."""
     if not all(torch.isfinite(v).all() for v in tr.ema.G.state_dict().values() if v.is_floating_point()):
         tr.log("EMA generator is not finite: using the last good state")
         rollback(tr, "non-finite weights at the end")
@@ -2426,7 +2172,6 @@ def ready_to_sample(tr):
     tr.bn_refreshed = True
 
 def kept_zip(tr):
-    """In words, the images.zip in the output folder when it is this run's, else None."""
     if not os.path.exists(os.path.join(tr.cfg.out, "images.zip")):
         return None
     if tr.written.zip_step is not None:
@@ -2436,14 +2181,12 @@ def kept_zip(tr):
     return None
 
 def end_deadline(tr):
-    """(the clock reading the end must finish by, the budget's own end)."""
     end = tr.plan.t0 - tr.plan.session_start + budget_start(tr) + tr.cfg.budget  # on tr.clock, the zip included
     if kept_zip(tr):
         return end, end
     return (tr.plan.t0 + tr.cfg.hard_limit if tr.cfg.hard_limit > 0 else math.inf), end
 
 def finish(tr, failure=None):
-    """The end: the final checkpoint, a grid and images.zip, all before the deadline."""
     deadline, budget_end = end_deadline(tr)
     world = tr.world if failure is None else ALONE
     if not world.main:
@@ -2482,11 +2225,11 @@ def finish(tr, failure=None):
            f"{fmt_time(budget_end - tr.plan.t0)}")
     late = tr.clock() - budget_end
     if late > 0:
+        wall = (f"the wall, {fmt_time(tr.cfg.hard_limit)}, is still {tr.plan.t0 + tr.cfg.hard_limit - tr.clock():.0f} "
+                f"s away" if tr.cfg.hard_limit > 0 else "no wall: a local run")
         tr.log(f"WARNING    the end took {tr.clock() - began:.0f} s where the plan left it {budget_end - began:.0f} s "
                f"(the machine was slower than when the end was timed): {late:.0f} s past the budget; with no earlier "
-               f"images.zip to keep, it was let run over" + (f" (the wall, {fmt_time(tr.cfg.hard_limit)}, is still "
-                                                            f"{tr.plan.t0 + tr.cfg.hard_limit - tr.clock():.0f} s away)"
-                                                            if tr.cfg.hard_limit > 0 else " (no wall: a local run)"))
+               f"images.zip to keep, it was let run over ({wall})")
     if tr.plan.session < tr.cfg.sessions:
         tr.log(f"session {tr.plan.session} of {tr.cfg.sessions} ends at step {tr.step} "
                f"({100 * tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9):.0f}% of the run's training): continue it "
@@ -2497,7 +2240,6 @@ def finish(tr, failure=None):
     return path
 
 def help_finish(tr, deadline):
-    """finish() on a rank other than 0: its random state and its slice of the images to rank 0."""
     gather_objects(rng_state(tr), tr.world)  # rank 0's checkpoint_together
     try:
         ready_to_sample(tr)
@@ -2512,14 +2254,12 @@ def out_of_time(tr, failure, exc):
                      os.path.join(tr.cfg.out, "images.zip") if kept else None)
 
 def disk_full(tr, failure, exc):
-    """The end could not write an output (WriteError): sampling again would meet the same disk."""
     path, ours = os.path.join(tr.cfg.out, "images.zip"), kept_zip(tr)
     kept = ours or ("the images.zip there is an earlier run's, not this one's" if os.path.exists(path) else
                     "no images.zip written")
     return RunFailed(f"{failure + '; ' if failure else ''}{exc} ({kept})", path if ours else None)
 
 def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, device="cpu"):
-    """Write images.zip beside checkpoint `path` from its EMA generator; returns (zip, step)."""
     device = torch.device(device)
     ckpt = read_checkpoint(path, device)
     G, cfg = ema_generator(ckpt, model_cls, device)
@@ -2530,7 +2270,6 @@ def zip_from_checkpoint(path, model_cls, deadline=None, clock=time.monotonic, de
     return zip_images(images, cfg, deadline, clock), ckpt["step"]
 
 def ema_generator(ckpt, model_cls, device, which=None):
-    """(the EMA generator of a loaded checkpoint, rebuilt on device in eval mode, its TrainConfig)."""
     given = {k: v for k, v in ckpt["config"].items() if k in SETTING}  # a retired setting (graph) is passed over
     cfg = dataclasses.replace(TrainConfig(**given), device=str(device))
     G = model_cls(cfg, ckpt["n_classes"], device).G
@@ -2540,7 +2279,6 @@ def ema_generator(ckpt, model_cls, device, which=None):
     return G.eval(), cfg
 
 def seed_and_tune(cfg, device):
-    """The run's seeds, and TF32 and cuDNN's autotuner on CUDA (fp32 matmuls in TF32)."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -2550,7 +2288,6 @@ def seed_and_tune(cfg, device):
         torch.backends.cudnn.benchmark = True
 
 def check_model_options(cfg, model, n_classes=None, device="cpu"):
-    """Refuse the settings the model does not read, and a model that breaks its contract."""
     problems = unread_settings(cfg, model.name)
     broken = generator_problem(model, cfg, n_classes, device) if n_classes is not None else None
     if problems or broken:
@@ -2558,7 +2295,6 @@ def check_model_options(cfg, model, n_classes=None, device="cpu"):
 
 @torch.no_grad()
 def generator_problem(model, cfg, n_classes, device):
-    """Why the model's G breaks the contract a run relies on, or None."""
     z = torch.randn(2, cfg.z_dim, device=device)
     labels = torch.full((2,), n_classes - 1, dtype=torch.long, device=device) if n_classes else None
     call = f"{type(model).__name__}.G(z, labels)" if n_classes else f"{type(model).__name__}.G(z)"
@@ -2576,20 +2312,16 @@ def generator_problem(model, cfg, n_classes, device):
     return None
 
 def ema_copy(G):
-    """The EMA generator: a frozen copy of G in eval mode."""
     G_ema = copy.deepcopy(G).eval()
     for p in G_ema.parameters():
         p.requires_grad_(False)
     return G_ema
 
 def fixed_noise(cfg, n_classes, device):
-    """The z (seed 1234) and breeds of the 64 progress-grid images: the same in every grid of a run."""
     z = torch.randn(64, cfg.z_dim, generator=torch.Generator().manual_seed(1234)).to(device)
     return z, ((torch.arange(64) % max(n_classes, 1)).to(device) if n_classes else None)
 
 class Trainer:
-    """Holds the models, the resident data and the schedule; `run()` trains and writes images.zip."""
-
     def __init__(self, cfg, model_cls, data=None, clock=time.monotonic, log=print, hooks=(), t0=None,
                  world=ALONE):
         cfg = dataclasses.replace(cfg, model=model_cls.name)  # what the checkpoint says it holds
@@ -2641,7 +2373,6 @@ class Trainer:
                 self.log(f"removed {name}, left half-written by an earlier run that was killed")
 
     def run(self):
-        """Train until the budget's training time (or cfg.steps), then finish."""
         if self.plan.train_seconds is None:
             plan(self)
         if self.world.main:
@@ -2663,7 +2394,6 @@ class Trainer:
         return finish(self, failure)
 
 def world_line(world, device, cfg):
-    """The start block's line on the ranks: each one's device, the global batch."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     devices = all_objects(f"{device} {name}".strip(), world)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -2679,7 +2409,6 @@ def fmt_time(seconds):
 
 def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=print, hooks=(), t0=None, world=ALONE,
           same_session=False):
-    """Train model_cls under cfg (resuming from a checkpoint if given); returns the images.zip path."""
     trainer = Trainer(cfg, model_cls, data=data, clock=clock, log=log, hooks=hooks, t0=t0, world=world)
     if resume:
         load_checkpoint(trainer, resume, same_session)
@@ -2689,11 +2418,8 @@ def train(cfg, model_cls, resume=None, data=None, clock=time.monotonic, log=prin
 # ---------------------------------------------------------------------------------------------
 # Entry point: Kaggle with no arguments, or locally with --data PATH --budget 8m --out DIR
 # ---------------------------------------------------------------------------------------------
-# On Kaggle the kernel trains only on the competition's photos and boxes, wherever the attached
-# copy puts them (all-dogs.zip + Annotation.zip, the same unzipped, or Stanford Dogs' Images/ +
-# Annotation/); every other attached dataset is ignored, and the log says so. The start block
-# names the software, the device, the data found and the plan; a GPU this torch cannot run, or a
-# missing GPU, stops the run in seconds, before any cleaning.
+# On Kaggle the kernel trains only on the competition's photos and boxes (all-dogs.zip +
+# Annotation.zip, unzipped, or Stanford Dogs' Images/ + Annotation/); other datasets are ignored.
 
 KAGGLE_INPUT = "/kaggle/input"
 KAGGLE_WORKING = "/kaggle/working"
@@ -2702,7 +2428,6 @@ KAGGLE_MARGIN = 15 * 60.0  # those 15 minutes: the wall is a kernel's budget plu
 NOTEBOOK_ARGS = ("-f",)  # what Jupyter adds to sys.argv (-f kernel.json): tolerated, nothing else is
 
 def kaggle_paths():
-    """Kaggle's input and working folders (DOGKIT_KAGGLE_* override them, for tests)."""
     env = os.environ.get
     return env("DOGKIT_KAGGLE_INPUT", KAGGLE_INPUT), env("DOGKIT_KAGGLE_WORKING", KAGGLE_WORKING)
 
@@ -2716,7 +2441,6 @@ def _has_photos(path):
     return any(e.is_file() and e.name.lower().endswith(PHOTO_EXTS) for e in _entries(path))
 
 def _walk(root, depth=5):
-    """(folder, its entries) breadth-first down to depth levels (attached datasets are shallow)."""
     level = [root]
     for _ in range(depth):
         below = []
@@ -2727,7 +2451,6 @@ def _walk(root, depth=5):
         level = below
 
 def find_competition_data(root):
-    """The competition's photos and boxes under Kaggle's input root, or None."""
     photos = layout = None
     for folder, entries in _walk(root):
         names = {e.name: e for e in entries}
@@ -2757,24 +2480,16 @@ def find_competition_data(root):
     return {"dataset": dataset, "photos": photos, "annotations": annotations, "layout": layout}
 
 def ignored_inputs(root, dataset):
-    """The other attached datasets (never trained on): [(folder, photos in it)]."""
-    out = []
-    for entry in _entries(root):
-        if os.path.abspath(entry.path) != os.path.abspath(dataset):
-            n = sum(1 for _, entries in _walk(entry.path) for e in entries
-                    if e.is_file() and e.name.lower().endswith(PHOTO_EXTS))
-            out.append((entry.path, n))
-    return out
+    return [e.path for e in _entries(root) if os.path.abspath(e.path) != os.path.abspath(dataset)]
 
 def kaggle_data(root, log=print):
-    """(photos, annotations or None) of the competition on Kaggle, each a folder or a zip."""
     found = find_competition_data(root)
     if found is None:
         raise RunError(f"no competition data under {root}: attach 'Generative Dog Images' (Add data -> "
                        "Competitions), or the Stanford Dogs dataset, to this notebook")
     log(f"data       {found['layout']} in {found['dataset']}")
-    for folder, n in ignored_inputs(root, found["dataset"]):
-        log(f"ignored    {folder} ({n} photos): not the competition's data, never trained on")
+    for folder in ignored_inputs(root, found["dataset"]):
+        log(f"ignored    {folder}: not the competition's data, never trained on")
     photos, annotations = found["photos"], found["annotations"]
     if annotations is None:
         log("WARNING    no Annotation/ found: whole photos are used, not the dogs' boxes "
@@ -2782,30 +2497,21 @@ def kaggle_data(root, log=print):
     return photos, annotations
 
 # The command line of the kernel and `dogkit train`: every setting of SETTINGS as --name-with-dashes
-# (its type, choices and help from there; not given, the model's value holds), except NOT_OPTIONS,
-# and these options, which are not settings or whose default depends on where the run starts:
-# (flag, type, help).
+# but NOT_OPTIONS, and these (flag, type, help): not settings, or their default depends on the place.
 RUN_OPTIONS = (
-    ("--data", str, "photos (any layout clean-data reads) or a cache .npz; on Kaggle: the competition's data "
-                          "under /kaggle/input"),
-    ("--budget", str, f"wall clock for the whole run, sampling and zip included: 30s, 8m, 9h (default: "
-                            f"{KAGGLE_BUDGET} on Kaggle, else 8m)"),
-    ("--out", str, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: /kaggle/working on "
-                         "Kaggle, else submission)"),
+    ("--data", str, "photos (any layout clean-data reads) or a cache .npz (Kaggle: found under /kaggle/input)"),
+    ("--budget", str, f"wall clock for the whole run, the zip included: 30s, 8m, 9h (Kaggle: {KAGGLE_BUDGET}; 8m)"),
+    ("--out", str, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (Kaggle: its working; submission)"),
     ("--log-every", float, "seconds between log lines (default: 300 on Kaggle, else 30)"),
-    ("--sessions", int, "sessions the run is planned over, --budget each, the learning rate annealed in the last; "
-                              "each continues the one before (--resume; on Kaggle its output attached) (default 1; on "
-                              "Kaggle the kernel's KAGGLE_SESSIONS)"),
+    ("--sessions", int, "sessions the run is planned over, --budget each, each continuing the last (--resume; on "
+                        "Kaggle its output attached); default 1 (Kaggle: the kernel's KAGGLE_SESSIONS)"),
     ("--resume", str, "checkpoint.pt to continue from (same model and settings; a new --budget re-plans the end)"),
-    ("--preset", str, "a published recipe in full over the model's settings, e.g. fifth-place (biggan); the "
-                            "options given here still win (default: none, or the kernel's PRESET)"),
-    ("--gpus", int, "GPUs to train on, one process each, with --device auto or cuda (default: every visible "
-                          "GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
+    ("--preset", str, "a published recipe over the model's settings, e.g. fifth-place (biggan); options still win"),
+    ("--gpus", int, "GPUs to train on, one process each (default: every visible GPU; under torchrun: its own)"),
 )
 NOT_OPTIONS = ("model", "hard_limit")  # the model the kernel holds; Kaggle's wall, set by the kernel alone
 
 def train_options():
-    """Every option of the command line: (flag, type, choices or None, help), RUN_OPTIONS first."""
     taken = {flag[2:].replace("-", "_") for flag, *_ in RUN_OPTIONS}
     out = [(flag, kind, None, text) for flag, kind, text in RUN_OPTIONS]
     for name, default, values, models, text in SETTINGS:
@@ -2832,7 +2538,6 @@ def parse_args(argv):
     return args
 
 def with_preset(settings, presets, name):
-    """The model's settings with preset `name` over them."""
     if not name:
         return settings
     if name not in (presets or {}):
@@ -2842,7 +2547,6 @@ def with_preset(settings, presets, name):
 
 def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING, kaggle_budget=KAGGLE_BUDGET,
                         kaggle_sessions=1, presets=None, model=None):
-    """TrainConfig from a model's settings, a preset and the command-line options, checked."""
     cfg = with_settings(TrainConfig(**({"model": model} if model else {})),
                         with_preset(settings, presets, opts.get("preset")))
     sessions = opts.get("sessions") or (kaggle_sessions if on_kaggle else 1)
@@ -2866,7 +2570,6 @@ def config_from_options(settings, opts, on_kaggle=False, working=KAGGLE_WORKING,
     return cfg
 
 def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_sessions=1, presets=None, preset=None):
-    """Run the kernel; exits non-zero (after writing images.zip when it can) on any failure."""
     t0 = time.monotonic()
     if argv is None:
         argv = [] if os.path.basename(sys.argv[0]).startswith("ipykernel") else sys.argv[1:]
@@ -2885,21 +2588,8 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_ses
     return path
 
 def show_results(out):
-    """In a notebook: the final samples and the loss curves under the cell (files stay as they are)."""
-    if notebook_shell() is None:
-        return
-    if os.path.exists(os.path.join(out, "samples.png")):
+    if notebook_shell() is not None and os.path.exists(os.path.join(out, "samples.png")):
         show_png(os.path.join(out, "samples.png"))
-    records = []
-    with contextlib.suppress(OSError):
-        with open(os.path.join(out, "log.jsonl")) as fh:
-            for line in fh:
-                with contextlib.suppress(ValueError):
-                    records.append(json.loads(line))
-    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
-    curves = curve_png(records, sorted({k for r in records for k in r if k.startswith("loss")}))
-    if curves:
-        show_png(curves)
 
 class KernelStopped(Exception):
     """The run stopping in a notebook: the cell's error is its one line, nothing more."""
@@ -2908,7 +2598,6 @@ def _one_line(shell, etype, value, tb, tb_offset=None):
     shell._showtraceback(etype, value, [str(value)])  # the error IPython shows: the line alone
 
 def stop(code, message=None):
-    """End the run with an exit code and its one line."""
     shell = notebook_shell()
     if shell is None:
         if message:
@@ -2918,7 +2607,6 @@ def stop(code, message=None):
     raise KernelStopped(message or f"stopped with exit code {code} (the line above says why)")
 
 def exit_on_error(fn, rank=None):
-    """fn()'s result, or one line on stderr and its exit code from the one table."""
     who = f"rank {rank}: " if rank else ""
     try:
         return fn()
@@ -2946,7 +2634,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 def world_size(gpus, device):
-    """(ranks, their device type) for --gpus and --device."""
     if gpus is not None and gpus < 1:
         raise RunError(f"--gpus {gpus}: give 1 or more")
     cpu_ranks = int(os.environ.get("DOGKIT_CPU_RANKS") or 0)
@@ -2994,7 +2681,6 @@ def run(model_cls, settings, args, t0):
 RUN_FILES = ("images.zip", "checkpoint.pt")  # what a run folder holds that a new run replaces
 
 def earlier_run_line(out):
-    """The start block's line naming an earlier run's files this run will replace, or ''."""
     found = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
     if not found:
         return ""
@@ -3002,7 +2688,6 @@ def earlier_run_line(out):
             f"{os.path.join(out, 'checkpoint.pt')} continues that run instead; another --out keeps it)")
 
 def earlier_session(input_root, working):
-    """The checkpoint.pt a run planned over several Kaggle sessions continues from."""
     found = [os.path.join(working, "checkpoint.pt")] if os.path.isfile(os.path.join(working, "checkpoint.pt")) else []
     found += [e.path for _, entries in _walk(input_root, depth=4) for e in entries
               if e.name == "checkpoint.pt" and e.is_file()]
@@ -3023,12 +2708,10 @@ def earlier_session(input_root, working):
     return best, kept
 
 def rank_main(world, device, model_cls, cfg, resume, t0, on_kaggle):
-    """One forked rank of a multi-GPU kernel: exit code 0 when it finished."""
     exit_on_error(lambda: run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle), world.rank)
     return 0
 
 def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=False):
-    """One rank's run: check the device, print the start block, clean the data, train, zip."""
     if world.size > 1:
         device = check_devices(world, device, on_kaggle)
     if world.main:
@@ -3049,7 +2732,6 @@ def run_rank(world, device, model_cls, cfg, resume, t0, on_kaggle, same_session=
     return train(cfg, model_cls, resume=resume, data=data, t0=t0, world=world, same_session=same_session)
 
 def check_devices(world, device, on_kaggle):
-    """Every rank checks its GPU; rank 0 names the first that cannot run and all stop."""
     try:
         device, problem = pick_device(str(device), require_gpu=on_kaggle), None
     except RunError as exc:
@@ -3060,7 +2742,6 @@ def check_devices(world, device, on_kaggle):
     return device
 
 def after_ranks(codes, model_cls, cfg, t0, device_type, on_kaggle, resume=None, started=0.0):
-    """The parent of a multi-GPU run, once its ranks have exited: rank 0's result, or go on alone."""
     if codes[0] == EXIT_INTERRUPTED:
         raise KeyboardInterrupt  # rank 0 saved checkpoint.pt
     if codes[0] in (EXIT_BAD_INPUT, EXIT_USAGE, EXIT_TRAINING_FAILED):  # rank 0 said why (and wrote the zip)

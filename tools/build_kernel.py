@@ -48,10 +48,9 @@ FRONT = (
      [("dogkit.core.train", ("train_loop",))]),
 )
 MACHINERY = ("# " + "=" * 93 + "\n"
-             "# MACHINERY. Everything below keeps a 9-hour run alive: data cleaning from any layout, the\n"
-             "# machine checks, several GPUs, sampling and the zip, checkpoints, the time plan, the end and the\n"
-             "# entry point. Nothing below needs reading to change the settings, the model or the recipe above.\n"
-             "# Each function carries its docstring's summary line; the whole docstring is in dogkit/core.\n"
+             "# MACHINERY. Everything below keeps a 9-hour run alive: data cleaning, the machine checks, several\n"
+             "# GPUs, sampling and the zip, checkpoints, the time plan, the end and the entry point. Nothing below\n"
+             "# needs reading to change the settings, the model or the recipe; its docstrings are in dogkit/core.\n"
              "# " + "=" * 93)
 LINE_LENGTH = 120  # the project's (pyproject.toml); a summary docstring that would pass it stops the build
 SENTENCE_END = re.compile(r"[.!?](?=\s+[A-Z]|$)")
@@ -144,11 +143,11 @@ def statement_source(lines: list[str], node: ast.stmt, first: int, banners: bool
     return "\n".join(lines[start:node.end_lineno])
 
 
-def kept_source(source: str, tree: ast.Module, keep: set[int], blank: int = 2) -> str:
+def kept_source(source: str, tree: ast.Module, keep: set[int], blank: int = 1) -> str:
     """The module's banner comment and its kept statements, each with the comment lines right above
-    it; `blank` blank lines between top-level statements (two in the front, PEP 8's; one in the
-    collapsed machinery), none between statements the module itself writes together (a block of
-    constants)."""
+    it; `blank` blank lines between top-level statements (one: the whole kernel, front and
+    machinery, reads as one file), none between statements the module itself writes together (a
+    block of constants)."""
     lines = source.splitlines()
     first = first_line(tree)
     banner = [ln for ln in lines[:first] if ln.startswith("#")]
@@ -164,18 +163,24 @@ def kept_source(source: str, tree: ast.Module, keep: set[int], blank: int = 2) -
 
 
 def summarised(source: str, tree: ast.Module, kept: list[int]) -> tuple[str, ast.Module, list[str]]:
-    """The module with the multi-line docstrings of its kept statements (indices into tree.body)
-    cut to their summary (the first paragraph, else the first sentence) on one line, re-parsed; and
-    the docstrings whose summary does not fit on a line of LINE_LENGTH, each named (the build refuses
-    them). The machinery's: the whole text stays in dogkit/core."""
+    """The module's kept statements (indices into tree.body) with their docstrings as the collapsed
+    machinery carries them, re-parsed: a function or class whose docstring is its whole body (an
+    exception class) keeps its summary (the first paragraph, else the first sentence) on one line;
+    every other docstring is left out (the whole text stays in dogkit/core).
+    Also the summaries that do not fit on a line of LINE_LENGTH, each named (the build refuses them)."""
     lines, cuts, too_long = source.splitlines(), [], []
     for node in (n for i in kept for n in ast.walk(tree.body[i])):
         body = getattr(node, "body", None)
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or not body:
             continue
         doc = body[0]
-        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
-                and doc.end_lineno > doc.lineno):
+        if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            continue
+        if len(body) > 1:  # left out, with the blank line that set it off from the code (a class's)
+            blank_after = not lines[doc.end_lineno].strip()
+            cuts.append((doc.lineno, doc.end_lineno + blank_after, None))
+            continue
+        if doc.end_lineno == doc.lineno:
             continue
         raw = "\n".join(lines[doc.lineno - 1:doc.end_lineno])  # as written: escapes stay escapes
         indent, prefix, quote = re.match(r'(\s*)([rRuU]?)("""|\'\'\')', raw).groups()
@@ -187,7 +192,7 @@ def summarised(source: str, tree: ast.Module, kept: list[int]) -> tuple[str, ast
             too_long.append(f"{node.name} (line {doc.lineno}: its first sentence makes a line of {len(line)})")
         cuts.append((doc.lineno, doc.end_lineno, line))
     for first, last, line in sorted(cuts, reverse=True):
-        lines[first - 1:last] = [line]
+        lines[first - 1:last] = [line] if line is not None else []
     text = "\n".join(lines) + "\n"
     return text, ast.parse(text), too_long
 
@@ -204,7 +209,7 @@ def picked_source(title: str, picks, sources: dict[str, str], trees: dict[str, a
                 raise SystemExit(f"build_kernel: FRONT names {name}, which {module} does not define")
             chunks.append(statement_source(lines, by_name[name], first_line(tree), banners=False))
             taken.add(id(by_name[name]))
-    return f"{RULE}\n# {title}\n{RULE}\n\n" + "\n\n\n".join(chunks), taken
+    return f"{RULE}\n# {title}\n{RULE}\n\n" + "\n\n".join(chunks), taken
 
 
 def lift_settings(source: str, name: str) -> tuple[str, str]:
@@ -280,10 +285,9 @@ def hours_minutes(seconds: float) -> str:
 
 def sessions_block(sessions: int) -> str:
     """The settings block's KAGGLE_SESSIONS, with what it means for a reader on Kaggle."""
-    return ("\n\n# Kaggle sessions this run is planned over, each within the time limit below. 1: the competition's\n"
-            "# rule, one kernel run. N > 1: the learning rate anneals in the last session; each writes images.zip\n"
-            "# and checkpoint.pt, and the next one, run with this notebook's own output attached (Add Input ->\n"
-            "# Your Work), continues from that checkpoint (the same model and settings, or it stops at once).\n"
+    return ("\n\n# Kaggle sessions this run is planned over, each within the time limit. 1: one kernel run, the\n"
+            "# competition's rule. N > 1: each session writes images.zip and checkpoint.pt; the next, run with this\n"
+            "# notebook's output attached (Add Input -> Your Work), continues it; the last anneals the learning rate.\n"
             f"KAGGLE_SESSIONS = {sessions}")
 
 
@@ -294,16 +298,14 @@ def other_settings_block(entry) -> str:
 
     rows = [row for row in model_settings(entry.name) if row[0] not in entry.settings]
     width = max(len(f"{n}={d!r}") for n, d, *_ in rows)
-    return (f"\n# The other settings {entry.name} reads, at their defaults (add any to the dict above; each is also an\n"
-            "# option, e.g. --lr-final 0.1; every setting with its range: SETTINGS, below the MACHINERY line):\n"
+    return (f"\n# Also read by {entry.name}, at their defaults (add any above, or --lr-final 0.1 style; ranges: SETTINGS):\n"
             + "\n".join(f"#   {f'{n}={d!r}':<{width}}  {text}" for n, d, _, _, text in rows))
 
 
 def preset_block(presets: dict) -> str:
     """The settings block's PRESET: which published recipe (above) the run follows, if any."""
     names = " or ".join(f'"{n}"' for n in presets)
-    return ("\n\n# The recipe this run follows: None, the settings above; " + names + ", that preset over them\n"
-            "# (locally: --preset NAME; an option given on the command line wins over both).\n"
+    return ("\n\n# None: the settings above; " + names + ": that preset over them (--preset NAME; options win).\n"
             "PRESET = None")
 
 
@@ -348,7 +350,7 @@ def build(name: str, budget: str = "9h", sessions: int = 1) -> str:
         kept = [i for i, n in enumerate(trees[m].body) if id(n) in keep - taken]
         if m not in whole and kept:
             text, tree, long_ones = summarised(sources[m], trees[m], kept)
-            back.append(kept_source(text, tree, {id(tree.body[i]) for i in kept}, blank=1))
+            back.append(kept_source(text, tree, {id(tree.body[i]) for i in kept}))
             too_long += [f"{m}.{name}" for name in long_ones]
     if too_long:
         raise SystemExit("build_kernel: a machinery docstring's first sentence must fit on one line of "

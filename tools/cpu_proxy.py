@@ -181,8 +181,7 @@ def settings_text(e):
 def variants(tr, last):
     """(note, generator) to score at a point: G_ema always, each extra EMA copy at the last point."""
     cfg = tr.given
-    how = (f"half-life {cfg.ema_kimg:g}k images" if cfg.ema_kimg > 0 else
-           f"half-life {cfg.ema_fraction:.0%} of the run from p={cfg.ema_start:g}" if cfg.ema_fraction > 0 else
+    how = (f"half-life {cfg.ema_fraction:.0%} of the run from p={cfg.ema_start:g}" if cfg.ema_fraction > 0 else
            f"decay {cfg.ema_decay:g} per step from p={cfg.ema_start:g}")
     out = [(f"G_ema ({how})", tr.ema.G)]
     if last:

@@ -13,11 +13,8 @@ def to_float(batch_uint8):
 
 
 def random_resized_crop_flip(x, out_size, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), flip=True):
-    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a whole batch, via one grid_sample.
-
-    Area fraction s ~ U(scale), log aspect ~ U(log ratio); the crop is clamped into the image
-    (torchvision rejects and retries instead; clamping keeps the batch on the device).
-    """
+    """torchvision's RandomResizedCrop + RandomHorizontalFlip for a whole batch, one grid_sample
+    (the crop clamped into the image where torchvision would retry)."""
     n = x.shape[0]
     dev = x.device
     area = torch.empty(n, device=dev).uniform_(*scale)
@@ -47,8 +44,7 @@ def diffaug_policy(augment):
 
 
 def diff_augment(x, policy="color,translation,cutout"):
-    """DiffAugment (Zhao et al. 2020): differentiable, applied to real and fake alike; x itself
-    for the empty policy."""
+    """DiffAugment (Zhao et al. 2020): differentiable, on real and fake alike; "" leaves x as it is."""
     for p in policy.split(","):
         if p == "color":
             n = x.shape[0]

@@ -1,13 +1,10 @@
 # ---------------------------------------------------------------------------------------------
 # Data: raw dog photos -> one crop per annotated dog -> a compact cache file.
 # ---------------------------------------------------------------------------------------------
-# Inputs recognised: the Kaggle / Stanford layout (photos flat in all-dogs/ or in
-# Images/<synset>-<breed>/, boxes in Annotation/<synset>-<breed>/<id>), a pre-cropped folder of
-# <synset>-<breed>/ sub-folders, or a flat folder / zip of images. Crop strategies:
-#   box     the box as is, squashed to a square
-#   square  a square of the box's shorter side, centred in the box (most public kernels)
-#   aspect  report 001's DCGAN: keep only boxes with aspect ratio in [0.8, 1.25], then squash
-#   pad     grow the box by a margin to a square, shift it inside the photo, reflect-pad the rest
+# Inputs: the Kaggle / Stanford layout (photos in all-dogs/ or Images/<synset>-<breed>/, boxes in
+# Annotation/), pre-cropped <synset>-<breed>/ folders, or a flat folder / zip. Crop strategies: box (as
+# is, squashed), square (the box's shorter side), aspect (report 001: boxes of aspect 0.8-1.25, squashed),
+# pad (grown by a margin to a square, shifted inside the photo, the rest reflect-padded; the default).
 import contextlib
 import hashlib
 import io
@@ -25,7 +22,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, features
 
 STRATEGIES = ("box", "square", "aspect", "pad")
 CROP_SIZES = (64, 80, 96, 128)
@@ -391,9 +388,8 @@ def _synset(name):
 
 # ---- cleaning ----------------------------------------------------------------------------------
 
-# Reading zips from anywhere: only stored and deflated entries (what any zip tool writes; bzip2,
-# LZMA or Deflate64 would inflate without bound or not at all), no encryption, and never more
-# than a cap per entry, whatever the header claims. The scorer reads submissions the same way.
+# Zips from anywhere: stored and deflated entries only (others may inflate without bound), no encryption,
+# never more than a cap per entry whatever the header claims. The scorer reads submissions the same way.
 ZIP_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
 MAX_PHOTO_BYTES = 64 << 20  # a photo file larger than this is refused (Stanford Dogs' largest: ~2 MB)
 
@@ -682,8 +678,6 @@ def _encode_many(args):
 
 
 def codec_available(codec):
-    from PIL import features
-
     # Pillow before 11.3 does not know the feature and warns; a Pillow that knows it says yes or no
     return codec != "avif" or "avif" in features.get_supported_modules() and features.check_module("avif")
 

@@ -1,16 +1,12 @@
 # ---------------------------------------------------------------------------------------------
 # Several GPUs: one process per GPU, torch.distributed (NCCL between GPUs, gloo on the CPU)
 # ---------------------------------------------------------------------------------------------
-# Kaggle's "GPU T4 x2" gives a notebook two GPUs. The kernel forks one worker per GPU (fork, not
-# spawn: a notebook's own functions cannot be imported by a spawned process, and the parent
-# counts the GPUs through NVML without starting CUDA, which would not survive a fork);
-# `dogkit train` runs the same under torchrun. Every rank holds the same G, D and EMA: each
-# optimiser's step averages the gradients with one all_reduce first (average_in_step), however a
-# model's step calls it, so the parameters stay identical; each rank draws its own real batches and noise, so the global
-# batch is the per-GPU batch x the world size. A small gloo group on the CPU carries the control
-# messages: rank 0's clock, which decides every stop, log line and checkpoint for all ranks, and
-# any rank's failure. Rank 0 cleans the data, writes every file and the zip. Uses torch <= 2.2
-# APIs only.
+# The kernel forks one process per GPU (a notebook's functions cannot be imported by a spawned one;
+# GPUs are counted through NVML, as CUDA would not survive a fork); `dogkit train` runs under
+# torchrun. Each optimiser's step averages the gradients first (average_in_step), however a model's
+# step calls it, so every rank's G, D and EMA stay identical; each rank draws its own batches (the
+# global batch: per-GPU batch x ranks). A gloo group carries rank 0's clock, which decides every
+# stop, log line and checkpoint, and any rank's failure. Rank 0 writes every file. torch <= 2.2 APIs.
 import datetime
 import io
 import os
@@ -36,9 +32,6 @@ class World:
     @property
     def main(self):
         return self.rank == 0
-
-    def __repr__(self):
-        return f"World(rank={self.rank}, size={self.size})"
 
 
 ALONE = World()

@@ -1,15 +1,10 @@
 # ---------------------------------------------------------------------------------------------
 # Entry point: Kaggle with no arguments, or locally with --data PATH --budget 8m --out DIR
 # ---------------------------------------------------------------------------------------------
-# On Kaggle the kernel trains only on the competition's photos and boxes, wherever the attached
-# copy puts them (all-dogs.zip + Annotation.zip, the same unzipped, or Stanford Dogs' Images/ +
-# Annotation/); every other attached dataset is ignored, and the log says so. The start block
-# names the software, the device, the data found and the plan; a GPU this torch cannot run, or a
-# missing GPU, stops the run in seconds, before any cleaning.
+# On Kaggle the kernel trains only on the competition's photos and boxes (all-dogs.zip +
+# Annotation.zip, unzipped, or Stanford Dogs' Images/ + Annotation/); other datasets are ignored.
 import argparse
-import contextlib
 import difflib
-import json
 import os
 import signal
 import sys
@@ -20,7 +15,7 @@ from dogkit.core.distributed import ALONE, RankStopped, all_objects, launch, on_
 from dogkit.core.runtime import (BUG_EXIT, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_RANK_STOPPED, EXIT_TRAINING_FAILED,
                                  EXIT_USAGE, RunError, claim_folder, machine_lines, output_problem, pick_device,
                                  release_folder, save_traceback)
-from dogkit.core.sample import curve_png, notebook_shell, show_png
+from dogkit.core.sample import notebook_shell, show_png
 from dogkit.core.settings import (SETTING, SETTINGS, Choices, TrainConfig, parse_budget, unread_settings,
                                   with_settings)
 from dogkit.core.train import (RunFailed, check_continuation, parse_ema_extra, parse_snapshots, read_checkpoint, train,
@@ -99,14 +94,8 @@ def find_competition_data(root):
 
 
 def ignored_inputs(root, dataset):
-    """The other attached datasets (never trained on): [(folder, photos in it)]."""
-    out = []
-    for entry in _entries(root):
-        if os.path.abspath(entry.path) != os.path.abspath(dataset):
-            n = sum(1 for _, entries in _walk(entry.path) for e in entries
-                    if e.is_file() and e.name.lower().endswith(PHOTO_EXTS))
-            out.append((entry.path, n))
-    return out
+    """The other attached datasets (never trained on)."""
+    return [e.path for e in _entries(root) if os.path.abspath(e.path) != os.path.abspath(dataset)]
 
 
 def kaggle_data(root, log=print):
@@ -119,8 +108,8 @@ def kaggle_data(root, log=print):
         raise RunError(f"no competition data under {root}: attach 'Generative Dog Images' (Add data -> "
                        "Competitions), or the Stanford Dogs dataset, to this notebook")
     log(f"data       {found['layout']} in {found['dataset']}")
-    for folder, n in ignored_inputs(root, found["dataset"]):
-        log(f"ignored    {folder} ({n} photos): not the competition's data, never trained on")
+    for folder in ignored_inputs(root, found["dataset"]):
+        log(f"ignored    {folder}: not the competition's data, never trained on")
     photos, annotations = found["photos"], found["annotations"]
     if annotations is None:
         log("WARNING    no Annotation/ found: whole photos are used, not the dogs' boxes "
@@ -129,25 +118,17 @@ def kaggle_data(root, log=print):
 
 
 # The command line of the kernel and `dogkit train`: every setting of SETTINGS as --name-with-dashes
-# (its type, choices and help from there; not given, the model's value holds), except NOT_OPTIONS,
-# and these options, which are not settings or whose default depends on where the run starts:
-# (flag, type, help).
+# but NOT_OPTIONS, and these (flag, type, help): not settings, or their default depends on the place.
 RUN_OPTIONS = (
-    ("--data", str, "photos (any layout clean-data reads) or a cache .npz; on Kaggle: the competition's data "
-                          "under /kaggle/input"),
-    ("--budget", str, f"wall clock for the whole run, sampling and zip included: 30s, 8m, 9h (default: "
-                            f"{KAGGLE_BUDGET} on Kaggle, else 8m)"),
-    ("--out", str, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (default: /kaggle/working on "
-                         "Kaggle, else submission)"),
+    ("--data", str, "photos (any layout clean-data reads) or a cache .npz (Kaggle: found under /kaggle/input)"),
+    ("--budget", str, f"wall clock for the whole run, the zip included: 30s, 8m, 9h (Kaggle: {KAGGLE_BUDGET}; 8m)"),
+    ("--out", str, "output folder: images.zip, checkpoint.pt, log.jsonl, grids (Kaggle: its working; submission)"),
     ("--log-every", float, "seconds between log lines (default: 300 on Kaggle, else 30)"),
-    ("--sessions", int, "sessions the run is planned over, --budget each, the learning rate annealed in the last; "
-                              "each continues the one before (--resume; on Kaggle its output attached) (default 1; on "
-                              "Kaggle the kernel's KAGGLE_SESSIONS)"),
+    ("--sessions", int, "sessions the run is planned over, --budget each, each continuing the last (--resume; on "
+                        "Kaggle its output attached); default 1 (Kaggle: the kernel's KAGGLE_SESSIONS)"),
     ("--resume", str, "checkpoint.pt to continue from (same model and settings; a new --budget re-plans the end)"),
-    ("--preset", str, "a published recipe in full over the model's settings, e.g. fifth-place (biggan); the "
-                            "options given here still win (default: none, or the kernel's PRESET)"),
-    ("--gpus", int, "GPUs to train on, one process each, with --device auto or cuda (default: every visible "
-                          "GPU; 1 keeps one; under torchrun its --nproc_per_node decides)"),
+    ("--preset", str, "a published recipe over the model's settings, e.g. fifth-place (biggan); options still win"),
+    ("--gpus", int, "GPUs to train on, one process each (default: every visible GPU; under torchrun: its own)"),
 )
 NOT_OPTIONS = ("model", "hard_limit")  # the model the kernel holds; Kaggle's wall, set by the kernel alone
 
@@ -250,21 +231,9 @@ def main(model_cls, settings, argv=None, kaggle_budget=KAGGLE_BUDGET, kaggle_ses
 
 
 def show_results(out):
-    """In a notebook: the final samples and the loss curves under the cell (files stay as they are)."""
-    if notebook_shell() is None:
-        return
-    if os.path.exists(os.path.join(out, "samples.png")):
+    """In a notebook: the final samples under the cell (the loss curves: `dogkit report --run OUT`)."""
+    if notebook_shell() is not None and os.path.exists(os.path.join(out, "samples.png")):
         show_png(os.path.join(out, "samples.png"))
-    records = []
-    with contextlib.suppress(OSError):
-        with open(os.path.join(out, "log.jsonl")) as fh:
-            for line in fh:
-                with contextlib.suppress(ValueError):
-                    records.append(json.loads(line))
-    records = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
-    curves = curve_png(records, sorted({k for r in records for k in r if k.startswith("loss")}))
-    if curves:
-        show_png(curves)
 
 
 class KernelStopped(Exception):

@@ -1,22 +1,20 @@
 # ---------------------------------------------------------------------------------------------
 # The machine: which device and precision really run, a start-of-run report, scratch space
 # ---------------------------------------------------------------------------------------------
-# A kernel is started on whatever Kaggle hands out (P100, T4, T4 x2, or no GPU when the
-# accelerator was left off) and nobody watches it for 9 hours, so everything here is checked in
-# the first seconds, before the data is cleaned: a GPU this torch build cannot run stops the run
-# with one line naming the GPU, the torch version and the fix. Uses torch <= 2.2 APIs only.
+# Checked in the first seconds, before the data is cleaned (nobody watches a 9-hour run): a GPU this
+# torch cannot run stops the run with one line naming it and the fix. torch <= 2.2 APIs only.
 import contextlib
+import fcntl
 import os
 import platform
 import sys
 import tempfile
-import time
+import traceback
 
 import numpy as np
 import PIL
 import torch
 
-from dogkit.core.data import process_alive
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -149,46 +147,36 @@ RUN_LOCK = ".dogkit-run.lock"  # in a run folder while a run writes there: its p
 def claim_folder(folder):
     """Claim a run folder for this process before any work; returns the lock to release.
 
-    Claim a run folder for this process before any work (two runs on one --out would interleave
-    their logs and checkpoints): the lock file's path. A lock of a process that is still running
-    is a RunError naming it; one left by a killed run (or by this process: a notebook's earlier
-    cell) is taken over. release_folder() gives it back (and the folder, when this claim made it
-    and the run left nothing in it: a refused start leaves no trace)."""
+    Two runs on one --out would interleave their logs and checkpoints: the lock is an flock on a
+    file in the folder holding the process id, so a running claimant is a RunError naming it and
+    a killed run's lock is free (the system drops it with the process). release_folder() gives it
+    back (and the folder, when this claim made it and the run left nothing in it)."""
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, RUN_LOCK)
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path) as fh:
-                    pid = int(fh.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                pid = None  # being written this instant, or torn by a kill: looked at again
-            if pid and pid != os.getpid() and process_alive(pid):
-                raise RunError(f"{folder}: another run (process {pid}) is writing there, its lock {path}; give "
-                               f"another --out, or wait for it") from None
-            if pid is not None:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            time.sleep(0.05)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{os.getpid()}\n" + ("created\n" if created else ""))
-        return path
-    raise RunError(f"{folder}: its lock {path} cannot be taken (another run starting there?); give another --out")
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        pid = (fh.read().split() or ["?"])[0]
+        fh.close()
+        raise RunError(f"{folder}: another run (process {pid}) is writing there, its lock {path}; give another --out, "
+                       f"or wait for it") from None
+    fh.truncate(0)
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh, created
 
 
-def release_folder(path):
-    """Give back a run folder claimed by claim_folder (only this process's own lock)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open(path) as fh:
-            words = fh.read().split()
-        if int(words[0]) == os.getpid():
-            os.remove(path)
-            if "created" in words and not os.listdir(os.path.dirname(path)):
-                os.rmdir(os.path.dirname(path))
+def release_folder(lock):
+    """Give back a run folder claimed by claim_folder."""
+    fh, created = lock
+    with contextlib.suppress(OSError):
+        os.remove(fh.name)
+        if created and not os.listdir(os.path.dirname(fh.name)):
+            os.rmdir(os.path.dirname(fh.name))
+    fh.close()
 
 
 def output_problem(path, folder=False):
@@ -225,8 +213,6 @@ def save_traceback(path=TRACEBACK_FILE):
 
     The exception being handled, its whole traceback written to path (a bug's, for its report,
     while the user sees one line); returns path."""
-    import traceback
-
     with open(path, "w") as fh:
         traceback.print_exc(file=fh)
     return path

@@ -90,12 +90,9 @@ def to_uint8(images):
 @torch.no_grad()
 def generate(G, n, z_dim, truncation=None, n_classes=0, batch_size=None, seed=0, device="cpu",
              deadline=None, clock=time.monotonic, part=(0, 1)):
-    """n uint8 images from G (eval mode), truncated z, class-balanced labels when conditional.
-    z and labels are drawn up front on the CPU: the same seed gives the same images whatever the
-    batch size (default 500 on a GPU, 50 on the CPU, where big batches thrash the caches).
-    part=(k, m): only the k-th of m equal slices of those n images (the ranks of a multi-GPU
-    run each sample one; concatenated in order they are the n images).
-    With a deadline (on `clock`), raises OutOfTime between batches once it has passed."""
+    """n uint8 images from G (eval mode), truncated z, class-balanced breeds. z is drawn up front:
+    the same seed gives the same images whatever the batch size; part=(k, m), the k-th of m slices
+    (one per rank); past the deadline, OutOfTime between batches."""
     gen = torch.Generator().manual_seed(seed)
     labels = balanced_labels(n, n_classes, gen) if n_classes else None
     z_all = truncated_normal((n, z_dim), truncation, gen)
@@ -190,34 +187,6 @@ def show_png(png):
     if notebook_shell() is not None:
         from IPython.display import Image as Picture, display
         display(Picture(data=png) if isinstance(png, bytes) else Picture(filename=png))
-
-
-def curve_png(records, keys, size=(720, 260)):
-    """PNG bytes of a line chart of the records' keys against their step.
-
-    Each line with its name at its end; PIL only (the kernels import no plotting library)."""
-    from PIL import ImageDraw
-
-    width, height, pad = size[0], size[1], 36
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    series = {k: [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))] for k in keys}
-    series = {k: v for k, v in series.items() if len(v) > 1}
-    values = [y for v in series.values() for _, y in v]
-    steps = [x for v in series.values() for x, _ in v]
-    if not values:
-        return None
-    x0, x1, y0, y1 = min(steps), max(steps), min(values), max(values)
-    xy = lambda x, y: (pad + (width - 3 * pad) * (x - x0) / max(x1 - x0, 1e-9),  # noqa: E731
-                       height - pad - (height - 2 * pad) * (y - y0) / max(y1 - y0, 1e-9))
-    draw.rectangle((pad, pad, width - 2 * pad, height - pad), outline="grey")
-    draw.text((pad, height - pad + 6), f"step {x0:g} to {x1:g}; {y0:.3g} to {y1:.3g}", fill="black")
-    for k, colour in zip(series, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")):
-        draw.line([xy(x, y) for x, y in series[k]], fill=colour, width=2)
-        draw.text((xy(*series[k][-1])[0] + 4, xy(*series[k][-1])[1] - 6), k.replace("loss_", ""), fill=colour)
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def save_grid(images, path, nrow=8):

@@ -1,13 +1,9 @@
 # ---------------------------------------------------------------------------------------------
 # Settings: every training setting, declared once
 # ---------------------------------------------------------------------------------------------
-# One row per setting: (name, default, the values it may take, the models that read it, one line
-# of help). TrainConfig, the checks of with_settings, the command-line options of the kernel and
-# `dogkit train` (--name-with-dashes) and their help, the experiment queues' checks and the list
-# under a kernel's settings block all derive from this table. Values: (low, high) for a number
-# (None: unbounded), Choices(...) for a fixed set, None for any text. Models: None, every model;
-# else the names of those that read it, and setting it to anything but its default for another
-# model is refused (unread_settings), never silently ignored.
+# One row per setting: (name, default, values: (low, high), Choices(...) or None for any text; the
+# models that read it, None for all; help). TrainConfig, its checks, the command-line options and
+# the queues derive from it; a setting the model does not read is refused (unread_settings).
 import dataclasses
 import math
 import re
@@ -70,12 +66,9 @@ SETTINGS = (
     ("lr_final", 0.1, (0.0, 10.0), None, "the learning rate at the end, a multiple of the start's"),
     ("ema_start", 0.25, UNIT, None, "p where the EMA of G starts (before: G_ema follows G)"),
     ("ema_decay", 0.999, UNIT, None, "EMA decay per batch_size images (a step of N GPUs decays by its N-th power)"),
-    ("ema_kimg", 0.0, (0.0, 1e6), None, "> 0: the EMA half-life in thousands of images (StyleGAN2-ADA), "
-                                        "not ema_decay and ema_start"),
     ("ema_fraction", 0.0, UNIT, None, "> 0: the EMA's half-life as this fraction of the images the run will show "
                                       "(set from its pace), instead of ema_decay; from ema_start"),
-    ("ema_rampup", 0.05, (0.0, 1000.0), None, "with ema_kimg: the half-life is at most this fraction of the images "
-                                              "seen"),
+    ("ema_rampup", 0.05, (0.0, 1000.0), None, "extra EMA copies: a half-life at most this fraction of the images seen"),
     ("ema_extra", "", None, None, "half-lives (kimg) of extra EMA copies kept for evaluation, e.g. 2,10,50"),
     # the data (when data is not a cache file) and the samples
     ("strategy", "pad", Choices(STRATEGIES), None, "how a dog's box becomes a square crop"),
@@ -142,15 +135,10 @@ def with_settings(cfg, settings):
     choices or range is an error listing every such setting, not a no-op."""
     problems = [f"unknown setting {k!r}" for k in sorted(set(settings) - set(SETTING))]
     problems += [p for p in (setting_problem(k, v) for k, v in settings.items() if k in SETTING) if p]
-    if not problems and settings.get("ema_kimg", 0) > 0 and settings.get("ema_fraction", 0) > 0:
-        problems.append(f"ema_kimg={settings['ema_kimg']!r} and ema_fraction={settings['ema_fraction']!r}: the EMA's "
-                        "half-life is one or the other (set the unused one to 0)")
     if problems:
         raise ValueError("; ".join(problems))
-    if "ema_fraction" not in settings and (settings.get("ema_kimg", 0) > 0 or "ema_decay" in settings):
-        settings = {**settings, "ema_fraction": 0.0}  # an EMA given explicitly wins over one left to the plan
-    elif settings.get("ema_fraction", 0) > 0 and "ema_kimg" not in settings:
-        settings = {**settings, "ema_kimg": 0.0}
+    if "ema_fraction" not in settings and "ema_decay" in settings:
+        settings = {**settings, "ema_fraction": 0.0}  # an EMA decay given explicitly wins over one left to the plan
     floats = {k: float(v) for k, v in settings.items() if isinstance(SETTING[k][1], float)}
     return dataclasses.replace(cfg, **{**settings, **floats})
 

@@ -1,14 +1,10 @@
 # ---------------------------------------------------------------------------------------------
 # Training: a wall-clock schedule, EMA, checkpoints, NaN rollback and the final images.zip
 # ---------------------------------------------------------------------------------------------
-# Everything is a function of progress p = elapsed / training time, not of epochs, so the same
-# file adapts to any GPU: the learning rate holds until p = lr_decay_start and then follows a
-# cosine down to lr_final x; the EMA of G starts at p = ema_start; training stops early enough
-# that refreshing the EMA's batch-norm statistics, sampling 10,000 images and writing the zip fit
-# inside the budget. The step runs eager, as written (a model's Python runs every step, so an edit
-# to it does what it says); losses stay on the device until a log line (no host sync per step).
-# Nothing that goes wrong after the first good step loses the run: the trainer rolls back to the
-# last good state, writes images.zip from it and only then reports the failure (RunFailed).
+# Everything follows progress p = elapsed / training time, so the same file adapts to any GPU;
+# training stops early enough for the end (sampling, the zip) to fit the budget. Nothing that goes
+# wrong after the first good step loses the run: it rolls back to the last good state, writes
+# images.zip from it and only then reports the failure (RunFailed).
 import copy
 import dataclasses
 import json
@@ -34,16 +30,10 @@ from dogkit.core.sample import (OutOfTime, encode_pngs, generate, save_grid, sho
                                 write_zip)
 
 
-# The truncations measured best at a number of passes over the photos, (passes, truncation); between
-# two points log-linear, beyond them held (truncation_for_passes):
-#  - 75 passes: biggan's 8-minute H100 run swept at 0.5, 1, 1.5, 2 and none, best at 1.5 (MiFID 82.70
-#    against 87.36 at 1; results/ledger.jsonl, kind "sweep");
-#  - 300 passes: the CPU proxies (biggan width 8, 120 crops): 1 ahead of 1.5 and none on 3 of 3 seeds
-#    (2.7 SE); 0.8, swept on seeds 0 and 1 of three arms (D = G, D 2x, the 5th place's), best or tied
-#    with 1 on all six (KID x1e-3 lower by 3.0, 10.1, 1.2 and -2.2, 6.7, 4.2, SE 1-1.6: four clear, two
-#    ties; README, Models). The winners'
-#    9-hour runs (~700 passes) sampled at 0.8 and 1.0, the 5th place at none
-#    (dmitry-vorobiev/kaggle-generative-dog-images run_sample.sh).
+# The best truncation measured at a number of passes over the photos (log-linear between, held beyond):
+# 75 passes, biggan's 8-minute H100 sweep: 1.5 (MiFID 82.70, 87.36 at 1; the ledger's "sweep" rows);
+# 300 passes, the CPU proxies (120 crops; README, Models): 0.8 best or tied with 1 on every arm and
+# seed swept, 1.5 and none behind. The winners' 9-hour runs (~700 passes) sampled at 0.8 and 1.0.
 TRUNCATION_BY_PASSES = ((75.0, 1.5), (300.0, 0.8))
 
 
@@ -80,28 +70,21 @@ def lr_multiplier(p, cfg):
 
 
 def half_life_weight(kimg, cfg, images_seen, world_size=1):
-    """StyleGAN2-ADA's EMA rule: the new parameters' weight for a half-life of kimg thousand
-    images, at most cfg.ema_rampup of the images seen so far (a short run averages over its
-    recent past from the start)."""
+    """The extra EMA copies' rule (StyleGAN2-ADA's): the new parameters' weight for a half-life of
+    kimg thousand images, at most cfg.ema_rampup of the images seen so far."""
     half_life = min(kimg * 1000.0, cfg.ema_rampup * images_seen)
     return 1.0 - 0.5 ** (cfg.batch_size * world_size / max(half_life, 1e-8))
 
 
-def ema_weight(p, cfg, images_seen=0, world_size=1):
-    """Weight of the new parameters in the EMA update: with ema_kimg, half_life_weight; else 1
-    (a plain copy) until ema_start, then 1 - ema_decay per batch_size images: a step of several
-    ranks shows world_size batches, so its decay is ema_decay ** world_size and the average spans
-    the same images on one GPU or two."""
-    if cfg.ema_kimg > 0:
-        return half_life_weight(cfg.ema_kimg, cfg, images_seen, world_size)
+def ema_weight(p, cfg, world_size=1):
+    """Weight of the new parameters in the EMA update: 1 (a plain copy) until ema_start, then
+    1 - ema_decay per batch_size images (a step of N GPUs decays by its N-th power: the average
+    spans the same images on one GPU or two)."""
     return 1.0 if p < cfg.ema_start else 1.0 - cfg.ema_decay ** world_size
 
 
 class Ema:
-    """The EMA of G: G_ema, what the run samples, and any extra copies kept for evaluation.
-
-    It owns the copies and their weights (of the new parameters, per step); extra copies follow
-    half_life_weight."""
+    """The EMA of G: G_ema (sampled) and extra copies kept for evaluation (ema_extra); their weights."""
 
     def __init__(self, G, cfg):
         self.G = ema_copy(G)
@@ -114,7 +97,7 @@ class Ema:
 
     def set_weights(self, p, cfg, images_seen, world_size=1):
         """Each copy's weight of the new parameters at progress p (G_ema's: ema_weight)."""
-        self.w = [ema_weight(p, cfg, images_seen, world_size)]
+        self.w = [ema_weight(p, cfg, world_size)]
         self.w += [half_life_weight(kimg, cfg, images_seen, world_size) for kimg in self.kimg]
 
     @torch.no_grad()
@@ -146,9 +129,6 @@ class Ema:
 
 def ema_line(cfg):
     """The start block's line on the EMA: its half-life in images, whatever the number of GPUs."""
-    if cfg.ema_kimg > 0:
-        return (f"EMA        half-life {cfg.ema_kimg:g}k images (at most {cfg.ema_rampup:g} of those seen), "
-                f"on any number of GPUs")
     if cfg.ema_fraction > 0:
         return (f"EMA        half-life {cfg.ema_fraction:.0%} of the images the run will show (set from the pace), "
                 f"from p={cfg.ema_start:g}, on any number of GPUs")
@@ -188,8 +168,7 @@ def passes_words(passes):
 
 
 def truncation_for_passes(passes, points=TRUNCATION_BY_PASSES):
-    """The sampling truncation for a run that shows its photos `passes` times: log-linear in the
-    passes between the measured points of TRUNCATION_BY_PASSES, held beyond the first and last."""
+    """The sampling truncation for `passes` over the photos, from TRUNCATION_BY_PASSES."""
     (x0, t0), (x1, t1) = points[0], points[-1]
     if passes <= x0:
         return t0
@@ -199,9 +178,8 @@ def truncation_for_passes(passes, points=TRUNCATION_BY_PASSES):
 
 
 def from_plan(cfg, planned_images, n_photos):
-    """The settings a run leaves to its plan, from the images it will show: {'ema_decay': the decay
-    per batch_size images of a half-life of ema_fraction of them} when ema_fraction > 0, and
-    {'truncation': truncation_for_passes} when truncation is TRUNCATION_FROM_PLAN."""
+    """The settings a run leaves to its plan, from the images it will show: ema_decay for a half-life
+    of ema_fraction of them, truncation from the passes (truncation_for_passes)."""
     out = {}
     if cfg.ema_fraction > 0:
         half_life = max(cfg.ema_fraction * planned_images, float(cfg.batch_size))
@@ -316,9 +294,8 @@ def draw_batch(tr):
 
 
 def train_step(tr):
-    # bf16/fp16 autocast around the whole step (forward and backward run in the dtype autocast
-    # picked for each op; weights, optimiser state and the EMA stay fp32). No weight cache: the
-    # step updates D and then uses it for G's loss, and a cached low-precision copy would be stale.
+    # bf16/fp16 autocast around the whole step (weights, optimiser state and the EMA stay fp32); no
+    # weight cache: the step updates D, then uses it for G's loss (a cached copy would be stale).
     with torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.bfloat16,
                         enabled=tr.amp_dtype is not None, cache_enabled=False):
         drawn = []  # the model draws as many batches as it needs (wgan-gp: one per critic step)
@@ -511,11 +488,8 @@ def set_rng_state(tr, rng):
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     random.setstate(rng["python"])
-    if rng["cuda"] is not None and tr.device.type == "cuda":
-        if isinstance(rng["cuda"], list):  # checkpoints before multi-GPU runs: every device's state
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        else:
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), tr.device)
+    if rng["cuda"] is not None and tr.device.type == "cuda" and torch.is_tensor(rng["cuda"]):
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), tr.device)  # (an old checkpoint's list of devices: not restored)
 
 
 def seed_rank(cfg, world, step=0):
@@ -539,23 +513,16 @@ def save_checkpoint(tr, name="checkpoint.pt", rank_rngs=None, folder=None):
         "config": {**dataclasses.asdict(tr.given),  # as given, the truncation as it samples (every reader's)
                    "truncation": sampling_truncation(tr.cfg, tr.images_seen, len(tr.images))},
         "planned": tr.planned,  # the settings that follow the plan (follow_plan), or None
-        "model": tr.cfg.model,
-        "step": tr.step,
-        "images_seen": tr.images_seen,  # real images drawn for training, all ranks together
-        **tr.plan.state(),  # elapsed, the whole run's training seconds, the session and its plan
-        **tr.safety.state(),  # lr_scale, rollbacks
-        "breeds": tr.breeds,
-        "n_classes": tr.n_classes,
-        "G": tr.model.G.state_dict(),
-        "D": tr.model.D.state_dict() if tr.model.D is not None else None,
+        "model": tr.cfg.model, "step": tr.step, "images_seen": tr.images_seen,  # real images, all ranks together
+        **tr.plan.state(), **tr.safety.state(),  # elapsed, the sessions and their plan; lr_scale, rollbacks
+        "breeds": tr.breeds, "n_classes": tr.n_classes,
+        "G": tr.model.G.state_dict(), "D": tr.model.D.state_dict() if tr.model.D is not None else None,
         **tr.ema.state(),  # G_ema, its weight, and the ema_extra copies in their order
         "opt_g": tr.model.opt_g.state_dict(),
         "opt_d": tr.model.opt_d.state_dict() if tr.model.opt_d is not None else None,
         "scalers": [opt.grad_scaler.state_dict() if opt.grad_scaler else None for opt in tr.optimizers],
-        "grid_every": tr.grid_every,
-        "bn_refreshed": bool(tr.bn_refreshed),  # standing stats in G_ema (final checkpoint)
-        "rng": rng_state(tr),
-        "world_size": tr.world.size,
+        "grid_every": tr.grid_every, "bn_refreshed": bool(tr.bn_refreshed),  # standing stats in G_ema (the end's)
+        "rng": rng_state(tr), "world_size": tr.world.size,
         "rank_rngs": rank_rngs,  # every rank's random state (multi-GPU, saved together), else None
     }
     path = os.path.join(folder or tr.cfg.out, name)
@@ -1051,11 +1018,11 @@ def finish(tr, failure=None):
            f"{fmt_time(budget_end - tr.plan.t0)}")
     late = tr.clock() - budget_end
     if late > 0:
+        wall = (f"the wall, {fmt_time(tr.cfg.hard_limit)}, is still {tr.plan.t0 + tr.cfg.hard_limit - tr.clock():.0f} "
+                f"s away" if tr.cfg.hard_limit > 0 else "no wall: a local run")
         tr.log(f"WARNING    the end took {tr.clock() - began:.0f} s where the plan left it {budget_end - began:.0f} s "
                f"(the machine was slower than when the end was timed): {late:.0f} s past the budget; with no earlier "
-               f"images.zip to keep, it was let run over" + (f" (the wall, {fmt_time(tr.cfg.hard_limit)}, is still "
-                                                            f"{tr.plan.t0 + tr.cfg.hard_limit - tr.clock():.0f} s away)"
-                                                            if tr.cfg.hard_limit > 0 else " (no wall: a local run)"))
+               f"images.zip to keep, it was let run over ({wall})")
     if tr.plan.session < tr.cfg.sessions:
         tr.log(f"session {tr.plan.session} of {tr.cfg.sessions} ends at step {tr.step} "
                f"({100 * tr.plan.elapsed / max(tr.plan.train_seconds, 1e-9):.0f}% of the run's training): continue it "
@@ -1263,10 +1230,9 @@ class Trainer:
 
 
 def train_loop(tr):
-    """The training loop, top to bottom. Each pass: the clock (rank 0's, for every rank) says whether
-    to stop; the schedule is set for progress p; one step (a real batch, D's update, G's update, the
-    EMA: train_step); then, when their time has come, a log line (a NaN rolls
-    back), a grid, a checkpoint and an interim images.zip. Returns None, or why it stopped early."""
+    """The training loop, top to bottom: the clock (rank 0's) says whether to stop; the schedule for
+    progress p; one step (batch, D, G, EMA); then, when due, a log line (a NaN rolls back), a grid,
+    a checkpoint and an interim images.zip. Returns None, or why it stopped early."""
     cfg, main = tr.cfg, tr.world.main
     start = tr.plan.t0 - tr.plan.session_start  # elapsed counts every session's time
     now, _ = agree(tr.world, tr.clock())

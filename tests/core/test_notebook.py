@@ -106,7 +106,7 @@ def test_the_py_pasted_into_one_cell_trains_and_shows_its_pictures(photos, tmp_p
     assert log.rstrip().splitlines()[-1].startswith("next       score it with the competition's metric"), log[-2000:]
     assert "\r" not in log, log  # one line per interval: nothing that floods a saved notebook
     assert load_submission(out / "images.zip", strict=True, n_images=64).pixels.shape == (64, 64, 64, 3)
-    assert len(pictures(run)) == 2, run.outputs  # the final samples and the loss curves, in the cell's output
+    assert len(pictures(run)) == 1, run.outputs  # the final samples, in the cell's output
 
 
 @pytest.mark.slow
@@ -125,7 +125,7 @@ def test_the_ipynb_as_built_runs_with_a_cell_of_arguments_and_shows_the_interval
     assert errors == [], errors  # (cell, error, its text): which cell failed and how
     run = done[-1]
     assert "next       score it" in text_of(run), text_of(run)[-3000:]
-    assert len(pictures(run)) >= 3, text_of(run)[-3000:]  # interval grids, the final samples, the loss curves
+    assert len(pictures(run)) >= 2, text_of(run)[-3000:]  # interval grids, the final samples
     assert len(load_submission(out / "images.zip", strict=False).names) == 64  # 10,000: tests/core/test_kaggle.py
 
 

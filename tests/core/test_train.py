@@ -71,7 +71,8 @@ def test_a_per_step_decay_averages_over_the_same_images_on_one_gpu_or_two():
     assert ema_line(cfg) == ("EMA        decay 0.999 per 64 images from p=0.2: a half-life of 44.3k images "
                              "on any number of GPUs")  # log(0.5) / log(0.999) = 692.8 steps of 64
     assert ema_line(with_settings(cfg, {"ema_decay": 0.0})).endswith("G_ema is G")
-    assert "half-life 10k images" in ema_line(with_settings(cfg, {"ema_kimg": 10.0}))
+    with pytest.raises(ValueError, match="unknown setting 'ema_kimg'"):  # retired: ema_fraction or ema_decay
+        with_settings(cfg, {"ema_kimg": 10.0})
 
 
 def test_the_settings_line_names_the_levers_each_model_reads():
@@ -93,15 +94,17 @@ def test_the_settings_line_names_the_levers_each_model_reads():
     assert settings_line(with_settings(cfg, {"width": 4}), built).startswith("settings   batch 64, width 4 (G) 8 (D), ")
 
 
-def test_ema_half_life_in_images_with_a_ramp_up():
+def test_an_extra_copys_half_life_in_images_with_a_ramp_up():
     """StyleGAN2-ADA's rule: beta = 0.5 ** (batch / half-life), half-life = min(kimg, 5 % seen)."""
-    cfg = with_settings(TrainConfig(), {"ema_kimg": 10.0, "batch_size": 32})
-    assert ema_weight(0.0, cfg, images_seen=0) == 1.0  # nothing seen: a plain copy
-    assert ema_weight(0.1, cfg, images_seen=20_000) == pytest.approx(1 - 0.5 ** (32 / 1_000))
-    assert ema_weight(0.9, cfg, images_seen=10**6) == pytest.approx(1 - 0.5 ** (32 / 10_000))
-    assert ema_weight(0.9, cfg, images_seen=10**6, world_size=2) == pytest.approx(1 - 0.5 ** (64 / 10_000))
+    from dogkit.core.train import half_life_weight
+
+    cfg = with_settings(TrainConfig(), {"batch_size": 32})
+    assert half_life_weight(10.0, cfg, images_seen=0) == 1.0  # nothing seen: a plain copy
+    assert half_life_weight(10.0, cfg, images_seen=20_000) == pytest.approx(1 - 0.5 ** (32 / 1_000))
+    assert half_life_weight(10.0, cfg, images_seen=10**6) == pytest.approx(1 - 0.5 ** (32 / 10_000))
+    assert half_life_weight(10.0, cfg, 10**6, world_size=2) == pytest.approx(1 - 0.5 ** (64 / 10_000))
     half = 10_000 / 32  # steps of one half-life: the old weights' share halves
-    assert (1 - ema_weight(0.9, cfg, images_seen=10**6)) ** half == pytest.approx(0.5)
+    assert (1 - half_life_weight(10.0, cfg, images_seen=10**6)) ** half == pytest.approx(0.5)
 
 
 def test_extra_ema_copies_average_by_their_half_lives_and_travel_in_the_checkpoint(tmp_path, tiny_dataset):
@@ -161,10 +164,10 @@ def test_three_kinds_of_batch_norm_statistics_to_sample_with(tmp_path, tiny_data
 
 def test_d_width_and_d_steps_reach_the_discriminator(tmp_path, tiny_dataset):
     entry = registry.get("biggan")
-    cfg = with_settings(with_settings(TrainConfig(), entry.settings),  # ema_kimg given: it wins over ema_fraction
+    cfg = with_settings(with_settings(TrainConfig(), entry.settings),  # ema_decay given: it wins over ema_fraction
                         dict(width=4, d_width=8, d_steps=2, batch_size=4, steps=2, out=str(tmp_path), device="cpu",
-                             budget=1e6, reserve=0.0, n_samples=8, log_every=0.0, ema_kimg=1.0))
-    assert (cfg.ema_kimg, cfg.ema_fraction) == (1.0, 0.0)
+                             budget=1e6, reserve=0.0, n_samples=8, log_every=0.0, ema_decay=0.99))
+    assert (cfg.ema_decay, cfg.ema_fraction) == (0.99, 0.0)
     trainer = Trainer(cfg, entry.cls, data=tiny_dataset, log=lambda m: None)
     trainer.run()
     assert trainer.model.D.linear.weight.shape[1] == 16 * 8 and trainer.model.G.blocks[-1].conv2.weight.shape[0] == 8
@@ -490,7 +493,7 @@ def test_settings_left_to_the_plan_are_set_from_the_planned_images():
 
 @pytest.mark.parametrize("bad,why", [({"truncation": -2.0}, "or -1: from the planned passes"),
                                      ({"ema_fraction": 1.5}, "ema_fraction=1.5"),
-                                     ({"ema_fraction": 0.1, "ema_kimg": 10.0}, "one or the other")])
+                                     ({"ema_fraction": 0.1, "ema_kimg": 10.0}, "unknown setting 'ema_kimg'")])
 def test_plan_settings_out_of_range_are_refused(bad, why):
     with pytest.raises(ValueError, match=re.escape(why)):
         with_settings(TrainConfig(), bad)

@@ -195,7 +195,7 @@ def test_rehearsal_of_a_gpu_session_on_the_cpu(tmp_path, tiny_dataset, inception
 
 
 def test_every_queued_kernel_command_parses_as_the_kernel_reads_it():
-    """The flags the bench passes (--memory-format, --ema-kimg, --d-width ...) are the kernel's own."""
+    """The flags the bench passes (--memory-format, --ema-extra, --d-width ...) are the kernel's own."""
     from dogkit.core import kernel, registry
     from dogkit.core.settings import TrainConfig, parse_budget, with_settings
 

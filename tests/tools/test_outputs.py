@@ -185,17 +185,19 @@ def test_a_killed_writers_temporary_is_removed_and_a_running_ones_kept(tmp_path)
 
 def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tmp_path):
     """A run folder is claimed before any work: a second run there while the first one's process
-    runs is refused in one line naming that process and its lock; a lock a killed run left, or
-    this process's own (a notebook's earlier cell), is taken over; the claim is given back."""
+    runs is refused in one line naming that process and its lock; a lock a killed run left is
+    taken over; the claim is given back."""
     import os
     import subprocess
     import sys
 
     from dogkit.core.runtime import RUN_LOCK, RunError, claim_folder, release_folder
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = ("import sys, time; from dogkit.core.runtime import claim_folder; lock = claim_folder(sys.argv[1]); "
+              "print('held', flush=True); time.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
-        (tmp_path / RUN_LOCK).write_text(f"{other.pid}\n")
+        assert other.stdout.readline() == "held\n"
         with pytest.raises(RunError) as err:
             claim_folder(str(tmp_path))
         assert str(err.value) == (f"{tmp_path}: another run (process {other.pid}) is writing there, its lock "
@@ -208,9 +210,9 @@ def test_two_runs_on_one_folder_the_second_refuses_naming_the_first(tmp_path):
     finally:
         other.kill()
         other.wait()
-    path = claim_folder(str(tmp_path))  # its process is gone: taken over
-    assert (tmp_path / RUN_LOCK).read_text() == f"{os.getpid()}\n" and claim_folder(str(tmp_path)) == path
-    release_folder(path)
+    lock = claim_folder(str(tmp_path))  # its process is gone (killed, its lock file left): taken over
+    assert (tmp_path / RUN_LOCK).read_text() == f"{os.getpid()}\n"
+    release_folder(lock)
     assert not (tmp_path / RUN_LOCK).exists() and tmp_path.is_dir()
     release_folder(claim_folder(str(tmp_path / "new")))  # made by the claim, left empty: removed
     assert not (tmp_path / "new").exists()

@@ -106,8 +106,8 @@ TINY = (("--snapshots", TINY_TRAINING[2:] + ["--n-samples", "64", "--steps", "8"
         # the points are reached at steps 2 and 4 whatever the machine's speed
         ("python kernels/biggan.py", TINY_TRAINING + ["--n-samples", "500"]),  # the dcgan's zip is the scored one
         ("python kernels/", TINY_TRAINING),
-        ("dogkit train", TINY_TRAINING),
-        ("dogkit sample runs/big/", ["-n", "500"]),
+        ("dogkit train", TINY_TRAINING + ["--n-samples", "500"]),  # their zips are never scored
+        ("dogkit sample runs/", ["-n", "500"]),
         ("python tools/truncation_sweep.py", ["--n-images", "300"]))
 FAKE_DIM = 64  # features of fake_pool3: FID's matrix square root in milliseconds instead of seconds
 BREEDS = ("n02085620-Chihuahua", "n02099601-golden_retriever", "n02110958-pug")

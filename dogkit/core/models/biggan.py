@@ -1,14 +1,10 @@
 # ---------------------------------------------------------------------------------------------
 # Model: BigGAN-style, conditional on breed (the competition's winning family)
 # ---------------------------------------------------------------------------------------------
-# Generator: hierarchical z (one chunk per block) concatenated with a shared breed embedding
-# drives conditional batch norm in every residual up-block; self-attention at 32x32; spectral
-# norm and orthogonal init everywhere. Discriminator: residual down-blocks, self-attention at
-# 32x32, projection of the breed embedding onto the pooled features. Hinge loss (BCE as an
-# option), G lr 1e-4 / D lr 4e-4, Adam betas (0, 0.999). Sampling uses the EMA of G with
-# truncated z and class-balanced breeds. DiffAugment can be applied to real and fake images
-# alike: augment="flip+diffaug" (colour, translation, cutout), "flip+diffaug-tc" (translation,
-# cutout) or "flip+diffaug-t" (translation: the authors' advice with an EMA on BigGAN).
+# G: hierarchical z (a chunk per block) and a shared breed embedding drive conditional batch norm in
+# every residual up-block; self-attention at 32x32; spectral norm, orthogonal init. D: residual down-
+# blocks, self-attention at 32x32, the breed embedding projected on the pooled features. DiffAugment
+# on real and fake alike: augment="flip+diffaug" (colour, translation, cutout), "-tc", "-t".
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,24 +18,20 @@ BIGGAN_SETTINGS = dict(lr_g=1e-4, lr_d=4e-4, beta1=0.0, beta2=0.999,  # the 5th 
                        # D twice as wide (d_width 0): G 32 / D 64, the 2nd, 3rd and 5th place (run_train.sh); the CPU
                        # proxy (120 crops): D = G ahead on 2 seeds of 3, D 2x on 1; not this regime (README, Models)
                        width=32,
-                       # EMA: a half-life of 10 % of the images the run will show (set from its pace), from p=0.2:
-                       # the 5th place's 0.9999 from iteration 30k spans ~11 % of its run; BigGAN-PyTorch and
-                       # StudioGAN use 0.9999; a fixed 0.999 spans under 1 % of a 9-hour run
+                       # EMA half-life 10 % of the images the run will show (from its pace), from p=0.2: the 5th
+                       # place's 0.9999 from iteration 30k spans ~11 % of its run (BigGAN-PyTorch, StudioGAN: 0.9999)
                        ema_fraction=0.1, ema_start=0.2,
-                       # in the CPU proxies of a long run (300 passes; README, Results) DiffAugment
-                       # (augment="flip+diffaug") tied flips alone and LeCam (lecam=0.3) on top of it was
-                       # behind: both off, untested at scale
+                       # the CPU proxies (300 passes; README, Results): DiffAugment ("flip+diffaug") tied flips
+                       # alone, LeCam (lecam=0.3) on top of it behind: both off, untested at scale
                        augment="flip",
-                       # -1: from the passes the run will make, 1.5 at 75 or fewer (the 8-minute H100 sweep)
-                       # to 0.8 at 300 or more (the CPU proxies; the winners sampled at 0.8 and 1):
-                       # TRUNCATION_BY_PASSES
+                       # -1: from the passes the run will make (TRUNCATION_BY_PASSES): 1.5 at 75 or fewer (the
+                       # 8-minute H100 sweep) to 0.8 at 300 or more (the CPU proxies; the winners: 0.8 and 1)
                        truncation=-1.0)
 
 BIGGAN_PRESETS = {
-    # Published recipes, in full (--preset NAME, or PRESET = "NAME" below): each setting with its
-    # source. Our architecture, data cleaning and batch-norm statistics stay ours.
-    # The 5th place (dmitry-vorobiev/kaggle-generative-dog-images: run_train.sh, run_sample.sh; what
-    # they leave out is BigGAN-PyTorch's default in their utils.py):
+    # Published recipes in full (--preset NAME, or PRESET below), each setting with its source; the
+    # architecture, data cleaning and batch-norm statistics stay ours. The 5th place: dmitry-vorobiev/
+    # kaggle-generative-dog-images run_train.sh, run_sample.sh (unset there: BigGAN-PyTorch's utils.py).
     "fifth-place": dict(width=32, d_width=64,  # --G_ch 32 --D_ch 64
                         batch_size=32,  # --batch_size 32
                         z_dim=100,  # --hier --dim_z 100 (shared embedding 128, as ours)
@@ -167,8 +159,7 @@ class BigGANDiscriminator(nn.Module):
 
 
 def orthogonal_init(module):
-    """Orthogonal weights; spectral norm's power-iteration vectors are re-estimated for them (they
-    were fitted to the default init: an eval-mode forward before any training step gave NaN)."""
+    """Orthogonal weights, spectral norm's power iteration redone for them (else eval mode gave NaN)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear, nn.Embedding)):
             weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
@@ -182,9 +173,8 @@ def orthogonal_init(module):
 
 
 class BigGAN:
-    """Conditional BigGAN: d_steps D steps (a fresh real batch each) then one G step per call,
-    hinge (or BCE) loss; D's width is d_width when set, else twice G's (the 2nd, 3rd and 5th place:
-    G 32, D 64)."""
+    """Conditional BigGAN: d_steps D steps (a fresh real batch each) then one G step per call, hinge
+    (or BCE) loss; D's width d_width, else twice G's (the 2nd, 3rd and 5th place: G 32, D 64)."""
 
     name = "biggan"
     conditional = True

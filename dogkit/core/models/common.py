@@ -84,12 +84,9 @@ def nadam(module, lr, cfg):
 
 
 def backward_step(opt, loss):
-    """loss.backward() then opt.step(); a step may as well call those two itself (with several
-    ranks the trainer's opt.step averages the gradients over them first, whoever calls it:
-    distributed.average_in_step). Under fp16 through the optimiser's loss scaler (set by the
-    trainer as opt.grad_scaler): scaled backward, the step skipped when a gradient is inf/NaN;
-    the gradients are averaged before the scaler looks for an inf, so an inf on one rank reaches
-    all and every rank skips the same steps."""
+    """loss.backward() then opt.step(), which a step may as well call itself (with several GPUs
+    opt.step averages the gradients first). Under fp16 through opt.grad_scaler: the gradients are
+    averaged before it looks for an inf, so every rank skips the same steps."""
     scaler = getattr(opt, "grad_scaler", None)
     if scaler is None:
         loss.backward()
@@ -104,15 +101,9 @@ def backward_step(opt, loss):
 
 
 def lecam_penalty(state, d_real, d_fake, decay=0.99, start=1000):
-    """LeCam regularisation as published (Tseng et al. 2021, "Regularizing GANs under limited
-    data"; their code's ema_losses): keeps D's outputs near the moving averages of its outputs on
-    the other side,
-        relu(D(real) - ema_fake)^2 + relu(ema_real - D(fake))^2   (means over the batch),
-    which bounds how far D can separate a small data set. `state` is a 3-vector buffer
-    [average of mean D(real), average of mean D(fake), updates], updated in place (no host sync):
-    for the first `start` updates the averages are the current batch means (decay 0) and the
-    penalty is 0, as in the published code (StudioGAN's lecam_ema_start_iter); from then on an
-    EMA with `decay` (0.99) and the penalty."""
+    """LeCam regularisation as published (Tseng et al. 2021; their ema_losses): relu(D(real) -
+    ema_fake)^2 + relu(ema_real - D(fake))^2. `state` [ema_real, ema_fake, updates] is updated in
+    place; for the first `start` updates the penalty is 0 (StudioGAN's lecam_ema_start_iter)."""
     with torch.no_grad():
         state[2] += 1
         on = (state[2] > start).float()
