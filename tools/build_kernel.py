@@ -143,11 +143,10 @@ def statement_source(lines: list[str], node: ast.stmt, first: int, banners: bool
     return "\n".join(lines[start:node.end_lineno])
 
 
-def kept_source(source: str, tree: ast.Module, keep: set[int], blank: int = 1) -> str:
+def kept_source(source: str, tree: ast.Module, keep: set[int]) -> str:
     """The module's banner comment and its kept statements, each with the comment lines right above
-    it; `blank` blank lines between top-level statements (one: the whole kernel, front and
-    machinery, reads as one file), none between statements the module itself writes together (a
-    block of constants)."""
+    it; one blank line between top-level statements (the whole kernel, front and machinery, reads as
+    one file), none between statements the module itself writes together (a block of constants)."""
     lines = source.splitlines()
     first = first_line(tree)
     banner = [ln for ln in lines[:first] if ln.startswith("#")]
@@ -157,7 +156,7 @@ def kept_source(source: str, tree: ast.Module, keep: set[int], blank: int = 1) -
             text = statement_source(lines, node, first)
             start = node.end_lineno - text.count("\n")  # the line its text (comments included) starts on
             together = last is not None and start == last.end_lineno + 1
-            body += ("\n" if together else "\n" * (blank + 1)) + text if body else text
+            body += ("\n" if together else "\n\n") + text if body else text
             last = node
     return "\n".join(banner) + ("\n\n" if banner else "") + body
 
